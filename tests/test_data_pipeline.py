@@ -1,0 +1,226 @@
+"""Decoding, streaming, skipping, packing and inspecting clip shards."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import cli
+
+from vaemo.data.bench import read_bench
+from vaemo.data.decode import DecodeSpec, SkipSample, decode_sample
+from vaemo.data.stream import (EvalStream, StreamState, TrainStream, expand_shards, make_loader,
+                               train_shard_subset)
+from vaemo.data.synth import Codec, encode_clip
+from vaemo.errors import UserError
+
+SPEC = DecodeSpec(num_frames=8, height=56, width=56, audio_seconds=3.0)
+
+
+def ramp_clip(n_frames: int, fps: int, width: int, height: int, sr: int, codec: Codec, freq: float = 440.0):
+    """Frame i is a flat grey of level 200*i/(n-1); the soundtrack is a sine at `freq`."""
+    frames = np.stack([np.full((height, width, 3), round(200 * i / (n_frames - 1)), np.uint8)
+                       for i in range(n_frames)])
+    t = np.arange(int(n_frames / fps * sr)) / sr
+    return encode_clip(frames, 0.5 * np.sin(2 * np.pi * freq * t), fps, sr, codec)
+
+
+@pytest.mark.parametrize("codec,fps,size,sr", [
+    (Codec("mp4", "libx264", "aac", 1), 12, (128, 128), 16000),
+    (Codec("mkv", "libx264", "aac", 2), 25, (96, 64), 44100),
+    (Codec("webm", "libvpx-vp9", "libopus", 2), 30, (160, 120), 48000),
+    (Codec("mov", "libx264", "aac", 1), 10, (64, 64), 22050),
+])
+def test_decode_round_trip_any_container_codec_rate_and_size(codec, fps, size, sr):
+    n_frames = 3 * fps
+    raw = ramp_clip(n_frames, fps, size[0], size[1], sr, codec)
+    clip = decode_sample({"__key__": "k", codec.container: raw, "json": b'{"caption": "x"}'}, SPEC)
+    assert clip.video.shape == (8, 3, 56, 56) and str(clip.video.dtype) == "torch.uint8"
+    levels = clip.video.float().mean(dim=(1, 2, 3)).numpy()
+    expected = np.round(200 * np.round(np.linspace(0, n_frames - 1, 8)) / (n_frames - 1))  # uniform frames
+    assert np.abs(levels - expected).max() < 6, (levels, expected)
+    assert clip.audio.shape == (3 * 16000,)  # 16 kHz mono, padded/cut to audio_seconds
+    assert abs(clip.audio_len - 3 * 16000) < 0.03 * 3 * 16000
+    spectrum = np.abs(np.fft.rfft(clip.audio[: clip.audio_len].numpy()))
+    assert abs(np.argmax(spectrum) * 16000 / clip.audio_len - 440) < 5
+    assert abs(clip.duration - 3.0) < 0.1
+    assert clip.meta == {"caption": "x"}
+
+
+def bad_shard(path: Path) -> tuple[list[str], dict[str, int]]:
+    """A shard mixing good samples with one of each kind of bad sample; returns good keys and expected skips."""
+    good = ramp_clip(24, 12, 64, 64, 16000, Codec())
+    no_audio = encode_clip(np.zeros((24, 64, 64, 3), np.uint8), None, 12, 16000)
+    no_video = encode_clip(None, np.zeros(32000, np.float32), 12, 16000)
+    samples = [
+        {"__key__": "good-0", "mp4": good, "json": b"{}"},
+        {"__key__": "truncated", "mp4": good[: len(good) // 2], "json": b"{}"},
+        {"__key__": "empty", "mp4": b"", "json": b"{}"},
+        {"__key__": "good-1", "mp4": good},  # JSON is optional
+        {"__key__": "noaudio", "mp4": no_audio, "json": b"{}"},
+        {"__key__": "novideo", "mp4": no_video, "json": b"{}"},
+        {"__key__": "badjson", "mp4": good, "json": b"{not json"},
+        {"__key__": "avi", "avi": good, "json": b"{}"},
+        {"__key__": "jsononly", "json": b'{"caption": "lonely"}'},
+        {"__key__": "good-2", "mkv": ramp_clip(24, 12, 64, 64, 16000, Codec("mkv")), "json": b"{}"},
+    ]
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for s in samples:
+            sink.write(s)
+    expected = {"truncated_clip": 1, "empty_clip": 1, "no_audio_stream": 1, "no_video_stream": 1, "bad_json": 1,
+                "unknown_extension": 1, "missing_clip": 1}
+    return ["good-0", "good-1", "good-2"], expected
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason_and_the_stream_goes_on(tmp_path):
+    shard = tmp_path / "bad.tar"
+    good_keys, expected = bad_shard(shard)
+    batches = list(make_loader(EvalStream([str(shard)], SPEC, batch_size=2), workers=0))
+    keys = [k for b in batches for k in b.keys]
+    assert keys == good_keys
+    assert batches[-1].skips == expected
+
+    inspected = cli("data", "inspect", str(shard), "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    report = json.loads(inspected.stdout.strip().splitlines()[-1])
+    assert report["samples"] == 10
+    assert report["ok"] == 5  # the 3 good ones plus the two single-stream clips
+    assert report["skipped"] == {k: v for k, v in expected.items() if k not in ("no_audio_stream", "no_video_stream")}
+
+
+def test_a_sample_lacking_a_needed_field_is_skipped(tmp_path):
+    raw = ramp_clip(24, 12, 64, 64, 16000, Codec())
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_fields=("caption", "valence"))
+    with pytest.raises(SkipSample) as missing:
+        decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c"}'}, spec)
+    assert missing.value.reason == "missing_field"
+    with pytest.raises(SkipSample) as bad:
+        decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 3}'}, spec)
+    assert bad.value.reason == "bad_field"
+    assert decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 0.5}'}, spec).key == "a"
+
+
+@pytest.mark.parametrize("split", ["train", "val"])  # 4 shards: split by shard; 2 shards: split by sample
+def test_evaluation_sees_every_sample_exactly_once_across_2_ranks_x_2_workers(small_world, split):
+    urls = expand_shards(str(small_world / split / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+    seen = Counter()
+    for rank in range(2):
+        for batch in make_loader(EvalStream(urls, spec, batch_size=5, rank=rank, world_size=2), workers=2):
+            seen.update(batch.keys)
+    total = 48 if split == "train" else 16
+    assert len(seen) == total and set(seen.values()) == {1}
+
+
+def test_training_stream_is_deterministic_per_seed_disjoint_per_rank_and_resumes_exactly(small_world):
+    urls = expand_shards(str(small_world / "train" / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+
+    def keys(seed, rank=0, state=None, n=8):
+        stream = TrainStream(urls, spec, 3, seed=seed, rank=rank, world_size=2, shuffle_buffer=8, resume=state)
+        return [b for b in itertools.islice(iter(make_loader(stream, workers=2)), n)]
+
+    first, again, other = keys(1), keys(1), keys(2)
+    assert [b.keys for b in first] == [b.keys for b in again]
+    assert [b.keys for b in first] != [b.keys for b in other]
+    assert [b.worker for b in first] == [0, 1] * 4  # batches alternate over loader workers, in order
+
+    state = StreamState(num_workers=2)
+    for batch in first[:5]:
+        state.update(batch)
+    resumed = keys(1, state=StreamState.from_state_dict(state.state_dict(), 2), n=3)
+    assert [b.keys for b in resumed] == [b.keys for b in first[5:8]]
+    assert [b.worker for b in resumed] == [1, 0, 1]  # the round robin continues where it stopped
+
+    rank0 = {url for w in range(2) for url in train_shard_subset(urls, 0, 2, w, 2)}
+    rank1 = {url for w in range(2) for url in train_shard_subset(urls, 1, 2, w, 2)}
+    assert rank0.isdisjoint(rank1) and rank0 | rank1 == set(urls)
+    from_rank1 = {k for b in keys(1, rank=1) for k in b.keys}
+    shard_of = {}
+    for url in urls:
+        for sample in wds.WebDataset(url, shardshuffle=False):
+            shard_of[sample["__key__"]] = url
+    assert {shard_of[k] for k in from_rank1} <= rank1
+
+
+def test_resuming_with_other_loader_workers_is_refused():
+    with pytest.raises(UserError, match="loader_workers"):
+        StreamState.from_state_dict({"num_workers": 2, "positions": {}, "skips": {}}, num_workers=1)
+
+
+def test_too_few_shards_for_the_ranks_is_a_clear_error():
+    with pytest.raises(UserError, match="at least 2 shards"):
+        train_shard_subset(["a.tar"], 0, 2, 0, 1)
+
+
+def test_pack_then_inspect_a_users_clips(tmp_path):
+    src = tmp_path / "clips"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.mp4").write_bytes(ramp_clip(24, 12, 64, 64, 16000, Codec()))
+    (src / "sub" / "b.v2.mkv").write_bytes(ramp_clip(24, 12, 64, 64, 44100, Codec("mkv", channels=2)))
+    (src / "c.webm").write_bytes(ramp_clip(24, 12, 64, 64, 48000, Codec("webm", "libvpx-vp9", "libopus", 2)))
+    (src / "c.json").write_text(json.dumps({"caption": "from a sidecar"}))
+    (src / "notes.txt").write_text("ignored")
+    manifest = tmp_path / "labels.jsonl"
+    manifest.write_text(json.dumps({"clip": "a.mp4", "emotion": "joy", "valence": 0.5, "arousal": 0.4}) + "\n"
+                        + json.dumps({"clip": "missing.mp4", "emotion": "calm"}) + "\n")
+    out = tmp_path / "shards"
+    packed = cli("data", "pack", str(src), "--out", str(out), "--manifest", str(manifest), "--shard-size", "2")
+    assert packed.returncode == 0, packed.stderr
+    assert len(list(out.glob("*.tar"))) == 2
+    metas = {s["__key__"]: json.loads(s["json"]) for url in sorted(out.glob("*.tar"))
+             for s in wds.WebDataset(str(url), shardshuffle=False)}
+    assert metas["a"]["emotion"] == "joy" and metas["c"]["caption"] == "from a sidecar"
+    assert metas["sub__b_v2"]["source"] == "sub/b.v2.mkv"  # keys carry no dots
+    report = json.loads(cli("data", "inspect", str(out / "*.tar"), "--json").stdout.strip().splitlines()[-1])
+    assert report == {"samples": 3, "ok": 3, "skipped": {}, "modalities": {"audio_visual": 3}, "shards": 2}
+
+
+def test_inspect_exits_2_only_when_nothing_can_be_read(tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"this is not a tar file" * 100)
+    result = cli("data", "inspect", str(junk), "--json")
+    assert result.returncode == 2
+    assert "nothing could be read" in result.stderr
+    assert cli("data", "inspect", str(tmp_path / "none-*.tar")).returncode == 2
+
+
+def test_bench_reader(small_world, tmp_path):
+    items = read_bench(small_world / "bench")
+    assert len(items) == 96 and items[0].media.is_file()
+    assert {i.modality for i in items} == {"audio", "visual", "audio_visual"}
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "q1", "media": "m.mp4", "modality": "audio",
+                                                      "task": "emotion", "question": "q?", "options": ["a", "b"],
+                                                      "answer": 1}) + "\n"
+                                          + json.dumps({"id": "q2", "media": "m.mp4", "modality": "smell",
+                                                        "task": "emotion", "question": "q?", "options": ["a", "b"],
+                                                        "answer": 0}) + "\n")
+    with pytest.raises(UserError, match=r"items.jsonl:2: field 'modality'"):
+        read_bench(tmp_path)
+
+
+def test_shard_reader_matches_webdataset_and_counts_damaged_shards(small_world, tmp_path):
+    from vaemo.data.stream import ShardError, read_shard
+
+    url = str(sorted((small_world / "train").glob("*.tar"))[0])
+    ours = [s for s in read_shard(url)]
+    theirs = list(wds.WebDataset(url, shardshuffle=False))
+    assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs]
+    assert all(a["mp4"] == b["mp4"] and a["json"] == b["json"] for a, b in zip(ours, theirs))
+
+    long_key = "x" * 150  # longer than a ustar name: written with a pax header
+    with wds.TarWriter(str(tmp_path / "long.tar"), encoder=False) as sink:
+        sink.write({"__key__": f"dir/{long_key}", "mp4": b"clip", "json": b"{}"})
+    (sample,) = read_shard(str(tmp_path / "long.tar"))
+    assert sample["__key__"] == f"dir/{long_key}" and sample["mp4"] == b"clip"
+
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(url, "rb").read()[:300_000])
+    items = list(read_shard(str(cut)))
+    assert isinstance(items[-1], ShardError) and not any(isinstance(i, ShardError) for i in items[:-1])
+    assert len(items) > 2  # the samples before the cut still come

@@ -1,0 +1,169 @@
+"""Generated clips obey spec/artemo-synth.md, measured on the decoded clips (FFmpeg round trip included)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from signal_checks import (background_rows, fundamental, harmonic_profile, hz_to_midi, note_segments,
+                           onset_times, rgb_to_hsv, triad_mode)
+from torchcodec.decoders import AudioDecoder, VideoDecoder
+
+from vaemo.data import synth, world
+
+SR = 16000
+RENDER = dict(size=128, fps=12, min_duration=3.0, max_duration=3.0, sample_rate=SR)
+GRID = [(obj, emo) for obj in world.OBJECTS for emo in world.EMOTIONS]
+
+
+def decoded(obj: str, emo: str, index: int = 0):
+    """Render + encode + decode one clip with given labels; returns (frames THWC uint8, audio, meta)."""
+    frames, audio, meta = synth.render_clip(11, "train", 1000 * world.OBJECTS.index(obj) + 10 * index
+                                            + world.EMOTIONS.index(emo), obj=obj, emotion=emo, **RENDER)
+    clip = synth.encode_clip(frames, audio, RENDER["fps"], SR)
+    video = VideoDecoder(clip).get_frames_in_range(0, len(frames)).data.permute(0, 2, 3, 1).numpy()
+    sound = AudioDecoder(clip, sample_rate=SR, num_channels=1).get_all_samples().data[0].numpy()
+    return video, sound, meta
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return {(obj, emo): decoded(obj, emo) for obj, emo in GRID}
+
+
+def test_background_hue_brightness_and_saturation_follow_valence_and_arousal(clips):
+    for (obj, emo), (video, _, meta) in clips.items():
+        hue, sat, val = rgb_to_hsv(background_rows(video))
+        top_hue, top_val = float(np.median(hue[1:6])), float(np.median(val[1:6]))
+        if meta["valence"] > 0:
+            assert 15 - 4 <= top_hue <= 60 + 4, (obj, emo, top_hue)
+        else:
+            assert 190 - 4 <= top_hue <= 260 + 4, (obj, emo, top_hue)
+        expected_top = 0.55 + 0.4 * meta["valence"]
+        assert abs(top_val - expected_top) <= 0.05 + 0.03, (obj, emo, top_val, expected_top)
+        bottom_val = float(np.median(val[-6:-1]))
+        assert 0.15 - 0.04 <= top_val - bottom_val <= 0.15 + 0.04, (obj, emo, top_val - bottom_val)
+        expected_sat = 0.35 + 0.3 * abs(meta["arousal"])
+        assert abs(float(np.median(sat[1:6])) - expected_sat) <= 0.06, (obj, emo)
+
+
+def test_objects_move_faster_with_higher_arousal():
+    """Centre-of-object displacement per second matches (0.1 + 0.9 s) shorter sides (before reflections)."""
+    for emo in world.EMOTIONS:
+        rng = np.random.default_rng([5, world.EMOTIONS.index(emo)])
+        spec = synth.sample_clip(rng, **RENDER, emotion=emo, obj="circle")
+        spec.count, spec.sizes, spec.starts, spec.onsets = 1, [spec.sizes[0]], [[64.0, 64.0]], []
+        spec.directions = [0.0]  # to the right, from the centre: no reflection in the first frames
+        frames = synth.render_frames(spec)
+        background = frames[0, :, 0]  # column 0 is pure background at the start
+        moved = (np.abs(frames[:3].astype(int) - background[None, :, None, :].astype(int)).sum(-1) > 30)
+        centres = [np.nonzero(m.any(0))[0].mean() for m in moved]
+        speed = (centres[1] - centres[0]) * spec.fps / spec.size
+        assert abs(speed - (0.1 + 0.9 * spec.arousal01)) < 0.03, (emo, speed)
+
+
+def test_onset_rate_follows_arousal(clips):
+    for (obj, emo), (_, audio, meta) in clips.items():
+        s = (meta["arousal"] + 1) / 2
+        period = 60 / (50 + 150 * s)
+        onsets = onset_times(audio, SR)
+        measured = float(np.median(np.diff(onsets)))
+        assert abs(measured - period) < 0.03 * period + 0.011, (obj, emo, measured, period)
+        rate = 1 / measured  # onsets per second: (50 + 150 s) / 60, s > 0.65 exactly when arousal > 0.3
+        if meta["arousal"] > 0:
+            assert rate > (50 + 150 * 0.65) / 60 - 0.05, (obj, emo, rate)
+        else:
+            assert rate < (50 + 150 * 0.35) / 60 + 0.05, (obj, emo, rate)
+
+
+def test_major_or_minor_triad_follows_valence(clips):
+    for (obj, emo), (_, audio, meta) in clips.items():
+        segments = note_segments(audio, SR, onset_times(audio, SR))
+        midis = [hz_to_midi(fundamental(seg, SR)) for seg in segments]
+        assert max(abs(m - round(m)) for m in midis) < 0.3, (obj, emo, midis)  # in tune
+        assert triad_mode(midis) == ("major" if meta["valence"] > 0 else "minor"), (obj, emo, midis)
+        # Register: some root r in the spec's range explains every note as r + triad step (+ an octave).
+        steps = {0, 4, 7} if meta["valence"] > 0 else {0, 3, 7}
+        allowed = steps | {s + 12 for s in steps}
+        roots = range(67, 75) if meta["valence"] > 0 else range(50, 58)
+        assert any(all(round(m) - r in allowed for m in midis) for r in roots), (obj, emo, midis)
+
+
+def classify_timbre(audio: np.ndarray) -> str:
+    profiles = []
+    for t in onset_times(audio, SR):
+        a, b = int((t + 0.012) * SR), int((t + 0.072) * SR)
+        if int((t + 0.15) * SR) > len(audio):
+            continue
+        f0 = fundamental(audio[a : int((t + 0.15) * SR)], SR)
+        profiles.append(harmonic_profile(audio[a:b], SR, f0))
+    profiles = np.array(profiles)
+    if profiles[:, 1:].std(0).max() > 0.15:  # a noise-excited string differs from note to note
+        return "star"
+    median = np.median(profiles, 0)
+    templates = {"circle": [1, 0, 0, 0], "square": [1, 0, 1 / 3, 0], "triangle": [1, 1 / 2, 1 / 3, 1 / 4]}
+    for name, template in templates.items():
+        if np.abs(median - np.array(template)).max() < 0.08:
+            return name
+    return "unknown"
+
+
+def test_object_timbre_is_audible(clips):
+    for (obj, emo), (_, audio, _) in clips.items():
+        assert classify_timbre(audio) == obj, (obj, emo)
+
+
+def test_durations_and_streams_line_up(clips):
+    for (obj, emo), (video, audio, meta) in clips.items():
+        seconds = len(video) / RENDER["fps"]
+        assert 2.0 - 1 / 12 <= seconds <= 8.0
+        assert abs(len(audio) / SR - seconds) < 0.1, (obj, emo)
+        assert abs(seconds - meta["synth"]["duration"]) <= 1 / RENDER["fps"]
+
+
+def test_peak_loudness_follows_arousal():
+    for emo in world.EMOTIONS:
+        rng = np.random.default_rng([9, world.EMOTIONS.index(emo)])
+        spec = synth.sample_clip(rng, **RENDER, emotion=emo, obj="circle")
+        audio = synth.render_audio(spec, rng)
+        peak = float(np.abs(audio).max())
+        assert abs(peak - (0.25 + 0.5 * spec.arousal01)) <= spec.noise_amplitude + 1e-6
+        assert 0.005 <= spec.noise_amplitude <= 0.02
+
+
+def test_captions_name_object_count_emotion_and_cues():
+    for i in range(40):
+        rng = np.random.default_rng(i)
+        spec = synth.sample_clip(rng, **RENDER)
+        text = spec.caption.lower()
+        assert spec.object in text and spec.emotion in text
+        assert world.COUNT_WORDS[spec.count] in text
+        for pair in (("warm", "cool"), ("bright", "dark"), ("fast", "slow"), ("major", "minor")):
+            assert sum(word in text for word in pair) == 1, (pair, text)
+
+
+def test_synthesize_writes_splits_and_a_balanced_benchmark(small_world):
+    assert len(list((small_world / "train").glob("*.tar"))) == 4
+    assert len(list((small_world / "val").glob("*.tar"))) == 2
+    items = [json.loads(line) for line in (small_world / "bench" / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 16 * 6
+    assert {(i["modality"], i["task"]) for i in items} == {(m, t) for m in ("audio", "visual", "audio_visual")
+                                                           for t in ("content", "emotion")}
+    emotions = [i["options"][i["answer"]] for i in items if i["task"] == "emotion"]
+    assert {e: emotions.count(e) for e in world.EMOTIONS} == {e: 12 for e in world.EMOTIONS}
+    answers = [i["answer"] for i in items]
+    assert len(set(answers)) == 4  # options are shuffled, so the right index varies
+    for item in items[:6]:
+        assert (small_world / "bench" / item["media"]).is_file()
+
+
+def test_synthesis_is_deterministic_per_seed(tmp_path):
+    kwargs = dict(train_clips=6, val_clips=2, bench_clips=2, clips_per_shard=6, workers=1)
+    synth.synthesize(tmp_path / "a", seed=3, **kwargs)
+    synth.synthesize(tmp_path / "b", seed=3, **kwargs)
+    synth.synthesize(tmp_path / "c", seed=4, **kwargs)
+    a = (tmp_path / "a/train/train-000000.tar").read_bytes()
+    assert a == (tmp_path / "b/train/train-000000.tar").read_bytes()
+    assert a != (tmp_path / "c/train/train-000000.tar").read_bytes()
+    assert (tmp_path / "a/bench/items.jsonl").read_text() == (tmp_path / "b/bench/items.jsonl").read_text()

@@ -1,0 +1,172 @@
+"""The `vaemo` console script: the same operations as jobs/*.py, calling the same functions.
+
+    vaemo data synth --out runs/data --clips 2400
+    vaemo data pack my_clips/ --out shards/ --manifest labels.jsonl
+    vaemo data inspect 'shards/*.tar' --json
+    vaemo config show --config configs/tiny.yaml --stage 1 train.max_steps=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Callable
+
+from vaemo.errors import EXIT_USER_ERROR, UserError, exit_on_user_error
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (and exit status 2), without the usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+
+def add_synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder: OUT/train/*.tar, OUT/val/*.tar, OUT/bench/")
+    p.add_argument("--clips", type=positive_int, default=None, help="training clips (default: the config's)")
+    p.add_argument("--val-clips", type=positive_int, default=None, help="validation clips (default: clips/12)")
+    p.add_argument("--bench-clips", type=positive_int, default=None, help="benchmark clips (default: clips/12)")
+    p.add_argument("--seed", type=int, default=0, help="world seed; the same seed writes the same data")
+    p.add_argument("--config", default=None, help="a preset whose `synth` section gives sizes (optional)")
+    p.add_argument("--shard-size", type=positive_int, default=None, help="clips per shard")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+
+
+def run_synth(args: argparse.Namespace) -> dict:
+    from vaemo import progress
+    from vaemo.config import load_config
+    from vaemo.data.synth import synthesize
+
+    synth = load_config(args.config).synth
+    train = args.clips or synth.train_clips
+    derived = max(16, math.ceil(train / 12 / 16) * 16)  # balanced splits come in blocks of 16
+    val = args.val_clips or (synth.val_clips if args.clips is None else derived)
+    bench = args.bench_clips or (synth.bench_clips if args.clips is None else derived)
+    with progress.task("synthesizing clips", train + val + bench) as update:
+        counts = synthesize(args.out, train_clips=train, val_clips=val, bench_clips=bench, seed=args.seed,
+                            clips_per_shard=args.shard_size or synth.clips_per_shard, size=synth.size,
+                            fps=synth.fps, min_duration=synth.min_duration, max_duration=synth.max_duration,
+                            sample_rate=synth.sample_rate,
+                            workers=args.workers if args.workers is not None else synth.workers, progress=update)
+    progress.log(f"wrote {args.out}: {counts}")
+    return counts
+
+
+def run_pack(args: argparse.Namespace) -> None:
+    from vaemo import progress
+    from vaemo.data.shards import pack
+
+    report = pack(args.src, args.out, args.manifest, args.shard_size)
+    progress.log(f"packed {report.clips} clips ({report.labelled} labelled) into {report.shards} shard(s) in "
+                 f"{args.out}; ignored {report.ignored_files} non-clip file(s)")
+    if report.unmatched_manifest:
+        progress.log(f"{len(report.unmatched_manifest)} manifest entries name no clip, e.g. "
+                     f"{report.unmatched_manifest[0]}")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from vaemo.data.decode import SKIP_REASONS
+    from vaemo.data.shards import inspect_shards
+    from vaemo.progress import console
+
+    report = inspect_shards(args.shards, workers=args.workers or 0)
+    if not args.json:
+        table = Table(title=f"{report['shards']} shard(s)")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        table.add_row("samples", str(report["samples"]))
+        table.add_row("decodable", str(report["ok"]))
+        for name, n in sorted(report["modalities"].items()):
+            table.add_row(f"  {name}", str(n))
+        for reason, n in sorted(report["skipped"].items()):
+            table.add_row(f"skipped: {reason}", str(n), end_section=False)
+        console.print(table)
+        for reason in sorted(report["skipped"]):
+            console.print(f"  {reason}: {SKIP_REASONS[reason]}")
+    if args.json:
+        print(json.dumps({"samples": report["samples"], "ok": report["ok"], "skipped": report["skipped"],
+                          "modalities": report["modalities"], "shards": report["shards"]}))
+    if report["samples"] == 0:
+        print(f"error: nothing could be read from {', '.join(args.shards)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def run_config_show(args: argparse.Namespace) -> None:
+    from vaemo.config import load_config, render_config
+
+    print(render_config(load_config(args.config, args.overrides, stage=args.stage)), end="")
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser; later sections (train, eval, sweep, ...) register themselves through COMMANDS.
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> ArgParser:
+    parser = ArgParser(prog="vaemo", description="Train and evaluate VAEmotionLLM (learning to hear by seeing).")
+    groups = parser.add_subparsers(dest="group", required=True, parser_class=ArgParser)
+
+    data = groups.add_parser("data", help="make, pack and inspect clip shards")
+    data_cmds = data.add_subparsers(dest="command", required=True, parser_class=ArgParser)
+    p = data_cmds.add_parser("synth", help="write the ArtEmo-Synth world (train/val shards + a benchmark)")
+    add_synth_args(p)
+    p.set_defaults(func=run_synth)
+    p = data_cmds.add_parser("pack", help="pack a folder of clips (+ labels) into webdataset shards")
+    p.add_argument("src", help="folder of clips (mp4/mkv/webm/mov), searched recursively")
+    p.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar")
+    p.add_argument("--manifest", default=None, help="labels.jsonl: {\"clip\": relative path, ...fields}")
+    p.add_argument("--shard-size", type=positive_int, default=100, help="clips per shard")
+    p.set_defaults(func=run_pack)
+    p = data_cmds.add_parser("inspect", help="count samples, decodable ones, modalities, and skips by reason")
+    p.add_argument("shards", nargs="+", help="shard paths, globs or brace patterns")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of counts")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.set_defaults(func=run_inspect)
+
+    cfg = groups.add_parser("config", help="show a resolved config with every field documented")
+    cfg_cmds = cfg.add_subparsers(dest="command", required=True, parser_class=ArgParser)
+    p = cfg_cmds.add_parser("show", help="print the resolved config")
+    p.add_argument("--config", default=None, help="a preset YAML (default: built-in defaults)")
+    p.add_argument("--stage", type=int, choices=[0, 1, 2], default=None, help="merge this stage's block")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=run_config_show)
+
+    for register in COMMANDS:
+        register(groups)
+    return parser
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,624 @@
+"""The typed, validated config tree: YAML presets in configs/, `key=value` dotted overrides.
+
+A preset holds settings for the whole pipeline. Per-stage settings live under `stages.stageN` in the
+preset and are merged over the top-level sections when stage N runs; command-line overrides are
+applied last, so `train.max_steps=5` always wins. Every field is documented where it is declared (the
+string under it); `vaemo config show` prints the resolved tree with those docs as comments.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import inspect
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from vaemo.errors import UserError
+
+Modality = Literal["audio", "visual", "audio_visual"]
+MODALITIES: tuple[str, ...] = ("audio", "visual", "audio_visual")
+STAGES = (0, 1, 2)
+
+
+class ConfigError(UserError):
+    """A config key or value is wrong; the message names the field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The tree
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthConfig:
+    """The ArtEmo-Synth world written by `vaemo data synth` (spec/artemo-synth.md)."""
+
+    train_clips: int = 2400
+    """Clips in the train split."""
+    val_clips: int = 192
+    """Clips in the validation split (balanced over emotion x object)."""
+    bench_clips: int = 192
+    """Clips behind the ArtEmoBench test folder; each is asked 6 questions (3 modalities x 2 tasks)."""
+    clips_per_shard: int = 100
+    """Samples per webdataset tar shard."""
+    size: int = 128
+    """Frame side in pixels (square frames); the spec asks for a shorter side of at least 64."""
+    fps: int = 12
+    """Frame rate of the rendered clips; the spec allows 10-60."""
+    min_duration: float = 2.0
+    """Shortest clip in seconds (spec: 2-8 s)."""
+    max_duration: float = 3.0
+    """Longest clip in seconds (spec: 2-8 s)."""
+    sample_rate: int = 16000
+    """Audio sample rate of the rendered soundtrack (spec: 16-48 kHz)."""
+    workers: int = 0
+    """Processes rendering and encoding clips; 0 means one per CPU core."""
+
+    def check(self, path: str) -> None:
+        _require(self.size >= 64 and self.size % 2 == 0, f"{path}.size", "must be an even number >= 64")
+        _require(10 <= self.fps <= 60, f"{path}.fps", "must be within 10-60")
+        _require(2.0 <= self.min_duration <= self.max_duration <= 8.0, f"{path}.min_duration",
+                 "and max_duration must satisfy 2 <= min_duration <= max_duration <= 8")
+        _require(16000 <= self.sample_rate <= 48000, f"{path}.sample_rate", "must be within 16000-48000")
+        for name in ("train_clips", "val_clips", "bench_clips", "clips_per_shard"):
+            _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the clips are and how they are decoded and batched."""
+
+    train_shards: str = "runs/data/train/*.tar"
+    """Training shards: a glob, brace notation (`shards-{000..009}.tar`) or a URL webdataset opens."""
+    val_shards: str = "runs/data/val/*.tar"
+    """Validation shards, same notation; used for the periodic validation loss."""
+    bench_dir: str = "runs/data/bench"
+    """An ArtEmoBench folder (spec/data-formats.md) used by evaluations and sweeps."""
+    num_frames: int = 8
+    """Frames sampled uniformly over each clip; must be a multiple of the vision tower's temporal patch."""
+    frame_height: int = 112
+    """Decoded frame height in px; must be a multiple of patch_size x spatial_merge_size."""
+    frame_width: int = 112
+    """Decoded frame width in px; must be a multiple of patch_size x spatial_merge_size."""
+    audio_seconds: float = 4.0
+    """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones zero-padded."""
+    batch_size: int = 8
+    """Clips per micro-batch on each training worker."""
+    loader_workers: int = 1
+    """DataLoader worker processes per training worker (decoding runs there); 0 decodes in-process."""
+    shuffle_buffer: int = 64
+    """Samples held in each loader worker's shuffle buffer for training streams."""
+    prefetch_batches: int = 2
+    """Batches each loader worker prepares ahead."""
+
+    def check(self, path: str) -> None:
+        _require(self.num_frames >= 2, f"{path}.num_frames", "must be >= 2")
+        _require(self.frame_height >= 28 and self.frame_width >= 28, f"{path}.frame_height",
+                 "and frame_width must be >= 28")
+        _require(0.5 <= self.audio_seconds <= 30.0, f"{path}.audio_seconds", "must be within 0.5-30 s")
+        _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+        _require(self.loader_workers >= 0, f"{path}.loader_workers", "must be >= 0")
+        _require(self.shuffle_buffer >= 1, f"{path}.shuffle_buffer", "must be >= 1")
+        _require(self.prefetch_batches >= 1, f"{path}.prefetch_batches", "must be >= 1")
+
+
+@dataclass
+class TinyVLMConfig:
+    """Sizes of the tiny Qwen2.5-VL built from config when `model.vlm: tiny` (same classes as 7B)."""
+
+    hidden_size: int = 128
+    """LLM hidden size."""
+    num_layers: int = 4
+    """LLM decoder layers."""
+    num_heads: int = 4
+    """LLM attention heads."""
+    num_kv_heads: int = 2
+    """LLM key/value heads (grouped-query attention)."""
+    intermediate_size: int = 256
+    """LLM MLP width."""
+    vision_hidden_size: int = 96
+    """Vision tower width."""
+    vision_depth: int = 4
+    """Vision tower blocks."""
+    vision_heads: int = 4
+    """Vision tower attention heads."""
+    vision_intermediate_size: int = 192
+    """Vision tower MLP width."""
+    patch_size: int = 14
+    """Vision patch size in px."""
+    spatial_merge_size: int = 2
+    """Patches merged per side into one LLM token."""
+    temporal_patch_size: int = 2
+    """Frames per temporal patch."""
+
+
+@dataclass
+class TinyAudioConfig:
+    """Sizes of the tiny Whisper encoder built from config when `model.audio_encoder: tiny`."""
+
+    d_model: int = 96
+    """Encoder width."""
+    num_layers: int = 2
+    """Encoder layers."""
+    num_heads: int = 4
+    """Encoder attention heads."""
+    ffn_dim: int = 192
+    """Encoder MLP width."""
+    num_mel_bins: int = 80
+    """Log-mel bins (80 as in Whisper up to v2, 128 for large-v3)."""
+
+
+@dataclass
+class ProjectorConfig:
+    """The trainable audio projector: encoder features -> LLM input embeddings."""
+
+    pool_stride: int = 4
+    """Encoder frames (50 per second) averaged into one audio token; 4 gives 12.5 tokens/s."""
+    hidden_size: int = 0
+    """Hidden width of the 2-layer MLP; 0 means twice the LLM hidden size."""
+
+    def check(self, path: str) -> None:
+        _require(self.pool_stride >= 1, f"{path}.pool_stride", "must be >= 1")
+        _require(self.hidden_size >= 0, f"{path}.hidden_size", "must be >= 0")
+
+
+@dataclass
+class EnhancerConfig:
+    """Emotion Enhancer: x + g * MLP(LayerNorm(x)) on every modality token (stage 2)."""
+
+    width: int = 256
+    """Hidden width of the residual MLP."""
+    gate_init: float = 0.0
+    """Initial gate g; 0 makes stage 2 start exactly where stage 1 ended."""
+
+
+@dataclass
+class SupervisorConfig:
+    """Emotion Supervisor: valence/arousal (and optional category) heads on pooled modality tokens."""
+
+    hidden_size: int = 128
+    """Hidden width of the heads."""
+    categorical: bool = True
+    """Also predict the emotion category (4 classes in the synthetic world)."""
+
+
+@dataclass
+class LoRAConfig:
+    """Optional LoRA on the LLM's attention projections (stage 2)."""
+
+    rank: int = 0
+    """LoRA rank; 0 turns LoRA off."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names of the LLM linear layers that get adapters."""
+
+
+@dataclass
+class ModelConfig:
+    """Which VLM and audio encoder to build, and the trainable parts vaemo adds."""
+
+    vlm: str = "tiny"
+    """`tiny` (a small Qwen2.5-VL built from config) or a local Qwen2.5-VL checkpoint folder."""
+    audio_encoder: str = "tiny"
+    """`tiny` (a small Whisper encoder built from config) or a local Whisper checkpoint folder."""
+    init_from: Optional[str] = None
+    """A vaemo export folder to start from (the previous stage's RUN_DIR/export); overrides vlm/audio."""
+    tiny_vlm: TinyVLMConfig = field(default_factory=TinyVLMConfig)
+    """Sizes used when vlm is `tiny`."""
+    tiny_audio: TinyAudioConfig = field(default_factory=TinyAudioConfig)
+    """Sizes used when audio_encoder is `tiny`."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """The audio projector."""
+    enhancer: EnhancerConfig = field(default_factory=EnhancerConfig)
+    """The Emotion Enhancer (built in stage 2)."""
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    """The Emotion Supervisor (built in stage 2)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA on the LLM (stage 2, optional)."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """`auto`: FlashAttention-2 when flash-attn imports on a CUDA device, else PyTorch SDPA."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """`auto`: bfloat16 on GPU, float32 on CPU."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by all stages (per-stage values under `stages.stageN.train`)."""
+
+    max_steps: int = 100
+    """Optimizer steps to run; the training stream is resampled, so this fixes the run length."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (DeepSpeed `gradient_clipping`); 0 disables it."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints Ray Train keeps."""
+    report_every: int = 10
+    """Report metrics (metrics.jsonl, TensorBoard, progress line) every N steps."""
+    val_every: int = 0
+    """Run the validation loss every N steps; 0 only at the end."""
+    val_batches: int = 4
+    """Validation micro-batches per worker each time validation runs."""
+    export: bool = True
+    """Write RUN_DIR/export (a folder `from_pretrained` loads) at the end."""
+
+    def check(self, path: str) -> None:
+        _require(self.max_steps >= 1, f"{path}.max_steps", "must be >= 1")
+        _require(self.lr > 0 and math.isfinite(self.lr), f"{path}.lr", "must be a positive number")
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", "must be within 0-1")
+        _require(self.checkpoint_every >= 1, f"{path}.checkpoint_every", "must be >= 1")
+        _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", "must be >= 1")
+        _require(self.report_every >= 1, f"{path}.report_every", "must be >= 1")
+        _require(self.val_every >= 0, f"{path}.val_every", "must be >= 0")
+        _require(self.val_batches >= 0, f"{path}.val_batches", "must be >= 0")
+        _require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0")
+
+
+@dataclass
+class ScalingConfig:
+    """How many Ray Train workers, and what each one gets."""
+
+    num_workers: int = 2
+    """Training worker processes (one per GPU on a cluster, one per CPU slot on a laptop)."""
+    use_gpu: bool = False
+    """Give each worker a GPU (NCCL, bf16); false runs on CPU with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker; also the torch thread count on CPU."""
+    max_failures: int = 1
+    """Worker-group restarts Ray Train attempts (from the last checkpoint) before giving up."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy for the worker group."""
+
+    def check(self, path: str) -> None:
+        _require(self.num_workers >= 1, f"{path}.num_workers", "must be >= 1")
+        _require(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", "must be > 0")
+        _require(self.max_failures >= 0, f"{path}.max_failures", "must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed engine settings; the JSON holds ZeRO settings, the run config fills in the rest."""
+
+    config: str = "ds_configs/zero3.json"
+    """A DeepSpeed JSON (relative paths resolve against the project root)."""
+
+
+@dataclass
+class Stage0Config:
+    """Stage 0 ("see"): teach the tiny VLM to see, standing in for a pretrained VLM."""
+
+    aux_weight: float = 1.0
+    """Weight of the auxiliary object/emotion heads on pooled visual tokens (a stand-in for pretraining)."""
+
+
+@dataclass
+class TeacherConfig:
+    """Where stage 1's teacher distributions come from."""
+
+    mode: Literal["online", "cache"] = "online"
+    """`online`: run the frozen visual teacher every step; `cache`: read top-k log-probs from shards."""
+    cache_shards: str = ""
+    """Teacher-cache shards written by `vaemo teacher-cache` (used when mode is `cache`)."""
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1 (VG-Align): distil the frozen visual pass into the audio pass."""
+
+    temperature: float = 1.0
+    """Softmax temperature tau of the KL term (loss is tau^2 * KL)."""
+    topk: int = 0
+    """0: full-vocabulary KL; k > 0: KL over the teacher's top-k tokens plus one tail bucket."""
+    kd_chunk_size: int = 256
+    """Response positions per chunk of the KL; bounds memory at chunk x vocab."""
+    response: Literal["caption", "teacher"] = "caption"
+    """Response text R: the clip's caption, or a description the teacher generates itself."""
+    max_response_tokens: int = 48
+    """Cap on R's length in tokens."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Online teacher or offline cache."""
+
+    def check(self, path: str) -> None:
+        _require(self.temperature > 0, f"{path}.temperature", "must be > 0")
+        _require(self.topk >= 0, f"{path}.topk", "must be >= 0")
+        _require(self.kd_chunk_size >= 1, f"{path}.kd_chunk_size", "must be >= 1")
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2 (EmoAdapter): Enhancer + Supervisor, LM loss on emotion answers, KD to keep audio aligned."""
+
+    use_enhancer: bool = True
+    """Train the Emotion Enhancer (false for the ablation)."""
+    use_supervisor: bool = True
+    """Train with the Emotion Supervisor's valence/arousal loss (false for the ablation)."""
+    lambda_lm: float = 1.0
+    """Weight of the language loss on emotion-instruction answers."""
+    lambda_sup: float = 1.0
+    """Weight of the valence/arousal supervision on each path."""
+    lambda_cat: float = 0.5
+    """Weight of the categorical emotion head (when the supervisor has one)."""
+    lambda_kd: float = 0.5
+    """Weight of the KD term keeping the audio path aligned with the visual one."""
+    va_loss: Literal["mse", "ccc"] = "mse"
+    """Valence/arousal loss: mean squared error or 1 - concordance correlation."""
+
+
+@dataclass
+class EvalConfig:
+    """ArtEmoBench scoring."""
+
+    actors: int = 2
+    """Ray actors, each holding one model replica (one GPU each on a cluster)."""
+    batch_items: int = 16
+    """Benchmark items per scoring batch."""
+    deaf_check: bool = True
+    """Also score the audio items with soundtracks shuffled between clips."""
+    max_items: int = 0
+    """Score only the first N items (0: all); for smoke runs."""
+
+
+@dataclass
+class Config:
+    """One run of vaemo: data, model, optimisation, scaling, and the per-stage method settings."""
+
+    seed: int = 0
+    """Seed for model init, data order and every random choice; same seed, same losses on CPU."""
+    stage: int = 0
+    """The stage this resolved config runs (set by jobs/stageN.py)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Clips and decoding."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Ray Train workers."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+    stage0: Stage0Config = field(default_factory=Stage0Config)
+    """Stage 0 settings."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """Stage 1 settings."""
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    """Stage 2 settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """Synthetic world generation."""
+
+    def check(self, path: str) -> None:
+        _require(self.stage in STAGES, "stage", "must be 0, 1 or 2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{name}' {message}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), stage: int | None = None) -> Config:
+    """Load a preset, merge `stages.stageN` for the given stage, apply `key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    stage_blocks = tree.pop("stages", None) or {}
+    if not isinstance(stage_blocks, dict):
+        raise ConfigError("config field 'stages' must be a mapping of stage0/stage1/stage2 blocks")
+    unknown = set(stage_blocks) - {f"stage{s}" for s in STAGES}
+    if unknown:
+        raise ConfigError(f"unknown config key 'stages.{sorted(unknown)[0]}' (expected stage0, stage1 or stage2)")
+    if stage is not None:
+        tree = _deep_merge(tree, stage_blocks.get(f"stage{stage}") or {})
+        tree["stage"] = stage
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    _check_all(cfg, "")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, each field preceded by its documentation."""
+    Path(path).write_text(render_config(cfg))
+
+
+def render_config(cfg: Config) -> str:
+    lines: list[str] = [f"# Resolved vaemo config (stage {cfg.stage}). Every field is documented above it."]
+    _render(cfg, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(obj: Any, indent: int, lines: list[str]) -> None:
+    docs = field_docs(type(obj))
+    pad = "  " * indent
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if docs.get(f.name):
+            lines.append(f"{pad}# {docs[f.name]}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            _render(value, indent + 1, lines)
+        else:
+            dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+            lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (torchtitan style), by field name."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                if isinstance(nxt.value.value, str):
+                    docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at its top level")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.max_steps=10)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config field '{path.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{path}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{path}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{path}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config field '{path}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{path}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field '{path}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config field '{path}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config field '{path}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config field '{path}' must be a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module, not user input
+
+
+def _check_all(obj: Any, path: str) -> None:
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check(path.rstrip(".") or "config")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_all(value, f"{path}{f.name}.")
+
+
+def project_root() -> Path:
+    """The repository root (holds ds_configs/, configs/); also what Ray ships to workers."""
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Resolve a config path: absolute as is, else against the current directory, else the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve() if p.exists() else p
+    rooted = project_root() / p
+    return rooted if rooted.exists() else p.resolve()
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "ScalingConfig", "SynthConfig",
+    "MODALITIES", "load_config", "dump_config", "render_config", "field_docs", "config_to_dict",
+    "project_root", "resolve_path",
+]

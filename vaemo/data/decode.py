@@ -1,0 +1,168 @@
+"""Decode one webdataset sample (clip bytes + JSON) into frames and 16 kHz mono audio with torchcodec.
+
+A sample that cannot be used raises SkipSample with a short reason; streams count these reasons and
+carry on. Reasons are stable names (they appear in `vaemo data inspect --json` and trainer metrics).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchcodec.decoders import AudioDecoder, VideoDecoder
+from torchcodec.transforms import Resize
+
+CLIP_EXTENSIONS: tuple[str, ...] = ("mp4", "mkv", "webm", "mov")
+SAMPLE_RATE = 16000  # the audio pathway (Whisper) hears 16 kHz mono
+
+# Every reason a sample can be skipped for, and what it means.
+SKIP_REASONS: dict[str, str] = {
+    "bad_json": "KEY.json is not a JSON object",
+    "missing_clip": "the sample has no clip file",
+    "unknown_extension": "the sample's clip has an extension other than mp4/mkv/webm/mov",
+    "multiple_clips": "the sample has more than one clip file",
+    "duplicate_file": "the shard holds two files with the same key and extension",
+    "empty_clip": "the clip file has zero bytes",
+    "corrupt_clip": "FFmpeg cannot open the clip",
+    "truncated_clip": "the clip opens but its streams end early or fail to decode",
+    "no_video_stream": "the stage needs frames and the clip has no video stream",
+    "no_audio_stream": "the stage needs a soundtrack and the clip has no audio stream",
+    "missing_field": "the stage needs a JSON field the sample lacks (e.g. caption, valence)",
+    "bad_field": "a JSON field has the wrong type or range",
+    "unreadable_shard": "a shard could not be opened or read (counted per shard)",
+}
+
+
+class SkipSample(Exception):
+    """This sample cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the current consumer needs from each sample."""
+
+    num_frames: int = 8
+    height: int = 112
+    width: int = 112
+    audio_seconds: float = 4.0
+    need_video: bool = True
+    need_audio: bool = True
+    need_fields: tuple[str, ...] = ()
+
+    @property
+    def audio_samples(self) -> int:
+        return int(round(self.audio_seconds * SAMPLE_RATE))
+
+
+@dataclass
+class Clip:
+    """A decoded sample. Missing modalities are None (allowed when the consumer does not need them)."""
+
+    key: str
+    video: torch.Tensor | None  # (F, 3, H, W) uint8
+    audio: torch.Tensor | None  # (audio_samples,) float32, zero-padded
+    audio_len: int  # valid samples in `audio`
+    duration: float  # seconds, from the container
+    meta: dict = field(default_factory=dict)
+
+
+def split_sample(sample: dict) -> tuple[str, bytes, dict]:
+    """(clip extension, clip bytes, JSON meta) of a raw webdataset sample; raises SkipSample."""
+    meta: dict = {}
+    if "__duplicate__" in sample:
+        raise SkipSample("duplicate_file", sample["__duplicate__"])
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SkipSample("bad_json", str(err)[:80]) from None
+        if not isinstance(meta, dict):
+            raise SkipSample("bad_json", f"top level is {type(meta).__name__}")
+    clips = [ext for ext in CLIP_EXTENSIONS if ext in sample]
+    if len(clips) > 1:
+        raise SkipSample("multiple_clips", ", ".join(clips))
+    if not clips:
+        others = [k for k in sample if not k.startswith("__") and k != "json"]
+        if others:
+            raise SkipSample("unknown_extension", ", ".join(sorted(others)))
+        raise SkipSample("missing_clip")
+    raw = sample[clips[0]]
+    if not raw:
+        raise SkipSample("empty_clip")
+    return clips[0], bytes(raw), meta
+
+
+def check_fields(meta: dict, needed: tuple[str, ...]) -> None:
+    for name in needed:
+        if name not in meta or meta[name] is None:
+            raise SkipSample("missing_field", name)
+        value = meta[name]
+        if name in ("valence", "arousal"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1.0 <= value <= 1.0:
+                raise SkipSample("bad_field", f"{name}={value!r}")
+        elif name in ("caption", "emotion", "object") and not isinstance(value, str):
+            raise SkipSample("bad_field", f"{name}={value!r}")
+
+
+def decode_video(raw: bytes, spec: DecodeSpec) -> tuple[torch.Tensor | None, float]:
+    """N uniformly spaced frames resized by FFmpeg, and the container duration; (None, 0) without video."""
+    try:
+        decoder = VideoDecoder(raw, seek_mode="approximate", transforms=[Resize((spec.height, spec.width))])
+    except ValueError as err:
+        if "video stream" in str(err):
+            return None, 0.0
+        raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
+    except RuntimeError as err:
+        raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
+    md = decoder.metadata
+    n = md.num_frames
+    if not n and md.duration_seconds and md.average_fps:
+        n = int(md.duration_seconds * md.average_fps)
+    if not n:
+        raise SkipSample("corrupt_clip", "no frame count")
+    indices = torch.linspace(0, n - 1, spec.num_frames).round().long().tolist()
+    try:
+        frames = decoder.get_frames_at(indices=indices).data
+    except (RuntimeError, IndexError) as err:
+        raise SkipSample("truncated_clip", str(err).splitlines()[0][:80]) from None
+    return frames, float(md.duration_seconds or n / (md.average_fps or 1.0))
+
+
+def decode_audio(raw: bytes, spec: DecodeSpec) -> tuple[torch.Tensor | None, int, float]:
+    """16 kHz mono samples padded/cut to spec.audio_seconds, valid length, decoded seconds; None without audio."""
+    try:
+        samples = AudioDecoder(raw, sample_rate=SAMPLE_RATE, num_channels=1).get_all_samples().data[0]
+    except ValueError as err:
+        if "audio stream" in str(err):
+            return None, 0, 0.0
+        raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
+    except RuntimeError as err:
+        raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
+    seconds = samples.numel() / SAMPLE_RATE
+    n = min(samples.numel(), spec.audio_samples)
+    return F.pad(samples[:n], (0, spec.audio_samples - n)), n, seconds
+
+
+def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
+    """Decode what `spec` asks for; raises SkipSample when the sample cannot serve it."""
+    _, raw, meta = split_sample(sample)
+    check_fields(meta, spec.need_fields)
+    video, duration = decode_video(raw, spec) if spec.need_video else (None, 0.0)
+    if spec.need_video and video is None:
+        raise SkipSample("no_video_stream")
+    audio, audio_len, audio_seconds = decode_audio(raw, spec) if spec.need_audio else (None, 0, 0.0)
+    if spec.need_audio and audio is None:
+        raise SkipSample("no_audio_stream")
+    # A clip cut short still opens (its header is intact) but its soundtrack stops early.
+    if audio is not None and duration > 0 and audio_seconds < 0.8 * duration:
+        raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {duration:.2f}s")
+    return Clip(key=sample.get("__key__", ""), video=video, audio=audio, audio_len=audio_len,
+                duration=duration or audio_seconds, meta=meta)

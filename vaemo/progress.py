@@ -1,0 +1,45 @@
+"""Progress on a terminal (rich live bars) or as plain periodic lines (logs, `ray job submit`)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Callable, Iterator
+
+from rich.console import Console
+
+console = Console(stderr=False, highlight=False)
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def log(message: str) -> None:
+    """One timestamped line; comes through Ray job logs as plain text."""
+    console.log(message)
+
+
+@contextlib.contextmanager
+def task(description: str, total: int, every_fraction: float = 0.1) -> Iterator[Callable[[int], None]]:
+    """Yield `update(done)`. A live bar on a terminal; otherwise a line per `every_fraction` of the work."""
+    start = time.time()
+    if is_terminal():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=False) as bar:
+            handle = bar.add_task(description, total=total)
+            yield lambda done: bar.update(handle, completed=done)
+    else:
+        next_mark = [every_fraction]
+
+        def update(done: int) -> None:
+            if total and done / total + 1e-9 >= next_mark[0]:
+                log(f"{description}: {done}/{total} ({time.time() - start:.0f}s)")
+                while next_mark[0] <= done / total + 1e-9:
+                    next_mark[0] += every_fraction
+
+        yield update
+    log(f"{description}: done in {time.time() - start:.1f}s")
