@@ -228,6 +228,10 @@ class ModelConfig:
     """`auto`: FlashAttention-2 when flash-attn imports on a CUDA device, else PyTorch SDPA."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """`auto`: bfloat16 on GPU, float32 on CPU."""
+    system_prompt: str = "You are a helpful assistant."
+    """System turn of the chat template; '' leaves it out (the tiny preset does, to keep sequences short)."""
+    max_response_tokens: int = 48
+    """Cap on a response's length in tokens (captions, answers)."""
 
 
 @dataclass
@@ -331,8 +335,6 @@ class Stage1Config:
     """Response positions per chunk of the KL; bounds memory at chunk x vocab."""
     response: Literal["caption", "teacher"] = "caption"
     """Response text R: the clip's caption, or a description the teacher generates itself."""
-    max_response_tokens: int = 48
-    """Cap on R's length in tokens."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Online teacher or offline cache."""
 

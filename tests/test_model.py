@@ -1,0 +1,296 @@
+"""VAEmotionLLM over the real transformers classes, built tiny from config (the same code path as 7B)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from vaemo.config import load_config
+from vaemo.errors import UserError
+from vaemo.losses import language_loss
+from vaemo.model import PromptItem, VAEmotionLLM, build_model, choose_attention, set_trainable
+from vaemo.model.audio import LogMel, encode_short
+from vaemo.model.freezing import TRAINABLE_PREFIXES
+from vaemo.model.vision import VisualSpec, video_inputs
+
+CLIPS = 3
+QUESTION = "Which emotion does this artwork convey? Options: joy, calm, anger, sadness."
+
+
+def tiny_config(*overrides):
+    return load_config(ROOT / "configs/tiny.yaml", list(overrides), stage=0)
+
+
+@pytest.fixture(scope="module")
+def model() -> VAEmotionLLM:
+    cfg = tiny_config()
+    return build_model(cfg.model, cfg.data, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def clips():
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (CLIPS, 8, 3, 112, 112), dtype=torch.uint8, generator=g)
+    audio = torch.randn(CLIPS, 48000, generator=g) * 0.1
+    return video, audio, [2.5, 2.0, 3.0]
+
+
+def all_modalities(response="joy"):
+    return [PromptItem(m, QUESTION, response, i) for i, m in enumerate(["visual", "audio", "audio_visual"])]
+
+
+def test_patchify_matches_the_qwen_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56,
+                                         max_pixels=112 * 112 * 4)
+    image = (np.random.default_rng(0).random((112, 112, 3)) * 255).astype(np.uint8)
+    expected = processor(images=[image], return_tensors="pt")
+    spec = VisualSpec(num_frames=2, height=112, width=112, patch_size=14, temporal_patch_size=2, merge_size=2)
+    frames = torch.from_numpy(image).permute(2, 0, 1)[None, None].expand(1, 2, 3, 112, 112)  # a still: 2 equal frames
+    pixels, grid = video_inputs(frames, spec, torch.float32)
+    assert grid.tolist() == expected["image_grid_thw"].tolist()
+    assert torch.allclose(pixels, expected["pixel_values"], atol=1e-5)
+
+
+def test_log_mel_matches_whispers_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    audio = np.zeros(48000, np.float32)
+    audio[:35000] = np.random.default_rng(0).standard_normal(35000) * 0.1  # a 2.2 s clip padded to 3 s
+    expected = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="pt").input_features
+    ours = LogMel(80)(torch.from_numpy(audio)[None])
+    assert ours.shape == (1, 80, 300)
+    assert torch.allclose(ours, expected[..., :300], atol=1e-4)
+
+
+def test_short_encoder_path_equals_whispers_forward_on_a_full_window(model):
+    encoder = model.audio_encoder
+    frames = 2 * encoder.config.max_source_positions
+    mel = torch.randn(2, encoder.config.num_mel_bins, frames)
+    with torch.no_grad():
+        assert torch.allclose(encode_short(encoder, mel), encoder(mel).last_hidden_state, atol=1e-5)
+        assert encode_short(encoder, mel[..., :100]).shape == (2, 50, encoder.config.d_model)  # shorter: cheaper
+
+
+def test_prompts_place_each_modalitys_tokens(model):
+    t = model.tokens
+    for item in all_modalities():
+        ids, start = model.prompts.sequence(item)
+        video = ids.count(t.video_pad)
+        audio = ids.count(t.audio_pad)
+        assert video == (model.spec.visual.tokens_per_clip if "visual" in item.modality else 0)
+        assert audio == (model.audio_tokens_per_clip if "audio" in item.modality else 0)
+        assert ids[start:] == model.tokenizer.encode("joy", add_special_tokens=False) + [t.im_end]
+        if item.modality == "audio_visual":  # video tokens, then audio tokens
+            assert ids.index(t.vision_end) < ids.index(t.audio_start)
+
+
+def test_forward_gives_response_position_logits_for_every_modality(model, clips):
+    video, audio, duration = clips
+    inputs = model.prompts.batch(all_modalities(), video, audio, duration)
+    with torch.no_grad():
+        out = model(inputs)
+    hidden = out.hidden[inputs.pred_mask]
+    assert hidden.shape == (len(inputs.response_targets), model.hidden_size)
+    assert model.logits(hidden).shape[-1] == model.vlm.config.text_config.vocab_size
+    assert torch.all(out.pooled.abs().sum(-1) > 0)  # each row saw modality tokens
+
+
+def test_audio_placeholders_must_match_the_features(model, clips):
+    video, audio, duration = clips
+    broken = copy.copy(model.prompts)
+    broken.audio_tokens = model.audio_tokens_per_clip + 1
+    original, model.prompts = model.prompts, broken
+    try:
+        with pytest.raises(AssertionError, match="placeholders"):
+            model(model.prompts.batch([PromptItem("audio", "q", "a", 0)], video, audio, duration))
+    finally:
+        model.prompts = original
+
+
+def test_option_scores_are_length_normalised_log_likelihoods_from_one_pass(model, clips):
+    video, audio, duration = clips
+    options = ["joy", "calm", "sadness", "anger"]
+    calls = []
+    handle = model.vlm.model.language_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        scores, pooled = model.score_options([("audio_visual", QUESTION, options, 2), ("visual", QUESTION, options, 0)],
+                                             video, audio, duration)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and pooled.shape == (2, model.hidden_size)
+    for option, score in zip(options, scores[0]):
+        inputs = model.prompts.batch([PromptItem("audio_visual", QUESTION, option, 2)], video, audio, duration)
+        with torch.no_grad():
+            hidden = model(inputs).hidden[inputs.pred_mask]
+            logp = torch.log_softmax(model.logits(hidden), -1).gather(-1, inputs.response_targets[:, None])
+        assert abs(score - float(logp.mean())) < 1e-5
+
+
+def test_generation_is_greedy_and_deterministic(model, clips):
+    video, audio, duration = clips
+    items = [PromptItem("visual", "Describe this artwork.", None, 0), PromptItem("audio", "Describe.", None, 1)]
+    first = model.generate(items, video, audio, duration, max_new_tokens=6)
+    assert first == model.generate(items, video, audio, duration, max_new_tokens=6)
+    assert all(isinstance(text, str) for text in first)
+    # The first generated token is the argmax of the scoring forward's next-token logits.
+    inputs = model.prompts.batch([PromptItem("visual", "Describe this artwork.", "x", 0)], video, audio, duration)
+    with torch.no_grad():
+        out = model(inputs)
+    first_position = inputs.pred_mask[0].nonzero()[0, 0]
+    expected = int(model.logits(out.hidden[0, first_position]).argmax())
+    if expected != model.tokens.im_end:
+        assert model.tokenizer.encode(first[0], add_special_tokens=False)[0] == expected
+
+
+def test_emo_adapter_with_gate_zero_changes_nothing(clips):
+    cfg = tiny_config()
+    base = build_model(cfg.model, cfg.data, seed=0).eval()
+    video, audio, duration = clips
+    inputs = base.prompts.batch(all_modalities(), video, audio, duration)
+    with torch.no_grad():
+        before = base(inputs).hidden
+        base.add_emo_adapter(width=32, gate_init=0.0, supervisor_hidden=16, classes=["joy", "calm", "anger", "sadness"])
+        after = base(inputs)
+        assert torch.equal(before, after.hidden)
+        base.enhancer.gate.fill_(0.5)
+        assert not torch.allclose(before, base(inputs).hidden)
+        va, logits = base.supervisor(after.pooled)
+    assert va.shape == (3, 2) and bool((va.abs() <= 1).all()) and logits.shape == (3, 4)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_only_the_stages_parameters_get_gradients(stage, clips):
+    cfg = tiny_config("model.lora.rank=4")
+    model = build_model(cfg.model, cfg.data, seed=0)
+    if stage == 2:
+        model.add_emo_adapter(width=32, gate_init=0.1, supervisor_hidden=16, classes=["a", "b", "c", "d"])
+        model.add_lora(4, 8.0, ["q_proj", "v_proj"])
+    trainable = set(set_trainable(model, stage))
+    video, audio, duration = clips
+    inputs = model.prompts.batch(all_modalities(), video, audio, duration)
+    out = model(inputs, run_all_pathways=True)
+    loss = language_loss(out.hidden[inputs.pred_mask], model.vlm.lm_head, inputs.response_targets) + out.zero
+    if model.supervisor is not None:
+        va, logits = model.supervisor(out.pooled)
+        loss = loss + va.sum() + logits.sum()
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad, "nothing received a gradient"
+    assert with_grad <= trainable
+    untouched = {n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None}
+    assert not untouched
+    prefixes = TRAINABLE_PREFIXES[stage]
+    assert all(n.startswith(prefixes) or ".lora_" in n for n in trainable)
+    if stage == 1:
+        assert any(n.startswith("projector.fc1") for n in with_grad)
+    if stage == 2:
+        assert any(".lora_" in n for n in with_grad) and any(n.startswith("supervisor.") for n in with_grad)
+
+
+def test_save_and_load_round_trip_gives_identical_logits(tmp_path, clips):
+    cfg = tiny_config()
+    model = build_model(cfg.model, cfg.data, seed=3).eval()
+    model.add_emo_adapter(width=32, gate_init=0.2, supervisor_hidden=16, classes=["joy", "calm", "anger", "sadness"])
+    model.add_lora(4, 8.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_b." in name:
+                param.normal_(0, 0.05)
+    video, audio, duration = clips
+    inputs = model.prompts.batch(all_modalities(), video, audio, duration)
+    with torch.no_grad():
+        before = model.logits(model(inputs).hidden)
+    model.save_pretrained(tmp_path / "export")
+    for part in ("vaemo_config.json", "audio_projector.safetensors", "emo_adapter.safetensors", "lora.safetensors",
+                 "vlm/model.safetensors", "audio_encoder/model.safetensors", "tokenizer/tokenizer.json"):
+        assert (tmp_path / "export" / part).is_file(), part
+    loaded = VAEmotionLLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        after = loaded.logits(loaded(inputs).hidden)
+    assert torch.allclose(before, after, atol=1e-5)  # LoRA merged into the weights: equal up to rounding
+
+    plain = build_model(cfg.model, cfg.data, seed=4).eval()
+    plain.save_pretrained(tmp_path / "plain")
+    reloaded = VAEmotionLLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(plain.logits(plain(inputs).hidden), reloaded.logits(reloaded(inputs).hidden))
+
+
+def test_loading_fails_loudly_on_a_missing_or_mis_sized_weight(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny_config()
+    model = build_model(cfg.model, cfg.data, seed=0)
+    model.save_pretrained(tmp_path / "a")
+    vlm_file = tmp_path / "a" / "vlm" / "model.safetensors"
+    state = load_file(str(vlm_file))
+    state.pop(next(k for k in state if "layers.1.mlp" in k))
+    save_file(state, str(vlm_file))
+    with pytest.raises(UserError, match="missing keys"):
+        VAEmotionLLM.from_pretrained(tmp_path / "a")
+
+    model.save_pretrained(tmp_path / "b")
+    projector_file = tmp_path / "b" / "audio_projector.safetensors"
+    state = load_file(str(projector_file))
+    state["fc2.bias"] = torch.zeros(3)
+    save_file(state, str(projector_file))
+    with pytest.raises(UserError, match="mis-sized"):
+        VAEmotionLLM.from_pretrained(tmp_path / "b")
+
+    with pytest.raises(RuntimeError, match="incomplete"):
+        state = model.state_dict()
+        state.pop("projector.fc1.weight")
+        model.save_pretrained(tmp_path / "c", state_dict=state)
+
+
+def test_building_from_local_checkpoint_folders(tmp_path):
+    """The cluster path: model.vlm / model.audio_encoder name checkpoint folders (here, tiny ones)."""
+    from transformers import WhisperForConditionalGeneration
+
+    cfg = tiny_config()
+    tiny = build_model(cfg.model, cfg.data, seed=0)
+    tiny.vlm.save_pretrained(tmp_path / "qwen")
+    tiny.tokenizer.save_pretrained(tmp_path / "qwen")
+    (tmp_path / "qwen" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                            "image_std": [0.25] * 3}))
+    whisper = WhisperForConditionalGeneration(tiny.audio_encoder.config)
+    whisper.save_pretrained(tmp_path / "whisper")
+    built = build_model(load_config(ROOT / "configs/tiny.yaml", [f"model.vlm={tmp_path / 'qwen'}",
+                                                                 f"model.audio_encoder={tmp_path / 'whisper'}"]).model,
+                        cfg.data)
+    assert built.spec.visual.image_mean == (0.5, 0.5, 0.5)
+    for name, value in whisper.model.encoder.state_dict().items():
+        assert torch.equal(built.audio_encoder.state_dict()[name], value), name
+    assert torch.equal(built.vlm.lm_head.weight, tiny.vlm.lm_head.weight)
+    with pytest.raises(UserError, match="model.vlm"):
+        build_model(load_config(ROOT / "configs/tiny.yaml", [f"model.vlm={tmp_path / 'nope'}"]).model, cfg.data)
+
+
+def test_attention_is_chosen_in_one_place():
+    if not torch.cuda.is_available():
+        assert choose_attention("auto") == "sdpa"
+        with pytest.raises(UserError, match="flash_attention_2"):
+            choose_attention("flash_attention_2")
+    assert choose_attention("eager") == "eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_attention_2_and_sdpa_agree_on_gpu(clips):
+    pytest.importorskip("flash_attn")
+    video, audio, duration = clips
+    outs = []
+    for attn in ("sdpa", "flash_attention_2"):
+        cfg = tiny_config(f"model.attn_implementation={attn}", "model.dtype=bfloat16")
+        model = build_model(cfg.model, cfg.data, seed=0).cuda().eval()
+        inputs = model.prompts.batch(all_modalities(), video, audio, duration)
+        with torch.no_grad():
+            outs.append(model.logits(model(inputs).hidden[inputs.pred_mask]).float())
+    assert torch.allclose(outs[0], outs[1], atol=5e-2, rtol=5e-2)

@@ -1,0 +1,158 @@
+"""Losses: forward KL between teacher and student next-token distributions, language-model CE, and
+valence/arousal supervision. Each is tested against a plain reference (tests/test_losses.py).
+
+The token losses take hidden states and the lm_head *module*, never logits: logits are computed
+`chunk_size` positions at a time inside activation checkpoints, so a [positions, vocab] fp32 tensor
+exists for one chunk only, in the forward and again in the backward (vocab is ~152k for real models).
+Calling lm_head as a module also lets ZeRO-3 gather its weight. The functions return sums and counts;
+the trainer normalises by the global count of response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+TAIL_FLOOR = -30.0  # log-probability floor for a tail bucket that holds (almost) nothing
+
+
+@dataclass
+class TopKTargets:
+    """A teacher's distribution over its top-k tokens plus one tail bucket, per response position."""
+
+    ids: torch.Tensor  # (N, k) long
+    logprobs: torch.Tensor  # (N, k) float: log p_T(token) at the distillation temperature
+    tail: torch.Tensor  # (N,) float: log of the probability mass outside the top k
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def slice(self, start: int, stop: int) -> "TopKTargets":
+        return TopKTargets(self.ids[start:stop], self.logprobs[start:stop], self.tail[start:stop])
+
+
+@dataclass
+class KDResult:
+    kl_sum: torch.Tensor  # sum over positions of tau^2 * KL(teacher || student)
+    count: int  # positions summed
+    agree: int  # positions where teacher and student agree on the top-1 token
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def _full_kl(lm_head: Callable, tau: float, student: torch.Tensor, teacher: torch.Tensor):
+    # KL(T || S) = CE(S, p_T) - H(p_T): the fused soft-target cross-entropy keeps fewer vocab-sized
+    # tensors alive than spelling the KL out, and H(p_T) needs no gradient.
+    student_logits = lm_head(student).float()
+    if tau != 1.0:
+        student_logits = student_logits / tau
+    with torch.no_grad():
+        teacher_logp = F.log_softmax(lm_head(teacher).float().div_(tau), -1)
+        teacher_p = teacher_logp.exp()
+        neg_entropy = (teacher_p * teacher_logp).sum()
+        agree = (student_logits.argmax(-1) == teacher_logp.argmax(-1)).sum()
+        del teacher_logp
+    kl = F.cross_entropy(student_logits, teacher_p, reduction="sum") + neg_entropy
+    return kl * tau * tau, agree
+
+
+def _topk_kl(lm_head: Callable, tau: float, student: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
+             teacher_tail: torch.Tensor):
+    student_logp = F.log_softmax(lm_head(student).float() / tau, -1)
+    top = student_logp.gather(-1, ids)
+    tail = log1mexp(torch.logsumexp(top, -1)).clamp(min=TAIL_FLOOR)
+    t = torch.cat([teacher_logp.float(), teacher_tail.float().clamp(min=TAIL_FLOOR)[:, None]], -1)
+    s = torch.cat([top, tail[:, None]], -1)
+    with torch.no_grad():
+        agree = (student_logp.argmax(-1) == ids[:, 0]).sum()
+    return (t.exp() * (t - s)).sum() * tau * tau, agree
+
+
+def distill(student_hidden: torch.Tensor, lm_head: Callable, teacher: torch.Tensor | TopKTargets,
+            temperature: float = 1.0, chunk_size: int = 256) -> KDResult:
+    """tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau)), summed over response positions.
+
+    `teacher` is either the teacher's hidden states at the same positions (full-vocabulary KL) or
+    TopKTargets (KL over the top-k tokens plus a tail bucket; from `teacher_topk` or an offline cache).
+    """
+    n = student_hidden.shape[0]
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    agree = 0
+    for start, stop in _chunks(n, chunk_size):
+        if isinstance(teacher, TopKTargets):
+            part = teacher.slice(start, stop)
+            kl, hits = checkpoint(_topk_kl, lm_head, temperature, student_hidden[start:stop], part.ids.to(student_hidden.device),
+                                  part.logprobs.to(student_hidden.device), part.tail.to(student_hidden.device),
+                                  use_reentrant=False)
+        else:
+            kl, hits = checkpoint(_full_kl, lm_head, temperature, student_hidden[start:stop],
+                                  teacher[start:stop].detach(), use_reentrant=False)
+        total = total + kl
+        agree += int(hits)
+    return KDResult(total, n, agree)
+
+
+@torch.no_grad()
+def teacher_topk(teacher_hidden: torch.Tensor, lm_head: Callable, k: int, temperature: float = 1.0,
+                 chunk_size: int = 256) -> TopKTargets:
+    """The teacher's top-k log-probabilities (at the distillation temperature) and tail mass, chunked."""
+    ids, logps, tails = [], [], []
+    for start, stop in _chunks(teacher_hidden.shape[0], chunk_size):
+        logp = F.log_softmax(lm_head(teacher_hidden[start:stop]).float() / temperature, -1)
+        top, index = logp.topk(k, -1)
+        ids.append(index)
+        logps.append(top)
+        tails.append(log1mexp(torch.logsumexp(top, -1)))
+    if not ids:
+        empty = teacher_hidden.new_zeros((0, k))
+        return TopKTargets(empty.long(), empty.float(), empty.new_zeros(0).float())
+    return TopKTargets(torch.cat(ids), torch.cat(logps), torch.cat(tails))
+
+
+def _ce(lm_head: Callable, hidden: torch.Tensor, targets: torch.Tensor):
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def language_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """Summed next-token cross-entropy at response positions, chunked like `distill`."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start, stop in _chunks(hidden.shape[0], chunk_size):
+        total = total + checkpoint(_ce, lm_head, hidden[start:stop], targets[start:stop].to(hidden.device),
+                                   use_reentrant=False)
+    return total
+
+
+def concordance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lin's concordance correlation coefficient of two 1-D tensors."""
+    pm, tm = pred.mean(), target.mean()
+    covariance = ((pred - pm) * (target - tm)).mean()
+    return 2 * covariance / (pred.var(unbiased=False) + target.var(unbiased=False) + (pm - tm) ** 2 + 1e-8)
+
+
+def va_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Valence/arousal loss over rows whose targets are known (NaN marks a missing label).
+
+    `mse`: mean squared error; `ccc`: 1 - concordance, averaged over valence and arousal (needs at
+    least two labelled rows; with fewer it falls back to MSE).
+    """
+    known = torch.isfinite(target).all(-1)
+    if not bool(known.any()):
+        return pred.sum() * 0.0
+    p, t = pred[known].float(), target[known].float()
+    if kind == "ccc" and p.shape[0] >= 2:
+        return 1.0 - torch.stack([concordance(p[:, d], t[:, d]) for d in range(p.shape[1])]).mean()
+    return F.mse_loss(p, t)

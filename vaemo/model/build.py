@@ -1,0 +1,194 @@
+"""Build a VAEmotionLLM from the run config: tiny (small configs of the real classes) or local checkpoints.
+
+Both ways run the same code: Qwen2_5_VLForConditionalGeneration and the WhisperEncoder of transformers,
+only their configs differ. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vaemo.config import DataConfig, ModelConfig
+from vaemo.data import world
+from vaemo.errors import UserError
+from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, AudioProjector
+from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer, load_tokenizer
+from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM
+from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
+
+
+def choose_attention(requested: str = "auto") -> str:
+    """FlashAttention-2 when flash-attn imports on a CUDA device, else PyTorch SDPA: decided here only."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and not flash_attention_available():
+            raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                            "package (pip install 'vaemo[gpu]'); use auto or sdpa")
+        return requested
+    return "flash_attention_2" if flash_attention_available() else "sdpa"
+
+
+def flash_attention_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_dtype(requested: str = "auto") -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (bf16 matmuls on CPU are slow and lose the bit-exact CPU losses)."""
+    if requested == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+
+
+def tiny_vlm(cfg: ModelConfig, tokens: SpecialTokens, vocab_size: int, attn: str, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    t = cfg.tiny_vlm
+    head_dim = t.hidden_size // t.num_heads
+    third = head_dim // 2 // 3
+    mrope = [head_dim // 2 - 2 * third, third, third]  # sums to head_dim / 2
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                         num_key_value_heads=t.num_kv_heads, max_position_embeddings=4096,
+                         bos_token_id=tokens.im_start, eos_token_id=tokens.im_end, pad_token_id=tokens.pad,
+                         tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}),
+        vision_config=dict(depth=t.vision_depth, hidden_size=t.vision_hidden_size,
+                           intermediate_size=t.vision_intermediate_size, num_heads=t.vision_heads,
+                           out_hidden_size=t.hidden_size, patch_size=t.patch_size,
+                           spatial_merge_size=t.spatial_merge_size, temporal_patch_size=t.temporal_patch_size,
+                           window_size=t.patch_size * t.spatial_merge_size * 4,
+                           fullatt_block_indexes=list(range(t.vision_depth))),
+        vision_start_token_id=tokens.vision_start, vision_end_token_id=tokens.vision_end,
+        image_token_id=tokens.image_pad, video_token_id=tokens.video_pad, tie_word_embeddings=False)
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+
+
+def tiny_audio_encoder(cfg: ModelConfig, audio_seconds: float, attn: str, dtype: torch.dtype):
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    a = cfg.tiny_audio
+    positions = int(audio_seconds * ENCODER_FRAMES_PER_SECOND) + 1
+    config = WhisperConfig(vocab_size=64, num_mel_bins=a.num_mel_bins, d_model=a.d_model, encoder_layers=a.num_layers,
+                           encoder_attention_heads=a.num_heads, encoder_ffn_dim=a.ffn_dim, decoder_layers=1,
+                           decoder_attention_heads=a.num_heads, decoder_ffn_dim=a.ffn_dim,
+                           max_source_positions=positions, max_target_positions=64, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    config._attn_implementation = attn
+    return WhisperEncoder(config).to(dtype)
+
+
+def check_checkpoint_folders(model_cfg: ModelConfig) -> None:
+    """Fail before loading anything when a named checkpoint folder is not there."""
+    for field, value in (("model.vlm", model_cfg.vlm), ("model.audio_encoder", model_cfg.audio_encoder)):
+        if value != "tiny" and not (Path(value) / "config.json").is_file():
+            raise UserError(f"{field} '{value}' is not a checkpoint folder (no config.json); use `tiny` or a local path")
+    if model_cfg.init_from and not (Path(model_cfg.init_from) / "vaemo_config.json").is_file():
+        raise UserError(f"model.init_from '{model_cfg.init_from}' is not a vaemo export (no vaemo_config.json)")
+
+
+def load_vlm(path: Path, attn: str, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+
+
+def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype):
+    """The encoder of a Whisper checkpoint (WhisperForConditionalGeneration or WhisperModel layout),
+    loaded without building the decoder."""
+    from safetensors.torch import load_file
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = WhisperConfig.from_pretrained(path)
+    config._attn_implementation = attn
+    encoder = WhisperEncoder(config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"model.audio_encoder '{path}' holds no .safetensors weights")
+    state = {}
+    for file in files:
+        for key, value in load_file(str(file)).items():
+            for prefix in ("model.encoder.", "encoder."):
+                if key.startswith(prefix):
+                    state[key[len(prefix):]] = value
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing:
+        raise UserError(f"model.audio_encoder '{path}' lacks encoder weights, e.g. {missing[:3]}")
+    return encoder.to(dtype)
+
+
+def preprocessor_stats(path: Path) -> tuple[tuple, tuple]:
+    config = path / "preprocessor_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        return tuple(data.get("image_mean", CLIP_MEAN)), tuple(data.get("image_std", CLIP_STD))
+    return CLIP_MEAN, CLIP_STD
+
+
+def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0) -> VAEmotionLLM:
+    """The starting model of a stage: the previous stage's export, or fresh from the base checkpoints."""
+    check_checkpoint_folders(model_cfg)
+    attn, dtype = choose_attention(model_cfg.attn_implementation), choose_dtype(model_cfg.dtype)
+    if model_cfg.init_from:
+        path = Path(model_cfg.init_from)
+        model = VAEmotionLLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+        check_data_matches(model.spec, data_cfg, path)
+        return model
+
+    torch.manual_seed(seed)
+    if model_cfg.vlm == "tiny":
+        tokenizer = build_tiny_tokenizer(world.corpus())
+        tokens = SpecialTokens.of(tokenizer)
+        vocab = -(-len(tokenizer) // 64) * 64
+        vlm = tiny_vlm(model_cfg, tokens, vocab, attn, dtype)
+        mean, std = CLIP_MEAN, CLIP_STD
+    else:
+        vlm_path = Path(model_cfg.vlm)
+        tokenizer = load_tokenizer(vlm_path)
+        tokens = SpecialTokens.of(tokenizer)
+        vlm = load_vlm(vlm_path, attn, dtype)
+        if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
+            vlm.resize_token_embeddings(len(tokenizer))
+        mean, std = preprocessor_stats(vlm_path)
+    if model_cfg.audio_encoder == "tiny":
+        audio_encoder = tiny_audio_encoder(model_cfg, data_cfg.audio_seconds, attn, dtype)
+    else:
+        audio_encoder = load_whisper_encoder(Path(model_cfg.audio_encoder), attn, dtype)
+
+    vision = vlm.config.vision_config
+    visual = VisualSpec(num_frames=data_cfg.num_frames, height=data_cfg.frame_height, width=data_cfg.frame_width,
+                        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                        merge_size=vision.spatial_merge_size, image_mean=mean, image_std=std)
+    try:
+        visual.check()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    hidden = vlm.config.text_config.hidden_size
+    projector_hidden = model_cfg.projector.hidden_size or 2 * hidden
+    projector = AudioProjector(audio_encoder.config.d_model, hidden, projector_hidden,
+                               model_cfg.projector.pool_stride).to(dtype)
+    spec = ModelSpec(visual=visual, audio_seconds=data_cfg.audio_seconds, n_mels=audio_encoder.config.num_mel_bins,
+                     projector_stride=model_cfg.projector.pool_stride, projector_hidden=projector_hidden,
+                     tokens=tokens.to_dict(), system_prompt=model_cfg.system_prompt,
+                     max_response_tokens=model_cfg.max_response_tokens)
+    return VAEmotionLLM(vlm, audio_encoder, projector, tokenizer, spec)
+
+
+def check_data_matches(spec: ModelSpec, data_cfg: DataConfig, path: Path) -> None:
+    """A model must be fed clips decoded the way it was trained on."""
+    pairs = [("num_frames", spec.visual.num_frames), ("frame_height", spec.visual.height),
+             ("frame_width", spec.visual.width), ("audio_seconds", spec.audio_seconds)]
+    for name, value in pairs:
+        if getattr(data_cfg, name) != value:
+            raise UserError(f"data.{name}={getattr(data_cfg, name)} differs from the model in '{path}' "
+                            f"({value}); set data.{name}={value}")

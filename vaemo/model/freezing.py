@@ -1,0 +1,42 @@
+"""What trains in each stage, expressed once.
+
+Stage 0 ("see", tiny world only): the whole VLM (vision tower, merger, LLM) on captioned clips.
+Stage 1 (VG-Align): only the audio projector (and its marker embeddings); the VLM and encoder are frozen.
+Stage 2 (EmoAdapter): the Emotion Enhancer and Supervisor, and LoRA adapters when model.lora.rank > 0.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+TRAINABLE_PREFIXES: dict[int, tuple[str, ...]] = {
+    0: ("vlm.",),
+    1: ("projector.",),
+    2: ("enhancer.", "supervisor."),
+}
+LORA_MARKERS = (".lora_a.", ".lora_b.")
+
+
+def is_trainable(stage: int, name: str) -> bool:
+    if stage == 2 and any(marker in name for marker in LORA_MARKERS):
+        return True
+    if any(marker in name for marker in LORA_MARKERS):
+        return False
+    return name.startswith(TRAINABLE_PREFIXES[stage])
+
+
+def set_trainable(model: nn.Module, stage: int, extra: nn.Module | None = None) -> list[str]:
+    """Freeze everything the stage does not train; returns the trainable parameter names.
+
+    `extra` holds a stage's own modules beside the model (stage 0's auxiliary heads): all trainable.
+    """
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable(stage, name))
+        if param.requires_grad:
+            names.append(name)
+    if extra is not None:
+        for name, param in extra.named_parameters():
+            param.requires_grad_(True)
+            names.append(f"extra.{name}")
+    return names

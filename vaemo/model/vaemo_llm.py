@@ -1,0 +1,372 @@
+"""VAEmotionLLM: a Qwen2.5-VL whose shared LLM also takes audio tokens, plus the EmoAdapter.
+
+The forward pass is assembled from the VLM's own modules (input embeddings, vision tower, M-RoPE
+index, language model, lm_head) so that a) audio tokens can be placed where video tokens would go,
+b) logits are only computed at the positions a loss needs (the vocabulary of real models is ~152k),
+and c) every submodule is called as a module, which is what DeepSpeed ZeRO-3 needs to gather it.
+This module imports neither Ray nor DeepSpeed: it runs anywhere torch + transformers do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vaemo.errors import UserError
+from vaemo.model.audio import AudioProjector, LogMel, audio_tokens, encode_short
+from vaemo.model.emo import EmotionEnhancer, EmotionSupervisor
+from vaemo.model.lora import add_lora, merge_lora_state
+from vaemo.model.prompts import IGNORE, ModelInputs, PromptBuilder, PromptItem
+from vaemo.model.tokenizer import SpecialTokens, load_tokenizer
+from vaemo.model.vision import VisualSpec, video_inputs
+
+CONFIG_NAME = "vaemo_config.json"
+PARTS = {"projector": "audio_projector.safetensors", "adapter": "emo_adapter.safetensors",
+         "lora": "lora.safetensors"}
+
+
+@dataclass
+class ModelSpec:
+    """Everything besides weights that a saved VAEmotionLLM needs to be rebuilt and fed alike."""
+
+    visual: VisualSpec
+    audio_seconds: float
+    n_mels: int
+    projector_stride: int
+    projector_hidden: int
+    tokens: dict
+    system_prompt: str = ""
+    max_response_tokens: int = 64
+    enhancer: dict | None = None  # {"width", "gate_init"} once stage 2 adds it
+    supervisor: dict | None = None  # {"hidden", "classes"}
+    lora: dict | None = None  # {"rank", "alpha", "targets"}: recorded; weights are merged at export
+    history: list = field(default_factory=list)  # which stages produced this model
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        data = dict(data)
+        data["visual"] = VisualSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["visual"].items()})
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Embedded:
+    """A batch ready for the language model."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    attention: torch.Tensor  # (B, L)
+    positions: torch.Tensor  # (3, B, L) M-RoPE positions
+    pooled: torch.Tensor  # (B, D) mean of each sequence's (enhanced) modality tokens
+    zero: torch.Tensor  # 0 * (outputs of pathways run on dummy input): add it to the loss (ZeRO-3)
+
+
+@dataclass
+class ModelOutput:
+    hidden: torch.Tensor  # (B, L, D) last hidden states
+    pooled: torch.Tensor  # (B, D)
+    zero: torch.Tensor  # ()
+
+
+class VAEmotionLLM(nn.Module):
+    def __init__(self, vlm: nn.Module, audio_encoder: nn.Module, projector: AudioProjector, tokenizer,
+                 spec: ModelSpec):
+        super().__init__()
+        self.vlm = vlm
+        self.audio_encoder = audio_encoder
+        self.projector = projector
+        self.log_mel = LogMel(spec.n_mels)
+        self.enhancer: EmotionEnhancer | None = None
+        self.supervisor: EmotionSupervisor | None = None
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.tokens = SpecialTokens(**spec.tokens)
+        self.prompts = PromptBuilder(tokenizer, self.tokens, spec.visual.tokens_per_clip, self.audio_tokens_per_clip,
+                                     spec.system_prompt, spec.max_response_tokens)
+        if spec.enhancer is not None:
+            self.add_emo_adapter(**spec.enhancer, supervisor_hidden=spec.supervisor["hidden"],
+                                 classes=spec.supervisor["classes"])
+
+    # -- structure -------------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vlm.config.text_config.hidden_size
+
+    @property
+    def audio_tokens_per_clip(self) -> int:
+        return audio_tokens(self.spec.audio_seconds, self.spec.projector_stride)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vlm.lm_head.weight.dtype
+
+    def add_emo_adapter(self, width: int, gate_init: float, supervisor_hidden: int, classes: list[str]) -> None:
+        """(Re)build the Emotion Enhancer and Supervisor (stage 2)."""
+        dim = self.hidden_size
+        self.enhancer = EmotionEnhancer(dim, width, gate_init).to(self.dtype)
+        self.supervisor = EmotionSupervisor(dim, supervisor_hidden, classes).to(self.dtype)
+        self.spec.enhancer = {"width": width, "gate_init": gate_init}
+        self.spec.supervisor = {"hidden": supervisor_hidden, "classes": list(classes)}
+
+    def add_lora(self, rank: int, alpha: float, targets: list[str]) -> list[str]:
+        wrapped = add_lora(self.vlm.model.language_model, targets, rank, alpha)
+        if not wrapped:
+            raise UserError(f"model.lora.targets {targets} match no linear layer of the LLM")
+        self.spec.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+        return wrapped
+
+    # -- pathways --------------------------------------------------------------------------------
+
+    def video_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """(C, F, 3, H, W) uint8 -> (C, N_v, D): vision tower + merger."""
+        pixels, grid = video_inputs(video, self.spec.visual, self.dtype)
+        pixels, grid = pixels.to(self.vlm.device), grid.to(self.vlm.device)
+        merged = self.vlm.model.get_video_features(pixels, grid).pooler_output
+        return torch.stack(list(merged))
+
+    def audio_tokens(self, audio: torch.Tensor) -> torch.Tensor:
+        """(C, S) 16 kHz -> (C, N_a, D): log-mel, Whisper encoder, projector."""
+        mel = self.log_mel(audio.to(self.log_mel.window.device))
+        return self.projector(encode_short(self.audio_encoder, mel.to(self.dtype)))
+
+    def _dummy_video(self) -> torch.Tensor:
+        v = self.spec.visual
+        unit = v.patch_size * v.merge_size
+        return torch.zeros(1, v.temporal_patch_size, 3, unit, unit, dtype=torch.uint8)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def embed(self, inputs: ModelInputs, run_all_pathways: bool = False) -> Embedded:
+        """Token embeddings with video/audio tokens in their placeholders, and M-RoPE positions.
+
+        With `run_all_pathways`, a pathway the batch does not use still runs (on a tiny dummy input;
+        its output times zero joins `zero`): under ZeRO-3 every rank must run every submodule every
+        step, or the ranks wait on each other forever.
+        """
+        device = self.vlm.device
+        ids = inputs.input_ids.to(device)
+        embeds = self.vlm.get_input_embeddings()(ids)
+        batch, dim = ids.shape[0], embeds.shape[-1]
+        pooled_sum = embeds.new_zeros(batch, dim)
+        pooled_count = embeds.new_zeros(batch, 1)
+        zero = embeds.new_zeros(())
+
+        def place(rows: list[int], tokens: torch.Tensor, placeholder: int) -> None:
+            nonlocal embeds, pooled_sum
+            clips = sorted({inputs.clips[i] for i in rows})
+            per_row = tokens[[clips.index(inputs.clips[i]) for i in rows]].to(embeds.dtype)  # (R, N, D)
+            mask = (ids == placeholder).unsqueeze(-1)
+            if int(mask.sum()) != per_row.shape[0] * per_row.shape[1]:  # placeholders must match features
+                raise AssertionError(f"{int(mask.sum())} placeholders for {per_row.shape[0] * per_row.shape[1]} features")
+            embeds = embeds.masked_scatter(mask, per_row.reshape(-1, dim))
+            pooled_sum = pooled_sum.index_add(0, torch.tensor(rows, device=device), per_row.sum(1))
+            pooled_count[rows] += per_row.shape[1]
+
+        def enhance(tokens: torch.Tensor) -> torch.Tensor:
+            return self.enhancer(tokens) if self.enhancer is not None else tokens
+
+        visual_rows = [i for i, m in enumerate(inputs.modalities) if m in ("visual", "audio_visual")]
+        if visual_rows:
+            clips = sorted({inputs.clips[i] for i in visual_rows})
+            place(visual_rows, enhance(self.video_tokens(inputs.video[clips])), self.tokens.video_pad)
+        elif run_all_pathways:
+            zero = zero + 0.0 * enhance(self.video_tokens(self._dummy_video())).sum()
+
+        audio_rows = [i for i, m in enumerate(inputs.modalities) if m in ("audio", "audio_visual")]
+        if audio_rows:
+            clips = sorted({inputs.clips[i] for i in audio_rows})
+            place(audio_rows, enhance(self.audio_tokens(inputs.audio[clips])), self.tokens.audio_pad)
+            markers = self.projector_markers().to(embeds.dtype)
+            embeds = torch.where((ids == self.tokens.audio_start).unsqueeze(-1), markers[0], embeds)
+            embeds = torch.where((ids == self.tokens.audio_end).unsqueeze(-1), markers[1], embeds)
+        elif run_all_pathways:
+            dummy = self.audio_tokens(torch.zeros(1, int(round(self.spec.audio_seconds * 16000))))
+            zero = zero + 0.0 * (enhance(dummy).sum() + self.projector_markers().sum())
+
+        attention = inputs.attention_mask.to(device)
+        if visual_rows:
+            v = self.spec.visual
+            grid = torch.tensor([v.grid] * len(visual_rows), dtype=torch.long, device=device)
+            seconds_per_grid = torch.tensor([v.temporal_patch_size * inputs.duration[inputs.clips[i]] / v.num_frames
+                                             for i in visual_rows], device=device)
+            positions, _ = self.vlm.model.get_rope_index(ids, inputs.mm_token_type_ids.to(device),
+                                                         video_grid_thw=grid, second_per_grid_ts=seconds_per_grid,
+                                                         attention_mask=attention)
+        else:  # text-like positions only; padding-aware for left-padded generation batches
+            positions = (attention.cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
+        return Embedded(embeds, attention, positions, pooled_sum / pooled_count.clamp(min=1), zero)
+
+    def forward(self, inputs: ModelInputs, run_all_pathways: bool = False) -> ModelOutput:
+        """Hidden states of every position (logits are left to the caller: see `logits`)."""
+        e = self.embed(inputs, run_all_pathways)
+        hidden = self.vlm.model.language_model(inputs_embeds=e.embeds, attention_mask=e.attention,
+                                               position_ids=e.positions).last_hidden_state
+        return ModelOutput(hidden=hidden, pooled=e.pooled, zero=e.zero)
+
+    def projector_markers(self) -> torch.Tensor:
+        """(2, D): the <|audio_start|>/<|audio_end|> embeddings, through a module call (ZeRO-3 safe)."""
+        return self.projector.markers(torch.arange(2, device=self.vlm.device))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.vlm.lm_head(hidden)
+
+    # -- inference -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score_options(self, items: list[tuple[str, str, list[str], int]], video: torch.Tensor | None,
+                      audio: torch.Tensor | None, duration: list[float], chunk: int = 256
+                      ) -> tuple[list[list[float]], torch.Tensor]:
+        """Length-normalised log-likelihood of every option, all options of all items in one batch.
+
+        items: (modality, question text, options, clip row). Returns per-item option scores and the
+        pooled modality tokens of each item (for the Emotion Supervisor).
+        """
+        prompts = [PromptItem(m, q, option, c) for m, q, options, c in items for option in options]
+        inputs = self.prompts.batch(prompts, video, audio, duration)
+        out = self.forward(inputs)
+        hidden = out.hidden[inputs.pred_mask.to(out.hidden.device)]
+        targets = inputs.response_targets.to(hidden.device)
+        token_logp = torch.cat([torch.log_softmax(self.logits(hidden[i : i + chunk]).float(), -1)
+                                .gather(-1, targets[i : i + chunk, None])[:, 0] for i in range(0, len(targets), chunk)])
+        per_sequence = torch.split(token_logp, inputs.response_lengths())
+        means = [float(s.mean()) for s in per_sequence]
+        scores, first_rows, row = [], [], 0
+        for _, _, options, _ in items:
+            scores.append(means[row : row + len(options)])
+            first_rows.append(row)
+            row += len(options)
+        return scores, out.pooled[first_rows]
+
+    @torch.no_grad()
+    def generate(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
+                 duration: list[float], max_new_tokens: int = 48) -> list[str]:
+        """Greedy decoding with a KV cache, prompts left-padded."""
+        from transformers import DynamicCache
+
+        prompts = [PromptItem(i.modality, i.instruction, None, i.clip) for i in items]
+        e = self.embed(self.prompts.batch(prompts, video, audio, duration, left_pad=True))
+        lm = self.vlm.model.language_model
+        cache = DynamicCache(config=lm.config)
+        hidden = lm(inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions, cache=cache,
+                    use_cache=True).last_hidden_state
+        attention, position = e.attention, e.positions[..., -1]  # (3, B): the last prompt token's position
+        finished = [False] * len(items)
+        generated: list[list[int]] = [[] for _ in items]
+        for _ in range(max_new_tokens):
+            token = self.logits(hidden[:, -1]).argmax(-1)
+            for row, value in enumerate(token.tolist()):
+                if not finished[row]:
+                    finished[row] = value == self.tokens.im_end
+                    if not finished[row]:
+                        generated[row].append(value)
+            if all(finished):
+                break
+            attention = torch.cat([attention, attention.new_ones(len(items), 1)], 1)
+            position = position + 1
+            hidden = lm(inputs_embeds=self.vlm.get_input_embeddings()(token[:, None]), attention_mask=attention,
+                        position_ids=position[..., None], cache=cache, use_cache=True).last_hidden_state
+        return [self.tokenizer.decode(ids) for ids in generated]
+
+    # -- save / load -----------------------------------------------------------------------------
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight's full shape (under ZeRO-3 a partitioned parameter keeps it in `ds_shape`)."""
+        return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.named_parameters()}
+
+    def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a folder `from_pretrained` loads; refuses when a weight is missing or mis-sized.
+
+        `state_dict` is the full, gathered state (ZeRO-3 export passes it); default: this module's.
+        LoRA weights are merged into the LLM and also saved on their own.
+        """
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu() for k, v in (state_dict if state_dict is not None else self.state_dict()).items()}
+        expected = self.expected_shapes()
+        missing = sorted(k for k in expected if k not in state)
+        wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != expected[k])
+        if missing or wrong:
+            detail = (f"missing {missing[:3]}" if missing else "") + (f" mis-sized {wrong[:3]}" if wrong else "")
+            raise RuntimeError(f"refusing to export an incomplete model: {detail}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+
+        vlm_state = part("vlm.")
+        if self.spec.lora:
+            save_file({k: v for k, v in vlm_state.items() if ".lora_" in k}, str(out / PARTS["lora"]))
+            vlm_state = merge_lora_state(vlm_state, self.spec.lora["alpha"] / self.spec.lora["rank"])
+        self.vlm.save_pretrained(out / "vlm", state_dict=vlm_state)
+        self.audio_encoder.save_pretrained(out / "audio_encoder", state_dict=part("audio_encoder."))
+        save_file(part("projector."), str(out / PARTS["projector"]))
+        if self.enhancer is not None:
+            save_file({**{f"enhancer.{k}": v for k, v in part("enhancer.").items()},
+                       **{f"supervisor.{k}": v for k, v in part("supervisor.").items()}}, str(out / PARTS["adapter"]))
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        spec = self.spec.to_dict()
+        spec["lora_merged"] = bool(self.spec.lora)
+        (out / CONFIG_NAME).write_text(json.dumps(spec, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, attn_implementation: str = "sdpa",
+                        dtype: torch.dtype = torch.float32) -> "VAEmotionLLM":
+        """Load a saved VAEmotionLLM; any missing, unexpected or mis-sized weight is an error."""
+        from safetensors.torch import load_file
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise UserError(f"'{path}' is not a vaemo model folder (no {CONFIG_NAME})")
+        raw = json.loads((path / CONFIG_NAME).read_text())
+        raw.pop("lora_merged", None)
+        spec = ModelSpec.from_dict(raw)
+        spec.lora = None  # merged into the LLM's weights at export
+        vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True)
+        _check_loading(path / "vlm", info)
+        audio_encoder, info = WhisperEncoder.from_pretrained(
+            path / "audio_encoder", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True)
+        _check_loading(path / "audio_encoder", info)
+        tokenizer = load_tokenizer(path / "tokenizer")
+        projector = AudioProjector(audio_encoder.config.d_model, vlm.config.text_config.hidden_size,
+                                   spec.projector_hidden, spec.projector_stride).to(dtype)
+        model = cls(vlm, audio_encoder, projector, tokenizer, spec)
+        _load_part(model.projector, load_file(str(path / PARTS["projector"])), path / PARTS["projector"])
+        if spec.enhancer is not None:
+            adapter = load_file(str(path / PARTS["adapter"]))
+            _load_part(model.enhancer, {k[9:]: v for k, v in adapter.items() if k.startswith("enhancer.")},
+                       path / PARTS["adapter"])
+            _load_part(model.supervisor, {k[11:]: v for k, v in adapter.items() if k.startswith("supervisor.")},
+                       path / PARTS["adapter"])
+        return model.to(dtype)
+
+
+def _check_loading(where: Path, info: dict) -> None:
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        kind, keys = next(iter(problems.items()))
+        raise UserError(f"'{where}' does not match its config: {kind.replace('_', ' ')} {sorted(keys)[:3]}")
+
+
+def _load_part(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise UserError(f"'{where}' does not match the model: missing {missing[:3]} unexpected {unexpected[:3]} "
+                        f"mis-sized {wrong[:3]}")
+    module.load_state_dict(state)
+
+
+__all__ = ["VAEmotionLLM", "ModelSpec", "ModelOutput", "IGNORE"]

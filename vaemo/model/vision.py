@@ -1,0 +1,73 @@
+"""Frames -> the Qwen2.5-VL vision tower's inputs (pixel_values_videos, video_grid_thw), by our code.
+
+transformers' video processors need torchvision, which cannot be installed beside CPU torch, so the
+patch layout is reproduced here and checked against Qwen2VLImageProcessorPil in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+# OpenAI CLIP statistics, what Qwen2.5-VL's preprocessor_config.json ships.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisualSpec:
+    """How frames become vision-tower patches; saved with the model so evaluation decodes alike."""
+
+    num_frames: int
+    height: int
+    width: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    def check(self) -> None:
+        unit = self.patch_size * self.merge_size
+        if self.height % unit or self.width % unit:
+            raise ValueError(f"frame size {self.height}x{self.width} must be a multiple of patch_size x "
+                             f"spatial_merge_size = {unit} (data.frame_height / data.frame_width)")
+        if self.num_frames % self.temporal_patch_size:
+            raise ValueError(f"data.num_frames={self.num_frames} must be a multiple of the temporal patch "
+                             f"size {self.temporal_patch_size}")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(t, h, w) patches per clip."""
+        return (self.num_frames // self.temporal_patch_size, self.height // self.patch_size,
+                self.width // self.patch_size)
+
+    @property
+    def tokens_per_clip(self) -> int:
+        t, h, w = self.grid
+        return t * h * w // (self.merge_size ** 2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def patchify(video: torch.Tensor, spec: VisualSpec) -> torch.Tensor:
+    """(T, C, H, W) normalised frames -> (t*h*w, C*tps*p*p) in the processor's patch order."""
+    p, tps, merge = spec.patch_size, spec.temporal_patch_size, spec.merge_size
+    frames, channels, height, width = video.shape
+    gt, gh, gw = frames // tps, height // p, width // p
+    x = video.reshape(gt, tps, channels, gh // merge, merge, p, gw // merge, merge, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, channels * tps * p * p)
+
+
+def video_inputs(video: torch.Tensor, spec: VisualSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, F, 3, H, W) uint8 clips -> pixel_values_videos (B*t*h*w, 3*tps*p*p) and video_grid_thw (B, 3)."""
+    clips = video.shape[0]
+    mean = torch.tensor(spec.image_mean, dtype=torch.float32).view(1, 1, 3, 1, 1)
+    std = torch.tensor(spec.image_std, dtype=torch.float32).view(1, 1, 3, 1, 1)
+    normalised = (video.float() / 255.0 - mean) / std
+    patches = torch.cat([patchify(clip, spec) for clip in normalised]) if clips else normalised.new_zeros(0)
+    grid = torch.tensor([spec.grid] * clips, dtype=torch.long)
+    return patches.to(dtype), grid
