@@ -102,6 +102,25 @@ def test_forward_gives_response_position_logits_for_every_modality(model, clips)
     assert torch.all(out.pooled.abs().sum(-1) > 0)  # each row saw modality tokens
 
 
+@pytest.mark.parametrize("modality", ["visual", "audio"])
+def test_a_pathway_the_batch_does_not_use_still_runs_when_asked(model, clips, modality):
+    """ZeRO-3 lock step: with run_all_pathways the unused pathway runs on a dummy and adds exactly 0."""
+    video, audio, duration = clips
+    inputs = model.prompts.batch([PromptItem(modality, QUESTION, "joy", 0)], video, audio, duration)
+    calls = {"visual": 0, "audio": 0}
+    hooks = [model.vlm.model.visual.register_forward_hook(lambda *a: calls.__setitem__("visual", calls["visual"] + 1)),
+             model.audio_encoder.conv1.register_forward_hook(lambda *a: calls.__setitem__("audio", calls["audio"] + 1))]
+    try:
+        with torch.no_grad():
+            plain = model(inputs)
+            padded = model(inputs, run_all_pathways=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"visual": 2 if modality == "visual" else 1, "audio": 2 if modality == "audio" else 1}
+    assert float(padded.zero) == 0.0 and torch.equal(plain.hidden, padded.hidden)
+
+
 def test_audio_placeholders_must_match_the_features(model, clips):
     video, audio, duration = clips
     broken = copy.copy(model.prompts)
@@ -156,7 +175,8 @@ def test_emo_adapter_with_gate_zero_changes_nothing(clips):
     inputs = base.prompts.batch(all_modalities(), video, audio, duration)
     with torch.no_grad():
         before = base(inputs).hidden
-        base.add_emo_adapter(width=32, gate_init=0.0, supervisor_hidden=16, classes=["joy", "calm", "anger", "sadness"])
+        base.add_enhancer(width=32, gate_init=0.0)
+        base.add_supervisor(hidden=16, classes=["joy", "calm", "anger", "sadness"])
         after = base(inputs)
         assert torch.equal(before, after.hidden)
         base.enhancer.gate.fill_(0.5)
@@ -170,7 +190,8 @@ def test_only_the_stages_parameters_get_gradients(stage, clips):
     cfg = tiny_config("model.lora.rank=4")
     model = build_model(cfg.model, cfg.data, seed=0)
     if stage == 2:
-        model.add_emo_adapter(width=32, gate_init=0.1, supervisor_hidden=16, classes=["a", "b", "c", "d"])
+        model.add_enhancer(width=32, gate_init=0.1)
+        model.add_supervisor(hidden=16, classes=["a", "b", "c", "d"])
         model.add_lora(4, 8.0, ["q_proj", "v_proj"])
     trainable = set(set_trainable(model, stage))
     video, audio, duration = clips
@@ -197,7 +218,8 @@ def test_only_the_stages_parameters_get_gradients(stage, clips):
 def test_save_and_load_round_trip_gives_identical_logits(tmp_path, clips):
     cfg = tiny_config()
     model = build_model(cfg.model, cfg.data, seed=3).eval()
-    model.add_emo_adapter(width=32, gate_init=0.2, supervisor_hidden=16, classes=["joy", "calm", "anger", "sadness"])
+    model.add_enhancer(width=32, gate_init=0.2)
+    model.add_supervisor(hidden=16, classes=["joy", "calm", "anger", "sadness"])
     model.add_lora(4, 8.0, ["q_proj", "v_proj"])
     with torch.no_grad():
         for name, param in model.named_parameters():

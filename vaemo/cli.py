@@ -158,7 +158,13 @@ def build_parser() -> ArgParser:
     return parser
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _register_train(groups) -> None:
+    from vaemo.train.cli import register
+
+    register(groups)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_train]
 
 
 @exit_on_user_error

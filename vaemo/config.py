@@ -362,6 +362,8 @@ class Stage2Config:
     """Weight of the KD term keeping the audio path aligned with the visual one."""
     va_loss: Literal["mse", "ccc"] = "mse"
     """Valence/arousal loss: mean squared error or 1 - concordance correlation."""
+    emotions: list[str] = field(default_factory=lambda: ["joy", "calm", "anger", "sadness"])
+    """Emotion categories: the options of emotion questions and the categorical head's classes."""
 
 
 @dataclass
@@ -445,6 +447,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """The inverse of config_to_dict (how workers and Tune trials receive a resolved config)."""
+    cfg = _build(Config, data, "")
+    _check_all(cfg, "")
+    return cfg
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -49,9 +49,18 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
+def chunk_count(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def _chunks(n: int, size: int, at_least: int = 0):
+    """(start, stop) slices of `size`; at least `at_least` of them, the extra ones empty.
+
+    Under ZeRO-3 every rank must call lm_head the same number of times (each call gathers its
+    weight), so the trainer passes the chunk count of the rank with the most positions.
+    """
+    for i in range(max(chunk_count(n, size), at_least)):
+        yield min(n, i * size), min(n, (i + 1) * size)
 
 
 def _full_kl(lm_head: Callable, tau: float, student: torch.Tensor, teacher: torch.Tensor):
@@ -83,7 +92,7 @@ def _topk_kl(lm_head: Callable, tau: float, student: torch.Tensor, ids: torch.Te
 
 
 def distill(student_hidden: torch.Tensor, lm_head: Callable, teacher: torch.Tensor | TopKTargets,
-            temperature: float = 1.0, chunk_size: int = 256) -> KDResult:
+            temperature: float = 1.0, chunk_size: int = 256, min_chunks: int = 0) -> KDResult:
     """tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau)), summed over response positions.
 
     `teacher` is either the teacher's hidden states at the same positions (full-vocabulary KL) or
@@ -92,7 +101,7 @@ def distill(student_hidden: torch.Tensor, lm_head: Callable, teacher: torch.Tens
     n = student_hidden.shape[0]
     total = student_hidden.new_zeros((), dtype=torch.float32)
     agree = 0
-    for start, stop in _chunks(n, chunk_size):
+    for start, stop in _chunks(n, chunk_size, min_chunks):
         if isinstance(teacher, TopKTargets):
             part = teacher.slice(start, stop)
             kl, hits = checkpoint(_topk_kl, lm_head, temperature, student_hidden[start:stop], part.ids.to(student_hidden.device),
@@ -108,10 +117,10 @@ def distill(student_hidden: torch.Tensor, lm_head: Callable, teacher: torch.Tens
 
 @torch.no_grad()
 def teacher_topk(teacher_hidden: torch.Tensor, lm_head: Callable, k: int, temperature: float = 1.0,
-                 chunk_size: int = 256) -> TopKTargets:
+                 chunk_size: int = 256, min_chunks: int = 0) -> TopKTargets:
     """The teacher's top-k log-probabilities (at the distillation temperature) and tail mass, chunked."""
     ids, logps, tails = [], [], []
-    for start, stop in _chunks(teacher_hidden.shape[0], chunk_size):
+    for start, stop in _chunks(teacher_hidden.shape[0], chunk_size, min_chunks):
         logp = F.log_softmax(lm_head(teacher_hidden[start:stop]).float() / temperature, -1)
         top, index = logp.topk(k, -1)
         ids.append(index)
@@ -127,10 +136,21 @@ def _ce(lm_head: Callable, hidden: torch.Tensor, targets: torch.Tensor):
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
-def language_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+@torch.no_grad()
+def sequence_logprobs(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, lengths: list[int],
+                      chunk_size: int = 256, min_chunks: int = 0) -> list[float]:
+    """Mean log-probability of each sequence's response tokens (hidden/targets concatenated in order)."""
+    parts = [F.log_softmax(lm_head(hidden[a:b]).float(), -1).gather(-1, targets[a:b, None].to(hidden.device))[:, 0]
+             for a, b in _chunks(hidden.shape[0], chunk_size, min_chunks)]
+    token_logp = torch.cat(parts) if parts else hidden.new_zeros(0)
+    return [float(s.mean()) if len(s) else float("-inf") for s in torch.split(token_logp, lengths)]
+
+
+def language_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_size: int = 256,
+                  min_chunks: int = 0) -> torch.Tensor:
     """Summed next-token cross-entropy at response positions, chunked like `distill`."""
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start, stop in _chunks(hidden.shape[0], chunk_size):
+    for start, stop in _chunks(hidden.shape[0], chunk_size, min_chunks):
         total = total + checkpoint(_ce, lm_head, hidden[start:stop], targets[start:stop].to(hidden.device),
                                    use_reentrant=False)
     return total

@@ -8,8 +8,10 @@ import time
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.text import Text
 
-console = Console(stderr=False, highlight=False)
+# Off a terminal (logs, `ray job submit`): no wrapping, no source paths, lines as they are.
+console = Console(highlight=False, log_path=False, soft_wrap=not sys.stdout.isatty())
 
 
 def is_terminal() -> bool:
@@ -17,8 +19,11 @@ def is_terminal() -> bool:
 
 
 def log(message: str) -> None:
-    """One timestamped line; comes through Ray job logs as plain text."""
-    console.log(message)
+    """One timestamped line. Off a terminal (Ray job logs) a plain, unwrapped line."""
+    if is_terminal():
+        console.log(message)
+    else:
+        print(f"[{time.strftime('%H:%M:%S')}] {Text.from_markup(message).plain}", flush=True)
 
 
 @contextlib.contextmanager

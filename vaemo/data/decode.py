@@ -56,6 +56,7 @@ class DecodeSpec:
     need_video: bool = True
     need_audio: bool = True
     need_fields: tuple[str, ...] = ()
+    allow_missing_audio: bool = False  # with need_audio: decode a soundtrack when there is one, else keep the clip
 
     @property
     def audio_samples(self) -> int:
@@ -159,7 +160,7 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     if spec.need_video and video is None:
         raise SkipSample("no_video_stream")
     audio, audio_len, audio_seconds = decode_audio(raw, spec) if spec.need_audio else (None, 0, 0.0)
-    if spec.need_audio and audio is None:
+    if spec.need_audio and audio is None and not spec.allow_missing_audio:
         raise SkipSample("no_audio_stream")
     # A clip cut short still opens (its header is intact) but its soundtrack stops early.
     if audio is not None and duration > 0 and audio_seconds < 0.8 * duration:

@@ -154,10 +154,11 @@ class Batch:
 
     keys: list[str]
     video: torch.Tensor | None  # (B, F, 3, H, W) uint8
-    audio: torch.Tensor | None  # (B, S) float32 at 16 kHz
+    audio: torch.Tensor | None  # (B, S) float32 at 16 kHz (zeros for clips without a soundtrack)
     audio_len: list[int]  # valid samples per clip (plain lists: small values need no shared memory)
     duration: list[float]  # seconds per clip
     meta: list[dict]
+    has_audio: list[bool] = field(default_factory=list)
     worker: int = 0
     position: int = 0  # raw samples this worker had drawn when the batch was complete
     skips: dict[str, int] = field(default_factory=dict)  # this worker's skip counts so far
@@ -178,11 +179,13 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def collate(clips: list[Clip], worker: int, position: int, skips: Counter) -> Batch:
     has_video = bool(clips) and clips[0].video is not None
-    has_audio = bool(clips) and clips[0].audio is not None
+    with_audio = [c.audio for c in clips if c.audio is not None]
+    silence = torch.zeros_like(with_audio[0]) if with_audio else None
     return Batch(
         keys=[c.key for c in clips],
         video=_stack([c.video for c in clips]) if has_video else None,
-        audio=_stack([c.audio for c in clips]) if has_audio else None,
+        audio=_stack([c.audio if c.audio is not None else silence for c in clips]) if with_audio else None,
+        has_audio=[c.audio is not None for c in clips],
         audio_len=[c.audio_len for c in clips],
         duration=[c.duration for c in clips],
         meta=[c.meta for c in clips],

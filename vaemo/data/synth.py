@@ -445,7 +445,7 @@ def synthesize(out: str | Path, *, train_clips: int, val_clips: int, bench_clips
             for n in pool.imap_unordered(_run_job, jobs):
                 done += n
                 if progress:
-                    progress(done, total_clips)
+                    progress(done)
     except FileNotFoundError as err:
         raise UserError(f"ffmpeg is not installed or not on PATH ({err}); run `make setup`") from None
     items = write_bench_items(out / "bench", bench_clips, seed)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from vaemo.errors import UserError
+from vaemo.losses import sequence_logprobs
 from vaemo.model.audio import AudioProjector, LogMel, audio_tokens, encode_short
 from vaemo.model.emo import EmotionEnhancer, EmotionSupervisor
 from vaemo.model.lora import add_lora, merge_lora_state
@@ -67,8 +69,9 @@ class Embedded:
     zero: torch.Tensor  # 0 * (outputs of pathways run on dummy input): add it to the loss (ZeRO-3)
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 must find the tensors a module returns."""
+
     hidden: torch.Tensor  # (B, L, D) last hidden states
     pooled: torch.Tensor  # (B, D)
     zero: torch.Tensor  # ()
@@ -90,8 +93,9 @@ class VAEmotionLLM(nn.Module):
         self.prompts = PromptBuilder(tokenizer, self.tokens, spec.visual.tokens_per_clip, self.audio_tokens_per_clip,
                                      spec.system_prompt, spec.max_response_tokens)
         if spec.enhancer is not None:
-            self.add_emo_adapter(**spec.enhancer, supervisor_hidden=spec.supervisor["hidden"],
-                                 classes=spec.supervisor["classes"])
+            self.add_enhancer(**spec.enhancer)
+        if spec.supervisor is not None:
+            self.add_supervisor(**spec.supervisor)
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -107,13 +111,15 @@ class VAEmotionLLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.vlm.lm_head.weight.dtype
 
-    def add_emo_adapter(self, width: int, gate_init: float, supervisor_hidden: int, classes: list[str]) -> None:
-        """(Re)build the Emotion Enhancer and Supervisor (stage 2)."""
-        dim = self.hidden_size
-        self.enhancer = EmotionEnhancer(dim, width, gate_init).to(self.dtype)
-        self.supervisor = EmotionSupervisor(dim, supervisor_hidden, classes).to(self.dtype)
+    def add_enhancer(self, width: int, gate_init: float) -> None:
+        """(Re)build the Emotion Enhancer (stage 2)."""
+        self.enhancer = EmotionEnhancer(self.hidden_size, width, gate_init).to(self.dtype)
         self.spec.enhancer = {"width": width, "gate_init": gate_init}
-        self.spec.supervisor = {"hidden": supervisor_hidden, "classes": list(classes)}
+
+    def add_supervisor(self, hidden: int, classes: list[str]) -> None:
+        """(Re)build the Emotion Supervisor (stage 2); `classes` empty: valence/arousal only."""
+        self.supervisor = EmotionSupervisor(self.hidden_size, hidden, classes).to(self.dtype)
+        self.spec.supervisor = {"hidden": hidden, "classes": list(classes)}
 
     def add_lora(self, rank: int, alpha: float, targets: list[str]) -> list[str]:
         wrapped = add_lora(self.vlm.model.language_model, targets, rank, alpha)
@@ -232,11 +238,7 @@ class VAEmotionLLM(nn.Module):
         inputs = self.prompts.batch(prompts, video, audio, duration)
         out = self.forward(inputs)
         hidden = out.hidden[inputs.pred_mask.to(out.hidden.device)]
-        targets = inputs.response_targets.to(hidden.device)
-        token_logp = torch.cat([torch.log_softmax(self.logits(hidden[i : i + chunk]).float(), -1)
-                                .gather(-1, targets[i : i + chunk, None])[:, 0] for i in range(0, len(targets), chunk)])
-        per_sequence = torch.split(token_logp, inputs.response_lengths())
-        means = [float(s.mean()) for s in per_sequence]
+        means = sequence_logprobs(hidden, self.logits, inputs.response_targets, inputs.response_lengths(), chunk)
         scores, first_rows, row = [], [], 0
         for _, _, options, _ in items:
             scores.append(means[row : row + len(options)])
@@ -308,9 +310,9 @@ class VAEmotionLLM(nn.Module):
         self.vlm.save_pretrained(out / "vlm", state_dict=vlm_state)
         self.audio_encoder.save_pretrained(out / "audio_encoder", state_dict=part("audio_encoder."))
         save_file(part("projector."), str(out / PARTS["projector"]))
-        if self.enhancer is not None:
-            save_file({**{f"enhancer.{k}": v for k, v in part("enhancer.").items()},
-                       **{f"supervisor.{k}": v for k, v in part("supervisor.").items()}}, str(out / PARTS["adapter"]))
+        if self.enhancer is not None or self.supervisor is not None:
+            save_file({k: v.contiguous() for k, v in state.items() if k.startswith(("enhancer.", "supervisor."))},
+                      str(out / PARTS["adapter"]))
         self.tokenizer.save_pretrained(out / "tokenizer")
         spec = self.spec.to_dict()
         spec["lora_merged"] = bool(self.spec.lora)
@@ -342,12 +344,14 @@ class VAEmotionLLM(nn.Module):
                                    spec.projector_hidden, spec.projector_stride).to(dtype)
         model = cls(vlm, audio_encoder, projector, tokenizer, spec)
         _load_part(model.projector, load_file(str(path / PARTS["projector"])), path / PARTS["projector"])
-        if spec.enhancer is not None:
+        if spec.enhancer is not None or spec.supervisor is not None:
             adapter = load_file(str(path / PARTS["adapter"]))
-            _load_part(model.enhancer, {k[9:]: v for k, v in adapter.items() if k.startswith("enhancer.")},
-                       path / PARTS["adapter"])
-            _load_part(model.supervisor, {k[11:]: v for k, v in adapter.items() if k.startswith("supervisor.")},
-                       path / PARTS["adapter"])
+            for name in ("enhancer", "supervisor"):
+                part = {k[len(name) + 1:]: v for k, v in adapter.items() if k.startswith(f"{name}.")}
+                if getattr(model, name) is not None:
+                    _load_part(getattr(model, name), part, path / PARTS["adapter"])
+                elif part:
+                    raise UserError(f"'{path / PARTS['adapter']}' holds {name} weights its config does not declare")
         return model.to(dtype)
 
 

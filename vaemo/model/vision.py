@@ -64,10 +64,10 @@ def patchify(video: torch.Tensor, spec: VisualSpec) -> torch.Tensor:
 
 def video_inputs(video: torch.Tensor, spec: VisualSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, F, 3, H, W) uint8 clips -> pixel_values_videos (B*t*h*w, 3*tps*p*p) and video_grid_thw (B, 3)."""
-    clips = video.shape[0]
+    clips, frames, _, height, width = video.shape
     mean = torch.tensor(spec.image_mean, dtype=torch.float32).view(1, 1, 3, 1, 1)
     std = torch.tensor(spec.image_std, dtype=torch.float32).view(1, 1, 3, 1, 1)
     normalised = (video.float() / 255.0 - mean) / std
     patches = torch.cat([patchify(clip, spec) for clip in normalised]) if clips else normalised.new_zeros(0)
-    grid = torch.tensor([spec.grid] * clips, dtype=torch.long)
-    return patches.to(dtype), grid
+    grid = (frames // spec.temporal_patch_size, height // spec.patch_size, width // spec.patch_size)
+    return patches.to(dtype), torch.tensor([grid] * clips, dtype=torch.long)

@@ -1,0 +1,59 @@
+"""DeepSpeed JSON from ds_configs/, with the values the run config knows filled in ("auto")."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from vaemo.config import Config, resolve_path
+from vaemo.errors import UserError
+
+
+def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
+    path = resolve_path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise UserError(f"deepspeed.config '{cfg.deepspeed.config}' does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"deepspeed.config '{path}' is not valid JSON: {err}") from None
+    known = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key, value in known.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = dtype == torch.bfloat16
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", cfg.train.lr), ("weight_decay", cfg.train.weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+        if not torch.cuda.is_available():
+            params.setdefault("torch_adam", True)  # avoids a ~70 s JIT build of FusedAdam on CPU
+    leftover = _find_auto(ds)
+    if leftover:
+        raise UserError(f"deepspeed.config '{path}': '{leftover}' is \"auto\" but vaemo has no value for it")
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _find_auto(node: Any, path: str = "") -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _find_auto(value, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    elif node == "auto":
+        return path
+    return None

@@ -1,0 +1,199 @@
+"""Driver side of a training stage: arguments, preflight, Ray, TorchTrainer, progress, summary.
+
+`python jobs/stageN.py ...` runs this on a machine with no Ray running (it starts a local Ray), and
+`ray job submit --working-dir . -- python jobs/stageN.py ...` runs the same against a cluster (the job
+driver finds the cluster through RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaemo import progress
+from vaemo.config import Config, config_to_dict, dump_config, load_config, project_root
+from vaemo.errors import UserError
+
+STAGE_NAMES = {0: "see", 1: "VG-Align", 2: "EmoAdapter"}
+RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", "export", "curves.png", "workers", "config.yaml")
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
+
+
+def add_stage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(project_root() / "configs" / "tiny.yaml"), help="a preset YAML")
+    parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, export/, curves.png")
+    parser.add_argument("--resume-from", default=None,
+                        help="a checkpoint folder (RUN/checkpoints/step-N), or a run folder: its newest complete one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. train.max_steps=10)")
+
+
+@dataclass
+class StageRun:
+    cfg: Config
+    run_dir: Path
+    resume_from: Path | None
+    metrics: dict
+
+
+def run_stage(stage: int, args: argparse.Namespace, tune_callbacks: list | None = None) -> StageRun:
+    """Resolve the config, check everything that can be checked before loading weights, train."""
+    from vaemo.train.checkpoint import find_checkpoint
+
+    cfg = load_config(args.config, args.overrides, stage=stage)
+    run_dir = Path(args.out).expanduser().resolve()
+    resume = find_checkpoint(args.resume_from) if args.resume_from else None
+    preflight(cfg, run_dir, resume, args.overwrite)
+    connect_ray()
+    check_cluster(cfg)
+    dump_config(cfg, run_dir / "config.yaml")
+    progress.log(f"stage {stage} ({STAGE_NAMES[stage]}): {cfg.train.max_steps} steps on {cfg.scaling.num_workers} "
+                 f"worker(s) -> {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    metrics = fit(cfg, run_dir, resume, tune_callbacks)
+    return StageRun(cfg, run_dir, resume, metrics)
+
+
+def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) -> None:
+    """Readable errors (exit 2) before any weight is loaded."""
+    from vaemo.data.stream import expand_shards, train_shard_subset
+    from vaemo.model.build import check_checkpoint_folders, choose_dtype
+    from vaemo.train.ds_config import deepspeed_config
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".vaemo-write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--out '{run_dir}' is not writable: {err.strerror}") from None
+    earlier = [name for name in ("metrics.jsonl", "checkpoints", "export") if (run_dir / name).exists()]
+    if earlier and resume is None:
+        if not overwrite:
+            raise UserError(f"--out '{run_dir}' already holds a run ({', '.join(earlier)}); continue it with "
+                            f"--resume-from {run_dir}, or pass --overwrite, or choose another --out")
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    workers = cfg.scaling.num_workers
+    train_urls = expand_shards(cfg.data.train_shards)
+    train_shard_subset(train_urls, 0, workers, 0, max(1, cfg.data.loader_workers))
+    if cfg.train.val_batches > 0:
+        val_urls = expand_shards(cfg.data.val_shards)
+        if len(val_urls) < workers:
+            raise UserError(f"data.val_shards has {len(val_urls)} shard(s) for {workers} workers; write at least "
+                            f"{workers} or set train.val_batches=0")
+    check_checkpoint_folders(cfg.model)
+    if cfg.model.init_from:
+        from vaemo.model.build import check_data_matches
+        from vaemo.model.vaemo_llm import CONFIG_NAME, ModelSpec
+
+        raw = __import__("json").loads((Path(cfg.model.init_from) / CONFIG_NAME).read_text())
+        raw.pop("lora_merged", None)
+        check_data_matches(ModelSpec.from_dict(raw), cfg.data, Path(cfg.model.init_from))
+    deepspeed_config(cfg, choose_dtype(cfg.model.dtype))
+    if resume is not None:
+        from vaemo.train.checkpoint import read_meta
+
+        meta = read_meta(resume)
+        if int(meta["world_size"]) != workers:
+            raise UserError(f"checkpoint '{resume}' was written by {meta['world_size']} workers; resume with "
+                            f"scaling.num_workers={meta['world_size']}")
+        if int(meta["stage"]) != cfg.stage:
+            raise UserError(f"checkpoint '{resume}' is from stage {meta['stage']}, not stage {cfg.stage}")
+
+
+def connect_ray() -> None:
+    """Join the cluster RAY_ADDRESS names (as under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # must match the `ray` CLI; see README, Ray notes
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True, configure_logging=False)
+
+
+def check_cluster(cfg: Config) -> None:
+    import ray
+
+    s = cfg.scaling
+    resources = ray.cluster_resources()
+    cpus_needed = s.num_workers * s.cpus_per_worker
+    if resources.get("CPU", 0) < cpus_needed:
+        raise UserError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs; scaling.num_workers={s.num_workers} "
+                        f"x scaling.cpus_per_worker={s.cpus_per_worker:g} needs {cpus_needed:g}")
+    if s.use_gpu and resources.get("GPU", 0) < s.num_workers:
+        raise UserError(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; scaling.use_gpu with "
+                        f"scaling.num_workers={s.num_workers} needs one per worker")
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    env = {"PYTHONPATH": str(project_root()), "PYTHONUNBUFFERED": "1"}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    env.update({k: v for k, v in os.environ.items() if k.startswith("VAEMO_")})
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.scaling.cpus_per_worker)))
+    return env
+
+
+def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | None = None) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from vaemo.train.display import TrainingDisplay
+    from vaemo.train.worker import train_worker
+
+    s = cfg.scaling
+    queue = Queue(maxsize=10_000)
+    loop_config = {"config": config_to_dict(cfg), "run_dir": str(run_dir), "launch_id": uuid.uuid4().hex,
+                   "resume_from": str(resume) if resume else None, "queue": queue}
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=tune_callbacks or None),
+    )
+    with TrainingDisplay(queue, cfg.stage, cfg.train.max_steps) as display:
+        try:
+            result = trainer.fit()
+        except Exception as err:  # the workers' error, already logged by Ray with its traceback
+            raise TrainingFailed(f"stage {cfg.stage} failed: {first_line(err)}") from err
+    queue.shutdown()
+    metrics = dict(result.metrics or display.last or {})
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    summary = [f"stage {cfg.stage} done: step {metrics.get('step', '?')}, loss {metrics.get('loss', float('nan')):.4f}"]
+    if (run_dir / "export").is_dir():
+        summary.append(f"export: {run_dir / 'export'}")
+    if checkpoint:
+        summary.append(f"last checkpoint: {checkpoint}")
+    summary.append(f"metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'}), curves: {run_dir / 'curves.png'}")
+    for line in summary:
+        progress.log(line)
+    return metrics
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped with an error that is not the user's input (exit status 1)."""
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    for line in text:
+        if "Error" in line or "error" in line:
+            return line.strip()[:300]
+    return (text[0] if text else type(err).__name__)[:300]

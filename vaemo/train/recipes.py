@@ -1,0 +1,303 @@
+"""The three stages: what each one trains on and how its loss is assembled.
+
+A recipe turns a batch of clips into sequences on the host (`prepare`), then computes the loss inside
+the DeepSpeed engine's forward (`loss`), so one engine call covers the whole step. Two rules keep
+ZeRO-3 ranks in lock step, whatever their data: every rank makes the same model calls in the same
+order (a rank without a pass runs it on a dummy sequence), and chunked lm_head loops run the global
+maximum number of chunks (`StepInputs.chunks`, all-reduced by the loop before the forward).
+
+Losses are sums normalised by global counts (all-reduced too): KD and LM terms by the response tokens
+of the global batch, sample terms by the global number of samples.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vaemo.config import Config
+from vaemo.data import world
+from vaemo.data.decode import DecodeSpec
+from vaemo.data.stream import Batch
+from vaemo.losses import chunk_count, distill, language_loss, sequence_logprobs, teacher_topk, va_loss
+from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM
+
+
+@dataclass
+class StepInputs:
+    """One step's sequences and labels, prepared on the host."""
+
+    passes: dict[str, ModelInputs]  # named model passes, run in a fixed order
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)  # local normalisers (all-reduced: SUM)
+    positions: dict[str, int] = field(default_factory=dict)  # local response positions per pass (-> MAX)
+    clips: int = 0
+    tokens: int = 0  # input tokens this step (throughput)
+    world_size: int = 1
+    chunks: dict[str, int] = field(default_factory=dict)  # filled by the loop: global chunk counts
+    global_counts: dict[str, float] = field(default_factory=dict)  # filled by the loop
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    sums: dict[str, float]  # raw sums (e.g. kd_sum, kd_tokens, agree): averaged exactly over ranks/steps
+
+
+def describe_prompt(rng: np.random.Generator) -> str:
+    return world.DESCRIBE_PROMPTS[int(rng.integers(len(world.DESCRIBE_PROMPTS)))]
+
+
+def mcq(task: str, options: list[str], rng: np.random.Generator, canonical: bool = False) -> str:
+    variants = world.QUESTION_VARIANTS[task]
+    question = variants[0] if canonical else variants[int(rng.integers(len(variants)))]
+    shuffled = list(options)
+    rng.shuffle(shuffled)
+    return world.mcq_prompt(question, shuffled)
+
+
+def clip_inputs(model: VAEmotionLLM, items: list[PromptItem], batch: Batch) -> ModelInputs:
+    return model.prompts.batch(items, batch.video, batch.audio, batch.duration)
+
+
+def normalised(total: torch.Tensor, inputs: StepInputs, count: str) -> torch.Tensor:
+    """A local sum as this rank's share of the global mean (DeepSpeed averages gradients over ranks)."""
+    denominator = inputs.global_counts.get(count, 0.0)
+    return total * (inputs.world_size / denominator) if denominator > 0 else total * 0.0
+
+
+class Recipe(ABC):
+    """Shared machinery; subclasses define the stage."""
+
+    stage: int
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.chunk = cfg.stage1.kd_chunk_size
+
+    @abstractmethod
+    def decode_spec(self) -> DecodeSpec:
+        """What the stage needs from each sample."""
+
+    @abstractmethod
+    def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
+        """A batch of clips -> the step's sequences and labels (host side)."""
+
+    @abstractmethod
+    def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
+        """The step's loss, inside the engine's forward."""
+
+    def prepare_model(self, model: VAEmotionLLM) -> None:
+        """Structural changes before freezing (stage 2 adds the EmoAdapter)."""
+
+    def extra_modules(self, model: VAEmotionLLM) -> nn.Module | None:
+        return None
+
+    def response_hidden(self, model: VAEmotionLLM, inputs: ModelInputs, **kwargs):
+        out = model(inputs, **kwargs)
+        return out, out.hidden[inputs.pred_mask.to(out.hidden.device)]
+
+    def note_pass(self, step: StepInputs, name: str, inputs: ModelInputs) -> None:
+        step.passes[name] = inputs
+        step.positions[name] = int((inputs.targets != IGNORE).sum())
+        step.tokens += int(inputs.attention_mask.sum())
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Report values from summed statistics."""
+        out = {}
+        for term, count in (("lm", "lm_tokens"), ("kd", "kd_tokens"), ("aux", "samples"), ("va", "va_rows"),
+                            ("cat", "cat_rows")):
+            if sums.get(count):
+                out[term] = sums.get(f"{term}_sum", 0.0) / sums[count]
+        if sums.get("kd_tokens"):
+            out["agreement"] = sums.get("agree", 0.0) / sums["kd_tokens"]
+        for name in list(sums):
+            if name.endswith("_correct"):
+                total = sums.get(name.replace("_correct", "_total"), 0.0)
+                if total:
+                    out[name.replace("_correct", "_acc")] = sums[name] / total
+        return out
+
+
+class SeeRecipe(Recipe):
+    """Stage 0: teach the tiny VLM to see (captions and questions about frames), plus auxiliary
+    object/emotion heads on pooled visual tokens: a stand-in for a real VLM's pretraining."""
+
+    stage = 0
+
+    def decode_spec(self) -> DecodeSpec:
+        d = self.cfg.data
+        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, need_video=True,
+                          need_audio=False, need_fields=("caption", "object", "emotion"))
+
+    def extra_modules(self, model: VAEmotionLLM) -> nn.Module:
+        return nn.ModuleDict({"object": nn.Linear(model.hidden_size, len(world.OBJECTS)),
+                              "emotion": nn.Linear(model.hidden_size, len(world.EMOTIONS))}).to(model.dtype)
+
+    def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
+        items = []
+        for i, meta in enumerate(batch.meta):
+            items.append(PromptItem("visual", describe_prompt(rng), meta["caption"], i))
+            items.append(PromptItem("visual", mcq("content", list(world.OBJECTS), rng), meta["object"], i))
+            items.append(PromptItem("visual", mcq("emotion", list(world.EMOTIONS), rng), meta["emotion"], i))
+        step = StepInputs(passes={}, clips=len(batch))
+        self.note_pass(step, "lm", clip_inputs(model, items, batch))
+        step.labels = {name: torch.tensor([labels.index(m[name]) if m[name] in labels else IGNORE for m in batch.meta])
+                       for name, labels in (("object", world.OBJECTS), ("emotion", world.EMOTIONS))}
+        step.counts = {"lm_tokens": step.positions["lm"], "samples": len(batch)}
+        return step
+
+    def loss(self, model: VAEmotionLLM, extra: nn.Module, step: StepInputs) -> StepResult:
+        inputs = step.passes["lm"]
+        out, hidden = self.response_hidden(model, inputs)
+        lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0))
+        per_clip = out.pooled[::3]  # the three sequences of a clip share its visual tokens
+        aux_sum = sum(F.cross_entropy(extra[name](per_clip).float(), step.labels[name].to(per_clip.device),
+                                      ignore_index=IGNORE, reduction="sum") for name in ("object", "emotion"))
+        loss = normalised(lm_sum, step, "lm_tokens") + self.cfg.stage0.aux_weight * normalised(aux_sum, step, "samples")
+        return StepResult(loss, {"lm_sum": float(lm_sum.detach()), "lm_tokens": step.positions["lm"],
+                                 "aux_sum": float(aux_sum.detach()), "samples": step.clips})
+
+
+class AlignRecipe(Recipe):
+    """Stage 1 (VG-Align): the frozen visual pass teaches the audio pass; no audio labels are used."""
+
+    stage = 1
+
+    def decode_spec(self) -> DecodeSpec:
+        d = self.cfg.data
+        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, need_video=True,
+                          need_audio=True, need_fields=("caption",))
+
+    def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
+        prompts = [describe_prompt(rng) for _ in batch.meta]
+        step = StepInputs(passes={}, clips=len(batch))
+        for name, modality in (("teacher", "visual"), ("student", "audio")):
+            items = [PromptItem(modality, p, m["caption"], i) for i, (p, m) in enumerate(zip(prompts, batch.meta))]
+            self.note_pass(step, name, clip_inputs(model, items, batch))
+        step.counts = {"kd_tokens": step.positions["student"]}
+        return step
+
+    def kd(self, model: VAEmotionLLM, step: StepInputs, teacher: str, student: str, **student_kwargs):
+        s = self.cfg.stage1
+        with torch.no_grad():
+            _, teacher_hidden = self.response_hidden(model, step.passes[teacher])
+            target = (teacher_topk(teacher_hidden, model.logits, s.topk, s.temperature, self.chunk,
+                                   step.chunks.get(teacher, 0)) if s.topk else teacher_hidden)
+        out, student_hidden = self.response_hidden(model, step.passes[student], **student_kwargs)
+        return out, distill(student_hidden, model.logits, target, s.temperature, self.chunk, step.chunks.get(student, 0))
+
+    def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
+        out, kd = self.kd(model, step, "teacher", "student", run_all_pathways=True)
+        loss = normalised(kd.kl_sum, step, "kd_tokens") + out.zero
+        return StepResult(loss, {"kd_sum": float(kd.kl_sum.detach()), "kd_tokens": kd.count, "agree": kd.agree})
+
+
+class EmoAdapterRecipe(AlignRecipe):
+    """Stage 2 (EmoAdapter): LM loss on emotion answers under every modality, valence/arousal (and
+    category) supervision on each path's pooled tokens, and a KD term keeping audio aligned."""
+
+    stage = 2
+
+    def decode_spec(self) -> DecodeSpec:
+        d = self.cfg.data
+        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, need_video=True,
+                          need_audio=True, allow_missing_audio=True,
+                          need_fields=("caption", "emotion", "valence", "arousal"))
+
+    def prepare_model(self, model: VAEmotionLLM) -> None:
+        s, m = self.cfg.stage2, self.cfg.model
+        model.enhancer, model.supervisor, model.spec.enhancer, model.spec.supervisor = None, None, None, None
+        if s.use_enhancer:
+            model.add_enhancer(m.enhancer.width, m.enhancer.gate_init)
+        if s.use_supervisor:
+            model.add_supervisor(m.supervisor.hidden_size, list(s.emotions) if m.supervisor.categorical else [])
+        if m.lora.rank > 0:
+            model.add_lora(m.lora.rank, m.lora.alpha, m.lora.targets)
+
+    def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator, score: bool = False) -> StepInputs:
+        emotions = list(self.cfg.stage2.emotions)
+        step = StepInputs(passes={}, clips=len(batch))
+        items, va, category, paths = [], [], [], []
+        for i, meta in enumerate(batch.meta):
+            modalities = ["visual"] + (["audio", "audio_visual"] if batch.has_audio[i] else [])
+            for modality in modalities:
+                question = mcq("emotion", emotions, rng, canonical=score)
+                answers = emotions if score else [meta["emotion"]]
+                for answer in answers:
+                    items.append(PromptItem(modality, question, answer, i))
+                va.append([meta["valence"], meta["arousal"]])
+                category.append(emotions.index(meta["emotion"]) if meta["emotion"] in emotions else IGNORE)
+                paths.append(modality)
+        self.note_pass(step, "lm", clip_inputs(model, items, batch))
+        step.labels = {"va": torch.tensor(va, dtype=torch.float32), "category": torch.tensor(category)}
+        step.labels["path"] = torch.tensor([("visual", "audio", "audio_visual").index(p) for p in paths])
+        # KD pairs for clips with a soundtrack; a rank without any runs one dummy pair (see module doc).
+        kd_clips = [i for i in range(len(batch)) if batch.has_audio[i]] or [0]
+        prompts = {i: describe_prompt(rng) for i in kd_clips}
+        weight = 1.0 if any(batch.has_audio) else 0.0
+        for name, modality in (("teacher", "visual"), ("student", "audio")):
+            kd_items = [PromptItem(modality, prompts[i], batch.meta[i]["caption"], i) for i in kd_clips]
+            self.note_pass(step, name, clip_inputs(model, kd_items, batch))
+        step.labels["kd_weight"] = torch.tensor(weight)
+        step.counts = {"lm_tokens": step.positions["lm"], "va_rows": float(len(va)),
+                       "kd_tokens": step.positions["student"] * weight}
+        return step
+
+    def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
+        s = self.cfg.stage2
+        inputs = step.passes["lm"]
+        out, hidden = self.response_hidden(model, inputs, run_all_pathways=True)
+        lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0))
+        loss = s.lambda_lm * normalised(lm_sum, step, "lm_tokens") + out.zero
+        sums = {"lm_sum": float(lm_sum.detach()), "lm_tokens": step.positions["lm"]}
+        if model.supervisor is not None:
+            va_pred, logits = model.supervisor(out.pooled)
+            target = step.labels["va"].to(va_pred.device)
+            if s.va_loss == "mse":
+                va_sum = ((va_pred.float() - target) ** 2).sum(-1).sum()
+                loss = loss + s.lambda_sup * normalised(va_sum, step, "va_rows")
+            else:  # 1 - CCC is a batch statistic: each rank's value, averaged over ranks
+                va_sum = va_loss(va_pred, target, "ccc") * len(target)
+                loss = loss + s.lambda_sup * va_loss(va_pred, target, "ccc")
+            sums.update(va_sum=float(va_sum.detach()), va_rows=len(target))
+            if logits is not None:
+                cat_sum = F.cross_entropy(logits.float(), step.labels["category"].to(logits.device),
+                                          ignore_index=IGNORE, reduction="sum")
+                loss = loss + s.lambda_cat * normalised(cat_sum, step, "va_rows")
+                sums.update(cat_sum=float(cat_sum.detach()), cat_rows=len(target))
+        student_out, kd = self.kd(model, step, "teacher", "student")
+        weight = float(step.labels["kd_weight"])
+        loss = loss + s.lambda_kd * weight * normalised(kd.kl_sum, step, "kd_tokens")
+        sums.update(kd_sum=float(kd.kl_sum.detach()) * weight, kd_tokens=kd.count * weight, agree=kd.agree * weight)
+        return StepResult(loss, sums)
+
+    @torch.no_grad()
+    def score(self, model: VAEmotionLLM, step: StepInputs) -> dict[str, float]:
+        """Validation: emotion accuracy per modality, scoring every option by log-likelihood."""
+        inputs = step.passes["lm"]
+        out, hidden = self.response_hidden(model, inputs, run_all_pathways=True)
+        means = sequence_logprobs(hidden, model.logits, inputs.response_targets, inputs.response_lengths(),
+                                  self.chunk, step.chunks.get("lm", 0))
+        k = len(self.cfg.stage2.emotions)
+        sums: dict[str, float] = {}
+        for row, (path, truth) in enumerate(zip(step.labels["path"].tolist(), step.labels["category"].tolist())):
+            name = ("visual", "audio", "audio_visual")[path]
+            guess = int(np.argmax(means[row * k : (row + 1) * k]))
+            sums[f"val_{name}_correct"] = sums.get(f"val_{name}_correct", 0.0) + float(guess == truth)
+            sums[f"val_{name}_total"] = sums.get(f"val_{name}_total", 0.0) + 1.0
+        sums["val_emotion_correct"] = sum(v for name, v in sums.items() if name.endswith("_correct"))
+        sums["val_emotion_total"] = float(len(step.labels["path"]))
+        return sums
+
+
+RECIPES = {0: SeeRecipe, 1: AlignRecipe, 2: EmoAdapterRecipe}
+
+
+def recipe_for(cfg: Config) -> Recipe:
+    return RECIPES[cfg.stage](cfg)

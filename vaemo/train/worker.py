@@ -1,0 +1,270 @@
+"""The per-worker training loop that Ray Train runs on every rank, for every stage.
+
+setup (DeepSpeed over Ray's process group, the model, what trains) -> resume (Ray's checkpoint after a
+worker restart, else --resume-from) -> loop (data, step, report, validate, checkpoint) -> export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from vaemo.config import Config, config_from_dict, render_config
+from vaemo.data.stream import StreamState, TrainStream, expand_shards, make_loader
+from vaemo.losses import chunk_count
+from vaemo.model import VAEmotionLLM, build_model, choose_dtype, set_trainable
+from vaemo.train import checkpoint as ckpt
+from vaemo.train.ds_config import deepspeed_config, zero_stage
+from vaemo.train.recipes import Recipe, StepInputs, recipe_for
+from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
+
+# A test hook: crash rank 0 right after it wrote its shards of this step's checkpoint, before Ray has
+# it, as a power cut during a save would. Inert unless set.
+CRASH_AT_SAVE_STEP = "VAEMO_TEST_CRASH_AT_SAVE_STEP"
+
+
+class StageModule(nn.Module):
+    """What DeepSpeed wraps: the model, the stage's own heads, and the recipe's loss as its forward."""
+
+    def __init__(self, model: VAEmotionLLM, extra: nn.Module | None, recipe: Recipe):
+        super().__init__()
+        self.model = model
+        self.extra = extra
+        self.recipe = recipe
+        self.last_sums: dict[str, float] = {}
+
+    def forward(self, step: StepInputs, mode: str = "train") -> torch.Tensor:
+        if mode == "score":
+            self.last_sums = self.recipe.score(self.model, step)
+            return torch.zeros(())
+        result = self.recipe.loss(self.model, self.extra, step)
+        self.last_sums = result.sums
+        return result.loss
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak: a pure function of the step."""
+    t = cfg.train
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def synchronize(step: StepInputs, world_size: int, chunk_size: int) -> None:
+    """All-reduce the step's normalisers (SUM) and response positions (MAX -> chunk counts)."""
+    counts = sorted(step.counts)
+    positions = sorted(step.positions)
+    sums = torch.tensor([float(step.counts[k]) for k in counts], dtype=torch.float64)
+    maxima = torch.tensor([step.positions[k] for k in positions], dtype=torch.int64)
+    if world_size > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    step.global_counts = dict(zip(counts, sums.tolist()))
+    step.chunks = {k: chunk_count(int(m), chunk_size) for k, m in zip(positions, maxima.tolist())}
+    step.world_size = world_size
+
+
+def quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\.checkpoint")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function. `loop_config`: config, run_dir, launch_id, resume_from, queue."""
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    quiet_libraries()
+    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    import deepspeed
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    if use_gpu:
+        torch.cuda.set_device(context.get_local_rank())
+    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    # -- setup ---------------------------------------------------------------------------------
+    recipe = recipe_for(cfg)
+    dtype = choose_dtype(cfg.model.dtype)
+    ds_config = deepspeed_config(cfg, dtype)
+    model = build_model(cfg.model, cfg.data, seed=cfg.seed)
+    recipe.prepare_model(model)
+    torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
+    extra = recipe.extra_modules(model)
+    set_trainable(model, cfg.stage, extra)
+    module = StageModule(model, extra, recipe)
+    if use_gpu:
+        module = module.cuda()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config)
+
+    # -- resume --------------------------------------------------------------------------------
+    start_step, stream_state = 0, StreamState(num_workers=cfg.data.loader_workers)
+    source = resume_source(ray.train.get_checkpoint(), loop_config)
+    if source is not None:
+        start_step, stream_state = load_checkpoint(engine, source, rank, world, cfg)
+
+    # -- data ----------------------------------------------------------------------------------
+    spec = recipe.decode_spec()
+    urls = expand_shards(cfg.data.train_shards)
+    stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None)
+    batches = iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches))
+    writer = MetricsWriter(run_dir, loop_config.get("queue")) if rank == 0 else None
+
+    # -- loop ----------------------------------------------------------------------------------
+    accumulator, interval, started = Accumulator(), Stopwatch(), time.perf_counter()
+    last_metrics: dict = {}
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        waited = time.perf_counter()
+        batch = next(batches)
+        data_wait = time.perf_counter() - waited
+        stream_state.update(batch)
+        computed = time.perf_counter()
+        lr = learning_rate(cfg, step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        inputs = recipe.prepare(model, batch, np.random.default_rng([cfg.seed, 104729, rank, step]))
+        synchronize(inputs, world, recipe.chunk)
+        loss = engine(inputs)
+        engine.backward(loss)
+        engine.step()
+        accumulator.add({**module.last_sums, "loss": float(loss.detach()), "clips": inputs.clips,
+                         "tokens": inputs.tokens, "data_wait_s": data_wait, "steps": 1,
+                         "compute_s": time.perf_counter() - computed})
+
+        last = step == cfg.train.max_steps
+        validate_now = cfg.train.val_batches > 0 and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
+        if step % cfg.train.report_every == 0 or last or validate_now:
+            accumulator.add({f"skip/{k}": v for k, v in stream_state.skips().items()} if rank == 0 else {})
+            totals = accumulator.reduce()
+            record = interval_record(step, totals, recipe.metrics(totals), world, lr, interval.lap(),
+                                     time.perf_counter() - started)
+            record["stage"] = cfg.stage
+            if validate_now:
+                record.update(validate(engine, module, recipe, cfg, rank, world))
+            if writer:
+                writer.write(record)
+            accumulator.reset()
+            last_metrics = record
+        if step % cfg.train.checkpoint_every == 0 or last:
+            save_checkpoint(engine, step, stream_state, cfg, rank, world, loop_config, last_metrics)
+        elif validate_now:
+            ray.train.report(last_metrics)
+
+    # -- export --------------------------------------------------------------------------------
+    if cfg.train.export:
+        export(engine, model, run_dir / "export", rank, ds_config)
+    if writer:
+        writer.close()
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"stage {cfg.stage}")
+
+
+def resume_source(ray_checkpoint, loop_config: dict) -> Path | None:
+    """After a worker-group restart Ray hands back this launch's latest checkpoint: that wins. A
+    checkpoint Ray finds from an earlier launch in the same folder is not ours to resume from."""
+    if ray_checkpoint is not None:
+        folder = Path(ray_checkpoint.path)
+        if (folder / "meta.json").is_file() and ckpt.read_meta(folder).get("launch_id") == loop_config["launch_id"]:
+            return folder
+    return Path(loop_config["resume_from"]) if loop_config.get("resume_from") else None
+
+
+def load_checkpoint(engine, folder: Path, rank: int, world: int, cfg: Config) -> tuple[int, StreamState]:
+    meta = ckpt.read_meta(folder)
+    if int(meta["world_size"]) != world:
+        raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} workers; resume with "
+                         f"scaling.num_workers={meta['world_size']}")
+    load_path, _ = engine.load_checkpoint(str(folder), tag=ckpt.TAG, load_module_strict=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+    state = torch.load(folder / f"trainer_state_rank{rank}.pt", weights_only=False)
+    ckpt.set_rng_state(state["rng"])
+    return int(state["step"]), StreamState.from_state_dict(state["stream"], cfg.data.loader_workers)
+
+
+def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, rank: int, world: int,
+                    loop_config: dict, metrics: dict) -> None:
+    """Every rank writes its shard into a local folder; Ray merges and persists them as step-N."""
+    import ray.train
+
+    local = Path(tempfile.mkdtemp(prefix="vaemo-ckpt-"))
+    try:
+        engine.save_checkpoint(str(local), tag=ckpt.TAG, exclude_frozen_parameters=True)
+        torch.save({"step": step, "stream": stream_state.state_dict(), "rng": ckpt.rng_state()},
+                   local / f"trainer_state_rank{rank}.pt")
+        if rank == 0:
+            (local / "config.yaml").write_text(render_config(cfg))
+            meta = {"step": step, "world_size": world, "stage": cfg.stage, "loader_workers": cfg.data.loader_workers,
+                    "launch_id": loop_config["launch_id"]}
+            (local / "meta.json").write_text(json.dumps(meta))
+        if rank == 0 and os.environ.get(CRASH_AT_SAVE_STEP) == str(step):
+            os._exit(17)
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=ckpt.step_dir_name(step))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+@torch.no_grad()
+def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int, world: int) -> dict:
+    """Validation loss (and, where the recipe scores, accuracies) on the same batches every time: a
+    fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
+    stream = TrainStream(expand_shards(cfg.data.val_shards), recipe.decode_spec(), cfg.data.batch_size,
+                         seed=cfg.seed + 1, rank=rank, world_size=world, shuffle_buffer=1)
+    batches = iter(make_loader(stream, 0))
+    engine.eval()
+    accumulator = Accumulator()
+    scores = hasattr(recipe, "score")
+    for index in range(cfg.train.val_batches):
+        batch = next(batches)
+        for mode in ("train", "score") if scores else ("train",):
+            kwargs = {"score": True} if mode == "score" else {}
+            inputs = recipe.prepare(module.model, batch, np.random.default_rng([cfg.seed, 7919, rank, index]), **kwargs)
+            synchronize(inputs, world, recipe.chunk)
+            loss = engine(inputs, mode=mode)
+            accumulator.add(module.last_sums | ({"loss": float(loss)} if mode == "train" else {}))
+    engine.train()
+    totals = accumulator.reduce()
+    metrics = recipe.metrics(totals)
+    out = {"val_loss": totals["loss"] / (world * cfg.train.val_batches)}
+    out.update({k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()})
+    return out
+
+
+def export(engine, model: VAEmotionLLM, out_dir: Path, rank: int, ds_config: dict) -> None:
+    """Gather the full weights on rank 0 and write a folder `VAEmotionLLM.from_pretrained` loads."""
+    if zero_stage(ds_config) == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        model.save_pretrained(out_dir, state_dict=model_state)
+    if dist.is_initialized():
+        dist.barrier()
