@@ -239,7 +239,9 @@ class TrainConfig:
     """The optimisation loop shared by all stages (per-stage values under `stages.stageN.train`)."""
 
     max_steps: int = 100
-    """Optimizer steps to run; the training stream is resampled, so this fixes the run length."""
+    """Optimizer steps of the schedule; the training stream is resampled, so this fixes the run length."""
+    stop_after: int = 0
+    """Stop (with a checkpoint) after this step, keeping the max_steps schedule; 0 runs to max_steps."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 10
@@ -265,6 +267,7 @@ class TrainConfig:
 
     def check(self, path: str) -> None:
         _require(self.max_steps >= 1, f"{path}.max_steps", "must be >= 1")
+        _require(0 <= self.stop_after <= self.max_steps, f"{path}.stop_after", "must be within 0-max_steps")
         _require(self.lr > 0 and math.isfinite(self.lr), f"{path}.lr", "must be a positive number")
         _require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", "must be within 0-1")

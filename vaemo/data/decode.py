@@ -73,6 +73,7 @@ class Clip:
     audio_len: int  # valid samples in `audio`
     duration: float  # seconds, from the container
     meta: dict = field(default_factory=dict)
+    source: str = ""  # the shard the sample came from
 
 
 def split_sample(sample: dict) -> tuple[str, bytes, dict]:
@@ -166,4 +167,4 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     if audio is not None and duration > 0 and audio_seconds < 0.8 * duration:
         raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {duration:.2f}s")
     return Clip(key=sample.get("__key__", ""), video=video, audio=audio, audio_len=audio_len,
-                duration=duration or audio_seconds, meta=meta)
+                duration=duration or audio_seconds, meta=meta, source=sample.get("__url__", ""))

@@ -159,6 +159,7 @@ class Batch:
     duration: list[float]  # seconds per clip
     meta: list[dict]
     has_audio: list[bool] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # the shard of each clip
     worker: int = 0
     position: int = 0  # raw samples this worker had drawn when the batch was complete
     skips: dict[str, int] = field(default_factory=dict)  # this worker's skip counts so far
@@ -186,6 +187,7 @@ def collate(clips: list[Clip], worker: int, position: int, skips: Counter) -> Ba
         video=_stack([c.video for c in clips]) if has_video else None,
         audio=_stack([c.audio if c.audio is not None else silence for c in clips]) if with_audio else None,
         has_audio=[c.audio is not None for c in clips],
+        sources=[c.source for c in clips],
         audio_len=[c.audio_len for c in clips],
         duration=[c.duration for c in clips],
         meta=[c.meta for c in clips],

@@ -66,7 +66,6 @@ class Embedded:
     attention: torch.Tensor  # (B, L)
     positions: torch.Tensor  # (3, B, L) M-RoPE positions
     pooled: torch.Tensor  # (B, D) mean of each sequence's (enhanced) modality tokens
-    zero: torch.Tensor  # 0 * (outputs of pathways run on dummy input): add it to the loss (ZeRO-3)
 
 
 class ModelOutput(NamedTuple):
@@ -74,7 +73,6 @@ class ModelOutput(NamedTuple):
 
     hidden: torch.Tensor  # (B, L, D) last hidden states
     pooled: torch.Tensor  # (B, D)
-    zero: torch.Tensor  # ()
 
 
 class VAEmotionLLM(nn.Module):
@@ -106,6 +104,11 @@ class VAEmotionLLM(nn.Module):
     @property
     def audio_tokens_per_clip(self) -> int:
         return audio_tokens(self.spec.audio_seconds, self.spec.projector_stride)
+
+    @property
+    def audio_samples(self) -> int:
+        """Samples of 16 kHz audio per clip the audio pathway takes."""
+        return int(round(self.spec.audio_seconds * 16000))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -152,9 +155,10 @@ class VAEmotionLLM(nn.Module):
     def embed(self, inputs: ModelInputs, run_all_pathways: bool = False) -> Embedded:
         """Token embeddings with video/audio tokens in their placeholders, and M-RoPE positions.
 
-        With `run_all_pathways`, a pathway the batch does not use still runs (on a tiny dummy input;
-        its output times zero joins `zero`): under ZeRO-3 every rank must run every submodule every
-        step, or the ranks wait on each other forever.
+        With `run_all_pathways`, a pathway the batch does not use still runs on a tiny dummy input:
+        under ZeRO-3 every rank must run every submodule every step, or the ranks wait on each other
+        forever. Its output, times zero, is added to the embeddings rather than returned: ZeRO-3 also
+        hooks each returned tensor that needs a gradient, so ranks must return alike.
         """
         device = self.vlm.device
         ids = inputs.input_ids.to(device)
@@ -193,7 +197,7 @@ class VAEmotionLLM(nn.Module):
             embeds = torch.where((ids == self.tokens.audio_start).unsqueeze(-1), markers[0], embeds)
             embeds = torch.where((ids == self.tokens.audio_end).unsqueeze(-1), markers[1], embeds)
         elif run_all_pathways:
-            dummy = self.audio_tokens(torch.zeros(1, int(round(self.spec.audio_seconds * 16000))))
+            dummy = self.audio_tokens(torch.zeros(1, self.audio_samples))
             zero = zero + 0.0 * (enhance(dummy).sum() + self.projector_markers().sum())
 
         attention = inputs.attention_mask.to(device)
@@ -207,14 +211,15 @@ class VAEmotionLLM(nn.Module):
                                                          attention_mask=attention)
         else:  # text-like positions only; padding-aware for left-padded generation batches
             positions = (attention.cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
-        return Embedded(embeds, attention, positions, pooled_sum / pooled_count.clamp(min=1), zero)
+        embeds = embeds + zero.to(embeds.dtype)
+        return Embedded(embeds, attention, positions, pooled_sum / pooled_count.clamp(min=1))
 
     def forward(self, inputs: ModelInputs, run_all_pathways: bool = False) -> ModelOutput:
         """Hidden states of every position (logits are left to the caller: see `logits`)."""
         e = self.embed(inputs, run_all_pathways)
         hidden = self.vlm.model.language_model(inputs_embeds=e.embeds, attention_mask=e.attention,
                                                position_ids=e.positions).last_hidden_state
-        return ModelOutput(hidden=hidden, pooled=e.pooled, zero=e.zero)
+        return ModelOutput(hidden=hidden, pooled=e.pooled)
 
     def projector_markers(self) -> torch.Tensor:
         """(2, D): the <|audio_start|>/<|audio_end|> embeddings, through a module call (ZeRO-3 safe)."""

@@ -193,8 +193,8 @@ class AlignRecipe(Recipe):
         return out, distill(student_hidden, model.logits, target, s.temperature, self.chunk, step.chunks.get(student, 0))
 
     def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
-        out, kd = self.kd(model, step, "teacher", "student", run_all_pathways=True)
-        loss = normalised(kd.kl_sum, step, "kd_tokens") + out.zero
+        _, kd = self.kd(model, step, "teacher", "student", run_all_pathways=True)
+        loss = normalised(kd.kl_sum, step, "kd_tokens")
         return StepResult(loss, {"kd_sum": float(kd.kl_sum.detach()), "kd_tokens": kd.count, "agree": kd.agree})
 
 
@@ -237,13 +237,15 @@ class EmoAdapterRecipe(AlignRecipe):
         self.note_pass(step, "lm", clip_inputs(model, items, batch))
         step.labels = {"va": torch.tensor(va, dtype=torch.float32), "category": torch.tensor(category)}
         step.labels["path"] = torch.tensor([("visual", "audio", "audio_visual").index(p) for p in paths])
-        # KD pairs for clips with a soundtrack; a rank without any runs one dummy pair (see module doc).
+        # KD pairs for clips with a soundtrack; a rank without any runs one dummy pair on silence, with
+        # weight 0 (see module doc).
         kd_clips = [i for i in range(len(batch)) if batch.has_audio[i]] or [0]
         prompts = {i: describe_prompt(rng) for i in kd_clips}
         weight = 1.0 if any(batch.has_audio) else 0.0
+        audio = batch.audio if batch.audio is not None else torch.zeros(len(batch), model.audio_samples)
         for name, modality in (("teacher", "visual"), ("student", "audio")):
             kd_items = [PromptItem(modality, prompts[i], batch.meta[i]["caption"], i) for i in kd_clips]
-            self.note_pass(step, name, clip_inputs(model, kd_items, batch))
+            self.note_pass(step, name, model.prompts.batch(kd_items, batch.video, audio, batch.duration))
         step.labels["kd_weight"] = torch.tensor(weight)
         step.counts = {"lm_tokens": step.positions["lm"], "va_rows": float(len(va)),
                        "kd_tokens": step.positions["student"] * weight}
@@ -254,7 +256,7 @@ class EmoAdapterRecipe(AlignRecipe):
         inputs = step.passes["lm"]
         out, hidden = self.response_hidden(model, inputs, run_all_pathways=True)
         lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0))
-        loss = s.lambda_lm * normalised(lm_sum, step, "lm_tokens") + out.zero
+        loss = s.lambda_lm * normalised(lm_sum, step, "lm_tokens")
         sums = {"lm_sum": float(lm_sum.detach()), "lm_tokens": step.positions["lm"]}
         if model.supervisor is not None:
             va_pred, logits = model.supervisor(out.pooled)

@@ -116,8 +116,10 @@ def plot_curves(metrics_file: Path, png: Path, title: str = "") -> None:
         for key, value in r.items():
             if isinstance(value, (int, float)) and key not in ("step", "elapsed_s"):
                 series[key].append((r["step"], value))
+    accuracy = [k for k in series if k.endswith("_acc") or k.endswith("agreement")]
     panels = [("loss terms", [k for k in ("loss", "lm", "kd", "aux", "va", "cat") if k in series]),
-              ("validation", [k for k in series if k.startswith("val_")] + (["agreement"] if "agreement" in series else [])),
+              ("validation loss", [k for k in series if k.startswith("val_") and k not in accuracy]),
+              ("accuracy / agreement", accuracy),
               ("throughput (clips/s)", ["samples_per_s"]), ("data wait fraction", ["data_wait_frac"])]
     panels = [(name, keys) for name, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)

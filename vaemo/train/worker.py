@@ -140,11 +140,14 @@ def train_worker(loop_config: dict) -> None:
     # -- loop ----------------------------------------------------------------------------------
     accumulator, interval, started = Accumulator(), Stopwatch(), time.perf_counter()
     last_metrics: dict = {}
-    for step in range(start_step + 1, cfg.train.max_steps + 1):
+    shards_read: set[str] = set()
+    final_step = cfg.train.stop_after or cfg.train.max_steps
+    for step in range(start_step + 1, final_step + 1):
         waited = time.perf_counter()
         batch = next(batches)
         data_wait = time.perf_counter() - waited
         stream_state.update(batch)
+        shards_read.update(batch.sources)
         computed = time.perf_counter()
         lr = learning_rate(cfg, step)
         for group in engine.optimizer.param_groups:
@@ -158,7 +161,7 @@ def train_worker(loop_config: dict) -> None:
                          "tokens": inputs.tokens, "data_wait_s": data_wait, "steps": 1,
                          "compute_s": time.perf_counter() - computed})
 
-        last = step == cfg.train.max_steps
+        last = step == final_step
         validate_now = cfg.train.val_batches > 0 and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
         if step % cfg.train.report_every == 0 or last or validate_now:
             accumulator.add({f"skip/{k}": v for k, v in stream_state.skips().items()} if rank == 0 else {})
@@ -177,12 +180,25 @@ def train_worker(loop_config: dict) -> None:
         elif validate_now:
             ray.train.report(last_metrics)
 
+    record_worker(run_dir, rank, shards_read)
+
     # -- export --------------------------------------------------------------------------------
     if cfg.train.export:
         export(engine, model, run_dir / "export", rank, ds_config)
     if writer:
         writer.close()
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"stage {cfg.stage}")
+
+
+def record_worker(run_dir: Path, rank: int, shards_read: set[str]) -> None:
+    """RUN_DIR/workers/rankR.json: where the rank ran and which shards it read (data-plan debugging)."""
+    import socket
+
+    import ray
+
+    info = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid(), "shards_read": sorted(shards_read)}
+    (run_dir / "workers" / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
 
 def resume_source(ray_checkpoint, loop_config: dict) -> Path | None:

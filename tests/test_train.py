@@ -1,0 +1,263 @@
+"""The distributed trainer for real: Ray Train workers running DeepSpeed ZeRO-3 engines on gloo, on the
+tiny preset and the small synthetic world. Slow (each run starts Ray); CI runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from vaemo.model import VAEmotionLLM
+from vaemo.train.checkpoint import find_checkpoint, missing_parts
+
+pytestmark = pytest.mark.slow
+PYTHON = sys.executable
+
+
+def stage_cmd(stage: int, out: Path, world: Path, *overrides: str) -> list[str]:
+    return [PYTHON, str(ROOT / f"jobs/stage{stage}.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(out),
+            f"data.train_shards={world}/train/*.tar", f"data.val_shards={world}/val/*.tar", "data.batch_size=4",
+            "train.max_steps=4", "train.report_every=1", "train.checkpoint_every=2", "train.val_batches=1",
+            "train.warmup_steps=1", *overrides]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 420) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+    return result
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(export: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(export.rglob("*.safetensors")):
+        out.update({f"{file.relative_to(export)}:{k}": v for k, v in load_file(str(file)).items()})
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage0_export(small_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage0")
+    ok(run(stage_cmd(0, out, small_world)))
+    return out / "export"
+
+
+def test_stages_chain_and_write_every_promised_output(small_world, stage0_export, tmp_path):
+    run0 = stage0_export.parent
+    for name in ("metrics.jsonl", "config.yaml", "curves.png", "export/vaemo_config.json"):
+        assert (run0 / name).exists(), name
+    assert list((run0 / "tb").glob("events.out.tfevents.*"))
+    assert {p.name for p in (run0 / "checkpoints").glob("step-*")} == {"step-00000002", "step-00000004"}
+    records = metrics(run0)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "lm", "aux", "samples_per_s", "tokens_per_s", "data_wait_s", "compute_s", "data_wait_frac", "lr"):
+        assert key in records[0], key
+    assert "val_loss" in records[-1]
+
+    run1 = tmp_path / "stage1"
+    result = ok(run(stage_cmd(1, run1, small_world, f"model.init_from={stage0_export}")))
+    assert "stage1 step 4/4" in result.stdout  # compact progress lines off a terminal
+    assert "agreement" in metrics(run1)[-1] and 0.0 <= metrics(run1)[-1]["agreement"] <= 1.0
+    run2 = tmp_path / "stage2"
+    ok(run(stage_cmd(2, run2, small_world, f"model.init_from={run1 / 'export'}", "model.lora.rank=2")))
+    last = metrics(run2)[-1]
+    for key in ("lm", "kd", "va", "cat", "val_emotion_acc", "val_audio_acc", "val_visual_acc"):
+        assert key in last, key
+    model = VAEmotionLLM.from_pretrained(run2 / "export")
+    assert model.enhancer is not None and model.supervisor is not None
+    assert (run2 / "export" / "emo_adapter.safetensors").is_file() and (run2 / "export" / "lora.safetensors").is_file()
+    assert (run1 / "export" / "audio_projector.safetensors").is_file()
+    # stage 1 trained only the projector: everything else equals the stage-0 export
+    before, after = weights(stage0_export), weights(run1 / "export")
+    changed = {k.split(":")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"audio_projector.safetensors"}
+
+    exported = tmp_path / "from-checkpoint"
+    ok(run([str(Path(PYTHON).parent / "vaemo"), "export", "--checkpoint", str(run2 / "checkpoints"), "--out", str(exported)]))
+    a, b = weights(run2 / "export"), weights(exported)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact(small_world, stage0_export, tmp_path):
+    """6 steps straight == 3 steps, then --resume-from, then 3 more: same losses, same final weights."""
+    common = [f"model.init_from={stage0_export}", "train.max_steps=6", "train.checkpoint_every=3", "train.val_batches=0",
+              "data.loader_workers=2"]
+    ok(run(stage_cmd(1, tmp_path / "straight", small_world, *common)))
+    ok(run(stage_cmd(1, tmp_path / "first", small_world, *common, "train.stop_after=3")))
+    ok(run(stage_cmd(1, tmp_path / "second", small_world, *common) + ["--resume-from", str(tmp_path / "first")]))
+    straight = {r["step"]: r["loss"] for r in metrics(tmp_path / "straight")}
+    resumed = {r["step"]: r["loss"] for r in metrics(tmp_path / "first") + metrics(tmp_path / "second")}
+    assert sorted(resumed) == list(range(1, 7))
+    assert resumed == straight
+    a, b = weights(tmp_path / "straight" / "export"), weights(tmp_path / "second" / "export")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(small_world, stage0_export, tmp_path):
+    crashed = tmp_path / "crashed"
+    result = run(stage_cmd(1, crashed, small_world, f"model.init_from={stage0_export}", "train.max_steps=6",
+                           "scaling.max_failures=0", "train.val_batches=0"),
+                 env={"VAEMO_TEST_CRASH_AT_SAVE_STEP": "4"})
+    assert result.returncode == 1 and "stage 1 failed" in result.stdout
+    assert not missing_parts(crashed / "checkpoints" / "step-00000002")
+    partial = crashed / "checkpoints" / "step-00000004"
+    assert not partial.exists() or missing_parts(partial)
+    assert find_checkpoint(crashed) == crashed / "checkpoints" / "step-00000002"
+    resumed = tmp_path / "resumed"
+    ok(run(stage_cmd(1, resumed, small_world, f"model.init_from={stage0_export}", "train.max_steps=6",
+                     "train.val_batches=0") + ["--resume-from", str(crashed)]))
+    assert [r["step"] for r in metrics(resumed)] == [3, 4, 5, 6]
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_export, tmp_path):
+    out = tmp_path / "killed"
+    cmd = stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", "train.max_steps=60",
+                    "train.checkpoint_every=5", "train.report_every=5", "train.val_batches=0", "scaling.max_failures=2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "checkpoints" / "step-00000005" / "meta.json").exists():
+            time.sleep(0.1)
+        victim = int((out / "workers" / "rank1.pid").read_text())
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    steps = [r["step"] for r in metrics(out)]
+    assert steps[-1] == 60
+    assert len(steps) > len(set(steps))  # the steps after the last checkpoint ran twice: a restart happened
+    assert int((out / "workers" / "rank1.pid").read_text()) != victim
+
+
+def strict_zero3(tmp_path: Path) -> Path:
+    """ZeRO-3 with every parameter partitioned: a rank that skipped a module would hang the others."""
+    config = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3_strict.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_zero3_ranks_stay_in_step_when_one_ranks_batch_lacks_audio(stage0_export, tmp_path):
+    from vaemo.data.synth import encode_clips, render_clip
+
+    world = tmp_path / "world"
+    for split in ("train", "val"):
+        (world / split).mkdir(parents=True)
+        for shard in range(2):  # rank 0 reads shard 0 (with soundtracks), rank 1 shard 1 (silent films)
+            rendered = [render_clip(5, "train", 100 * shard + i + (1000 if split == "val" else 0), size=128, fps=12,
+                                    min_duration=2.0, max_duration=2.5, sample_rate=16000) for i in range(6)]
+            clips = encode_clips([(f, a if shard == 0 else None) for f, a, _ in rendered], 12, 16000)
+            with wds.TarWriter(str(world / split / f"{split}-{shard}.tar"), encoder=False) as sink:
+                for i, (clip, (_, _, meta)) in enumerate(zip(clips, rendered)):
+                    sink.write({"__key__": f"s{shard}-{i}", "mp4": clip, "json": json.dumps(meta).encode()})
+    out = tmp_path / "run"
+    ok(run(stage_cmd(2, out, world, f"model.init_from={stage0_export}", f"deepspeed.config={strict_zero3(tmp_path)}",
+                     "data.loader_workers=1", "train.max_steps=3"), timeout=300))
+    info = {r: json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert all(s.endswith("-0.tar") for s in info[0]["shards_read"])
+    assert all(s.endswith("-1.tar") for s in info[1]["shards_read"])
+    assert metrics(out)[-1]["step"] == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env() -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(PYTHON).parent / "ray"), *args], capture_output=True, text=True, env=ray_env(),
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_export, tmp_path):
+    port, dashboard = free_port(), free_port()
+    started = ray_cli("start", "--head", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dashboard}",
+                      "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--disable-usage-stats")
+    assert started.returncode == 0, started.stderr
+    try:
+        out = tmp_path / "job"
+        cmd = stage_cmd(1, out, small_world, f"model.init_from={stage0_export}")
+        submitted = ray_cli("job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
+                            "--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}),
+                            "--", "python", *cmd[1:], timeout=600)
+        assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
+        assert "succeeded" in submitted.stdout
+        assert "stage1 step 4/4" in submitted.stdout  # progress lines come through the job's logs
+        assert (out / "export" / "vaemo_config.json").is_file() and metrics(out)[-1]["step"] == 4
+        failing = ray_cli("job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
+                          "python", "jobs/stage1.py", "--out", str(tmp_path / "bad"), "data.train_shards=/nothing/*.tar")
+        assert failing.returncode != 0 and "match no file" in failing.stdout + failing.stderr
+    finally:
+        ray_cli("stop", "--force")
+
+
+def test_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
+    port = free_port()
+    head = ray_cli("start", "--head", "--num-cpus=1", f"--port={port}", "--node-ip-address=127.0.0.1",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", "--disable-usage-stats")
+    assert head.returncode == 0, head.stderr
+    try:
+        second = ray_cli("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                         "--disable-usage-stats")
+        assert second.returncode == 0, second.stderr
+        out = tmp_path / "two-nodes"
+        ok(run(stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", "scaling.placement_strategy=STRICT_SPREAD",
+                         "train.val_batches=0", "data.loader_workers=2"),
+               env={**ray_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}))
+        info = [json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert info[0]["node_id"] != info[1]["node_id"]
+        assert info[0]["shards_read"] and info[1]["shards_read"]
+        assert set(info[0]["shards_read"]).isdisjoint(info[1]["shards_read"])
+    finally:
+        ray_cli("stop", "--force")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["scaling.cpus_per_worker=8"], "the Ray cluster has"),
+    (["data.train_shards=/nowhere/*.tar"], "match no file"),
+    (["model.init_from=/nowhere/export"], "model.init_from '/nowhere/export' is not a vaemo export"),
+    (["model.vlm=/nowhere/qwen"], "model.vlm '/nowhere/qwen' is not a checkpoint folder"),
+    (["deepspeed.config=/nowhere.json"], "deepspeed.config '/nowhere.json' does not exist"),
+])
+def test_preflight_errors_are_one_line_before_any_weight_loads(small_world, tmp_path, args, message):
+    result = run(stage_cmd(1, tmp_path / "x", small_world, *args), timeout=180)
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+
+
+def test_unwritable_output_and_an_earlier_run_are_refused(small_world, stage0_export, tmp_path):
+    result = run(stage_cmd(1, Path("/proc/vaemo-run"), small_world))
+    assert result.returncode == 2 and "is not writable" in result.stderr
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.jsonl").write_text("{}\n")
+    result = run(stage_cmd(1, tmp_path / "done", small_world))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
