@@ -40,3 +40,46 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: f
     exe = Path(sys.executable).parent / "vaemo"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd or ROOT,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def stage_cmd(stage: int, out: Path, world: Path, *overrides: str) -> list[str]:
+    """jobs/stageN.py on the small world with a few steps; overrides come last and win."""
+    return [sys.executable, str(ROOT / f"jobs/stage{stage}.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+            "--out", str(out), f"data.train_shards={world}/train/*.tar", f"data.val_shards={world}/val/*.tar",
+            "data.batch_size=4", "train.max_steps=4", "train.report_every=1", "train.checkpoint_every=2",
+            "train.val_batches=1", "train.warmup_steps=1", *overrides]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 420):
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def ok(result):
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    return result
+
+
+@pytest.fixture(scope="session")
+def stage0_export(small_world, tmp_path_factory) -> Path:
+    """A stage-0 run of a few steps on the small world (real Ray Train + DeepSpeed); its export."""
+    out = tmp_path_factory.mktemp("stage0")
+    ok(run(stage_cmd(0, out, small_world)))
+    return out / "export"
+
+
+@pytest.fixture(scope="session")
+def adapter_export(tmp_path_factory) -> Path:
+    """An untrained tiny model with an Emotion Enhancer and Supervisor, saved as an export."""
+    from vaemo.config import load_config
+    from vaemo.model import build_model
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", stage=2)
+    model = build_model(cfg.model, cfg.data, seed=0)
+    model.add_enhancer(64, 0.0)
+    model.add_supervisor(32, ["joy", "calm", "anger", "sadness"])
+    out = tmp_path_factory.mktemp("adapter") / "export"
+    model.save_pretrained(out)
+    return out

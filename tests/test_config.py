@@ -69,4 +69,4 @@ def test_every_field_is_documented_and_shown():
             undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
             assert not undocumented, f"{name}: {undocumented}"
     text = render_config(load_config(ROOT / "configs/tiny.yaml", stage=2))
-    assert "# Optimizer steps to run" in text and "max_steps:" in text
+    assert "# Optimizer steps of the schedule" in text and "max_steps:" in text

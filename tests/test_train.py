@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import ROOT
+from conftest import ROOT, ok, run, stage_cmd
 from safetensors.torch import load_file
 
 from vaemo.model import VAEmotionLLM
@@ -24,24 +24,6 @@ from vaemo.train.checkpoint import find_checkpoint, missing_parts
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
-
-
-def stage_cmd(stage: int, out: Path, world: Path, *overrides: str) -> list[str]:
-    return [PYTHON, str(ROOT / f"jobs/stage{stage}.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(out),
-            f"data.train_shards={world}/train/*.tar", f"data.val_shards={world}/val/*.tar", "data.batch_size=4",
-            "train.max_steps=4", "train.report_every=1", "train.checkpoint_every=2", "train.val_batches=1",
-            "train.warmup_steps=1", *overrides]
-
-
-def run(cmd: list[str], env: dict | None = None, timeout: float = 420) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
-    return result
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
-    return result
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -53,13 +35,6 @@ def weights(export: Path) -> dict[str, torch.Tensor]:
     for file in sorted(export.rglob("*.safetensors")):
         out.update({f"{file.relative_to(export)}:{k}": v for k, v in load_file(str(file)).items()})
     return out
-
-
-@pytest.fixture(scope="session")
-def stage0_export(small_world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stage0")
-    ok(run(stage_cmd(0, out, small_world)))
-    return out / "export"
 
 
 def test_stages_chain_and_write_every_promised_output(small_world, stage0_export, tmp_path):

@@ -164,7 +164,23 @@ def _register_train(groups) -> None:
     register(groups)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_train]
+def _register_eval(groups) -> None:
+    from vaemo.eval.run import add_eval_args, run_eval
+
+    p = groups.add_parser("eval", help="score an export on ArtEmoBench (same as jobs/eval.py)")
+    add_eval_args(p)
+    p.set_defaults(func=run_eval)
+
+
+def _register_sweep(groups) -> None:
+    from vaemo.tune import add_sweep_args, run_sweep
+
+    p = groups.add_parser("sweep", help="Ray Tune sweep of the EmoAdapter (same as jobs/sweep.py)")
+    add_sweep_args(p)
+    p.set_defaults(func=run_sweep)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_train, _register_eval, _register_sweep]
 
 
 @exit_on_user_error

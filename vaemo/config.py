@@ -547,6 +547,16 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def build_dataclass(cls: type, data: Any, path: str = "") -> Any:
+    """A typed config dataclass from a mapping; unknown keys and wrong types raise ConfigError."""
+    return _build(cls, data, path)
+
+
+def check_tree(obj: Any, path: str = "") -> None:
+    """Run every `check` method of a config tree (range and consistency checks)."""
+    _check_all(obj, path)
+
+
 def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config field '{path.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
@@ -575,6 +585,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"config field '{path}' must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{path}' must be a mapping, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field '{path}' must be a list, got {value!r}")

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.text import Text
 
 # Off a terminal (logs, `ray job submit`): no wrapping, no source paths, lines as they are.
-console = Console(highlight=False, log_path=False, soft_wrap=not sys.stdout.isatty())
+console = Console(highlight=False, log_path=False, soft_wrap=not sys.stdout.isatty(),
+                  width=None if sys.stdout.isatty() else 160)
 
 
 def is_terminal() -> bool:

@@ -153,7 +153,7 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
     from vaemo.train.worker import train_worker
 
     s = cfg.scaling
-    queue = Queue(maxsize=10_000)
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})  # also fits inside a Tune trial's bundle
     loop_config = {"config": config_to_dict(cfg), "run_dir": str(run_dir), "launch_id": uuid.uuid4().hex,
                    "resume_from": str(resume) if resume else None, "queue": queue}
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}

@@ -140,6 +140,7 @@ def train_worker(loop_config: dict) -> None:
     # -- loop ----------------------------------------------------------------------------------
     accumulator, interval, started = Accumulator(), Stopwatch(), time.perf_counter()
     last_metrics: dict = {}
+    latest_validation: dict = {}  # carried into later Ray reports: Tune ranks trials by it
     shards_read: set[str] = set()
     final_step = cfg.train.stop_after or cfg.train.max_steps
     for step in range(start_step + 1, final_step + 1):
@@ -170,11 +171,12 @@ def train_worker(loop_config: dict) -> None:
                                      time.perf_counter() - started)
             record["stage"] = cfg.stage
             if validate_now:
-                record.update(validate(engine, module, recipe, cfg, rank, world))
+                latest_validation = validate(engine, module, recipe, cfg, rank, world)
+                record.update(latest_validation)
             if writer:
                 writer.write(record)
             accumulator.reset()
-            last_metrics = record
+            last_metrics = {**latest_validation, **record}
         if step % cfg.train.checkpoint_every == 0 or last:
             save_checkpoint(engine, step, stream_state, cfg, rank, world, loop_config, last_metrics)
         elif validate_now:

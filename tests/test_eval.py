@@ -1,0 +1,75 @@
+"""ArtEmoBench evaluation: actor pool == in-process, results.json per spec, skipped media, deaf check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+from conftest import ROOT, ok, run
+
+from vaemo.data.bench import read_bench
+from vaemo.eval.run import evaluate
+from vaemo.eval.scoring import deaf_sources, plan
+
+
+def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world):
+    items = read_bench(small_world / "bench")
+    sources = deaf_sources(items, seed=3)
+    audio_clips = {i.media for i in items if i.modality == "audio"}
+    assert set(sources) == audio_clips and set(sources.values()) == audio_clips
+    assert all(a != b for a, b in sources.items())
+    chunks = plan(items, deaf_check=True, chunk_items=10)
+    tasks = [t for c in chunks for t in c]
+    assert sum(t.deaf for t in tasks) == sum(i.modality == "audio" for i in items)
+    for chunk in chunks:  # a clip's questions stay in one chunk: decoded once
+        for media in {t.item.media for t in chunk}:
+            assert all(t.item.media != media for other in chunks if other is not chunk for t in other)
+
+
+@pytest.mark.slow
+def test_the_actor_pool_gives_the_same_numbers_as_one_process(small_world, adapter_export):
+    pooled, pooled_items = evaluate(adapter_export, small_world / "bench", actors=2, batch_items=12)
+    single, single_items = evaluate(adapter_export, small_world / "bench", actors=0, batch_items=12)
+    assert pooled == single
+    for a, b in zip(pooled_items, single_items):
+        assert (a.id, a.deaf, a.predicted) == (b.id, b.deaf, b.predicted)
+        assert a.scores == pytest.approx(b.scores, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_results_follow_the_spec_and_an_unreadable_clip_is_counted(small_world, adapter_export, tmp_path):
+    bench = tmp_path / "bench"
+    shutil.copytree(small_world / "bench", bench)
+    (bench / "media" / "clip-00003.mp4").write_bytes(b"not a clip at all")
+    out = tmp_path / "eval"
+    result = ok(run([sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(adapter_export), "--bench", str(bench),
+                     "--out", str(out), "--actors", "2", "--baseline", f"same={adapter_export}"]))
+    report = json.loads((out / "results.json").read_text())
+    assert report["skipped"] == 6  # the clip is asked 6 questions
+    for modality in ("audio", "visual", "audio_visual"):
+        assert set(report["accuracy"][modality]) == {"content", "emotion", "all"}
+        assert report["counts"][modality] == {"content": 15, "emotion": 15}
+        assert set(report["va"][modality]) == {"valence_mae", "arousal_mae", "clips"}
+        assert 0.0 <= report["accuracy"][modality]["all"] <= 1.0
+    assert 0.0 <= report["accuracy"]["all"] <= 1.0
+    assert report["deaf_check"]["items"] > 0 and 0.0 <= report["deaf_check"]["accuracy"] <= 1.0
+    assert report["baselines"]["chance"]["accuracy"]["audio"]["emotion"] == pytest.approx(0.25)
+    assert report["baselines"]["same"]["accuracy"] == report["accuracy"]
+    assert (out / "accuracy.png").is_file()
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    skipped = [p for p in predictions if p["skipped"]]
+    assert skipped and all(p["reason"] == "corrupt_clip" for p in skipped)
+    assert "deaf" in result.stdout and "model" in result.stdout  # the table
+
+
+def test_bad_arguments_are_one_line_errors(small_world, tmp_path):
+    cmd = [sys.executable, str(ROOT / "jobs/eval.py"), "--bench", str(small_world / "bench"), "--out", str(tmp_path)]
+    result = run(cmd + ["--model", str(tmp_path)])
+    assert result.returncode == 2 and "is not a vaemo export" in result.stderr
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "items.jsonl").write_text('{"id": "x"}\n')
+    result = run([sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(tmp_path), "--bench",
+                  str(tmp_path / "bench"), "--out", str(tmp_path)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -1,0 +1,114 @@
+"""results.json (spec/data-formats.md), the rich table and the PNG chart of an evaluation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from vaemo.config import MODALITIES
+from vaemo.eval.scoring import ItemResult
+
+
+def summarize(results: list[ItemResult]) -> dict:
+    """accuracy[modality][task|all], accuracy[all], counts, skipped, va[modality], deaf_check."""
+    scored = [r for r in results if not r.skipped and not r.deaf]
+    accuracy: dict = {}
+    counts: dict = {}
+    for modality in MODALITIES:
+        rows = [r for r in scored if r.modality == modality]
+        if not rows:
+            continue
+        by_task = defaultdict(list)
+        for r in rows:
+            by_task[r.task].append(r.correct)
+        accuracy[modality] = {task: float(np.mean(v)) for task, v in sorted(by_task.items())}
+        accuracy[modality]["all"] = float(np.mean([r.correct for r in rows]))
+        counts[modality] = {task: len(v) for task, v in sorted(by_task.items())}
+    accuracy["all"] = float(np.mean([r.correct for r in scored])) if scored else 0.0
+    out = {"accuracy": accuracy, "counts": counts, "skipped": sum(r.skipped and not r.deaf for r in results)}
+    va = {}
+    for modality in MODALITIES:
+        seen: dict[str, ItemResult] = {}
+        for r in scored:  # one prediction per clip and modality (both tasks share the pooled tokens)
+            if r.modality == modality and r.valence_pred is not None and r.valence is not None:
+                seen.setdefault(r.media, r)
+        if seen:
+            va[modality] = {"valence_mae": float(np.mean([abs(r.valence_pred - r.valence) for r in seen.values()])),
+                            "arousal_mae": float(np.mean([abs(r.arousal_pred - r.arousal) for r in seen.values()
+                                                          if r.arousal is not None])),
+                            "clips": len(seen)}
+    if va:
+        out["va"] = va
+    deaf = [r for r in results if r.deaf and not r.skipped]
+    if deaf:
+        out["deaf_check"] = {"accuracy": float(np.mean([r.correct for r in deaf])), "items": len(deaf)}
+    out["chance"] = {m: float(np.mean([1.0 / r.options for r in scored if r.modality == m]))
+                     for m in MODALITIES if any(r.modality == m for r in scored)}
+    return out
+
+
+def columns(report: dict) -> list[tuple[str, str]]:
+    cols = []
+    for modality in MODALITIES:
+        for task in report["accuracy"].get(modality, {}):
+            if task != "all":
+                cols.append((modality, task))
+    return cols
+
+
+def table(rows: dict[str, dict], title: str = "ArtEmoBench accuracy"):
+    """A rich table: one row per model/baseline, one column per modality x task, plus the deaf check."""
+    from rich.table import Table
+
+    first = next(iter(rows.values()))
+    cols = columns(first)
+    out = Table(title=title)
+    out.add_column("model")
+    for modality, task in cols:
+        out.add_column(f"{modality.replace('_', '-')}\n{task}", justify="right")
+    out.add_column("all", justify="right")
+    out.add_column("deaf\ncheck", justify="right")
+    for name, report in rows.items():
+        cells = [f"{report['accuracy'].get(m, {}).get(t, float('nan')):.3f}" for m, t in cols]
+        deaf = report.get("deaf_check", {}).get("accuracy")
+        out.add_row(name, *cells, f"{report['accuracy'].get('all', float('nan')):.3f}",
+                    "-" if deaf is None else f"{deaf:.3f}")
+    return out
+
+
+def chance_report(report: dict) -> dict:
+    """What answering at random scores, in the shape of a report."""
+    accuracy = {m: {t: report["chance"][m] for t in tasks} for m, tasks in report["accuracy"].items() if m != "all"}
+    accuracy["all"] = float(np.mean(list(report["chance"].values()))) if report["chance"] else 0.0
+    return {"accuracy": accuracy, "counts": report["counts"], "skipped": 0}
+
+
+def chart(rows: dict[str, dict], png: Path, title: str = "ArtEmoBench") -> None:
+    """Grouped bars: accuracy per modality x task for each model, chance line, deaf check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(rows.values()))
+    cols = columns(first) + [("deaf", "check")]
+    x = np.arange(len(cols))
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(cols) + 2), 4))
+    for k, (name, report) in enumerate(rows.items()):
+        values = [report["accuracy"].get(m, {}).get(t, np.nan) for m, t in cols[:-1]]
+        values.append(report.get("deaf_check", {}).get("accuracy", np.nan))
+        ax.bar(x + (k - (len(rows) - 1) / 2) * width, values, width, label=name)
+    chance = np.mean(list(first.get("chance", {"x": 0.25}).values()))
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+    ax.set_xticks(x, [f"{m.replace('_', '-')}\n{t}" for m, t in cols])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,144 @@
+"""Evaluate an export on an ArtEmoBench folder with a pool of Ray actors (or in-process).
+
+Each actor holds one replica loaded from the export (never under ZeRO-3; one GPU each on a cluster,
+CPUs here) and scores chunks of items; the driver gathers item results and writes OUT/results.json,
+OUT/predictions.jsonl and OUT/accuracy.png, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from vaemo import progress
+from vaemo.config import project_root
+from vaemo.data.bench import read_bench
+from vaemo.errors import UserError
+from vaemo.eval.report import chance_report, chart, summarize, table
+from vaemo.eval.scoring import ItemResult, Scorer, plan
+
+
+class ScorerActor:
+    """A Ray actor around Scorer (kept a plain class so the in-process path runs the same code)."""
+
+    def __init__(self, model_dir: str, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.scorer = Scorer(model_dir)
+
+    def score(self, tasks):
+        return self.scorer.score(tasks)
+
+
+def check_model_dir(model_dir: str | Path, flag: str = "--model") -> Path:
+    path = Path(model_dir)
+    if not (path / "vaemo_config.json").is_file():
+        raise UserError(f"{flag} '{model_dir}' is not a vaemo export (no vaemo_config.json)")
+    return path
+
+
+def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batch_items: int = 16,
+             deaf_check: bool = True, max_items: int = 0, seed: int = 0, cpus_per_actor: float = 1.0,
+             gpus_per_actor: float | None = None, label: str = "") -> tuple[dict, list[ItemResult]]:
+    """Score every item; actors=0 scores in this process. Returns (report, item results)."""
+    model_dir = check_model_dir(model_dir)
+    items = read_bench(bench_dir)
+    if max_items:
+        items = items[:max_items]
+    chunks = plan(items, deaf_check, batch_items, seed)
+    results: list[ItemResult] = []
+    description = f"scoring {label or model_dir}"
+    if actors == 0:
+        scorer = Scorer(model_dir)
+        with progress.task(description, len(chunks)) as update:
+            for done, chunk in enumerate(chunks, 1):
+                results.extend(scorer.score(chunk))
+                update(done)
+    else:
+        import ray
+        from ray.util import ActorPool
+
+        from vaemo.train.launch import connect_ray
+
+        connect_ray()
+        if gpus_per_actor is None:
+            gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        env = {"PYTHONPATH": str(project_root()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+                            runtime_env={"env_vars": env})(ScorerActor)
+        pool = ActorPool([remote.remote(str(model_dir), int(cpus_per_actor)) for _ in range(min(actors, len(chunks)))])
+        with progress.task(description, len(chunks)) as update:
+            for done, part in enumerate(pool.map_unordered(lambda actor, chunk: actor.score.remote(chunk), chunks), 1):
+                results.extend(part)
+                update(done)
+        for actor in pool._idle_actors:
+            ray.kill(actor)
+    results.sort(key=lambda r: (r.id, r.deaf))
+    return summarize(results), results
+
+
+def write_outputs(out: Path, report: dict, results: list[ItemResult], baselines: dict[str, dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    full = dict(report)
+    if baselines:
+        full["baselines"] = baselines
+    (out / "results.json").write_text(json.dumps(full, indent=2))
+    with open(out / "predictions.jsonl", "w") as f:
+        for r in results:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    rows = {**{name: b for name, b in baselines.items()}, "model": report}
+    chart(rows, out / "accuracy.png")
+    progress.console.print(table(rows))
+    if report["skipped"]:
+        progress.log(f"{report['skipped']} item(s) skipped: their media could not be used (see predictions.jsonl)")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a model export folder (RUN_DIR/export)")
+    p.add_argument("--bench", required=True, help="an ArtEmoBench folder (items.jsonl + media/)")
+    p.add_argument("--out", required=True, help="output folder: results.json, predictions.jsonl, accuracy.png")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors, one model replica each (0: in-process)")
+    p.add_argument("--batch-items", type=int, default=16, help="items per scoring batch")
+    p.add_argument("--max-items", type=int, default=0, help="score only the first N items (smoke runs)")
+    p.add_argument("--no-deaf-check", action="store_true", help="skip the shuffled-soundtrack deaf check")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=EXPORT",
+                   help="also score this export and show it beside the model (e.g. before-stage1=RUN0/export)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.actors < 0:
+        raise UserError("--actors must be >= 0")
+    named = []
+    for spec in args.baseline:
+        if "=" not in spec:
+            raise UserError(f"--baseline '{spec}' must look like NAME=EXPORT_DIR")
+        name, path = spec.split("=", 1)
+        named.append((name, check_model_dir(path, "--baseline")))
+    check_model_dir(args.model)
+    read_bench(args.bench)  # a malformed benchmark fails here, before any actor starts
+    options = dict(actors=args.actors, batch_items=args.batch_items, deaf_check=not args.no_deaf_check,
+                   max_items=args.max_items, cpus_per_actor=args.cpus_per_actor)
+    report, results = evaluate(args.model, args.bench, label="model", **options)
+    baselines = {"chance": chance_report(report)}
+    for name, path in named:
+        baselines[name] = evaluate(path, args.bench, label=name, **options)[0]
+    write_outputs(Path(args.out), report, results, baselines)
+    progress.log(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'accuracy.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vaemo.cli import ArgParser
+    from vaemo.errors import exit_on_user_error
+
+    parser = ArgParser(prog="jobs/eval.py", description="Score an export on ArtEmoBench with a Ray actor pool.")
+    add_eval_args(parser)
+    return exit_on_user_error(run_eval)(parser.parse_args(argv))
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,153 @@
+"""Score ArtEmoBench items with one model replica (what each evaluation actor runs).
+
+Items are scored by the length-normalised log-likelihood of each option, all options of a batch of
+items in one forward pass. Items come in chunks grouped by clip, so a clip is decoded once for all the
+questions asked about it. An item whose media cannot be decoded is skipped and counted.
+
+The deaf check asks the audio items again with the soundtrack of another clip (a seeded derangement):
+a model that really listens answers for the other clip and falls to chance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaemo.data.bench import BenchItem
+from vaemo.data.decode import DecodeSpec, SkipSample, decode_audio, decode_video
+from vaemo.model import VAEmotionLLM
+
+
+@dataclass
+class Task:
+    """One item to score; `audio_from` names another clip's soundtrack for the deaf check."""
+
+    item: BenchItem
+    deaf: bool = False
+    audio_from: Path | None = None
+
+
+@dataclass
+class ItemResult:
+    id: str
+    modality: str
+    task: str
+    deaf: bool
+    skipped: bool
+    correct: bool = False
+    predicted: int = -1
+    answer: int = -1
+    options: int = 0
+    scores: list | None = None
+    valence: float | None = None  # truth
+    arousal: float | None = None
+    valence_pred: float | None = None
+    arousal_pred: float | None = None
+    media: str = ""
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def deaf_sources(items: list[BenchItem], seed: int = 0) -> dict[Path, Path]:
+    """For each clip asked under `audio`, another clip whose soundtrack replaces it (no fixed points)."""
+    clips = sorted({i.media for i in items if i.modality == "audio"})
+    if len(clips) < 2:
+        return {}
+    order = np.random.default_rng(seed).permutation(len(clips))
+    shifted = np.roll(order, 1)  # a cycle through a random order: every clip gets another one's audio
+    return {clips[a]: clips[b] for a, b in zip(order, shifted)}
+
+
+def plan(items: list[BenchItem], deaf_check: bool, chunk_items: int, seed: int = 0) -> list[list[Task]]:
+    """Tasks in chunks of about `chunk_items`, each clip's questions kept together."""
+    by_clip: dict[Path, list[Task]] = {}
+    for item in items:
+        by_clip.setdefault(item.media, []).append(Task(item))
+    if deaf_check:
+        sources = deaf_sources(items, seed)
+        for item in items:
+            if item.modality == "audio" and item.media in sources:
+                by_clip[item.media].append(Task(item, deaf=True, audio_from=sources[item.media]))
+    chunks: list[list[Task]] = [[]]
+    for clip in sorted(by_clip):
+        if chunks[-1] and len(chunks[-1]) + len(by_clip[clip]) > chunk_items:
+            chunks.append([])
+        chunks[-1].extend(by_clip[clip])
+    return [c for c in chunks if c]
+
+
+class Scorer:
+    """One model replica on one device (never under ZeRO-3)."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto"):
+        from vaemo.model import choose_attention, choose_dtype
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = VAEmotionLLM.from_pretrained(model_dir, attn_implementation=choose_attention("auto"),
+                                                  dtype=choose_dtype("auto")).to(device).eval()
+        v = self.model.spec.visual
+        self.spec = DecodeSpec(num_frames=v.num_frames, height=v.height, width=v.width,
+                               audio_seconds=self.model.spec.audio_seconds)
+
+    def _decode(self, path: Path, video: bool, audio: bool, cache: dict):
+        key = (path, video, audio)
+        if key not in cache:
+            try:
+                raw = path.read_bytes()
+                if not raw:
+                    raise SkipSample("empty_clip")
+                frames, duration = decode_video(raw, self.spec) if video else (None, 0.0)
+                if video and frames is None:
+                    raise SkipSample("no_video_stream")
+                sound, _, seconds = decode_audio(raw, self.spec) if audio else (None, 0, 0.0)
+                if audio and sound is None:
+                    raise SkipSample("no_audio_stream")
+                cache[key] = (frames, sound, duration or seconds)
+            except (SkipSample, OSError) as err:
+                cache[key] = getattr(err, "reason", "unreadable_media")
+        return cache[key]
+
+    @torch.no_grad()
+    def score(self, tasks: list[Task]) -> list[ItemResult]:
+        cache: dict = {}
+        rows, videos, audios, durations, results = [], [], [], [], []
+        for task in tasks:
+            item = task.item
+            needs_video = item.modality in ("visual", "audio_visual")
+            needs_audio = item.modality in ("audio", "audio_visual")
+            result = ItemResult(item.id, item.modality, item.task, task.deaf, skipped=False, answer=item.answer,
+                                options=len(item.options), valence=item.valence, arousal=item.arousal,
+                                media=str(item.media))
+            seen = self._decode(item.media, needs_video, needs_audio and not task.deaf, cache)
+            heard = self._decode(task.audio_from, False, True, cache) if task.deaf else seen
+            problem = next((x for x in (seen, heard) if isinstance(x, str)), None)
+            if problem:
+                result.skipped, result.reason = True, problem
+                results.append(result)
+                continue
+            frames, sound, duration = seen
+            if task.deaf:
+                sound = heard[1]
+            videos.append(frames if frames is not None else torch.zeros(self.spec.num_frames, 3, self.spec.height,
+                                                                          self.spec.width, dtype=torch.uint8))
+            audios.append(sound if sound is not None else torch.zeros(self.spec.audio_samples))
+            durations.append(duration)
+            rows.append((item.modality, item.question, item.options, len(videos) - 1))
+            results.append(result)
+        if rows:
+            scores, pooled = self.model.score_options(rows, torch.stack(videos), torch.stack(audios), durations)
+            va = self.model.supervisor(pooled)[0].float().cpu() if self.model.supervisor is not None else None
+            scored = [r for r in results if not r.skipped]
+            for k, (result, option_scores) in enumerate(zip(scored, scores)):
+                result.scores = option_scores
+                result.predicted = int(np.argmax(option_scores))
+                result.correct = result.predicted == result.answer
+                if va is not None:
+                    result.valence_pred, result.arousal_pred = float(va[k, 0]), float(va[k, 1])
+        return results

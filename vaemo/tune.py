@@ -1,0 +1,180 @@
+"""Ray Tune sweeps of the EmoAdapter: each trial is a stage-2 Ray Train run inside a Tune trial.
+
+A sweep file (sweeps/*.yaml) names the search space over config fields, the scheduler and the metric.
+Train workers report validation metrics; TuneReportCallback hands them to Tune, so ASHA can stop weak
+trials early. Outputs: DIR/trials.csv (one row per trial), DIR/best.yaml (a stage-2 config), Tune's own
+results under DIR/tune (TensorBoard reads them; the Ray dashboard shows the trials while they run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaemo import progress
+from vaemo.config import ConfigError, build_dataclass, check_tree, load_config, render_config
+from vaemo.errors import UserError
+
+SAMPLERS = ("loguniform", "uniform", "choice", "randint")
+
+
+@dataclass
+class SchedulerSpec:
+    type: str = "asha"
+    """`asha` (early stopping on validation reports) or `fifo` (every trial runs to the end)."""
+    grace_period: int = 1
+    """Validation reports a trial gets before ASHA may stop it."""
+    reduction_factor: int = 2
+    """ASHA keeps 1/reduction_factor of the trials at each rung."""
+
+
+@dataclass
+class SweepSpec:
+    metric: str = "val_emotion_acc"
+    """The validation metric trials are ranked by (reported by the stage-2 trainer)."""
+    mode: str = "max"
+    """`max` or `min`."""
+    trials: int = 8
+    """Trials to sample (--trials overrides it)."""
+    max_concurrent: int = 2
+    """Trials running at once."""
+    validate_every: int = 5
+    """Steps between validation reports in each trial (also its checkpoint interval)."""
+    trial_cpus: float = 0.5
+    """CPUs the Tune trial process itself reserves (its Train workers reserve their own)."""
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    """Early stopping."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Config field -> {loguniform|uniform: [low, high]} | {choice: [...]} | {randint: [low, high]}."""
+    trial_overrides: list[str] = field(default_factory=list)
+    """key=value overrides applied to every trial (e.g. a smaller scaling for sweeps)."""
+
+    def check(self, path: str) -> None:
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"sweep field 'mode' must be max or min, got {self.mode!r}")
+        if self.scheduler.type not in ("asha", "fifo"):
+            raise ConfigError(f"sweep field 'scheduler.type' must be asha or fifo, got {self.scheduler.type!r}")
+        for name in ("trials", "max_concurrent", "validate_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sweep field '{name}' must be >= 1")
+        if not self.space:
+            raise ConfigError("sweep field 'space' must name at least one config field")
+        for key, sampler in self.space.items():
+            if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
+                raise ConfigError(f"sweep field 'space.{key}' must be one of {', '.join(SAMPLERS)}: <values>")
+
+
+def load_sweep(path: str | Path, config_path: str | Path) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--space '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--space '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    spec = build_dataclass(SweepSpec, data)
+    check_tree(spec)
+    for key, sampler in spec.space.items():  # every searched field must exist and accept the values
+        name, values = next(iter(sampler.items()))
+        for value in (values if name == "choice" else values[:1]):
+            load_config(config_path, [*spec.trial_overrides, f"{key}={value}"], stage=2)
+    return spec
+
+
+def tune_space(space: dict) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, sampler in space.items():
+        name, values = next(iter(sampler.items()))
+        out[key] = {"loguniform": lambda v: tune.loguniform(float(v[0]), float(v[1])),
+                    "uniform": lambda v: tune.uniform(float(v[0]), float(v[1])),
+                    "randint": lambda v: tune.randint(int(v[0]), int(v[1])),
+                    "choice": tune.choice}[name](values)
+    return out
+
+
+def run_trial(params: dict, config_path: str, overrides: list[str], out_root: str) -> None:
+    """One Tune trial: the stage-2 trainer with the trial's parameters, its reports forwarded to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from vaemo.train.launch import run_stage
+
+    trial_id = tune.get_context().get_trial_id()
+    args = argparse.Namespace(config=config_path, out=str(Path(out_root) / "trials" / trial_id), resume_from=None,
+                              overwrite=True, overrides=[*overrides, *(f"{k}={v}" for k, v in params.items())])
+    run_stage(2, args, tune_callbacks=[TuneReportCallback()])
+
+
+def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None = None,
+          overrides: list[str] | None = None) -> dict:
+    """Run the sweep; returns {"best": params, "metric": value, "trials": rows}."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from vaemo.train.launch import connect_ray
+
+    out = Path(out).expanduser().resolve()
+    spec = load_sweep(space_path, config_path)
+    per_trial = [*spec.trial_overrides, *(overrides or []), f"train.val_every={spec.validate_every}",
+                 f"train.checkpoint_every={spec.validate_every}"]
+    base = load_config(config_path, per_trial, stage=2)
+    if base.train.val_batches < 1:
+        raise UserError("a sweep needs validation: set train.val_batches >= 1")
+    out.mkdir(parents=True, exist_ok=True)
+    connect_ray()
+    reports = math.ceil(base.train.max_steps / spec.validate_every)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=spec.scheduler.grace_period,
+                               reduction_factor=spec.scheduler.reduction_factor)
+                 if spec.scheduler.type == "asha" else FIFOScheduler())
+    trainable = tune.with_parameters(run_trial, config_path=str(Path(config_path).resolve()), overrides=per_trial,
+                                     out_root=str(out))
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": spec.trial_cpus}), param_space=tune_space(spec.space),
+                       tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=trials or spec.trials,
+                                                   max_concurrent_trials=spec.max_concurrent, scheduler=scheduler),
+                       run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1))
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        params = {k: result.config.get(k) for k in spec.space}
+        metrics = result.metrics or {}
+        rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **params, spec.metric: metrics.get(spec.metric),
+                     "steps": metrics.get("step"), "error": str(result.error).splitlines()[0] if result.error else ""})
+    with open(out / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    ranked = [r for r in rows if r[spec.metric] is not None]
+    if not ranked:
+        raise UserError(f"no trial reported {spec.metric}; see {out / 'tune'}")
+    best = (max if spec.mode == "max" else min)(ranked, key=lambda r: r[spec.metric])
+    best_params = {k: best[k] for k in spec.space}
+    best_cfg = load_config(config_path, [*(overrides or []), *(f"{k}={v}" for k, v in best_params.items())], stage=2)
+    header = (f"# Best of {len(rows)} trials by {spec.metric} ({spec.mode}): {best[spec.metric]:.4f}, trial "
+              f"{best['trial']}\n# Train stage 2 with it: python jobs/stage2.py --config {out / 'best.yaml'} --out RUN\n")
+    (out / "best.yaml").write_text(header + render_config(best_cfg))
+    return {"best": best_params, "metric": best[spec.metric], "trials": rows}
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the preset whose stage-2 settings trials start from")
+    p.add_argument("--space", required=True, help="a sweep file (sweeps/*.yaml)")
+    p.add_argument("--out", required=True, help="output folder: trials.csv, best.yaml, tune/, trials/")
+    p.add_argument("--trials", type=int, default=None, help="trials to sample (default: the sweep file's)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every trial (e.g. model.init_from=...)")
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    if args.trials is not None and args.trials < 1:
+        raise UserError("--trials must be >= 1")
+    result = sweep(args.config, args.space, args.out, args.trials, args.overrides)
+    progress.log(f"best {result['metric']:.4f} with {result['best']}; wrote {Path(args.out) / 'trials.csv'} and "
+                 f"{Path(args.out) / 'best.yaml'}")
+    return 0
