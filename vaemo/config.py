@@ -88,6 +88,8 @@ class DataConfig:
     """Decoded frame height in px; must be a multiple of patch_size x spatial_merge_size."""
     frame_width: int = 112
     """Decoded frame width in px; must be a multiple of patch_size x spatial_merge_size."""
+    frame_sampling: Literal["uniform", "pairs"] = "uniform"
+    """`uniform` frames over the clip, or uniformly spaced `pairs` of consecutive frames (sharp, with motion)."""
     audio_seconds: float = 4.0
     """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones zero-padded."""
     batch_size: int = 8
@@ -314,6 +316,11 @@ class Stage0Config:
 
     aux_weight: float = 1.0
     """Weight of the auxiliary object/emotion heads on pooled visual tokens (a stand-in for pretraining)."""
+    questions_per_clip: int = 1
+    """Multiple-choice questions of each task (content, emotion) asked per clip and step, beside one caption."""
+    vision_warmup_steps: int = 0
+    """First steps run only the vision tower and the auxiliary heads (no LLM pass, so they are cheap): a
+    tiny LLM trained jointly from scratch learns to ignore still-noisy visual tokens and hardly recovers."""
 
 
 @dataclass
@@ -338,6 +345,10 @@ class Stage1Config:
     """Response positions per chunk of the KL; bounds memory at chunk x vocab."""
     response: Literal["caption", "teacher"] = "caption"
     """Response text R: the clip's caption, or a description the teacher generates itself."""
+    questions: bool = True
+    """Also distil the teacher's answers to content/emotion questions (R: a random option, so no label is used)."""
+    train_audio_encoder: bool = False
+    """Also train the audio encoder (a randomly initialised tiny one must learn; a pretrained Whisper need not)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Online teacher or offline cache."""
 

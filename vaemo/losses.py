@@ -132,8 +132,9 @@ def teacher_topk(teacher_hidden: torch.Tensor, lm_head: Callable, k: int, temper
     return TopKTargets(torch.cat(ids), torch.cat(logps), torch.cat(tails))
 
 
-def _ce(lm_head: Callable, hidden: torch.Tensor, targets: torch.Tensor):
-    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+def _ce(lm_head: Callable, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None):
+    losses = F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+    return (losses * weights).sum() if weights is not None else losses.sum()
 
 
 @torch.no_grad()
@@ -147,13 +148,20 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head: Callable, targets: torch.Te
 
 
 def language_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_size: int = 256,
-                  min_chunks: int = 0) -> torch.Tensor:
-    """Summed next-token cross-entropy at response positions, chunked like `distill`."""
+                  min_chunks: int = 0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy at response positions (optionally weighted per position),
+    chunked like `distill`."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for start, stop in _chunks(hidden.shape[0], chunk_size, min_chunks):
-        total = total + checkpoint(_ce, lm_head, hidden[start:stop], targets[start:stop].to(hidden.device),
+        part = weights[start:stop].to(hidden.device) if weights is not None else None
+        total = total + checkpoint(_ce, lm_head, hidden[start:stop], targets[start:stop].to(hidden.device), part,
                                    use_reentrant=False)
     return total
+
+
+def per_sequence_weights(lengths: list[int]) -> torch.Tensor:
+    """Per-position weights 1/len(sequence): a weighted sum is the sum of per-sequence mean losses."""
+    return torch.cat([torch.full((n,), 1.0 / n) for n in lengths if n > 0]) if any(lengths) else torch.zeros(0)
 
 
 def concordance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class Scorer:
                                                   dtype=choose_dtype("auto")).to(device).eval()
         v = self.model.spec.visual
         self.spec = DecodeSpec(num_frames=v.num_frames, height=v.height, width=v.width,
-                               audio_seconds=self.model.spec.audio_seconds)
+                               audio_seconds=self.model.spec.audio_seconds, sampling=v.frame_sampling)
 
     def _decode(self, path: Path, video: bool, audio: bool, cache: dict):
         key = (path, video, audio)

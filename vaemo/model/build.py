@@ -168,7 +168,8 @@ def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0) -> 
     vision = vlm.config.vision_config
     visual = VisualSpec(num_frames=data_cfg.num_frames, height=data_cfg.frame_height, width=data_cfg.frame_width,
                         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                        merge_size=vision.spatial_merge_size, image_mean=mean, image_std=std)
+                        merge_size=vision.spatial_merge_size, image_mean=mean, image_std=std,
+                        frame_sampling=data_cfg.frame_sampling)
     try:
         visual.check()
     except ValueError as err:
@@ -187,7 +188,8 @@ def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0) -> 
 def check_data_matches(spec: ModelSpec, data_cfg: DataConfig, path: Path) -> None:
     """A model must be fed clips decoded the way it was trained on."""
     pairs = [("num_frames", spec.visual.num_frames), ("frame_height", spec.visual.height),
-             ("frame_width", spec.visual.width), ("audio_seconds", spec.audio_seconds)]
+             ("frame_width", spec.visual.width), ("frame_sampling", spec.visual.frame_sampling),
+             ("audio_seconds", spec.audio_seconds)]
     for name, value in pairs:
         if getattr(data_cfg, name) != value:
             raise UserError(f"data.{name}={getattr(data_cfg, name)} differs from the model in '{path}' "

@@ -1,7 +1,8 @@
 """What trains in each stage, expressed once.
 
 Stage 0 ("see", tiny world only): the whole VLM (vision tower, merger, LLM) on captioned clips.
-Stage 1 (VG-Align): only the audio projector (and its marker embeddings); the VLM and encoder are frozen.
+Stage 1 (VG-Align): only the audio projector (and its marker embeddings); the VLM and encoder are frozen
+(the encoder trains too with stage1.train_audio_encoder, for a randomly initialised tiny one).
 Stage 2 (EmoAdapter): the Emotion Enhancer and Supervisor, and LoRA adapters when model.lora.rank > 0.
 """
 
@@ -17,22 +18,23 @@ TRAINABLE_PREFIXES: dict[int, tuple[str, ...]] = {
 LORA_MARKERS = (".lora_a.", ".lora_b.")
 
 
-def is_trainable(stage: int, name: str) -> bool:
+def is_trainable(stage: int, name: str, also: tuple[str, ...] = ()) -> bool:
     if stage == 2 and any(marker in name for marker in LORA_MARKERS):
         return True
     if any(marker in name for marker in LORA_MARKERS):
         return False
-    return name.startswith(TRAINABLE_PREFIXES[stage])
+    return name.startswith(TRAINABLE_PREFIXES[stage] + also)
 
 
-def set_trainable(model: nn.Module, stage: int, extra: nn.Module | None = None) -> list[str]:
+def set_trainable(model: nn.Module, stage: int, extra: nn.Module | None = None, also: tuple[str, ...] = ()) -> list[str]:
     """Freeze everything the stage does not train; returns the trainable parameter names.
 
     `extra` holds a stage's own modules beside the model (stage 0's auxiliary heads): all trainable.
+    `also` adds parameter-name prefixes the run's config opts into (e.g. "audio_encoder.").
     """
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable(stage, name))
+        param.requires_grad_(is_trainable(stage, name, also))
         if param.requires_grad:
             names.append(name)
     if extra is not None:

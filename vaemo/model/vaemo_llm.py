@@ -66,13 +66,15 @@ class Embedded:
     attention: torch.Tensor  # (B, L)
     positions: torch.Tensor  # (3, B, L) M-RoPE positions
     pooled: torch.Tensor  # (B, D) mean of each sequence's (enhanced) modality tokens
+    pooled_max: torch.Tensor  # (B, D) their per-channel maximum (small objects survive it, not the mean)
 
 
 class ModelOutput(NamedTuple):
     """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 must find the tensors a module returns."""
 
     hidden: torch.Tensor  # (B, L, D) last hidden states
-    pooled: torch.Tensor  # (B, D)
+    pooled: torch.Tensor  # (B, D) mean of the modality tokens
+    pooled_max: torch.Tensor  # (B, D) per-channel max of the modality tokens
 
 
 class VAEmotionLLM(nn.Module):
@@ -166,17 +168,20 @@ class VAEmotionLLM(nn.Module):
         batch, dim = ids.shape[0], embeds.shape[-1]
         pooled_sum = embeds.new_zeros(batch, dim)
         pooled_count = embeds.new_zeros(batch, 1)
+        pooled_max = embeds.new_full((batch, dim), float("-inf"))
         zero = embeds.new_zeros(())
 
         def place(rows: list[int], tokens: torch.Tensor, placeholder: int) -> None:
-            nonlocal embeds, pooled_sum
+            nonlocal embeds, pooled_sum, pooled_max
             clips = sorted({inputs.clips[i] for i in rows})
             per_row = tokens[[clips.index(inputs.clips[i]) for i in rows]].to(embeds.dtype)  # (R, N, D)
             mask = (ids == placeholder).unsqueeze(-1)
             if int(mask.sum()) != per_row.shape[0] * per_row.shape[1]:  # placeholders must match features
                 raise AssertionError(f"{int(mask.sum())} placeholders for {per_row.shape[0] * per_row.shape[1]} features")
             embeds = embeds.masked_scatter(mask, per_row.reshape(-1, dim))
-            pooled_sum = pooled_sum.index_add(0, torch.tensor(rows, device=device), per_row.sum(1))
+            index = torch.tensor(rows, device=device)
+            pooled_sum = pooled_sum.index_add(0, index, per_row.sum(1))
+            pooled_max = pooled_max.index_reduce(0, index, per_row.amax(1), "amax")
             pooled_count[rows] += per_row.shape[1]
 
         def enhance(tokens: torch.Tensor) -> torch.Tensor:
@@ -212,14 +217,15 @@ class VAEmotionLLM(nn.Module):
         else:  # text-like positions only; padding-aware for left-padded generation batches
             positions = (attention.cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
         embeds = embeds + zero.to(embeds.dtype)
-        return Embedded(embeds, attention, positions, pooled_sum / pooled_count.clamp(min=1))
+        pooled_max = torch.where(pooled_count > 0, pooled_max, torch.zeros_like(pooled_max))
+        return Embedded(embeds, attention, positions, pooled_sum / pooled_count.clamp(min=1), pooled_max)
 
     def forward(self, inputs: ModelInputs, run_all_pathways: bool = False) -> ModelOutput:
         """Hidden states of every position (logits are left to the caller: see `logits`)."""
         e = self.embed(inputs, run_all_pathways)
         hidden = self.vlm.model.language_model(inputs_embeds=e.embeds, attention_mask=e.attention,
                                                position_ids=e.positions).last_hidden_state
-        return ModelOutput(hidden=hidden, pooled=e.pooled)
+        return ModelOutput(hidden=hidden, pooled=e.pooled, pooled_max=e.pooled_max)
 
     def projector_markers(self) -> torch.Tensor:
         """(2, D): the <|audio_start|>/<|audio_end|> embeddings, through a module call (ZeRO-3 safe)."""

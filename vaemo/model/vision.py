@@ -27,6 +27,7 @@ class VisualSpec:
     merge_size: int
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    frame_sampling: str = "uniform"  # how the frames were picked from the clip (data.frame_sampling)
 
     def check(self) -> None:
         unit = self.patch_size * self.merge_size

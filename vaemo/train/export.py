@@ -32,7 +32,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     recipe.prepare_model(model)
     torch.manual_seed(cfg.seed + 1)
     extra = recipe.extra_modules(model)
-    trained = set_trainable(model, cfg.stage, extra)
+    trained = set_trainable(model, cfg.stage, extra, recipe.also_trainable())
     module = StageModule(model, extra, recipe)
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ckpt.TAG, exclude_frozen_parameters=True)
     wanted = {f"model.{name}" if not name.startswith("extra.") else name for name in trained}

@@ -24,7 +24,8 @@ from vaemo.config import Config
 from vaemo.data import world
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
-from vaemo.losses import chunk_count, distill, language_loss, sequence_logprobs, teacher_topk, va_loss
+from vaemo.losses import (chunk_count, distill, language_loss, per_sequence_weights, sequence_logprobs, teacher_topk,
+                          va_loss)
 from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM
 
 
@@ -37,6 +38,7 @@ class StepInputs:
     counts: dict[str, float] = field(default_factory=dict)  # local normalisers (all-reduced: SUM)
     positions: dict[str, int] = field(default_factory=dict)  # local response positions per pass (-> MAX)
     clips: int = 0
+    step: int = 0  # the optimizer step this batch is for (set by the loop)
     tokens: int = 0  # input tokens this step (throughput)
     world_size: int = 1
     chunks: dict[str, int] = field(default_factory=dict)  # filled by the loop: global chunk counts
@@ -98,6 +100,10 @@ class Recipe(ABC):
     def extra_modules(self, model: VAEmotionLLM) -> nn.Module | None:
         return None
 
+    def also_trainable(self) -> tuple[str, ...]:
+        """Parameter prefixes this run trains beyond the stage's own (see vaemo/model/freezing.py)."""
+        return ("audio_encoder.",) if self.stage == 1 and self.cfg.stage1.train_audio_encoder else ()
+
     def response_hidden(self, model: VAEmotionLLM, inputs: ModelInputs, **kwargs):
         out = model(inputs, **kwargs)
         return out, out.hidden[inputs.pred_mask.to(out.hidden.device)]
@@ -110,8 +116,8 @@ class Recipe(ABC):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Report values from summed statistics."""
         out = {}
-        for term, count in (("lm", "lm_tokens"), ("kd", "kd_tokens"), ("aux", "samples"), ("va", "va_rows"),
-                            ("cat", "cat_rows")):
+        for term, count in (("lm", "lm_tokens"), ("lm", "lm_sequences"), ("kd", "kd_tokens"), ("aux", "samples"),
+                            ("va", "va_rows"), ("cat", "cat_rows")):
             if sums.get(count):
                 out[term] = sums.get(f"{term}_sum", 0.0) / sums[count]
         if sums.get("kd_tokens"):
@@ -130,37 +136,60 @@ class SeeRecipe(Recipe):
 
     stage = 0
 
+    @property
+    def sequences_per_clip(self) -> int:
+        return 1 + 2 * self.cfg.stage0.questions_per_clip
+
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, need_video=True,
-                          need_audio=False, need_fields=("caption", "object", "emotion"))
+        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
+                          need_video=True, need_audio=False, need_fields=("caption", "object", "emotion"))
+
+    # Heads on the max- and the mean-pooled visual tokens: the max finds a small object's evidence quickly,
+    # the mean makes the tower spread it over every token, which is what a small LLM learns to read fast.
+    AUX_HEADS = (("object", "max"), ("object", "mean"), ("emotion", "max"), ("emotion", "mean"))
 
     def extra_modules(self, model: VAEmotionLLM) -> nn.Module:
-        return nn.ModuleDict({"object": nn.Linear(model.hidden_size, len(world.OBJECTS)),
-                              "emotion": nn.Linear(model.hidden_size, len(world.EMOTIONS))}).to(model.dtype)
+        sizes = {"object": len(world.OBJECTS), "emotion": len(world.EMOTIONS)}
+        return nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, sizes[task])
+                              for task, pool in self.AUX_HEADS}).to(model.dtype)
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         items = []
         for i, meta in enumerate(batch.meta):
             items.append(PromptItem("visual", describe_prompt(rng), meta["caption"], i))
-            items.append(PromptItem("visual", mcq("content", list(world.OBJECTS), rng), meta["object"], i))
-            items.append(PromptItem("visual", mcq("emotion", list(world.EMOTIONS), rng), meta["emotion"], i))
+            for _ in range(self.cfg.stage0.questions_per_clip):
+                items.append(PromptItem("visual", mcq("content", list(world.OBJECTS), rng), meta["object"], i))
+                items.append(PromptItem("visual", mcq("emotion", list(world.EMOTIONS), rng), meta["emotion"], i))
         step = StepInputs(passes={}, clips=len(batch))
         self.note_pass(step, "lm", clip_inputs(model, items, batch))
         step.labels = {name: torch.tensor([labels.index(m[name]) if m[name] in labels else IGNORE for m in batch.meta])
                        for name, labels in (("object", world.OBJECTS), ("emotion", world.EMOTIONS))}
-        step.counts = {"lm_tokens": step.positions["lm"], "samples": len(batch)}
+        # Each sequence weighs the same: 2-token answers count as much as 45-token captions.
+        step.counts = {"lm_sequences": len(items), "samples": len(batch)}
         return step
 
+    def aux_loss(self, extra: nn.Module, step: StepInputs, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(F.cross_entropy(extra[f"{task}_{pool}"](pooled[pool]).float(),
+                                   step.labels[task].to(pooled[pool].device), ignore_index=IGNORE, reduction="sum")
+                   for task, pool in self.AUX_HEADS) / 2
+
     def loss(self, model: VAEmotionLLM, extra: nn.Module, step: StepInputs) -> StepResult:
+        aux_weight = self.cfg.stage0.aux_weight
+        if step.step <= self.cfg.stage0.vision_warmup_steps:  # every rank alike: ZeRO-3 stays in step
+            tokens = model.video_tokens(step.passes["lm"].video)
+            aux_sum = self.aux_loss(extra, step, {"max": tokens.amax(1), "mean": tokens.mean(1)})
+            return StepResult(aux_weight * normalised(aux_sum, step, "samples"),
+                              {"aux_sum": float(aux_sum.detach()), "samples": step.clips})
         inputs = step.passes["lm"]
         out, hidden = self.response_hidden(model, inputs)
-        lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0))
-        per_clip = out.pooled[::3]  # the three sequences of a clip share its visual tokens
-        aux_sum = sum(F.cross_entropy(extra[name](per_clip).float(), step.labels[name].to(per_clip.device),
-                                      ignore_index=IGNORE, reduction="sum") for name in ("object", "emotion"))
-        loss = normalised(lm_sum, step, "lm_tokens") + self.cfg.stage0.aux_weight * normalised(aux_sum, step, "samples")
-        return StepResult(loss, {"lm_sum": float(lm_sum.detach()), "lm_tokens": step.positions["lm"],
+        weights = per_sequence_weights(inputs.response_lengths())
+        lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0),
+                               weights)
+        every = self.sequences_per_clip  # a clip's sequences share its visual tokens
+        aux_sum = self.aux_loss(extra, step, {"max": out.pooled_max[::every], "mean": out.pooled[::every]})
+        loss = normalised(lm_sum, step, "lm_sequences") + aux_weight * normalised(aux_sum, step, "samples")
+        return StepResult(loss, {"lm_sum": float(lm_sum.detach()), "lm_sequences": every * step.clips,
                                  "aux_sum": float(aux_sum.detach()), "samples": step.clips})
 
 
@@ -171,15 +200,22 @@ class AlignRecipe(Recipe):
 
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, need_video=True,
+        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling, need_video=True,
                           need_audio=True, need_fields=("caption",))
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
-        prompts = [describe_prompt(rng) for _ in batch.meta]
+        # The same prompt and response for teacher (frames) and student (soundtrack). Questions take a
+        # random option as the response: the teacher's distribution at the answer is its own answer.
+        asked: list[tuple[str, str, int]] = []
+        for i, meta in enumerate(batch.meta):
+            asked.append((describe_prompt(rng), meta["caption"], i))
+            if self.cfg.stage1.questions:
+                for task in world.TASKS:
+                    options = list(world.OPTIONS[task])
+                    asked.append((mcq(task, options, rng), options[int(rng.integers(len(options)))], i))
         step = StepInputs(passes={}, clips=len(batch))
         for name, modality in (("teacher", "visual"), ("student", "audio")):
-            items = [PromptItem(modality, p, m["caption"], i) for i, (p, m) in enumerate(zip(prompts, batch.meta))]
-            self.note_pass(step, name, clip_inputs(model, items, batch))
+            self.note_pass(step, name, clip_inputs(model, [PromptItem(modality, p, r, i) for p, r, i in asked], batch))
         step.counts = {"kd_tokens": step.positions["student"]}
         return step
 
@@ -206,7 +242,7 @@ class EmoAdapterRecipe(AlignRecipe):
 
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, need_video=True,
+        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling, need_video=True,
                           need_audio=True, allow_missing_audio=True,
                           need_fields=("caption", "emotion", "valence", "arousal"))
 

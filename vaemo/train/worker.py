@@ -113,7 +113,7 @@ def train_worker(loop_config: dict) -> None:
     recipe.prepare_model(model)
     torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
     extra = recipe.extra_modules(model)
-    set_trainable(model, cfg.stage, extra)
+    set_trainable(model, cfg.stage, extra, recipe.also_trainable())
     module = StageModule(model, extra, recipe)
     if use_gpu:
         module = module.cuda()
@@ -154,6 +154,7 @@ def train_worker(loop_config: dict) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         inputs = recipe.prepare(model, batch, np.random.default_rng([cfg.seed, 104729, rank, step]))
+        inputs.step = step
         synchronize(inputs, world, recipe.chunk)
         loss = engine(inputs)
         engine.backward(loss)
