@@ -30,7 +30,12 @@ def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world)
 
 @pytest.mark.slow
 def test_the_actor_pool_gives_the_same_numbers_as_one_process(small_world, adapter_export):
-    pooled, pooled_items = evaluate(adapter_export, small_world / "bench", actors=2, batch_items=12)
+    import ray
+
+    try:
+        pooled, pooled_items = evaluate(adapter_export, small_world / "bench", actors=2, batch_items=12)
+    finally:
+        ray.shutdown()  # this test session's own Ray: later tests start theirs in subprocesses
     single, single_items = evaluate(adapter_export, small_world / "bench", actors=0, batch_items=12)
     assert pooled == single
     for a, b in zip(pooled_items, single_items):

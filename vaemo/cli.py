@@ -180,7 +180,16 @@ def _register_sweep(groups) -> None:
     p.set_defaults(func=run_sweep)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_train, _register_eval, _register_sweep]
+def _register_teacher_cache(groups) -> None:
+    from vaemo.teacher_cache import add_cache_args, run_cache
+
+    p = groups.add_parser("teacher-cache", help="run stage 1's frozen teacher once and store its top-k (jobs/teacher_cache.py)")
+    add_cache_args(p)
+    p.set_defaults(func=run_cache)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_train, _register_eval, _register_sweep,
+                                                                _register_teacher_cache]
 
 
 @exit_on_user_error

@@ -328,9 +328,10 @@ class TeacherConfig:
     """Where stage 1's teacher distributions come from."""
 
     mode: Literal["online", "cache"] = "online"
-    """`online`: run the frozen visual teacher every step; `cache`: read top-k log-probs from shards."""
-    cache_shards: str = ""
-    """Teacher-cache shards written by `vaemo teacher-cache` (used when mode is `cache`)."""
+    """`online`: run the frozen visual teacher every step; `cache`: read its top-k log-probs from a cache
+    written by `vaemo teacher-cache` (no vision tower is built, no teacher pass runs; needs stage1.topk > 0)."""
+    cache_dir: str = ""
+    """The teacher-cache folder (its shards are named like the train/val shards they cover)."""
 
 
 @dataclass
@@ -343,8 +344,6 @@ class Stage1Config:
     """0: full-vocabulary KL; k > 0: KL over the teacher's top-k tokens plus one tail bucket."""
     kd_chunk_size: int = 256
     """Response positions per chunk of the KL; bounds memory at chunk x vocab."""
-    response: Literal["caption", "teacher"] = "caption"
-    """Response text R: the clip's caption, or a description the teacher generates itself."""
     questions: bool = True
     """Also distil the teacher's answers to content/emotion questions (R: a random option, so no label is used)."""
     train_audio_encoder: bool = False
@@ -356,6 +355,9 @@ class Stage1Config:
         _require(self.temperature > 0, f"{path}.temperature", "must be > 0")
         _require(self.topk >= 0, f"{path}.topk", "must be >= 0")
         _require(self.kd_chunk_size >= 1, f"{path}.kd_chunk_size", "must be >= 1")
+        if self.teacher.mode == "cache":
+            _require(self.topk > 0, f"{path}.topk", "must be > 0 with teacher.mode=cache (the cache holds top-k)")
+            _require(bool(self.teacher.cache_dir), f"{path}.teacher.cache_dir", "must name the cache folder")
 
 
 @dataclass

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torchcodec.decoders import AudioDecoder, VideoDecoder
 from torchcodec.transforms import Resize
 
+from vaemo.data.teacher_records import TEACHER_JSON, TeacherRecord, decode_record
+
 CLIP_EXTENSIONS: tuple[str, ...] = ("mp4", "mkv", "webm", "mov")
 SAMPLE_RATE = 16000  # the audio pathway (Whisper) hears 16 kHz mono
 
@@ -32,6 +34,8 @@ SKIP_REASONS: dict[str, str] = {
     "missing_field": "the stage needs a JSON field the sample lacks (e.g. caption, valence)",
     "bad_field": "a JSON field has the wrong type or range",
     "unreadable_shard": "a shard could not be opened or read (counted per shard)",
+    "no_teacher_cache": "stage 1 reads a teacher cache and it holds no (readable) record for the sample",
+    "stale_teacher_cache": "the sample's cached teacher record was made for another model/prompts/k",
 }
 
 
@@ -58,6 +62,7 @@ class DecodeSpec:
     need_fields: tuple[str, ...] = ()
     allow_missing_audio: bool = False  # with need_audio: decode a soundtrack when there is one, else keep the clip
     sampling: str = "uniform"  # "uniform" frames, or uniformly spaced "pairs" of consecutive frames
+    teacher_fingerprint: str = ""  # non-empty: the sample needs a cached teacher record with this fingerprint
 
     @property
     def audio_samples(self) -> int:
@@ -75,6 +80,7 @@ class Clip:
     duration: float  # seconds, from the container
     meta: dict = field(default_factory=dict)
     source: str = ""  # the shard the sample came from
+    teacher: TeacherRecord | None = None  # the cached teacher outputs, when the consumer reads a cache
 
 
 def split_sample(sample: dict) -> tuple[str, bytes, dict]:
@@ -167,6 +173,7 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     """Decode what `spec` asks for; raises SkipSample when the sample cannot serve it."""
     _, raw, meta = split_sample(sample)
     check_fields(meta, spec.need_fields)
+    teacher = cached_teacher(sample, spec.teacher_fingerprint) if spec.teacher_fingerprint else None
     video, duration = decode_video(raw, spec) if spec.need_video else (None, 0.0)
     if spec.need_video and video is None:
         raise SkipSample("no_video_stream")
@@ -177,4 +184,16 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     if audio is not None and duration > 0 and audio_seconds < 0.8 * duration:
         raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {duration:.2f}s")
     return Clip(key=sample.get("__key__", ""), video=video, audio=audio, audio_len=audio_len,
-                duration=duration or audio_seconds, meta=meta, source=sample.get("__url__", ""))
+                duration=duration or audio_seconds, meta=meta, source=sample.get("__url__", ""), teacher=teacher)
+
+
+def cached_teacher(sample: dict, fingerprint: str) -> TeacherRecord:
+    if TEACHER_JSON not in sample:
+        raise SkipSample("no_teacher_cache")
+    try:
+        record = decode_record(sample)
+    except (ValueError, KeyError, OSError) as err:
+        raise SkipSample("no_teacher_cache", f"damaged record: {str(err)[:60]}") from None
+    if record.fingerprint != fingerprint:
+        raise SkipSample("stale_teacher_cache", record.fingerprint)
+    return record

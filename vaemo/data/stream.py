@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vaemo.data.decode import Clip, DecodeSpec, SkipSample, decode_sample
+from vaemo.data.teacher_records import cache_shard_for, with_cache
 from vaemo.errors import UserError
 
 
@@ -160,6 +161,7 @@ class Batch:
     meta: list[dict]
     has_audio: list[bool] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # the shard of each clip
+    teacher: list = field(default_factory=list)  # cached TeacherRecords, when the stream reads a teacher cache
     worker: int = 0
     position: int = 0  # raw samples this worker had drawn when the batch was complete
     skips: dict[str, int] = field(default_factory=dict)  # this worker's skip counts so far
@@ -188,6 +190,7 @@ def collate(clips: list[Clip], worker: int, position: int, skips: Counter) -> Ba
         audio=_stack([c.audio if c.audio is not None else silence for c in clips]) if with_audio else None,
         has_audio=[c.audio is not None for c in clips],
         sources=[c.source for c in clips],
+        teacher=[c.teacher for c in clips] if any(c.teacher is not None for c in clips) else [],
         audio_len=[c.audio_len for c in clips],
         duration=[c.duration for c in clips],
         meta=[c.meta for c in clips],
@@ -246,8 +249,10 @@ class TrainStream(IterableDataset):
     """Infinite batches for one rank; see the module docstring for the ordering and resume contract."""
 
     def __init__(self, urls: list[str], spec: DecodeSpec, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 64, resume: "StreamState | None" = None):
+                 world_size: int = 1, shuffle_buffer: int = 64, resume: "StreamState | None" = None,
+                 teacher_cache: str = ""):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
+        self.teacher_cache = teacher_cache  # a teacher-cache folder whose shards are merged into the samples
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.start_positions = dict(resume.positions) if resume else {}
@@ -264,7 +269,10 @@ class TrainStream(IterableDataset):
         while True:
             url = shards[int(rng.integers(len(shards)))]
             got_any = False
-            for item in read_shard(url):
+            items = read_shard(url)
+            if self.teacher_cache:
+                items = with_cache(items, cache_shard_for(url, self.teacher_cache))
+            for item in items:
                 if isinstance(item, ShardError):
                     yield item
                     continue

@@ -133,10 +133,23 @@ class VAEmotionLLM(nn.Module):
         self.spec.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
         return wrapped
 
+    @property
+    def has_vision(self) -> bool:
+        return getattr(self.vlm.model, "visual", None) is not None
+
+    def detach_vision(self) -> dict[str, torch.Tensor]:
+        """Remove the vision tower (stage 1 from a teacher cache never runs it) and return its weights,
+        named as in this model's state dict, so an export can put them back unchanged."""
+        held = {f"vlm.model.visual.{k}": v.detach().cpu().clone() for k, v in self.vlm.model.visual.state_dict().items()}
+        self.vlm.model.visual = None
+        return held
+
     # -- pathways --------------------------------------------------------------------------------
 
     def video_tokens(self, video: torch.Tensor) -> torch.Tensor:
         """(C, F, 3, H, W) uint8 -> (C, N_v, D): vision tower + merger."""
+        if not self.has_vision:
+            raise RuntimeError("this model's vision tower was detached (stage 1 from a teacher cache)")
         pixels, grid = video_inputs(video, self.spec.visual, self.dtype)
         pixels, grid = pixels.to(self.vlm.device), grid.to(self.vlm.device)
         merged = self.vlm.model.get_video_features(pixels, grid).pooler_output
@@ -191,7 +204,7 @@ class VAEmotionLLM(nn.Module):
         if visual_rows:
             clips = sorted({inputs.clips[i] for i in visual_rows})
             place(visual_rows, enhance(self.video_tokens(inputs.video[clips])), self.tokens.video_pad)
-        elif run_all_pathways:
+        elif run_all_pathways and self.has_vision:
             zero = zero + 0.0 * enhance(self.video_tokens(self._dummy_video())).sum()
 
         audio_rows = [i for i, m in enumerate(inputs.modalities) if m in ("audio", "audio_visual")]
@@ -305,6 +318,8 @@ class VAEmotionLLM(nn.Module):
         expected = self.expected_shapes()
         missing = sorted(k for k in expected if k not in state)
         wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != expected[k])
+        if not self.has_vision and not any(k.startswith("vlm.model.visual.") for k in state):
+            missing.append("vlm.model.visual.* (the detached vision tower)")
         if missing or wrong:
             detail = (f"missing {missing[:3]}" if missing else "") + (f" mis-sized {wrong[:3]}" if wrong else "")
             raise RuntimeError(f"refusing to export an incomplete model: {detail}")

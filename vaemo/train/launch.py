@@ -86,6 +86,10 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
         if len(val_urls) < workers:
             raise UserError(f"data.val_shards has {len(val_urls)} shard(s) for {workers} workers; write at least "
                             f"{workers} or set train.val_batches=0")
+    if cfg.stage == 1 and cfg.stage1.teacher.mode == "cache":
+        from vaemo.teacher_cache import check_cache
+
+        check_cache(cfg, train_urls + (val_urls if cfg.train.val_batches > 0 else []))
     check_checkpoint_folders(cfg.model)
     if cfg.model.init_from:
         from vaemo.model.build import check_data_matches
@@ -117,7 +121,35 @@ def connect_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True, configure_logging=False)
+        start_local_ray()
+
+
+def start_local_ray() -> None:
+    """A Ray of our own on this machine, in a private temp folder that records its address.
+
+    Ray's own helpers look clusters up by address (Train's placement-group cleaner asks the state API
+    whether the controller is alive). With another Ray instance on the machine (a test session, a
+    `ray start` head) Ray 2.60 resolves to the wrong one or none; the cleaner's thread dies and the
+    worker group's placement group is never freed, so the next Tune trial waits forever. Processes of
+    this cluster inherit RAY_TMPDIR and so find its address file, and only its.
+    """
+    import tempfile
+
+    import ray
+    from ray._private.utils import write_ray_address
+
+    private = tempfile.mkdtemp(prefix="vaemo-ray-")
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = private  # read when Ray spawns its processes, inside ray.init
+    try:
+        context = ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True, configure_logging=False)
+        write_ray_address(context.address_info["gcs_address"], os.path.join(private, "ray"))
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)  # our child processes (not Ray's) must not inherit it
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+    progress.log(f"started a local Ray (logs: {private}/ray/session_latest/logs)")
 
 
 def check_cluster(cfg: Config) -> None:

@@ -24,8 +24,8 @@ from vaemo.config import Config
 from vaemo.data import world
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
-from vaemo.losses import (chunk_count, distill, language_loss, per_sequence_weights, sequence_logprobs, teacher_topk,
-                          va_loss)
+from vaemo.losses import (TopKTargets, distill, language_loss, per_sequence_weights, sequence_logprobs,
+                          teacher_topk, va_loss)
 from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM
 
 
@@ -61,6 +61,18 @@ def mcq(task: str, options: list[str], rng: np.random.Generator, canonical: bool
     shuffled = list(options)
     rng.shuffle(shuffled)
     return world.mcq_prompt(question, shuffled)
+
+
+def align_sequences(meta: dict, rng: np.random.Generator, questions: bool) -> list[tuple[str, str]]:
+    """Stage 1's (prompt, response) pairs for one clip: a description with its caption as the response,
+    and, with `questions`, one multiple-choice question per task answered with a random option (the
+    teacher's distribution at the answer is then its own answer; no label is used)."""
+    pairs = [(describe_prompt(rng), meta["caption"])]
+    if questions:
+        for task in world.TASKS:
+            options = list(world.OPTIONS[task])
+            pairs.append((mcq(task, options, rng), options[int(rng.integers(len(options)))]))
+    return pairs
 
 
 def clip_inputs(model: VAEmotionLLM, items: list[PromptItem], batch: Batch) -> ModelInputs:
@@ -200,27 +212,47 @@ class AlignRecipe(Recipe):
 
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling, need_video=True,
-                          need_audio=True, need_fields=("caption",))
+        if self.cached:  # the teacher's answers are in the cache: no frames to decode
+            from vaemo.teacher_cache import fingerprint
+
+            return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
+                              need_video=False, need_audio=True, teacher_fingerprint=fingerprint(self.cfg)[0])
+        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
+                          need_video=True, need_audio=True, need_fields=("caption",))
+
+    @property
+    def cached(self) -> bool:
+        """Teacher outputs come from an offline cache (stage 1 only; stage 2's KD term stays online)."""
+        return self.stage == 1 and self.cfg.stage1.teacher.mode == "cache"
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
-        # The same prompt and response for teacher (frames) and student (soundtrack). Questions take a
-        # random option as the response: the teacher's distribution at the answer is its own answer.
-        asked: list[tuple[str, str, int]] = []
-        for i, meta in enumerate(batch.meta):
-            asked.append((describe_prompt(rng), meta["caption"], i))
-            if self.cfg.stage1.questions:
-                for task in world.TASKS:
-                    options = list(world.OPTIONS[task])
-                    asked.append((mcq(task, options, rng), options[int(rng.integers(len(options)))], i))
+        # The same prompt and response for teacher (frames) and student (soundtrack).
         step = StepInputs(passes={}, clips=len(batch))
-        for name, modality in (("teacher", "visual"), ("student", "audio")):
-            self.note_pass(step, name, clip_inputs(model, [PromptItem(modality, p, r, i) for p, r, i in asked], batch))
+        if self.cached:
+            # The prompts the teacher answered when the cache was written, and its top-k per position.
+            asked = [(p, r, i) for i, record in enumerate(batch.teacher) for p, r in record.sequences]
+            step.labels = {name: torch.from_numpy(np.concatenate([getattr(r, name) for r in batch.teacher]))
+                           for name in ("ids", "logprobs", "tail")}
+            step.labels["ids"] = step.labels["ids"].long()
+        else:
+            asked = [(p, r, i) for i, meta in enumerate(batch.meta)
+                     for p, r in align_sequences(meta, rng, self.cfg.stage1.questions)]
+            self.note_pass(step, "teacher", clip_inputs(model, [PromptItem("visual", p, r, i) for p, r, i in asked],
+                                                        batch))
+        self.note_pass(step, "student", clip_inputs(model, [PromptItem("audio", p, r, i) for p, r, i in asked], batch))
         step.counts = {"kd_tokens": step.positions["student"]}
         return step
 
     def kd(self, model: VAEmotionLLM, step: StepInputs, teacher: str, student: str, **student_kwargs):
         s = self.cfg.stage1
+        if teacher not in step.passes:  # read from the teacher cache
+            target = TopKTargets(step.labels["ids"], step.labels["logprobs"], step.labels["tail"])
+            out, student_hidden = self.response_hidden(model, step.passes[student], **student_kwargs)
+            if len(target) != student_hidden.shape[0]:
+                raise RuntimeError(f"{len(target)} cached teacher positions for {student_hidden.shape[0]} student "
+                                   "positions: the cache was written with another tokenizer or prompt template")
+            return out, distill(student_hidden, model.logits, target, s.temperature, self.chunk,
+                                step.chunks.get(student, 0))
         with torch.no_grad():
             _, teacher_hidden = self.response_hidden(model, step.passes[teacher])
             target = (teacher_topk(teacher_hidden, model.logits, s.topk, s.temperature, self.chunk,

@@ -54,6 +54,11 @@ class StageModule(nn.Module):
         return result.loss
 
 
+def teacher_cache(cfg: Config, recipe: Recipe) -> str:
+    """The teacher-cache folder the streams merge into samples ('' when the teacher runs online)."""
+    return cfg.stage1.teacher.cache_dir if getattr(recipe, "cached", False) else ""
+
+
 def learning_rate(cfg: Config, step: int) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio of the peak: a pure function of the step."""
     t = cfg.train
@@ -110,6 +115,11 @@ def train_worker(loop_config: dict) -> None:
     dtype = choose_dtype(cfg.model.dtype)
     ds_config = deepspeed_config(cfg, dtype)
     model = build_model(cfg.model, cfg.data, seed=cfg.seed)
+    # From a teacher cache no rank runs the vision tower: drop it before ZeRO-3 partitions it; rank 0
+    # keeps its weights on the host for the export.
+    held_vision = model.detach_vision() if recipe.cached else {}
+    if rank != 0:
+        held_vision = {}
     recipe.prepare_model(model)
     torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
     extra = recipe.extra_modules(model)
@@ -133,7 +143,8 @@ def train_worker(loop_config: dict) -> None:
     spec = recipe.decode_spec()
     urls = expand_shards(cfg.data.train_shards)
     stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                         shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None)
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None,
+                         teacher_cache=teacher_cache(cfg, recipe))
     batches = iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches))
     writer = MetricsWriter(run_dir, loop_config.get("queue")) if rank == 0 else None
 
@@ -187,7 +198,7 @@ def train_worker(loop_config: dict) -> None:
 
     # -- export --------------------------------------------------------------------------------
     if cfg.train.export:
-        export(engine, model, run_dir / "export", rank, ds_config)
+        export(engine, model, run_dir / "export", rank, ds_config, held_vision)
     if writer:
         writer.close()
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"stage {cfg.stage}")
@@ -255,7 +266,8 @@ def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int
     """Validation loss (and, where the recipe scores, accuracies) on the same batches every time: a
     fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
     stream = TrainStream(expand_shards(cfg.data.val_shards), recipe.decode_spec(), cfg.data.batch_size,
-                         seed=cfg.seed + 1, rank=rank, world_size=world, shuffle_buffer=1)
+                         seed=cfg.seed + 1, rank=rank, world_size=world, shuffle_buffer=1,
+                         teacher_cache=teacher_cache(cfg, recipe))
     batches = iter(make_loader(stream, 0))
     engine.eval()
     accumulator = Accumulator()
@@ -276,14 +288,17 @@ def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int
     return out
 
 
-def export(engine, model: VAEmotionLLM, out_dir: Path, rank: int, ds_config: dict) -> None:
-    """Gather the full weights on rank 0 and write a folder `VAEmotionLLM.from_pretrained` loads."""
+def export(engine, model: VAEmotionLLM, out_dir: Path, rank: int, ds_config: dict,
+           held: dict[str, torch.Tensor] | None = None) -> None:
+    """Gather the full weights on rank 0 and write a folder `VAEmotionLLM.from_pretrained` loads
+    (`held`: frozen weights kept outside the engine, e.g. a vision tower detached for a teacher cache)."""
     if zero_stage(ds_config) == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
     else:
         state = engine.module.state_dict() if rank == 0 else None
     if rank == 0:
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        model_state.update(held or {})
         model.save_pretrained(out_dir, state_dict=model_state)
     if dist.is_initialized():
         dist.barrier()

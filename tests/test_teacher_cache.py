@@ -1,0 +1,124 @@
+"""The offline teacher cache: same targets as the online teacher, stale caches refused, stage 1 trains from it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, ok, run, stage_cmd
+
+from vaemo.config import load_config
+from vaemo.data.decode import decode_sample
+from vaemo.data.stream import collate, read_shard
+from vaemo.data.teacher_records import MANIFEST, cache_shard_for, with_cache
+from vaemo.losses import distill, teacher_topk
+from vaemo.model import PromptItem, build_model
+from vaemo.teacher_cache import build_cache, fingerprint
+from vaemo.train.recipes import AlignRecipe
+
+TOPK = 8
+
+
+def tiny_stage1(world: Path, *overrides: str):
+    return load_config(ROOT / "configs/tiny.yaml", [f"data.train_shards={world}/train/*.tar",
+                                                      f"data.val_shards={world}/val/*.tar", "data.batch_size=4",
+                                                      f"stage1.topk={TOPK}", *overrides], stage=1)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(small_world, tmp_path_factory) -> Path:
+    """The teacher cache of one training shard, written in-process by a fresh tiny model."""
+    out = tmp_path_factory.mktemp("teacher-cache")
+    shard = sorted((small_world / "train").glob("*.tar"))[0]
+    build_cache(tiny_stage1(small_world), [str(shard)], out, actors=0)
+    return out
+
+
+def test_cache_layout_and_manifest(small_world, cache_dir):
+    shard = sorted((small_world / "train").glob("*.tar"))[0]
+    manifest = json.loads((cache_dir / MANIFEST).read_text())
+    assert manifest["fingerprint"] == fingerprint(tiny_stage1(small_world))[0]
+    assert manifest["shards"][shard.name]["cached"] == 12
+    names = Counter(item["__key__"] for item in read_shard(cache_shard_for(str(shard), str(cache_dir))))
+    source_keys = {item["__key__"] for item in read_shard(str(shard))}
+    assert set(names) == source_keys
+
+
+def test_cached_and_online_topk_losses_agree(small_world, cache_dir):
+    cfg = tiny_stage1(small_world, "stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache_dir}")
+    recipe = AlignRecipe(cfg)
+    shard = str(sorted((small_world / "train").glob("*.tar"))[0])
+    raw = [s for s in with_cache(read_shard(shard), cache_shard_for(shard, str(cache_dir)))][:4]
+    cached_batch = collate([decode_sample(s, recipe.decode_spec()) for s in raw], 0, 4, Counter())
+    online_spec = AlignRecipe(tiny_stage1(small_world)).decode_spec()
+    video_batch = collate([decode_sample(s, online_spec) for s in raw], 0, 4, Counter())
+    assert cached_batch.video is None and len(cached_batch.teacher) == 4  # cache mode decodes no frames
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data, seed=cfg.seed).eval()
+    step = recipe.prepare(model, cached_batch, np.random.default_rng(0))
+    assert set(step.passes) == {"student"}
+
+    # The online teacher on the very same prompts and clips.
+    items = [PromptItem("visual", p, r, i) for i, rec in enumerate(cached_batch.teacher) for p, r in rec.sequences]
+    teacher_inputs = model.prompts.batch(items, video_batch.video, None, video_batch.duration)
+    with torch.no_grad():
+        hidden = model(teacher_inputs).hidden[teacher_inputs.pred_mask]
+        online = teacher_topk(hidden, model.logits, TOPK, cfg.stage1.temperature, 16)
+    assert torch.equal(online.ids, step.labels["ids"])
+    assert torch.allclose(online.logprobs, step.labels["logprobs"], atol=1e-5)
+
+    _, cached_kd = recipe.kd(model, step, "teacher", "student")
+    student = step.passes["student"]
+    student_hidden = model(student).hidden[student.pred_mask]
+    online_kd = distill(student_hidden, model.logits, online, cfg.stage1.temperature, 16)
+    assert cached_kd.count == online_kd.count > 0
+    per_token = abs(float(cached_kd.kl_sum.detach()) - float(online_kd.kl_sum.detach())) / online_kd.count
+    assert per_token < 1e-5, per_token
+    assert float(online_kd.kl_sum) > 0  # a fresh student disagrees with the teacher: the check has teeth
+
+
+def test_stale_or_missing_cache_is_refused(small_world, cache_dir, tmp_path):
+    base = stage_cmd(1, tmp_path / "run", small_world, "stage1.teacher.mode=cache", "train.val_batches=0")
+    stale = run(base + [f"stage1.teacher.cache_dir={cache_dir}", f"stage1.topk={TOPK * 2}"], timeout=120)
+    assert stale.returncode == 2, stale.stderr[-2000:]
+    assert "stale teacher cache" in stale.stderr and "topk" in stale.stderr
+    uncovered = run(base + [f"stage1.teacher.cache_dir={cache_dir}", f"stage1.topk={TOPK}"], timeout=120)
+    assert uncovered.returncode == 2 and "does not cover shard" in uncovered.stderr
+    missing = run(base + [f"stage1.teacher.cache_dir={tmp_path / 'nowhere'}", f"stage1.topk={TOPK}"], timeout=120)
+    assert missing.returncode == 2 and "teacher-cache.json" in missing.stderr
+
+
+@pytest.mark.slow
+def test_stage1_trains_from_a_cache_written_by_the_actor_pool(small_world, stage0_export, tmp_path):
+    from safetensors.torch import load_file
+
+    from vaemo.model import VAEmotionLLM
+
+    cache = tmp_path / "cache"
+    common = [f"model.init_from={stage0_export}", f"data.train_shards={small_world}/train/*.tar",
+              f"data.val_shards={small_world}/val/*.tar", "data.batch_size=4", f"stage1.topk={TOPK}"]
+    ok(run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+            "--out", str(cache), "--actors", "2", *common]))
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert manifest["cached"] == 48 + 16  # every train and val clip
+
+    out = tmp_path / "stage1"
+    ok(run(stage_cmd(1, out, small_world, *common, "stage1.teacher.mode=cache",
+                     f"stage1.teacher.cache_dir={cache}")))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4 and all(np.isfinite(r["loss"]) for r in records)
+    assert "val_loss" in records[-1]
+    # The export is whole: the vision tower, never built on the workers, comes back unchanged.
+    exported = VAEmotionLLM.from_pretrained(out / "export")
+    start = VAEmotionLLM.from_pretrained(stage0_export)
+    for name, tensor in start.vlm.model.visual.state_dict().items():
+        assert torch.equal(exported.vlm.model.visual.state_dict()[name], tensor), name
+    trained = load_file(str(out / "export" / "audio_projector.safetensors"))
+    before = start.projector.state_dict()
+    assert any(not torch.equal(trained[k], before[k]) for k in trained)

@@ -1,0 +1,287 @@
+"""Offline teacher cache for stage 1: run the frozen visual teacher once, train the audio pathway from disk.
+
+`vaemo teacher-cache --config PRESET --stage1-overrides... --out CACHE` (or jobs/teacher_cache.py) reads
+the stage-1 config (starting model, frame sampling, stage1.topk/temperature/questions), sends whole
+shards to a pool of Ray actors that each hold one frozen model, and writes one cache shard per source
+shard plus CACHE/teacher-cache.json (file formats: vaemo/data/teacher_records.py). Stage 1 with
+`stage1.teacher.mode=cache stage1.teacher.cache_dir=CACHE` then builds no vision tower and runs no
+teacher pass.
+
+A cache is keyed by a fingerprint of everything that shapes the teacher's outputs: the starting model
+(a digest of its files, or the tiny config and seed), the prompt template and prompt sets, frame
+sampling, k and the temperature. Training refuses a cache whose fingerprint differs, naming what changed.
+
+Each clip gets fixed prompts, drawn from a generator seeded by its key (online, prompts vary per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from vaemo import progress
+from vaemo.config import Config, config_from_dict, config_to_dict, load_config, project_root
+from vaemo.data.teacher_records import MANIFEST, TeacherRecord, cache_shard_for, encode_record
+from vaemo.errors import UserError
+
+FINGERPRINT_VERSION = 1
+WHOLE_FILE_LIMIT = 4 << 20  # files above this are digested from evenly spaced blocks (weights are GBs)
+BLOCKS, BLOCK = 16, 64 << 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprint
+# ----------------------------------------------------------------------------------------------
+
+
+def folder_digest(path: str | Path) -> str:
+    """A digest of a model folder: every file's name and size, small files whole, large ones by blocks."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(root)}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= WHOLE_FILE_LIMIT:
+                h.update(f.read())
+            else:
+                for i in range(BLOCKS):
+                    f.seek((size - BLOCK) * i // (BLOCKS - 1))
+                    h.update(f.read(BLOCK))
+    return h.hexdigest()
+
+
+def fingerprint_parts(cfg: Config) -> dict:
+    from vaemo.data import world
+    from vaemo.model.prompts import PromptBuilder
+
+    m, d, s = cfg.model, cfg.data, cfg.stage1
+    if m.init_from:
+        model = {"init_from": folder_digest(m.init_from)}
+    elif m.vlm == "tiny":
+        model = {"tiny_vlm": asdict(m.tiny_vlm), "tiny_audio": asdict(m.tiny_audio), "seed": cfg.seed}
+    else:
+        model = {"vlm": folder_digest(m.vlm)}
+    prompts = {"template": hashlib.sha256(inspect.getsource(PromptBuilder).encode()).hexdigest(),
+               "system_prompt": m.system_prompt, "max_response_tokens": m.max_response_tokens,
+               "describe": list(world.DESCRIBE_PROMPTS), "questions": s.questions,
+               "variants": {k: list(v) for k, v in world.QUESTION_VARIANTS.items()},
+               "options": {k: list(v) for k, v in world.OPTIONS.items()}}
+    frames = {"num_frames": d.num_frames, "frame_height": d.frame_height, "frame_width": d.frame_width,
+              "frame_sampling": d.frame_sampling}
+    return {"version": FINGERPRINT_VERSION, "model": model, "prompts": prompts, "frames": frames, "topk": s.topk,
+            "temperature": s.temperature}
+
+
+def fingerprint(cfg: Config) -> tuple[str, dict]:
+    parts = fingerprint_parts(cfg)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_cache(cfg: Config, shard_urls: list[str]) -> None:
+    """Refuse (exit 2) a cache that is missing, stale, or lacks a shard this run reads."""
+    cache = Path(cfg.stage1.teacher.cache_dir)
+    manifest_path = cache / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"stage1.teacher.cache_dir '{cache}' holds no {MANIFEST}: write it with "
+                        f"`vaemo teacher-cache` (or jobs/teacher_cache.py) first")
+    manifest = json.loads(manifest_path.read_text())
+    wanted, parts = fingerprint(cfg)
+    if manifest.get("fingerprint") != wanted:
+        old, new = _flat(manifest.get("parts", {})), _flat(parts)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise UserError(f"stale teacher cache '{cache}': made for another {', '.join(changed[:4]) or 'fingerprint'} "
+                        f"than this run uses; rebuild it with `vaemo teacher-cache`")
+    missing = [u for u in shard_urls if not os.path.exists(cache_shard_for(u, str(cache)))]
+    if missing:
+        raise UserError(f"teacher cache '{cache}' does not cover shard '{missing[0]}' ({len(missing)} missing); "
+                        f"run `vaemo teacher-cache` over it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a cache
+# ----------------------------------------------------------------------------------------------
+
+
+def key_rng(key: str) -> np.random.Generator:
+    """Fixed prompts per clip: the generator depends only on the sample's key."""
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+
+def teacher_records(model, cfg: Config, batch, key: str) -> list[TeacherRecord]:
+    """The frozen teacher's top-k targets for each clip of a batch (fixed prompts per clip key)."""
+    import torch
+
+    from vaemo.losses import teacher_topk
+    from vaemo.model import PromptItem
+    from vaemo.train.recipes import align_sequences
+
+    s = cfg.stage1
+    plans = [align_sequences(meta, key_rng(clip), s.questions) for clip, meta in zip(batch.keys, batch.meta)]
+    items = [PromptItem("visual", p, r, i) for i, plan in enumerate(plans) for p, r in plan]
+    inputs = model.prompts.batch(items, batch.video, None, batch.duration)
+    with torch.no_grad():
+        hidden = model(inputs).hidden[inputs.pred_mask.to(model.vlm.device)]
+        targets = teacher_topk(hidden, model.logits, s.topk, s.temperature, s.kd_chunk_size)
+    lengths = inputs.response_lengths()
+    bounds = np.cumsum([0, *lengths])
+    out, row = [], 0
+    for plan in plans:
+        start, stop = bounds[row], bounds[row + len(plan)]
+        out.append(TeacherRecord(key, plan, lengths[row : row + len(plan)], targets.ids[start:stop].cpu().numpy(),
+                                 targets.logprobs[start:stop].cpu().numpy(), targets.tail[start:stop].cpu().numpy()))
+        row += len(plan)
+    return out
+
+
+class TeacherCacheWriter:
+    """Holds one frozen teacher and turns source shards into cache shards (a Ray actor, or in-process)."""
+
+    def __init__(self, config: dict, threads: int = 1):
+        import torch
+
+        from vaemo.data.decode import DecodeSpec
+        from vaemo.model import build_model
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = config_from_dict(config)
+        self.device = "cuda" if self.cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = build_model(self.cfg.model, self.cfg.data, seed=self.cfg.seed).to(self.device).eval()
+        self.fingerprint = fingerprint(self.cfg)[0]
+        d = self.cfg.data
+        self.spec = DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
+                               need_video=True, need_audio=False, need_fields=("caption",))  # the teacher sees frames
+
+    def write_shard(self, url: str, out_dir: str) -> dict:
+        """Cache one source shard (atomically: a half-written cache shard never has the final name)."""
+        from vaemo.data.stream import _decode_into_batches, read_shard
+
+        skips: Counter = Counter()
+        target = cache_shard_for(url, out_dir)
+        partial = f"{target}.partial-{os.getpid()}"
+        cached = 0
+        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for batch in _decode_into_batches(read_shard(url), self.spec, self.cfg.data.batch_size, 0, skips,
+                                              final_partial=True):
+                if not len(batch):
+                    continue
+                for key, record in zip(batch.keys, teacher_records(self.model, self.cfg, batch, self.fingerprint)):
+                    for ext, data in encode_record(record).items():
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o644
+                        tar.addfile(info, io.BytesIO(data))
+                    cached += 1
+        os.replace(partial, target)
+        return {"shard": os.path.basename(url), "cached": cached, "skipped": dict(skips)}
+
+
+def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2, cpus_per_actor: float = 1.0) -> dict:
+    """Write the cache for `shards` into `out`; returns the manifest."""
+    from vaemo.data.stream import expand_shards
+
+    urls = expand_shards(shards)
+    names = [os.path.basename(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise UserError("--shards name two shards with the same file name; cache them into separate --out folders")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key, parts = fingerprint(cfg)
+    manifest_path = out / MANIFEST
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if previous and previous.get("fingerprint") != key:
+        raise UserError(f"--out '{out}' holds a teacher cache for another fingerprint ({previous.get('fingerprint')}); "
+                        f"choose another --out or delete it")
+    manifest_path.unlink(missing_ok=True)  # absent while shards are (re)written: an interrupted cache is refused
+    started = time.time()
+    config = config_to_dict(cfg)
+    reports: list[dict] = []
+    with progress.task(f"teacher cache ({len(urls)} shards)", len(urls)) as update:
+        if actors == 0:
+            writer = TeacherCacheWriter(config, int(cpus_per_actor))
+            for done, url in enumerate(urls, 1):
+                reports.append(writer.write_shard(url, str(out)))
+                update(done)
+        else:
+            import ray
+            from ray.util import ActorPool
+
+            from vaemo.train.launch import connect_ray
+
+            connect_ray()
+            gpus = 1.0 if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+            env = {"PYTHONPATH": str(project_root()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus, runtime_env={"env_vars": env})(TeacherCacheWriter)
+            pool = ActorPool([remote.remote(config, int(cpus_per_actor)) for _ in range(min(actors, len(urls)))])
+            work = pool.map_unordered(lambda actor, url: actor.write_shard.remote(url, str(out)), urls)
+            for done, report in enumerate(work, 1):
+                reports.append(report)
+                update(done)
+    skipped: Counter = Counter()
+    for r in reports:
+        skipped.update(r["skipped"])
+    shards_done = {**previous.get("shards", {}), **{r["shard"]: {"cached": r["cached"], "skipped": r["skipped"]}
+                                                    for r in reports}}
+    manifest = {"fingerprint": key, "parts": parts, "shards": dict(sorted(shards_done.items())),
+                "cached": sum(v["cached"] for v in shards_done.values()), "seconds": round(time.time() - started, 1)}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    progress.log(f"cached the teacher for {sum(r['cached'] for r in reports)} clips in {out} "
+                 f"(fingerprint {key}; skipped {dict(skipped) or 'none'})")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the stage-1 preset (model, frames, stage1.topk/temperature)")
+    p.add_argument("--out", required=True, help="cache folder: one shard per source shard + teacher-cache.json")
+    p.add_argument("--shards", action="append", default=[],
+                   help="source shards (brace/glob; repeatable); default: data.train_shards and data.val_shards")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors, one frozen teacher each (0: in-process)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (as for jobs/stage1.py)")
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    if args.actors < 0:
+        raise UserError("--actors must be >= 0")
+    cfg = load_config(args.config, args.overrides, stage=1)
+    if cfg.stage1.topk <= 0:
+        raise UserError("config field 'stage1.topk' must be > 0 for a teacher cache (it stores the top-k)")
+    from vaemo.model.build import check_checkpoint_folders
+
+    check_checkpoint_folders(cfg.model)
+    shards = args.shards or [cfg.data.train_shards] + ([cfg.data.val_shards] if cfg.data.val_shards else [])
+    build_cache(cfg, shards, args.out, args.actors, args.cpus_per_actor)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vaemo.cli import ArgParser
+    from vaemo.errors import exit_on_user_error
+
+    parser = ArgParser(prog="jobs/teacher_cache.py", description="Run stage 1's frozen teacher once; write its top-k.")
+    add_cache_args(parser)
+    return exit_on_user_error(run_cache)(parser.parse_args(argv))
