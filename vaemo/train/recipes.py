@@ -106,6 +106,11 @@ class Recipe(ABC):
     def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
         """The step's loss, inside the engine's forward."""
 
+    @property
+    def cached(self) -> bool:
+        """Teacher outputs come from an offline cache (stage 1 only; stage 2's KD term stays online)."""
+        return self.stage == 1 and self.cfg.stage1.teacher.mode == "cache"
+
     def prepare_model(self, model: VAEmotionLLM) -> None:
         """Structural changes before freezing (stage 2 adds the EmoAdapter)."""
 
@@ -219,11 +224,6 @@ class AlignRecipe(Recipe):
                               need_video=False, need_audio=True, teacher_fingerprint=fingerprint(self.cfg)[0])
         return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
                           need_video=True, need_audio=True, need_fields=("caption",))
-
-    @property
-    def cached(self) -> bool:
-        """Teacher outputs come from an offline cache (stage 1 only; stage 2's KD term stays online)."""
-        return self.stage == 1 and self.cfg.stage1.teacher.mode == "cache"
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         # The same prompt and response for teacher (frames) and student (soundtrack).

@@ -56,7 +56,7 @@ class StageModule(nn.Module):
 
 def teacher_cache(cfg: Config, recipe: Recipe) -> str:
     """The teacher-cache folder the streams merge into samples ('' when the teacher runs online)."""
-    return cfg.stage1.teacher.cache_dir if getattr(recipe, "cached", False) else ""
+    return cfg.stage1.teacher.cache_dir if recipe.cached else ""
 
 
 def learning_rate(cfg: Config, step: int) -> float:
