@@ -66,7 +66,7 @@ def ok(result):
 def stage0_export(small_world, tmp_path_factory) -> Path:
     """A stage-0 run of a few steps on the small world (real Ray Train + DeepSpeed); its export."""
     out = tmp_path_factory.mktemp("stage0")
-    ok(run(stage_cmd(0, out, small_world)))
+    ok(run(stage_cmd(0, out, small_world, "stage0.vision_warmup_steps=2")))
     return out / "export"
 
 
