@@ -43,11 +43,13 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: f
 
 
 def stage_cmd(stage: int, out: Path, world: Path, *overrides: str) -> list[str]:
-    """jobs/stageN.py on the small world with a few steps; overrides come last and win."""
+    """jobs/stageN.py on the small world with a few steps, under ZeRO-3 (the cluster's setting, whatever the
+    tiny preset uses); overrides come last and win."""
     return [sys.executable, str(ROOT / f"jobs/stage{stage}.py"), "--config", str(ROOT / "configs/tiny.yaml"),
             "--out", str(out), f"data.train_shards={world}/train/*.tar", f"data.val_shards={world}/val/*.tar",
             "data.batch_size=4", "train.max_steps=4", "train.report_every=1", "train.checkpoint_every=2",
-            "train.val_batches=1", "train.warmup_steps=1", *overrides]
+            "train.val_batches=1", "train.warmup_steps=1", f"deepspeed.config={ROOT / 'ds_configs/zero3.json'}",
+            *overrides]
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: float = 420):

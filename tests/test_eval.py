@@ -11,7 +11,7 @@ from conftest import ROOT, ok, run
 
 from vaemo.data.bench import read_bench
 from vaemo.eval.run import evaluate
-from vaemo.eval.scoring import deaf_sources, plan
+from vaemo.eval.scoring import deaf_sources, plan, question_prompt
 
 
 def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world):
@@ -26,6 +26,21 @@ def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world)
     for chunk in chunks:  # a clip's questions stay in one chunk: decoded once
         for media in {t.item.media for t in chunk}:
             assert all(t.item.media != media for other in chunks if other is not chunk for t in other)
+
+
+def test_the_benchmark_asks_questions_as_training_does(small_world):
+    """Scoring reads a question the way stage 0-2 prompts wrote it: the text, then the options listed."""
+    import numpy as np
+
+    from vaemo.train.recipes import mcq
+
+    for item in read_bench(small_world / "bench")[:12]:
+        trained = mcq(item.task, list(item.options), np.random.default_rng(0), canonical=True)
+        asked = question_prompt(item)
+        for prompt in (trained, asked):
+            question, listed = prompt.split(" Options: ")
+            assert question == item.question and sorted(listed.rstrip(".").split(", ")) == sorted(item.options)
+        assert asked.split(" Options: ")[1] == ", ".join(item.options) + "."  # in the item's order
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaemo.data import world
 from vaemo.data.bench import BenchItem
 from vaemo.data.decode import DecodeSpec, SkipSample, decode_audio, decode_video
 from vaemo.model import VAEmotionLLM
@@ -81,6 +82,11 @@ def plan(items: list[BenchItem], deaf_check: bool, chunk_items: int, seed: int =
     return [c for c in chunks if c]
 
 
+def question_prompt(item: BenchItem) -> str:
+    """The question as the model was trained to read it: the text, then its options in the item's order."""
+    return world.mcq_prompt(item.question, list(item.options))
+
+
 class Scorer:
     """One model replica on one device (never under ZeRO-3)."""
 
@@ -138,7 +144,7 @@ class Scorer:
                                                                           self.spec.width, dtype=torch.uint8))
             audios.append(sound if sound is not None else torch.zeros(self.spec.audio_samples))
             durations.append(duration)
-            rows.append((item.modality, item.question, item.options, len(videos) - 1))
+            rows.append((item.modality, question_prompt(item), item.options, len(videos) - 1))
             results.append(result)
         if rows:
             scores, pooled = self.model.score_options(rows, torch.stack(videos), torch.stack(audios), durations)

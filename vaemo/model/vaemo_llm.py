@@ -10,6 +10,7 @@ This module imports neither Ray nor DeepSpeed: it runs anywhere torch + transfor
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +26,10 @@ from vaemo.model.lora import add_lora, merge_lora_state
 from vaemo.model.prompts import IGNORE, ModelInputs, PromptBuilder, PromptItem
 from vaemo.model.tokenizer import SpecialTokens, load_tokenizer
 from vaemo.model.vision import VisualSpec, video_inputs
+
+# index_reduce("amax") pools the per-row maxima of modality tokens; PyTorch flags the op as beta on
+# every call, once per worker and step. Its result is covered by the tests.
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 CONFIG_NAME = "vaemo_config.json"
 PARTS = {"projector": "audio_projector.safetensors", "adapter": "emo_adapter.safetensors",
