@@ -215,6 +215,19 @@ def test_only_the_stages_parameters_get_gradients(stage, clips):
         assert any(".lora_" in n for n in with_grad) and any(n.startswith("supervisor.") for n in with_grad)
 
 
+def test_stage2_without_the_emoadapter_fine_tunes_the_projector():
+    from vaemo.train.recipes import EmoAdapterRecipe
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage2.use_enhancer=false", "stage2.use_supervisor=false"], stage=2)
+    recipe = EmoAdapterRecipe(cfg)
+    model = build_model(cfg.model, cfg.data, seed=0)
+    recipe.prepare_model(model)
+    trainable = set_trainable(model, 2, None, recipe.also_trainable())
+    assert trainable and all(n.startswith("projector.") for n in trainable)
+    with_adapter = EmoAdapterRecipe(load_config(ROOT / "configs/tiny.yaml", stage=2))
+    assert with_adapter.also_trainable() == ()
+
+
 def test_save_and_load_round_trip_gives_identical_logits(tmp_path, clips):
     cfg = tiny_config()
     model = build_model(cfg.model, cfg.data, seed=3).eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vaemo import progress
 from vaemo.config import load_config, project_root
+from vaemo.errors import UserError
 from vaemo.eval.report import chance_report, chart, table
 from vaemo.eval.run import evaluate, write_outputs
 
@@ -33,19 +34,30 @@ class Target:
         return f"{'PASS' if self.passed else 'MISS'}  {self.claim}: {self.measured:.3f}"
 
 
-def stage_done(run_dir: Path, max_steps: int) -> bool:
-    metrics = run_dir / "metrics.jsonl"
-    if not (run_dir / "export" / "vaemo_config.json").is_file() or not metrics.is_file():
+def stage_done(run_dir: Path, cfg) -> bool:
+    """A finished run of this very stage: the same resolved config, all its steps, and an export newer
+    than the model it started from (a retrained earlier stage makes every later one stale)."""
+    export = run_dir / "export" / "vaemo_config.json"
+    metrics, saved = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not (export.is_file() and metrics.is_file() and saved.is_file()):
+        return False
+    try:
+        if load_config(saved) != cfg:
+            return False
+    except UserError:
+        return False
+    start = Path(cfg.model.init_from) / "vaemo_config.json" if cfg.model.init_from else None
+    if start is not None and (not start.is_file() or start.stat().st_mtime > export.stat().st_mtime):
         return False
     lines = metrics.read_text().strip().splitlines()
-    return bool(lines) and json.loads(lines[-1])["step"] == max_steps
+    return bool(lines) and json.loads(lines[-1])["step"] == cfg.train.max_steps
 
 
 def train(stage: int, out: Path, config: str, overrides: list[str], fresh: bool) -> Path:
     from vaemo.train.launch import run_stage
 
     cfg = load_config(config, overrides, stage=stage)
-    if not fresh and stage_done(out, cfg.train.max_steps):
+    if not fresh and stage_done(out, cfg):
         progress.log(f"stage {stage}: reusing {out / 'export'}")
         return out / "export"
     args = argparse.Namespace(config=config, out=str(out), resume_from=None, overwrite=True, overrides=overrides)

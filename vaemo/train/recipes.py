@@ -119,7 +119,14 @@ class Recipe(ABC):
 
     def also_trainable(self) -> tuple[str, ...]:
         """Parameter prefixes this run trains beyond the stage's own (see vaemo/model/freezing.py)."""
-        return ("audio_encoder.",) if self.stage == 1 and self.cfg.stage1.train_audio_encoder else ()
+        if self.stage == 1 and self.cfg.stage1.train_audio_encoder:
+            return ("audio_encoder.",)
+        s2 = self.cfg.stage2
+        if self.stage == 2 and not (s2.use_enhancer or s2.use_supervisor) and self.cfg.model.lora.rank == 0:
+            # The "without the EmoAdapter" ablation: the same stage-2 data and losses, fine-tuning what
+            # stage 1 trained, so the comparison isolates the adapter.
+            return ("projector.",)
+        return ()
 
     def response_hidden(self, model: VAEmotionLLM, inputs: ModelInputs, **kwargs):
         out = model(inputs, **kwargs)
