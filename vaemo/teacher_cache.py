@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vaemo import progress
-from vaemo.config import Config, config_from_dict, config_to_dict, load_config, project_root
+from vaemo.config import Config, config_from_dict, config_to_dict, load_config
 from vaemo.data.teacher_records import MANIFEST, TeacherRecord, cache_shard_for, encode_record
 from vaemo.errors import UserError
 
@@ -157,7 +157,7 @@ def teacher_records(model, cfg: Config, batch, key: str) -> list[TeacherRecord]:
 class TeacherCacheWriter:
     """Holds one frozen teacher and turns source shards into cache shards (a Ray actor, or in-process)."""
 
-    def __init__(self, config: dict, threads: int = 1):
+    def __init__(self, config: dict, out_dir: str, threads: int = 1):
         import torch
 
         from vaemo.data.decode import DecodeSpec
@@ -165,6 +165,7 @@ class TeacherCacheWriter:
 
         torch.set_num_threads(max(1, threads))
         self.cfg = config_from_dict(config)
+        self.out_dir = out_dir
         self.device = "cuda" if self.cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
         self.model = build_model(self.cfg.model, self.cfg.data, seed=self.cfg.seed).to(self.device).eval()
         self.fingerprint = fingerprint(self.cfg)[0]
@@ -172,12 +173,12 @@ class TeacherCacheWriter:
         self.spec = DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
                                need_video=True, need_audio=False, need_fields=("caption",))  # the teacher sees frames
 
-    def write_shard(self, url: str, out_dir: str) -> dict:
+    def write_shard(self, url: str) -> dict:
         """Cache one source shard (atomically: a half-written cache shard never has the final name)."""
         from vaemo.data.stream import _decode_into_batches, read_shard
 
         skips: Counter = Counter()
-        target = cache_shard_for(url, out_dir)
+        target = cache_shard_for(url, self.out_dir)
         partial = f"{target}.partial-{os.getpid()}"
         cached = 0
         with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -217,22 +218,16 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
     reports: list[dict] = []
     with progress.task(f"teacher cache ({len(urls)} shards)", len(urls)) as update:
         if actors == 0:
-            writer = TeacherCacheWriter(config, int(cpus_per_actor))
+            writer = TeacherCacheWriter(config, str(out), int(cpus_per_actor))
             for done, url in enumerate(urls, 1):
-                reports.append(writer.write_shard(url, str(out)))
+                reports.append(writer.write_shard(url))
                 update(done)
         else:
-            import ray
-            from ray.util import ActorPool
+            from vaemo.actors import map_on_actors
 
-            from vaemo.train.launch import connect_ray
-
-            connect_ray()
-            gpus = 1.0 if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-            env = {"PYTHONPATH": str(project_root()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-            remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus, runtime_env={"env_vars": env})(TeacherCacheWriter)
-            pool = ActorPool([remote.remote(config, int(cpus_per_actor)) for _ in range(min(actors, len(urls)))])
-            work = pool.map_unordered(lambda actor, url: actor.write_shard.remote(url, str(out)), urls)
+            gpus = None if cfg.scaling.use_gpu else 0.0
+            work = map_on_actors(TeacherCacheWriter, (config, str(out), int(cpus_per_actor)), "write_shard", urls,
+                                 actors, cpus_per_actor, gpus)
             for done, report in enumerate(work, 1):
                 reports.append(report)
                 update(done)

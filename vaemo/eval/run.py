@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from vaemo import progress
-from vaemo.config import project_root
 from vaemo.data.bench import read_bench
 from vaemo.errors import UserError
 from vaemo.eval.report import chance_report, chart, summarize, table
@@ -58,25 +57,14 @@ def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batc
                 results.extend(scorer.score(chunk))
                 update(done)
     else:
-        import ray
-        from ray.util import ActorPool
+        from vaemo.actors import map_on_actors
 
-        from vaemo.train.launch import connect_ray
-
-        connect_ray()
-        if gpus_per_actor is None:
-            gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        env = {"PYTHONPATH": str(project_root()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
-        remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-                            runtime_env={"env_vars": env})(ScorerActor)
-        pool = ActorPool([remote.remote(str(model_dir), int(cpus_per_actor)) for _ in range(min(actors, len(chunks)))])
+        parts = map_on_actors(ScorerActor, (str(model_dir), int(cpus_per_actor)), "score", chunks, actors,
+                              cpus_per_actor, gpus_per_actor)
         with progress.task(description, len(chunks)) as update:
-            for done, part in enumerate(pool.map_unordered(lambda actor, chunk: actor.score.remote(chunk), chunks), 1):
+            for done, part in enumerate(parts, 1):
                 results.extend(part)
                 update(done)
-        for actor in pool._idle_actors:
-            ray.kill(actor)
     results.sort(key=lambda r: (r.id, r.deaf))
     return summarize(results), results
 
