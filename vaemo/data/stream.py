@@ -46,7 +46,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
             elif os.path.exists(os.path.expanduser(url)):
                 urls.append(os.path.expanduser(url))
     if not urls:
-        raise UserError(f"shards '{spec}' match no file")
+        raise UserError(f"shards '{', '.join(specs)}' match no file")
     return urls
 
 
