@@ -94,21 +94,30 @@ def clip_prompts(clips: int):
 
 
 def step_flops(model, teacher, student, patches: int, audio_positions: int) -> float:
-    """Model FLOPs of the step: matmuls 2 N per token (forward), attention 4 L d S^2 per sequence, and the
-    student's backward through the frozen LLM (input gradients only: about one more forward)."""
+    """Model FLOPs of the step as run: matmuls 2 N per token (forward), attention 8 L d per attended
+    (query, key) pair (4 L d S^2 for a causal sequence of S), and the student's backward through the
+    frozen LLM (input gradients only: about one more forward). A packed pass (vaemo/model/packing.py)
+    counts its packed tokens and the pairs its block mask allows."""
     text = model.vlm.config.text_config
     llm = sum(p.numel() for n, p in model.vlm.named_parameters() if ".visual." not in n and "embed_tokens" not in n)
     vision = sum(p.numel() for n, p in model.vlm.named_parameters() if ".visual." in n)
     audio = sum(p.numel() for p in model.audio_encoder.parameters())
+    per_pair = 8 * text.num_hidden_layers * text.hidden_size
 
     def llm_pass(inputs) -> float:
-        lengths = inputs.attention_mask.sum(1).tolist()
-        return sum(2 * llm * s + 4 * text.num_hidden_layers * text.hidden_size * s * s for s in lengths)
+        packing = model.packing_for(inputs)
+        if packing is None:
+            lengths = inputs.attention_mask.sum(1).tolist()
+            return sum(2 * llm * s + per_pair * s * s / 2 for s in lengths)
+        used = int(packing.scatter.unique().numel())  # packed positions some sequence reads: not padding
+        return 2 * llm * used + per_pair * (int(packing.mask.sum()) - (packing.mask.shape[0] * packing.mask.shape[-1] - used))
 
     return llm_pass(teacher) + 2 * llm_pass(student) + 2 * vision * patches + 2 * audio * audio_positions
 
 
-def run_once(attn: str, args) -> dict:
+def run_once(attn: str, args) -> list[dict]:
+    """Build the model for one attention implementation and time the step: with SDPA packed (vaemo's
+    default) and unpacked, with FlashAttention-2 unpacked (it takes no block mask)."""
     import torch
 
     from vaemo.losses import distill, teacher_topk
@@ -140,31 +149,40 @@ def run_once(attn: str, args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
-    patches = args.clips * (args.frames // 2) * (args.size // 14) ** 2
-    flops = step_flops(model, teacher, student, patches, int(args.audio_seconds * 50) * args.clips)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in name), None)
+    # Tokens of the sequences the step trains on, however they are laid out: comparable across modes.
     tokens = int(teacher.attention_mask.sum() + student.attention_mask.sum())
-    result = {"attn": attn, "step_s": seconds, "tokens_per_s": tokens / seconds, "tokens": tokens,
-              "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else math.nan,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan, "build_s": build_s, "device": name}
-    print(f"  {attn}: step {seconds:.3f} s, {result['tokens_per_s']:.0f} tokens/s ({tokens} tokens), "
-          f"{result['tflops']:.0f} TFLOP/s, MFU {result['mfu']:.1%}, peak {result['peak_gib']:.1f} GiB, "
-          f"built in {build_s:.0f} s", flush=True)
+    patches = args.clips * (args.frames // 2) * (args.size // 14) ** 2
+    results = []
+    for packed in ([True, False] if attn == "sdpa" else [False]):
+        model.pack_prefixes = packed
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        flops = step_flops(model, teacher, student, patches, int(args.audio_seconds * 50) * args.clips)
+        label = f"{attn}{' packed' if packed else ''}"
+        result = {"attn": label, "step_s": seconds, "tokens_per_s": tokens / seconds, "tokens": tokens,
+                  "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else math.nan,
+                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan, "build_s": build_s,
+                  "device": name}
+        print(f"  {label}: step {seconds:.3f} s, {result['tokens_per_s']:.0f} tokens/s ({tokens} sequence tokens), "
+              f"{result['tflops']:.0f} TFLOP/s, MFU {result['mfu']:.1%}, peak {result['peak_gib']:.1f} GiB, "
+              f"built in {build_s:.0f} s", flush=True)
+        results.append(result)
     del model, optimizer
     if cuda:
         torch.cuda.empty_cache()
-    return result
+    return results
 
 
 def main() -> int:
@@ -185,13 +203,13 @@ def main() -> int:
         return 1
     from vaemo.model.build import flash_attention_available
 
-    results = [run_once("sdpa", args)]
+    results = run_once("sdpa", args)
     if flash_attention_available():
-        results.append(run_once("flash_attention_2", args))
+        results += run_once("flash_attention_2", args)
     parts = [f"{r['attn']} {r['tokens_per_s']:.0f} tok/s MFU {r['mfu']:.1%} peak {r['peak_gib']:.1f} GiB "
              f"step {r['step_s']:.2f} s" for r in results]
     print(f"GPU_STAGE1 {results[0]['device']}{' (smoke: shrunken model)' if args.smoke else ''} | {args.clips} clips x {args.frames} frames {args.size}px | "
-          + " | ".join(parts) + ("" if len(results) > 1 else " | flash-attn not installed"), flush=True)
+          + " | ".join(parts) + ("" if flash_attention_available() else " | flash-attn not installed"), flush=True)
     return 0
 
 

@@ -2,20 +2,33 @@
 
 Online, a step runs the frozen teacher's video pass (vision tower + LLM over frames), then the student's
 audio pass, the chunked top-k KD and the optimizer step. From a cache the vision tower is not even built
-and the teacher pass is gone: the targets arrive with the batch (decoding skips the frames too; that
-saving is not counted here: both sides get pre-decoded batches). One process, the same model, batch and
-prompts on both sides; median of the timed steps. Prints both times and the ratio (target <= 0.5).
+and the teacher pass is gone: the targets arrive with the batch.
 
-    .venv/bin/python bench/stage1_step.py
+Two measurements, each printing both times and the ratio cache/online (target <= 0.5):
+- compute: one process, pre-decoded batches, the same model, batch and prompts on both sides; the model
+  passes and the optimizer step only (median of the timed steps). Presets `tiny` and `mid`; `--unpacked`
+  turns shared-prefix packing off (vaemo/model/packing.py) to show what it saves on both sides.
+- trainer (`--trainer`): the real `jobs/stage1.py` (Ray Train, 2 DeepSpeed workers, webdataset +
+  torchcodec decoding in loader processes) on a synthesized world, after `jobs/teacher_cache.py` wrote
+  its cache; wall time per step as the run reports it (median of the steady report intervals). This is
+  the step a user waits for: a cached step also decodes no frames, and under ZeRO-3 gathers no vision
+  tower. Tiny preset, under its ZeRO-2 and under ZeRO-3 (the cluster preset's setting).
+
+    .venv/bin/python bench/stage1_step.py                  # compute: tiny and mid
     .venv/bin/python bench/stage1_step.py --presets mid --steps 5
+    .venv/bin/python bench/stage1_step.py --presets --trainer   # trainer only (about 5 min here)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,28 +112,81 @@ def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
     return statistics.median(times)
 
 
+def trainer_step(world: Path, out: Path, steps: int, warmup: int, ds_config: str, cache: Path | None) -> dict:
+    """Seconds per step of the real stage-1 job (wall, and its data-wait and compute parts): medians over
+    the steady report intervals."""
+    report = 5
+    cmd = [sys.executable, str(ROOT / "jobs/stage1.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(out),
+           "--overwrite", *world_overrides(world), f"train.max_steps={warmup + steps}", f"train.report_every={report}",
+           f"train.checkpoint_every={warmup + steps}", "train.val_batches=0", "train.export=false",
+           f"deepspeed.config={ds_config}"]
+    if cache is not None:
+        cmd += ["stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}"]
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if warmup < r["step"] < warmup + steps]  # the last interval also checkpoints
+    clips_per_step = 2 * 8  # scaling.num_workers x data.batch_size of the tiny preset
+    return {"wall": statistics.median(clips_per_step / r["samples_per_s"] for r in steady),
+            "data wait": statistics.median(r["data_wait_s"] for r in steady),
+            "compute": statistics.median(r["compute_s"] for r in steady)}
+
+
+def world_overrides(world: Path) -> list[str]:
+    return [f"data.train_shards={world}/train/*.tar", f"data.val_shards={world}/val/*.tar", "stage1.topk=16"]
+
+
+def trainer_ratios(steps: int, warmup: int) -> None:
+    from vaemo.data.synth import synthesize
+
+    with tempfile.TemporaryDirectory(prefix="vaemo-stage1-step-") as tmp:
+        world, cache = Path(tmp) / "world", Path(tmp) / "cache"
+        synthesize(world, train_clips=320, val_clips=16, bench_clips=16, clips_per_shard=40, seed=0)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+                        "--out", str(cache), "--actors", "2", *world_overrides(world)],
+                       check=True, capture_output=True, cwd=ROOT)
+        print(f"trainer: teacher cache of 336 clips written in {time.perf_counter() - started:.0f} s (2 actors)")
+        for name, ds_config in (("tiny preset, ZeRO-2", "ds_configs/zero2.json"), ("ZeRO-3", "ds_configs/zero3.json")):
+            online = trainer_step(world, Path(tmp) / "online", steps, warmup, ds_config, None)
+            cached = trainer_step(world, Path(tmp) / "cached", steps, warmup, ds_config, cache)
+            parts = "; ".join(f"{side} " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.items() if k != "wall")
+                              for side, r in (("online", online), ("cache", cached)))
+            print(f"trainer ({name}, 2 workers x 8 clips): online {online['wall'] * 1000:.0f} ms/step, cache "
+                  f"{cached['wall'] * 1000:.0f} ms/step, ratio cache/online {cached['wall'] / online['wall']:.2f} "
+                  f"(target <= 0.5)  [{parts}]", flush=True)
+
+
 def main() -> None:
     import torch
 
     from vaemo.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS),
+                   help="compute measurements to run (none: only --trainer)")
+    p.add_argument("--trainer", action="store_true", help="also time the real stage-1 job, cache vs online")
+    p.add_argument("--trainer-steps", type=int, default=30, help="measured steps of each trainer run")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="clips per step")
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--unpacked", action="store_true",
+                   help="compute: without shared-prefix packing (model.pack_prefixes=false), to see what it saves")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.presets:
-        cfg = load_config(ROOT / "configs/tiny.yaml", [*PRESETS[name], f"stage1.topk={args.topk}"], stage=1)
+        cfg = load_config(ROOT / "configs/tiny.yaml", [*PRESETS[name], f"stage1.topk={args.topk}",
+                                                                  f"model.pack_prefixes={not args.unpacked}"], stage=1)
         online = time_steps(cfg, [synthetic_batch(cfg, args.batch, s) for s in range(2)], args.steps, args.warmup,
                             cached=False)
         cached = time_steps(cfg, [synthetic_batch(cfg, args.batch, s) for s in range(2)], args.steps, args.warmup,
                             cached=True)
         print(f"{name}: online {online * 1000:.0f} ms/step, cache {cached * 1000:.0f} ms/step, "
               f"ratio cache/online {cached / online:.2f} (target <= 0.5)", flush=True)
+    if args.trainer:
+        trainer_ratios(args.trainer_steps, warmup=10)
 
 
 if __name__ == "__main__":

@@ -228,6 +228,10 @@ class ModelConfig:
     """LoRA on the LLM (stage 2, optional)."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """`auto`: FlashAttention-2 when flash-attn imports on a CUDA device, else PyTorch SDPA."""
+    pack_prefixes: bool = True
+    """Run the prompt prefix a clip's sequences share (its video/audio tokens, the question) once per clip
+    and modality, with a block attention mask; the results are the same. SDPA only (FlashAttention-2 runs
+    unpacked). See vaemo/model/packing.py."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """`auto`: bfloat16 on GPU, float32 on CPU."""
     system_prompt: str = "You are a helpful assistant."

@@ -137,6 +137,12 @@ def preprocessor_stats(path: Path) -> tuple[tuple, tuple]:
 
 def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0) -> VAEmotionLLM:
     """The starting model of a stage: the previous stage's export, or fresh from the base checkpoints."""
+    model = _build_model(model_cfg, data_cfg, seed)
+    model.pack_prefixes = model_cfg.pack_prefixes
+    return model
+
+
+def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAEmotionLLM:
     check_checkpoint_folders(model_cfg)
     attn, dtype = choose_attention(model_cfg.attn_implementation), choose_dtype(model_cfg.dtype)
     if model_cfg.init_from:

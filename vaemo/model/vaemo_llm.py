@@ -23,6 +23,7 @@ from vaemo.losses import sequence_logprobs
 from vaemo.model.audio import AudioProjector, LogMel, audio_tokens, encode_short
 from vaemo.model.emo import EmotionEnhancer, EmotionSupervisor
 from vaemo.model.lora import add_lora, merge_lora_state
+from vaemo.model.packing import PrefixPacking, plan_packing
 from vaemo.model.prompts import IGNORE, ModelInputs, PromptBuilder, PromptItem
 from vaemo.model.tokenizer import SpecialTokens, load_tokenizer
 from vaemo.model.vision import VisualSpec, video_inputs
@@ -92,6 +93,7 @@ class VAEmotionLLM(nn.Module):
         self.log_mel = LogMel(spec.n_mels)
         self.enhancer: EmotionEnhancer | None = None
         self.supervisor: EmotionSupervisor | None = None
+        self.pack_prefixes = True  # see `forward`; model.pack_prefixes turns it off
         self.tokenizer = tokenizer
         self.spec = spec
         self.tokens = SpecialTokens(**spec.tokens)
@@ -239,11 +241,27 @@ class VAEmotionLLM(nn.Module):
         return Embedded(embeds, attention, positions, pooled_sum / pooled_count.clamp(min=1), pooled_max)
 
     def forward(self, inputs: ModelInputs, run_all_pathways: bool = False) -> ModelOutput:
-        """Hidden states of every position (logits are left to the caller: see `logits`)."""
+        """Hidden states of every position (logits are left to the caller: see `logits`).
+
+        Sequences of one clip and modality that share a prompt prefix run it once (vaemo/model/packing.py)
+        when the attention takes a block mask; the hidden states are the same either way.
+        """
         e = self.embed(inputs, run_all_pathways)
-        hidden = self.vlm.model.language_model(inputs_embeds=e.embeds, attention_mask=e.attention,
-                                               position_ids=e.positions).last_hidden_state
+        lm = self.vlm.model.language_model
+        packing = self.packing_for(inputs)
+        if packing is None:
+            hidden = lm(inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions).last_hidden_state
+        else:
+            device = e.embeds.device
+            hidden = packing.unpack(lm(inputs_embeds=packing.pack(e.embeds), attention_mask=packing.mask.to(device),
+                                       position_ids=packing.pack_positions(e.positions)).last_hidden_state)
         return ModelOutput(hidden=hidden, pooled=e.pooled, pooled_max=e.pooled_max)
+
+    def packing_for(self, inputs: ModelInputs) -> PrefixPacking | None:
+        """How `forward` lays out these sequences: packed by shared prefix, or None (as they are)."""
+        if not self.pack_prefixes or self.vlm.model.language_model.config._attn_implementation != "sdpa":
+            return None
+        return plan_packing(inputs.input_ids, inputs.attention_mask, list(zip(inputs.clips, inputs.modalities)))
 
     def projector_markers(self) -> torch.Tensor:
         """(2, D): the <|audio_start|>/<|audio_end|> embeddings, through a module call (ZeRO-3 safe)."""
