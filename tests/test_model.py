@@ -228,6 +228,25 @@ def test_stage2_without_the_emoadapter_fine_tunes_the_projector():
     assert with_adapter.also_trainable() == ()
 
 
+def test_stage2_kd_questions_distils_the_stage1_questions_too(model, clips):
+    from vaemo.data import world
+    from vaemo.data.stream import Batch
+    from vaemo.train.recipes import EmoAdapterRecipe
+
+    video, audio, duration = clips
+    metas = [{"caption": "A calm boat.", "emotion": "calm", "valence": 0.2, "arousal": -0.3, "object": "boat"}] * CLIPS
+    batch = Batch(keys=[str(i) for i in range(CLIPS)], video=video, audio=audio, audio_len=[48000] * CLIPS,
+                  duration=duration, meta=metas, has_audio=[True] * CLIPS)
+    passes = {}
+    for flag in (False, True):
+        cfg = load_config(ROOT / "configs/tiny.yaml", [f"stage2.kd_questions={flag}"], stage=2)
+        step = EmoAdapterRecipe(cfg).prepare(model, batch, np.random.default_rng(0))
+        passes[flag] = step.passes["student"]
+    assert len(passes[False].modalities) == CLIPS  # a caption per clip
+    assert len(passes[True].modalities) == CLIPS * (1 + len(world.TASKS))  # and one question per task
+    assert passes[True].modalities == ["audio"] * len(passes[True].modalities)
+
+
 def test_save_and_load_round_trip_gives_identical_logits(tmp_path, clips):
     cfg = tiny_config()
     model = build_model(cfg.model, cfg.data, seed=3).eval()

@@ -243,3 +243,22 @@ def test_unwritable_output_and_an_earlier_run_are_refused(small_world, stage0_ex
     (tmp_path / "done" / "metrics.jsonl").write_text("{}\n")
     result = run(stage_cmd(1, tmp_path / "done", small_world))
     assert result.returncode == 2 and "already holds a run" in result.stderr
+
+
+def test_relative_paths_reach_the_workers_and_actors(small_world, stage0_export, tmp_path):
+    """Users type paths relative to where they run; Ray workers and actors run in other directories."""
+    here = Path(os.path.commonpath([small_world, stage0_export, tmp_path]))
+    rel = lambda path: os.path.relpath(path, here)  # noqa: E731
+    stage = [sys.executable, str(ROOT / "jobs/stage1.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out",
+             rel(tmp_path / "run"), f"data.train_shards={rel(small_world)}/train/*.tar",
+             f"data.val_shards={rel(small_world)}/val/*.tar", f"model.init_from={rel(stage0_export)}",
+             "data.batch_size=4", "train.max_steps=2", "train.checkpoint_every=2", "train.val_batches=0"]
+    scoring = [sys.executable, str(ROOT / "jobs/eval.py"), "--model", rel(tmp_path / "run/export"), "--bench",
+               rel(small_world / "bench"), "--out", rel(tmp_path / "eval"), "--actors", "1", "--max-items", "4",
+               "--no-deaf-check"]
+    for cmd in (stage, scoring):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=here)
+        assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    assert (tmp_path / "run/export/vaemo_config.json").is_file()
+    counts = json.loads((tmp_path / "eval/results.json").read_text())["counts"]
+    assert sum(n for tasks in counts.values() for n in tasks.values()) == 4

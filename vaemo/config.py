@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,6 +381,9 @@ class Stage2Config:
     """Weight of the categorical emotion head (when the supervisor has one)."""
     lambda_kd: float = 0.5
     """Weight of the KD term keeping the audio path aligned with the visual one."""
+    kd_questions: bool = False
+    """The KD term also distils the visual pass's answers to stage 1's content and emotion questions,
+    not only its caption (as stage 1 does with stage1.questions)."""
     va_loss: Literal["mse", "ccc"] = "mse"
     """Valence/arousal loss: mean squared error or 1 - concordance correlation."""
     emotions: list[str] = field(default_factory=lambda: ["joy", "calm", "anger", "sadness"])
@@ -462,7 +466,26 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     _check_all(cfg, "")
+    _make_paths_absolute(cfg)
     return cfg
+
+
+# Fields naming local files or folders. A relative one means "from where the command runs"; Ray workers
+# and actors run in other working directories, so they receive it made absolute.
+PATH_FIELDS = ("data.train_shards", "data.val_shards", "data.bench_dir", "model.init_from", "model.vlm",
+               "model.audio_encoder", "stage1.teacher.cache_dir")
+
+
+def _make_paths_absolute(cfg: "Config") -> None:
+    for dotted in PATH_FIELDS:
+        *parents, name = dotted.split(".")
+        owner = cfg
+        for parent in parents:
+            owner = getattr(owner, parent)
+        value = getattr(owner, name)
+        as_given = not value or value == "tiny" or "://" in value or value.startswith(("pipe:", "{", "/"))
+        if not as_given:
+            setattr(owner, name, os.path.abspath(os.path.expanduser(value)))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -204,7 +204,7 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
     names = [os.path.basename(u) for u in urls]
     if len(set(names)) != len(names):
         raise UserError("--shards name two shards with the same file name; cache them into separate --out folders")
-    out = Path(out)
+    out = Path(out).expanduser().resolve()  # the actors write there from their own working directories
     out.mkdir(parents=True, exist_ok=True)
     key, parts = fingerprint(cfg)
     manifest_path = out / MANIFEST

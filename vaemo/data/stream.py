@@ -32,7 +32,8 @@ from vaemo.errors import UserError
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Brace notation and globs to a sorted list of shard URLs; local paths must exist."""
+    """Brace notation and globs to a sorted list of shard URLs; local paths must exist and come back
+    absolute (Ray workers and actors read them from other working directories)."""
     from braceexpand import braceexpand
 
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -42,9 +43,9 @@ def expand_shards(spec: str | list[str]) -> list[str]:
             if "://" in url or url.startswith("pipe:"):
                 urls.append(url)
             elif any(ch in url for ch in "*?["):
-                urls.extend(sorted(glob.glob(os.path.expanduser(url))))
+                urls.extend(sorted(os.path.abspath(u) for u in glob.glob(os.path.expanduser(url))))
             elif os.path.exists(os.path.expanduser(url)):
-                urls.append(os.path.expanduser(url))
+                urls.append(os.path.abspath(os.path.expanduser(url)))
     if not urls:
         raise UserError(f"shards '{', '.join(specs)}' match no file")
     return urls

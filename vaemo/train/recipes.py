@@ -315,11 +315,11 @@ class EmoAdapterRecipe(AlignRecipe):
         # KD pairs for clips with a soundtrack; a rank without any runs one dummy pair on silence, with
         # weight 0 (see module doc).
         kd_clips = [i for i in range(len(batch)) if batch.has_audio[i]] or [0]
-        prompts = {i: describe_prompt(rng) for i in kd_clips}
+        pairs = [(p, r, i) for i in kd_clips for p, r in align_sequences(batch.meta[i], rng, self.cfg.stage2.kd_questions)]
         weight = 1.0 if any(batch.has_audio) else 0.0
         audio = batch.audio if batch.audio is not None else torch.zeros(len(batch), model.audio_samples)
         for name, modality in (("teacher", "visual"), ("student", "audio")):
-            kd_items = [PromptItem(modality, prompts[i], batch.meta[i]["caption"], i) for i in kd_clips]
+            kd_items = [PromptItem(modality, p, r, i) for p, r, i in pairs]
             self.note_pass(step, name, model.prompts.batch(kd_items, batch.video, audio, batch.duration))
         step.labels["kd_weight"] = torch.tensor(weight)
         step.counts = {"lm_tokens": step.positions["lm"], "va_rows": float(len(va)),
