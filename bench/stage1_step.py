@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -112,31 +110,10 @@ def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
     return statistics.median(times)
 
 
-def trainer_step(world: Path, out: Path, steps: int, warmup: int, ds_config: str, cache: Path | None) -> dict:
-    """Seconds per step of the real stage-1 job (wall, and its data-wait and compute parts): medians over
-    the steady report intervals."""
-    report = 5
-    cmd = [sys.executable, str(ROOT / "jobs/stage1.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(out),
-           "--overwrite", *world_overrides(world), f"train.max_steps={warmup + steps}", f"train.report_every={report}",
-           f"train.checkpoint_every={warmup + steps}", "train.val_batches=0", "train.export=false",
-           f"deepspeed.config={ds_config}"]
-    if cache is not None:
-        cmd += ["stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}"]
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in records if warmup < r["step"] < warmup + steps]  # the last interval also checkpoints
-    clips_per_step = 2 * 8  # scaling.num_workers x data.batch_size of the tiny preset
-    return {"wall": statistics.median(clips_per_step / r["samples_per_s"] for r in steady),
-            "data wait": statistics.median(r["data_wait_s"] for r in steady),
-            "compute": statistics.median(r["compute_s"] for r in steady)}
-
-
-def world_overrides(world: Path) -> list[str]:
-    return [f"data.train_shards={world}/train/*.tar", f"data.val_shards={world}/val/*.tar", "stage1.topk=16"]
-
-
 def trainer_ratios(steps: int, warmup: int) -> None:
+    """Wall time per step of the real stage-1 job (bench/trainer_overhead.py runs it), online vs cache."""
+    from trainer_overhead import distributed
+
     from vaemo.data.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="vaemo-stage1-step-") as tmp:
@@ -144,14 +121,18 @@ def trainer_ratios(steps: int, warmup: int) -> None:
         synthesize(world, train_clips=320, val_clips=16, bench_clips=16, clips_per_shard=40, seed=0)
         started = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-                        "--out", str(cache), "--actors", "2", *world_overrides(world)],
+                        "--out", str(cache), "--actors", "2", f"data.train_shards={world}/train/*.tar",
+                        f"data.val_shards={world}/val/*.tar", "stage1.topk=16"],
                        check=True, capture_output=True, cwd=ROOT)
         print(f"trainer: teacher cache of 336 clips written in {time.perf_counter() - started:.0f} s (2 actors)")
         for name, ds_config in (("tiny preset, ZeRO-2", "ds_configs/zero2.json"), ("ZeRO-3", "ds_configs/zero3.json")):
-            online = trainer_step(world, Path(tmp) / "online", steps, warmup, ds_config, None)
-            cached = trainer_step(world, Path(tmp) / "cached", steps, warmup, ds_config, cache)
+            runs = {}
+            for side, extra in (("online", ()), ("cache", ("stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}"))):
+                r = distributed(world, steps, warmup, 8, 1, Path(tmp) / side, ds_config, ("stage1.topk=16", *extra), report=5)
+                runs[side] = {"wall": 2 * 8 / r["samples_per_s"], **r["breakdown_s"]}  # 2 workers x 8 clips a step
+            online, cached = runs["online"], runs["cache"]
             parts = "; ".join(f"{side} " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.items() if k != "wall")
-                              for side, r in (("online", online), ("cache", cached)))
+                              for side, r in runs.items())
             print(f"trainer ({name}, 2 workers x 8 clips): online {online['wall'] * 1000:.0f} ms/step, cache "
                   f"{cached['wall'] * 1000:.0f} ms/step, ratio cache/online {cached['wall'] / online['wall']:.2f} "
                   f"(target <= 0.5)  [{parts}]", flush=True)

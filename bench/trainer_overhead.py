@@ -69,13 +69,13 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
 
 
 def distributed(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, out: Path,
-                ds_config: str = "ds_configs/zero3.json") -> dict:
-    report = 10
+                ds_config: str = "ds_configs/zero3.json", extra: tuple[str, ...] = (), report: int = 10) -> dict:
+    """The real stage-1 job on 2 workers (`extra`: more config overrides); medians of the steady intervals."""
     cmd = [sys.executable, str(ROOT / "jobs/stage1.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(out),
            "--overwrite", f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
            f"data.batch_size={batch}", f"data.loader_workers={loader_workers}", f"train.max_steps={warmup + steps}",
            f"train.report_every={report}", f"train.checkpoint_every={warmup + steps}", "train.val_batches=0",
-           "train.export=false", "scaling.num_workers=2", f"deepspeed.config={ds_config}"]
+           "train.export=false", "scaling.num_workers=2", f"deepspeed.config={ds_config}", *extra]
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

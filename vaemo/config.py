@@ -483,7 +483,7 @@ def _make_paths_absolute(cfg: "Config") -> None:
         for parent in parents:
             owner = getattr(owner, parent)
         value = getattr(owner, name)
-        as_given = not value or value == "tiny" or "://" in value or value.startswith(("pipe:", "{", "/"))
+        as_given = not value or value == "tiny" or "://" in value or value.startswith(("pipe:", "{"))
         if not as_given:
             setattr(owner, name, os.path.abspath(os.path.expanduser(value)))
 

@@ -108,15 +108,14 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--baseline '{spec}' must look like NAME=EXPORT_DIR")
         name, path = spec.split("=", 1)
         named.append((name, check_model_dir(path, "--baseline")))
-    model = check_model_dir(args.model)
-    bench = Path(args.bench).expanduser().resolve()
-    read_bench(bench)  # a malformed benchmark fails here, before any actor starts
+    check_model_dir(args.model)
+    read_bench(args.bench)  # a malformed benchmark fails here, before any actor starts
     options = dict(actors=args.actors, batch_items=args.batch_items, deaf_check=not args.no_deaf_check,
                    max_items=args.max_items, cpus_per_actor=args.cpus_per_actor)
-    report, results = evaluate(model, bench, label="model", **options)
+    report, results = evaluate(args.model, args.bench, label="model", **options)
     baselines = {"chance": chance_report(report)}
     for name, path in named:
-        baselines[name] = evaluate(path, bench, label=name, **options)[0]
+        baselines[name] = evaluate(path, args.bench, label=name, **options)[0]
     write_outputs(Path(args.out), report, results, baselines)
     progress.log(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'accuracy.png'}")
     return 0
