@@ -85,3 +85,12 @@ def adapter_export(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter") / "export"
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny folders shaped like Qwen2.5-VL-7B-Instruct and whisper-large-v3 (tests/hf_checkpoints.py)."""
+    from hf_checkpoints import write_qwen25_vl, write_whisper
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {"vlm": write_qwen25_vl(root / "Qwen2.5-VL-7B-Instruct"), "audio": write_whisper(root / "whisper-large-v3")}

@@ -93,3 +93,31 @@ def test_bad_arguments_are_one_line_errors(small_world, tmp_path):
     result = run([sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(tmp_path), "--bench",
                   str(tmp_path / "bench"), "--out", str(tmp_path)])
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_an_export_scored_in_bf16_answers_as_in_fp32(small_world, stage0_export):
+    """The GPU's precision, here on the CPU: the same items, the same answers (>= 95%), every modality."""
+    fp32, fp32_items = evaluate(stage0_export, small_world / "bench", actors=0, batch_items=24, dtype="fp32")
+    bf16, bf16_items = evaluate(stage0_export, small_world / "bench", actors=0, batch_items=24, dtype="bf16")
+    assert fp32["skipped"] == bf16["skipped"] == 0
+    assert [(a.id, a.deaf) for a in fp32_items] == [(b.id, b.deaf) for b in bf16_items]
+    for modality in ("audio", "visual", "audio_visual"):
+        scored = [b for b in bf16_items if b.modality == modality and not b.deaf]
+        assert scored and all(b.scores and all(s > -1e9 for s in b.scores) for b in scored), modality
+    same = sum(a.predicted == b.predicted for a, b in zip(fp32_items, bf16_items)) / len(fp32_items)
+    assert same >= 0.95, same
+
+
+def test_the_eval_section_of_a_preset_gives_the_defaults(tmp_path):
+    from vaemo.eval.run import add_eval_args, eval_settings
+
+    parser = __import__("argparse").ArgumentParser()
+    add_eval_args(parser)
+    base = ["--model", "m", "--bench", "b", "--out", "o"]
+    preset = eval_settings(parser.parse_args([*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml")]))
+    assert (preset.actors, preset.batch_items, preset.deaf_check) == (8, 32, True)
+    flags = eval_settings(parser.parse_args([*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml"),
+                                             "--actors", "3", "--dtype", "bf16", "--no-deaf-check"]))
+    assert (flags.actors, flags.batch_items, flags.dtype, flags.deaf_check) == (3, 32, "bf16", False)
+    assert eval_settings(parser.parse_args(base)).actors == 2

@@ -348,3 +348,130 @@ def test_flash_attention_2_and_sdpa_agree_on_gpu(clips):
         with torch.no_grad():
             outs.append(model.logits(model(inputs).hidden[inputs.pred_mask]).float())
     assert torch.allclose(outs[0], outs[1], atol=5e-2, rtol=5e-2)
+
+
+# -- checkpoint folders in the hub's layout, and bf16 ------------------------------------------------
+
+
+def real_format_config(hf_checkpoints, *overrides):
+    """The 7B preset with only paths and sizes changed (tiny frames for a tiny vision tower)."""
+    return load_config(ROOT / "configs/qwen2.5-vl-7b.yaml",
+                       [f"model.vlm={hf_checkpoints['vlm']}", f"model.audio_encoder={hf_checkpoints['audio']}",
+                        "data.num_frames=4", "data.frame_height=56", "data.frame_width=56", *overrides], stage=1)
+
+
+@pytest.fixture(scope="module")
+def real_format(hf_checkpoints) -> VAEmotionLLM:
+    cfg = real_format_config(hf_checkpoints, "model.dtype=bfloat16")
+    return build_model(cfg.model, cfg.data, seed=0).eval()
+
+
+def test_hub_layout_checkpoints_load_with_their_weights_and_vaemos_audio_tokens(hf_checkpoints, real_format):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    model = real_format
+    base = AutoTokenizer.from_pretrained(hf_checkpoints["vlm"])
+    assert "<|audio_pad|>" not in base.get_vocab()
+    assert len(model.tokenizer) == len(base) + 3  # vaemo's audio markers, added
+    assert model.vlm.get_input_embeddings().num_embeddings == len(model.tokenizer)  # and the embeddings resized
+    assert model.vlm.lm_head.weight.shape[0] == len(model.tokenizer)
+    hub = load_file(str(hf_checkpoints["vlm"] / "model.safetensors"))  # v4 names, mapped on load
+    assert torch.equal(model.vlm.model.language_model.layers[1].mlp.up_proj.weight, hub["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(model.vlm.model.visual.blocks[0].attn.qkv.weight, hub["visual.blocks.0.attn.qkv.weight"])
+    assert torch.equal(model.vlm.get_input_embeddings().weight[: len(base)], hub["model.embed_tokens.weight"])
+    whisper = load_file(str(hf_checkpoints["audio"] / "model.safetensors"))
+    for name, value in model.audio_encoder.state_dict().items():
+        assert torch.equal(value, whisper[f"model.encoder.{name}"].to(torch.bfloat16)), name
+    assert model.spec.audio_window == "full" and model.spec.n_mels == 128
+    assert model.spec.visual.image_mean == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_prompt_ids_equal_the_checkpoints_chat_template(real_format):
+    """The Qwen2.5-VL template renders one <|video_pad|> (and passes the audio placeholder through as text);
+    the processor then repeats each placeholder once per modality token. vaemo's prompt must equal that."""
+    model = real_format
+    t = model.tokens
+    for system in ("", "You study art."):
+        model.prompts.system_prompt = system
+        model.prompts.templated.cache_clear()
+        for modality in ("audio", "visual", "audio_visual"):
+            content = ([{"type": "video"}] if modality != "audio" else []) + \
+                      ([{"type": "text", "text": "<|audio_start|><|audio_pad|><|audio_end|>"}] if modality != "visual" else []) + \
+                      [{"type": "text", "text": QUESTION}]
+            chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+            rendered = model.tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+            rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+            expected = []
+            for token in rendered:
+                n = {t.video_pad: model.spec.visual.tokens_per_clip, t.audio_pad: model.audio_tokens_per_clip}.get(token, 1)
+                expected += [token] * n
+            ids, start = model.prompts.sequence(PromptItem(modality, QUESTION, "joy", 0))
+            assert ids[:start] == expected, modality
+            assert ids[start:] == model.tokenizer.encode("joy", add_special_tokens=False) + [t.im_end]
+            text = model.tokenizer.decode(ids[:start])
+            assert text.startswith("<|im_start|>system\n" + (system or "You are a helpful assistant."))
+    model.prompts.system_prompt = ""
+    model.prompts.templated.cache_clear()
+
+
+def test_a_checkpoint_encoders_log_mel_and_window_are_whispers_own(hf_checkpoints, real_format):
+    """With audio_window=full the encoder sees exactly what WhisperForConditionalGeneration would: the
+    feature extractor's 30 s log-mel, the encoder's own forward; vaemo keeps the frames covering the clip."""
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from vaemo.model.audio import encode
+
+    audio = torch.from_numpy(np.random.default_rng(0).standard_normal(40000).astype(np.float32) * 0.1)
+    features = WhisperFeatureExtractor.from_pretrained(hf_checkpoints["audio"])(
+        audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    padded = torch.nn.functional.pad(audio[None], (0, 480000 - audio.shape[0]))
+    assert torch.allclose(real_format.log_mel(padded), features, atol=1e-5)
+    encoder = WhisperEncoder.from_pretrained(hf_checkpoints["audio"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = encode(encoder, real_format.log_mel, audio[None], "full")
+        theirs = encoder(features).last_hidden_state
+        assert ours.shape == (1, 125, 32)  # 2.5 s = 250 mel frames = 125 encoder frames
+        assert torch.allclose(ours, theirs[:, :125], atol=1e-5)
+        short = encode(encoder, real_format.log_mel, audio[None], "clip")
+        assert short.shape == ours.shape and not torch.allclose(short, ours, atol=1e-3)  # an approximation
+
+
+def test_a_bf16_model_keeps_fp32_buffers_and_runs_every_modality(real_format, clips):
+    model = real_format
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    floats = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}
+    assert floats and set(floats.values()) == {torch.float32}, floats  # log-mel, RoPE frequencies
+    video, audio, duration = clips
+    video = torch.nn.functional.interpolate(video.flatten(0, 1).float(), size=(56, 56)).to(torch.uint8)
+    video = video.view(CLIPS, 8, 3, 56, 56)[:, :4]
+    audio = torch.nn.functional.pad(audio, (0, model.audio_samples - audio.shape[1]))  # decoding pads to the window
+    items = [(m, QUESTION, ["joy", "calm", "anger"], i) for i, m in enumerate(["visual", "audio", "audio_visual"])]
+    scores, pooled = model.score_options(items, video, audio, duration)
+    assert all(np.isfinite(s).all() and len(set(s)) == 3 for s in scores)
+    hidden = model.forward(model.prompts.batch(all_modalities(), video, audio, duration)).hidden
+    assert hidden.dtype == torch.bfloat16 and model.logits(hidden[:, -1]).dtype == torch.float32
+    answers = model.generate([PromptItem(m, QUESTION, None, i) for i, m in enumerate(["visual", "audio", "audio_visual"])],
+                             video, audio, duration, max_new_tokens=3)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_whisper_weights_are_read_once_from_the_index(hf_checkpoints, tmp_path):
+    """whisper-large-v3 ships model.safetensors (fp16) beside fp32 shards with their own index."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vaemo.model.build import load_whisper_encoder, weight_files
+
+    folder = tmp_path / "whisper"
+    shutil.copytree(hf_checkpoints["audio"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").rename(folder / "model.fp32-00001-of-00001.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in state.items()}, str(folder / "stale.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model.fp32-00001-of-00001.safetensors" for k in state}}))
+    assert weight_files(folder, "x") == [folder / "model.fp32-00001-of-00001.safetensors"]
+    encoder = load_whisper_encoder(folder, "sdpa", torch.float32)
+    assert torch.equal(encoder.conv1.weight, state["model.encoder.conv1.weight"].float())

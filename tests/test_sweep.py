@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 import sys
 
 import pytest
@@ -15,23 +16,52 @@ from vaemo.tune import load_sweep
 pytestmark = pytest.mark.slow
 
 
-def test_a_four_trial_sweep_writes_trials_and_a_best_config_stage2_accepts(small_world, stage0_export, tmp_path):
-    out = tmp_path / "sweep"
-    data = [f"data.train_shards={small_world}/train/*.tar", f"data.val_shards={small_world}/val/*.tar",
-            "data.batch_size=4", "train.max_steps=4", "train.val_batches=1", f"model.init_from={stage0_export}"]
-    ok(run([sys.executable, str(ROOT / "jobs/sweep.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--space",
-            str(ROOT / "sweeps/emoadapter.yaml"), "--out", str(out), "--trials", "4", *data], timeout=900))
+def repository_view(tmp_path, small_world, export):
+    """A folder laid out like the repository after `make demo`: the README's relative paths work from it."""
+    view = tmp_path / "repo"
+    (view / "runs" / "demo" / "stage1").mkdir(parents=True)
+    for name in ("configs", "sweeps", "jobs", "ds_configs"):
+        (view / name).symlink_to(ROOT / name)
+    (view / "runs" / "data").symlink_to(small_world)
+    (view / "runs" / "demo" / "stage1" / "export").symlink_to(export)
+    return view
+
+
+def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accepts(small_world, stage0_export,
+                                                                                  tmp_path):
+    """Relative paths (the preset's runs/data/..., model.init_from) resolve where the command runs, not in
+    each trial's Tune working directory."""
+    view = repository_view(tmp_path, small_world, stage0_export)
+    quick = ["data.batch_size=4", "train.max_steps=4", "train.val_batches=1"]
+    ok(subprocess.run([sys.executable, "jobs/sweep.py", "--config", "configs/tiny.yaml", "--space",
+                       "sweeps/emoadapter.yaml", "--out", "runs/sweep", "--trials", "4",
+                       "model.init_from=runs/demo/stage1/export", *quick],
+                      cwd=view, capture_output=True, text=True, timeout=900))
+    out = view / "runs" / "sweep"
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 4
     assert {"train.lr", "model.enhancer.width", "stage2.lambda_sup", "stage2.lambda_kd", "val_emotion_acc"} <= set(rows[0])
-    assert all(r["val_emotion_acc"] for r in rows)
+    assert all(r["val_emotion_acc"] and not r["error"] for r in rows)
     assert list((out / "tune").rglob("events.out.tfevents.*"))  # TensorBoard reads the trials
     best = load_config(out / "best.yaml", stage=2)
-    assert best.stage == 2 and best.model.init_from == str(stage0_export)
+    assert best.stage == 2 and best.model.init_from == str(view / "runs/demo/stage1/export")
+    assert best.data.train_shards == str(view / "runs/data/train/*.tar")
     top = max(rows, key=lambda r: float(r["val_emotion_acc"]))
     assert best.train.lr == pytest.approx(float(top["train.lr"]))
     ok(run([sys.executable, str(ROOT / "jobs/stage2.py"), "--config", str(out / "best.yaml"), "--out",
             str(tmp_path / "with-best"), "train.max_steps=2", "train.val_batches=0"]))
+
+
+def test_a_sweep_whose_trials_fail_prints_their_own_error(small_world, stage0_export, tmp_path):
+    view = repository_view(tmp_path, small_world, stage0_export)
+    result = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "configs/tiny.yaml", "--space",
+                             "sweeps/emoadapter.yaml", "--out", "runs/sweep", "--trials", "1",
+                             "model.init_from=runs/demo/stage1/export", "data.train_shards=runs/nowhere/*.tar"],
+                            cwd=view, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "match no file" in errors[0], errors
+    assert "runs/nowhere" in errors[0]
 
 
 def test_a_bad_sweep_file_names_the_problem(tmp_path):

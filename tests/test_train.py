@@ -90,6 +90,56 @@ def test_resume_is_exact(small_world, stage0_export, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_missing_one_optimizer_shard_is_torn(small_world, stage0_export, tmp_path):
+    """ZeRO-3 writes model and optimizer shards per rank; losing either makes the checkpoint unusable, and a
+    resume from the run takes the previous complete one."""
+    out = tmp_path / "run"
+    ok(run(stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", "train.val_batches=0")))
+    last, previous = out / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000002"
+    assert not missing_parts(last) and json.loads((last / "meta.json").read_text())["zero_stage"] == 3
+    shards = sorted((last / "ds").glob("*zero_pp_rank_1_*optim_states.pt"))
+    assert len(shards) == 1
+    shards[0].unlink()
+    assert missing_parts(last) == ["ds/ optimizer shard of rank 1"]
+    assert find_checkpoint(out) == previous
+    resumed = tmp_path / "resumed"
+    ok(run(stage_cmd(1, resumed, small_world, f"model.init_from={stage0_export}", "train.max_steps=5",
+                     "train.val_batches=0") + ["--resume-from", str(out)]))
+    assert [r["step"] for r in metrics(resumed)] == [3, 4, 5]
+
+
+def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    from vaemo.errors import UserError
+    from vaemo.train.checkpoint import load_trainer_state, save_trainer_state
+
+    save_trainer_state(tmp_path / "good.pt", 3, {"num_workers": 1, "positions": {0: 5}, "batches": 3, "skips": {}})
+    assert load_trainer_state(tmp_path / "good.pt")["step"] == 3
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"step": Payload()}))
+    with pytest.raises(UserError, match="refusing to load it"):
+        load_trainer_state(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_nccl_and_cuda_settings_reach_the_workers_but_not_cuda_visible_devices(monkeypatch):
+    from vaemo.config import load_config
+    from vaemo.train.launch import worker_env
+
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("VAEMO_TEST_FLAG", "1")
+    env = worker_env(load_config(ROOT / "configs/tiny.yaml"))
+    assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert env["VAEMO_TEST_FLAG"] == "1" and "CUDA_VISIBLE_DEVICES" not in env
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(small_world, stage0_export, tmp_path):
     crashed = tmp_path / "crashed"
     result = run(stage_cmd(1, crashed, small_world, f"model.init_from={stage0_export}", "train.max_steps=6",
@@ -228,8 +278,13 @@ def test_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
     (["model.init_from=/nowhere/export"], "model.init_from '/nowhere/export' is not a vaemo export"),
     (["model.vlm=/nowhere/qwen"], "model.vlm '/nowhere/qwen' is not a checkpoint folder"),
     (["deepspeed.config=/nowhere.json"], "deepspeed.config '/nowhere.json' does not exist"),
+    (["deepspeed.config=ACCUMULATE"], "gradient_accumulation_steps=2 is not supported"),
 ])
 def test_preflight_errors_are_one_line_before_any_weight_loads(small_world, tmp_path, args, message):
+    accumulate = tmp_path / "accumulate.json"
+    accumulate.write_text(json.dumps({**json.loads((ROOT / "ds_configs/zero3.json").read_text()),
+                                      "gradient_accumulation_steps": 2}))
+    args = [a.replace("ACCUMULATE", str(accumulate)) for a in args]
     result = run(stage_cmd(1, tmp_path / "x", small_world, *args), timeout=180)
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

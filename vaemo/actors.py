@@ -14,13 +14,13 @@ def map_on_actors(cls: type, init_args: tuple, method: str, items: list, actors:
     from ray.util import ActorPool
 
     from vaemo.config import project_root
-    from vaemo.train.launch import connect_ray
+    from vaemo.train.launch import connect_ray, forwarded_env
 
     connect_ray()
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    env = {"PYTHONPATH": str(project_root()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **forwarded_env(),
+           "PYTHONPATH": str(project_root())}
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env})(cls)
     handles = [remote.remote(*init_args) for _ in range(min(actors, len(items)))]
     try:

@@ -188,8 +188,16 @@ def _register_teacher_cache(groups) -> None:
     p.set_defaults(func=run_cache)
 
 
+def _register_ask(groups) -> None:
+    from vaemo.eval.ask import add_ask_args, run_ask
+
+    p = groups.add_parser("ask", help="ask a trained model about a clip (or a folder of clips)")
+    add_ask_args(p)
+    p.set_defaults(func=run_ask)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_train, _register_eval, _register_sweep,
-                                                                _register_teacher_cache]
+                                                                _register_teacher_cache, _register_ask]
 
 
 @exit_on_user_error

@@ -235,6 +235,11 @@ class ModelConfig:
     unpacked). See vaemo/model/packing.py."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """`auto`: bfloat16 on GPU, float32 on CPU."""
+    audio_window: Literal["auto", "full", "clip"] = "auto"
+    """What the Whisper encoder runs on. `full`: the 30 s window it was trained on (the clip, then
+    silence, as WhisperFeatureExtractor pads it), keeping the frames that cover the clip; `clip`: only
+    the clip's frames (faster; close to `full`, not equal: see the README). `auto`: `full` for a
+    checkpoint encoder, `clip` for the tiny one (whose window is the clip)."""
     system_prompt: str = "You are a helpful assistant."
     """System turn of the chat template; '' leaves it out (the tiny preset does, to keep sequences short)."""
     max_response_tokens: int = 48
@@ -402,6 +407,10 @@ class EvalConfig:
     """Also score the audio items with soundtracks shuffled between clips."""
     max_items: int = 0
     """Score only the first N items (0: all); for smoke runs."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Precision of each replica: auto is bf16 on a GPU and fp32 on a CPU."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves per actor (each actor also takes one GPU when the cluster has them)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from vaemo import progress
-from vaemo.config import ConfigError, build_dataclass, check_tree, load_config, render_config
+from vaemo.config import ConfigError, build_dataclass, check_tree, dump_config, load_config, render_config
 from vaemo.errors import UserError
 
 SAMPLERS = ("loguniform", "uniform", "choice", "randint")
@@ -119,23 +119,26 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from vaemo.train.launch import connect_ray
+    from vaemo.train.launch import connect_ray, first_line
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path)
     per_trial = [*spec.trial_overrides, *(overrides or []), f"train.val_every={spec.validate_every}",
                  f"train.checkpoint_every={spec.validate_every}"]
-    base = load_config(config_path, per_trial, stage=2)
+    base = load_config(config_path, per_trial, stage=2)  # relative paths resolve here, where the command runs
     if base.train.val_batches < 1:
         raise UserError("a sweep needs validation: set train.val_batches >= 1")
     out.mkdir(parents=True, exist_ok=True)
+    # Trials run in Tune's own working directories: they start from this resolved config (paths absolute)
+    # and add only their sampled parameters.
+    trial_config = out / "trial_base.yaml"
+    dump_config(base, trial_config)
     connect_ray()
     reports = math.ceil(base.train.max_steps / spec.validate_every)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=spec.scheduler.grace_period,
                                reduction_factor=spec.scheduler.reduction_factor)
                  if spec.scheduler.type == "asha" else FIFOScheduler())
-    trainable = tune.with_parameters(run_trial, config_path=str(Path(config_path).resolve()), overrides=per_trial,
-                                     out_root=str(out))
+    trainable = tune.with_parameters(run_trial, config_path=str(trial_config), overrides=[], out_root=str(out))
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": spec.trial_cpus}), param_space=tune_space(spec.space),
                        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=trials or spec.trials,
                                                    max_concurrent_trials=spec.max_concurrent, scheduler=scheduler),
@@ -146,14 +149,18 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
         params = {k: result.config.get(k) for k in spec.space}
         metrics = result.metrics or {}
         rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **params, spec.metric: metrics.get(spec.metric),
-                     "steps": metrics.get("step"), "error": str(result.error).splitlines()[0] if result.error else ""})
+                     "steps": metrics.get("step"), "error": first_line(result.error) if result.error else ""})
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    for row in rows:
+        if row["error"]:
+            progress.log(f"trial {row['trial']} failed: {row['error']}")
     ranked = [r for r in rows if r[spec.metric] is not None]
     if not ranked:
-        raise UserError(f"no trial reported {spec.metric}; see {out / 'tune'}")
+        reason = next((r["error"] for r in rows if r["error"]), "no trial failed, none validated")
+        raise UserError(f"no trial reported {spec.metric}: {reason} (all trials: {out / 'trials.csv'})")
     best = (max if spec.mode == "max" else min)(ranked, key=lambda r: r[spec.metric])
     best_params = {k: best[k] for k in spec.space}
     best_cfg = load_config(config_path, [*(overrides or []), *(f"{k}={v}" for k, v in best_params.items())], stage=2)

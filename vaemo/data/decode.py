@@ -27,6 +27,7 @@ SKIP_REASONS: dict[str, str] = {
     "multiple_clips": "the sample has more than one clip file",
     "duplicate_file": "the shard holds two files with the same key and extension",
     "empty_clip": "the clip file has zero bytes",
+    "unreadable_media": "a clip file on disk could not be read (evaluation, vaemo ask)",
     "corrupt_clip": "FFmpeg cannot open the clip",
     "truncated_clip": "the clip opens but its streams end early or fail to decode",
     "no_video_stream": "the stage needs frames and the clip has no video stream",

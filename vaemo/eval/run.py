@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from vaemo import progress
+from vaemo.config import EvalConfig, load_config
 from vaemo.data.bench import read_bench
 from vaemo.errors import UserError
 from vaemo.eval.report import chance_report, chart, summarize, table
@@ -22,11 +23,11 @@ from vaemo.eval.scoring import ItemResult, Scorer, plan
 class ScorerActor:
     """A Ray actor around Scorer (kept a plain class so the in-process path runs the same code)."""
 
-    def __init__(self, model_dir: str, threads: int):
+    def __init__(self, model_dir: str, threads: int, dtype: str = "auto"):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.scorer = Scorer(model_dir)
+        self.scorer = Scorer(model_dir, dtype=dtype)
 
     def score(self, tasks):
         return self.scorer.score(tasks)
@@ -42,8 +43,12 @@ def check_model_dir(model_dir: str | Path, flag: str = "--model") -> Path:
 
 def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batch_items: int = 16,
              deaf_check: bool = True, max_items: int = 0, seed: int = 0, cpus_per_actor: float = 1.0,
-             gpus_per_actor: float | None = None, label: str = "") -> tuple[dict, list[ItemResult]]:
-    """Score every item; actors=0 scores in this process. Returns (report, item results)."""
+             gpus_per_actor: float | None = None, label: str = "", dtype: str = "auto"
+             ) -> tuple[dict, list[ItemResult]]:
+    """Score every item; actors=0 scores in this process. Returns (report, item results).
+
+    `dtype`: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.
+    """
     model_dir = check_model_dir(model_dir)
     items = read_bench(bench_dir)
     if max_items:
@@ -52,7 +57,7 @@ def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batc
     results: list[ItemResult] = []
     description = f"scoring {label or model_dir}"
     if actors == 0:
-        scorer = Scorer(model_dir)
+        scorer = Scorer(model_dir, dtype=dtype)
         with progress.task(description, len(chunks)) as update:
             for done, chunk in enumerate(chunks, 1):
                 results.extend(scorer.score(chunk))
@@ -60,7 +65,7 @@ def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batc
     else:
         from vaemo.actors import map_on_actors
 
-        parts = map_on_actors(ScorerActor, (str(model_dir), int(cpus_per_actor)), "score", chunks, actors,
+        parts = map_on_actors(ScorerActor, (str(model_dir), int(cpus_per_actor), dtype), "score", chunks, actors,
                               cpus_per_actor, gpus_per_actor)
         with progress.task(description, len(chunks)) as update:
             for done, part in enumerate(parts, 1):
@@ -90,18 +95,34 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model export folder (RUN_DIR/export)")
     p.add_argument("--bench", required=True, help="an ArtEmoBench folder (items.jsonl + media/)")
     p.add_argument("--out", required=True, help="output folder: results.json, predictions.jsonl, accuracy.png")
-    p.add_argument("--actors", type=int, default=2, help="Ray actors, one model replica each (0: in-process)")
-    p.add_argument("--batch-items", type=int, default=16, help="items per scoring batch")
-    p.add_argument("--max-items", type=int, default=0, help="score only the first N items (smoke runs)")
+    p.add_argument("--config", help="a preset whose `eval` section gives the defaults of the options below")
+    p.add_argument("--actors", type=int, help="Ray actors, one model replica each (0: in-process); default 2")
+    p.add_argument("--batch-items", type=int, help="items per scoring batch; default 16")
+    p.add_argument("--max-items", type=int, help="score only the first N items (smoke runs)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="replica precision (auto: bf16 on GPU)")
     p.add_argument("--no-deaf-check", action="store_true", help="skip the shuffled-soundtrack deaf check")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=EXPORT",
                    help="also score this export and show it beside the model (e.g. before-stage1=RUN0/export)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs Ray reserves per actor; default 1")
+
+
+def eval_settings(args: argparse.Namespace) -> EvalConfig:
+    """The preset's `eval` section (or the defaults), with the flags given on the command line on top."""
+    settings = load_config(args.config).eval if args.config else EvalConfig()
+    for flag in ("actors", "batch_items", "max_items", "dtype", "cpus_per_actor"):
+        if getattr(args, flag) is not None:
+            setattr(settings, flag, getattr(args, flag))
+    if args.no_deaf_check:
+        settings.deaf_check = False
+    if settings.actors < 0:
+        raise UserError("--actors must be >= 0")
+    if settings.batch_items < 1:
+        raise UserError("--batch-items must be >= 1")
+    return settings
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.actors < 0:
-        raise UserError("--actors must be >= 0")
+    settings = eval_settings(args)
     named = []
     for spec in args.baseline:
         if "=" not in spec:
@@ -110,8 +131,8 @@ def run_eval(args: argparse.Namespace) -> int:
         named.append((name, check_model_dir(path, "--baseline")))
     check_model_dir(args.model)
     read_bench(args.bench)  # a malformed benchmark fails here, before any actor starts
-    options = dict(actors=args.actors, batch_items=args.batch_items, deaf_check=not args.no_deaf_check,
-                   max_items=args.max_items, cpus_per_actor=args.cpus_per_actor)
+    options = dict(actors=settings.actors, batch_items=settings.batch_items, deaf_check=settings.deaf_check,
+                   max_items=settings.max_items, cpus_per_actor=settings.cpus_per_actor, dtype=settings.dtype)
     report, results = evaluate(args.model, args.bench, label="model", **options)
     baselines = {"chance": chance_report(report)}
     for name, path in named:

@@ -87,36 +87,54 @@ def question_prompt(item: BenchItem) -> str:
     return world.mcq_prompt(item.question, list(item.options))
 
 
+def load_replica(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> VAEmotionLLM:
+    """One export on one device for inference (never under ZeRO-3); dtype auto: bf16 on GPU, fp32 on CPU."""
+    from vaemo.model import choose_attention, choose_dtype
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return VAEmotionLLM.from_pretrained(model_dir, attn_implementation=choose_attention("auto"),
+                                        dtype=choose_dtype(dtype)).to(device).eval()
+
+
+def decode_spec(model: VAEmotionLLM) -> DecodeSpec:
+    """Clips decoded the way the model was trained on them."""
+    v = model.spec.visual
+    return DecodeSpec(num_frames=v.num_frames, height=v.height, width=v.width,
+                      audio_seconds=model.spec.audio_seconds, sampling=v.frame_sampling)
+
+
+def decode_clip(path: Path, spec: DecodeSpec, video: bool, audio: bool):
+    """(frames or None, 16 kHz audio or None, duration) of a clip file; SkipSample names what is wrong."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        raise SkipSample("unreadable_media") from None
+    if not raw:
+        raise SkipSample("empty_clip")
+    frames, duration = decode_video(raw, spec) if video else (None, 0.0)
+    if video and frames is None:
+        raise SkipSample("no_video_stream")
+    sound, _, seconds = decode_audio(raw, spec) if audio else (None, 0, 0.0)
+    if audio and sound is None:
+        raise SkipSample("no_audio_stream")
+    return frames, sound, duration or seconds
+
+
 class Scorer:
     """One model replica on one device (never under ZeRO-3)."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto"):
-        from vaemo.model import choose_attention, choose_dtype
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = VAEmotionLLM.from_pretrained(model_dir, attn_implementation=choose_attention("auto"),
-                                                  dtype=choose_dtype("auto")).to(device).eval()
-        v = self.model.spec.visual
-        self.spec = DecodeSpec(num_frames=v.num_frames, height=v.height, width=v.width,
-                               audio_seconds=self.model.spec.audio_seconds, sampling=v.frame_sampling)
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+        self.model = load_replica(model_dir, device, dtype)
+        self.spec = decode_spec(self.model)
 
     def _decode(self, path: Path, video: bool, audio: bool, cache: dict):
         key = (path, video, audio)
         if key not in cache:
             try:
-                raw = path.read_bytes()
-                if not raw:
-                    raise SkipSample("empty_clip")
-                frames, duration = decode_video(raw, self.spec) if video else (None, 0.0)
-                if video and frames is None:
-                    raise SkipSample("no_video_stream")
-                sound, _, seconds = decode_audio(raw, self.spec) if audio else (None, 0, 0.0)
-                if audio and sound is None:
-                    raise SkipSample("no_audio_stream")
-                cache[key] = (frames, sound, duration or seconds)
-            except (SkipSample, OSError) as err:
-                cache[key] = getattr(err, "reason", "unreadable_media")
+                cache[key] = decode_clip(path, self.spec, video, audio)
+            except SkipSample as err:
+                cache[key] = err.reason
         return cache[key]
 
     @torch.no_grad()

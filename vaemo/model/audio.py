@@ -14,8 +14,8 @@ ENCODER_FRAMES_PER_SECOND = 50  # Whisper's second conv has stride 2
 class LogMel(nn.Module):
     """Whisper's log-mel spectrogram in torch (batched), for any length.
 
-    Equal to WhisperFeatureExtractor on the frames the clip covers; the feature extractor's fixed
-    30 s padding is left out because the encoder below accepts shorter inputs.
+    On audio padded to 30 s it equals WhisperFeatureExtractor's features (tested against a checkpoint's
+    own preprocessor_config.json); `encode` decides whether to pad.
     """
 
     def __init__(self, n_mels: int):
@@ -35,12 +35,35 @@ class LogMel(nn.Module):
         return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
 
-def encode_short(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
-    """Run a transformers WhisperEncoder on a mel shorter than its fixed 30 s window.
+def window_samples(encoder: nn.Module) -> int:
+    """16 kHz samples of the window the encoder was trained on (30 s for every Whisper checkpoint)."""
+    return encoder.config.max_source_positions * 2 * HOP
 
-    WhisperEncoder.forward insists on 3000 mel frames; the layers themselves do not. Using only the
-    first T positional embeddings gives the same result as the full forward on the frames covered
-    (tested) at a fraction of the cost: 8 s of audio is 400 encoder positions instead of 1500.
+
+def encode(encoder: nn.Module, log_mel: nn.Module, audio: torch.Tensor, window: str) -> torch.Tensor:
+    """(B, S) 16 kHz -> (B, T, d_model) encoder frames covering the S samples.
+
+    `full` pads the audio with silence to the encoder's trained window, as WhisperFeatureExtractor
+    does, runs every position, and keeps the first T; `clip` runs only the clip's T positions.
+    """
+    frames = (audio.shape[-1] // HOP + 1) // 2
+    if window == "full":
+        span = window_samples(encoder)
+        if audio.shape[-1] > span:
+            raise ValueError(f"audio of {audio.shape[-1] / 16000:.1f} s exceeds the encoder's {span / 16000:.0f} s window")
+        audio = F.pad(audio, (0, span - audio.shape[-1]))
+    elif window != "clip":
+        raise ValueError(f"unknown audio window {window!r}")
+    mel = log_mel(audio)
+    return encode_short(encoder, mel)[:, :frames]
+
+
+def encode_short(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
+    """Run a transformers WhisperEncoder on a mel of up to its fixed 30 s window.
+
+    WhisperEncoder.forward insists on exactly 3000 mel frames; the layers themselves do not. On a full
+    window this is the encoder's own forward (tested); on a shorter mel it uses the first T positional
+    embeddings, at a fraction of the cost (8 s of audio is 400 encoder positions instead of 1500).
     Every submodule is called as a module, so ZeRO-3 gathers its parameters.
     """
     x = F.gelu(encoder.conv1(mel.to(encoder.conv1.weight.dtype)))

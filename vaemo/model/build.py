@@ -14,9 +14,9 @@ import torch
 from vaemo.config import DataConfig, ModelConfig
 from vaemo.data import world
 from vaemo.errors import UserError
-from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, AudioProjector
+from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, HOP, N_FFT, AudioProjector
 from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer, load_tokenizer
-from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM
+from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM, check_loading
 from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
 
 
@@ -40,11 +40,16 @@ def flash_attention_available() -> bool:
     return True
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 def choose_dtype(requested: str = "auto") -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (bf16 matmuls on CPU are slow and lose the bit-exact CPU losses)."""
+    """`auto`: bf16 on GPU, fp32 on CPU (CPU bf16 runs, slowly: the tests use it to run GPU precision)."""
     if requested == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+    if requested not in DTYPES:
+        raise UserError(f"dtype '{requested}' is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
 
 
 def tiny_vlm(cfg: ModelConfig, tokens: SpecialTokens, vocab_size: int, attn: str, dtype: torch.dtype):
@@ -97,34 +102,75 @@ def check_checkpoint_folders(model_cfg: ModelConfig) -> None:
 
 
 def load_vlm(path: Path, attn: str, dtype: torch.dtype):
+    """A Qwen2.5-VL checkpoint in the hub's layout (transformers maps its v4 names) or saved by transformers 5;
+    a weight that is missing, unexpected or mis-sized is an error, never a silent random init."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+    vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=dtype,
+                                                                   output_loading_info=True)
+    check_loading(path, info)
+    return vlm
 
 
 def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype):
-    """The encoder of a Whisper checkpoint (WhisperForConditionalGeneration or WhisperModel layout),
-    loaded without building the decoder."""
-    from safetensors.torch import load_file
+    """The encoder of a Whisper checkpoint (WhisperForConditionalGeneration or WhisperModel layout).
+
+    Only the encoder's tensors are read, once: the decoder is never built, and of a folder that holds
+    the weights twice (whisper-large-v3 ships fp16 `model.safetensors` and fp32 shards) one copy is read.
+    """
+    from safetensors import safe_open
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+    check_feature_extractor(path)
     config = WhisperConfig.from_pretrained(path)
     config._attn_implementation = attn
-    encoder = WhisperEncoder(config)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"model.audio_encoder '{path}' holds no .safetensors weights")
+    with torch.device("meta"):
+        encoder = WhisperEncoder(config)
     state = {}
-    for file in files:
-        for key, value in load_file(str(file)).items():
-            for prefix in ("model.encoder.", "encoder."):
-                if key.startswith(prefix):
-                    state[key[len(prefix):]] = value
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    for file in weight_files(path, "model.audio_encoder"):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                for prefix in ("model.encoder.", "encoder."):
+                    if key.startswith(prefix):
+                        state[key[len(prefix):]] = f.get_tensor(key).to(dtype)
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
     if missing:
         raise UserError(f"model.audio_encoder '{path}' lacks encoder weights, e.g. {missing[:3]}")
-    return encoder.to(dtype)
+    wrong = sorted(k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape))
+    if wrong:
+        raise UserError(f"model.audio_encoder '{path}': weights do not match config.json, e.g. {wrong[:3]}")
+    encoder.load_state_dict({k: state[k] for k in expected}, assign=True)
+    return encoder
+
+
+def weight_files(path: Path, field: str) -> list[Path]:
+    """The safetensors files of one copy of a checkpoint's weights: the index's shards, else model.safetensors,
+    else every *.safetensors file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{field} '{path}' holds no .safetensors weights")
+    return files
+
+
+def check_feature_extractor(path: Path) -> None:
+    """vaemo computes Whisper's log-mel itself (vaemo/model/audio.py); a checkpoint whose feature extractor
+    differs would be fed features it was not trained on."""
+    config = path / "preprocessor_config.json"
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    expected = {"sampling_rate": 16000, "hop_length": HOP, "n_fft": N_FFT}
+    for key, value in expected.items():
+        if key in data and data[key] != value:
+            raise UserError(f"model.audio_encoder '{path}': preprocessor_config.json has {key}={data[key]}, "
+                            f"vaemo's log-mel needs {value}")
 
 
 def preprocessor_stats(path: Path) -> tuple[tuple, tuple]:
@@ -187,8 +233,15 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAE
     spec = ModelSpec(visual=visual, audio_seconds=data_cfg.audio_seconds, n_mels=audio_encoder.config.num_mel_bins,
                      projector_stride=model_cfg.projector.pool_stride, projector_hidden=projector_hidden,
                      tokens=tokens.to_dict(), system_prompt=model_cfg.system_prompt,
-                     max_response_tokens=model_cfg.max_response_tokens)
+                     max_response_tokens=model_cfg.max_response_tokens,
+                     audio_window=resolve_audio_window(model_cfg))
     return VAEmotionLLM(vlm, audio_encoder, projector, tokenizer, spec)
+
+
+def resolve_audio_window(model_cfg: ModelConfig) -> str:
+    if model_cfg.audio_window != "auto":
+        return model_cfg.audio_window
+    return "clip" if model_cfg.audio_encoder == "tiny" else "full"
 
 
 def check_data_matches(spec: ModelSpec, data_cfg: DataConfig, path: Path) -> None:

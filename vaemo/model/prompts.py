@@ -1,5 +1,9 @@
 """Prompts for the three modalities, in Qwen's chat template, batched into model inputs.
 
+A checkpoint's tokenizer brings its chat template, which renders the prompt (Qwen2.5-VL's adds its
+default system turn when no system prompt is set); a tokenizer without one (the tiny world's) gets the
+same layout built by hand:
+
     <|im_start|>system\\n{system}<|im_end|>\\n            (when a system prompt is set)
     <|im_start|>user\\n[VIDEO][AUDIO]{instruction}<|im_end|>\\n<|im_start|>assistant\\n{response}<|im_end|>
 
@@ -19,6 +23,7 @@ from vaemo.config import MODALITIES
 from vaemo.model.tokenizer import SpecialTokens
 
 IGNORE = -100
+AUDIO_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
 
 
 @dataclass
@@ -79,20 +84,61 @@ class PromptBuilder:
         """Token ids of one item and the index where its response starts."""
         if item.modality not in MODALITIES:
             raise ValueError(f"unknown modality {item.modality!r}")
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = list(self.templated(item.modality, item.instruction))
+        else:
+            ids = self.hand_built(item.modality, item.instruction)
+        start = len(ids)
+        if item.response is not None:
+            ids += [*self.text(item.response)[: self.max_response_tokens], self.tokens.im_end]
+        return ids, start
+
+    def conversation(self, modality: str, instruction: str) -> list[dict]:
+        """The chat a prompt renders: the user turn holds the video (Qwen's own content type), the audio
+        placeholder (text, as Qwen2-Audio writes it: the template passes it through) and the question."""
+        content: list[dict] = []
+        if modality in ("visual", "audio_visual"):
+            content.append({"type": "video"})
+        if modality in ("audio", "audio_visual"):
+            content.append({"type": "text", "text": AUDIO_PLACEHOLDER})
+        content.append({"type": "text", "text": instruction})
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": content}]
+
+    @lru_cache(maxsize=4096)
+    def templated(self, modality: str, instruction: str) -> tuple[int, ...]:
+        """The checkpoint's own chat template, with its one video/audio placeholder expanded to the
+        number of modality tokens (as Qwen2.5-VL's processor expands <|video_pad|>)."""
+        text = self.tokenizer.apply_chat_template(self.conversation(modality, instruction), tokenize=False,
+                                                  add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        expanded: list[int] = []
+        for token in ids:
+            if token == self.tokens.video_pad:
+                expanded += [token] * self.video_tokens
+            elif token == self.tokens.audio_pad:
+                expanded += [token] * self.audio_tokens
+            else:
+                expanded.append(token)
+        wants = {"video": modality != "audio", "audio": modality != "visual"}
+        found = {"video": ids.count(self.tokens.video_pad), "audio": ids.count(self.tokens.audio_pad)}
+        if any(found[k] != int(wants[k]) for k in wants):
+            raise ValueError(f"the tokenizer's chat template rendered {found} placeholders for a {modality} prompt")
+        return tuple(expanded)
+
+    def hand_built(self, modality: str, instruction: str) -> list[int]:
+        """Qwen's chat format for a tokenizer without a chat template (the tiny world's)."""
         t = self.tokens
         ids: list[int] = []
         if self.system_prompt:
             ids += [t.im_start, *self.text(f"system\n{self.system_prompt}"), t.im_end, *self.text("\n")]
         ids += [t.im_start, *self.text("user\n")]
-        if item.modality in ("visual", "audio_visual"):
+        if modality in ("visual", "audio_visual"):
             ids += [t.vision_start] + [t.video_pad] * self.video_tokens + [t.vision_end]
-        if item.modality in ("audio", "audio_visual"):
+        if modality in ("audio", "audio_visual"):
             ids += [t.audio_start] + [t.audio_pad] * self.audio_tokens + [t.audio_end]
-        ids += [*self.text(item.instruction), t.im_end, *self.text("\n"), t.im_start, *self.text("assistant\n")]
-        start = len(ids)
-        if item.response is not None:
-            ids += [*self.text(item.response)[: self.max_response_tokens], t.im_end]
-        return ids, start
+        ids += [*self.text(instruction), t.im_end, *self.text("\n"), t.im_start, *self.text("assistant\n")]
+        return ids
 
     def batch(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
               duration: list[float], left_pad: bool = False) -> ModelInputs:

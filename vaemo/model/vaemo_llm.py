@@ -17,10 +17,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vaemo.errors import UserError
 from vaemo.losses import sequence_logprobs
-from vaemo.model.audio import AudioProjector, LogMel, audio_tokens, encode_short
+from vaemo.model.audio import AudioProjector, LogMel, audio_tokens, encode
 from vaemo.model.emo import EmotionEnhancer, EmotionSupervisor
 from vaemo.model.lora import add_lora, merge_lora_state
 from vaemo.model.packing import PrefixPacking, plan_packing
@@ -53,6 +54,7 @@ class ModelSpec:
     supervisor: dict | None = None  # {"hidden", "classes"}
     lora: dict | None = None  # {"rank", "alpha", "targets"}: recorded; weights are merged at export
     history: list = field(default_factory=list)  # which stages produced this model
+    audio_window: str = "clip"  # "full" or "clip" (vaemo/model/audio.py `encode`); exports before it: clip
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
@@ -83,6 +85,19 @@ class ModelOutput(NamedTuple):
     pooled_max: torch.Tensor  # (B, D) per-channel max of the modality tokens
 
 
+class FP32Logits(nn.Linear):
+    """The LLM head computing in fp32 whatever the model's dtype.
+
+    bf16 logits round a logit of 20 to steps of 0.125: the tail probabilities the KL compares and the
+    option log-likelihoods the scorer ranks would be lost. The upcast happens inside the module's
+    forward, where ZeRO-3 has gathered the weight; for an fp32 model it changes nothing.
+    """
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden.float(), self.weight.float(), bias)
+
+
 class VAEmotionLLM(nn.Module):
     def __init__(self, vlm: nn.Module, audio_encoder: nn.Module, projector: AudioProjector, tokenizer,
                  spec: ModelSpec):
@@ -96,6 +111,9 @@ class VAEmotionLLM(nn.Module):
         self.pack_prefixes = True  # see `forward`; model.pack_prefixes turns it off
         self.tokenizer = tokenizer
         self.spec = spec
+        if type(vlm.lm_head) is nn.Linear:
+            # Swapping the class keeps the parameter (and its ZeRO-3 partitioning) and the state-dict keys.
+            vlm.lm_head.__class__ = FP32Logits
         self.tokens = SpecialTokens(**spec.tokens)
         self.prompts = PromptBuilder(tokenizer, self.tokens, spec.visual.tokens_per_clip, self.audio_tokens_per_clip,
                                      spec.system_prompt, spec.max_response_tokens)
@@ -121,6 +139,7 @@ class VAEmotionLLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the weights (buffers such as the log-mel filters stay fp32)."""
         return self.vlm.lm_head.weight.dtype
 
     def add_enhancer(self, width: int, gate_init: float) -> None:
@@ -163,9 +182,9 @@ class VAEmotionLLM(nn.Module):
         return torch.stack(list(merged))
 
     def audio_tokens(self, audio: torch.Tensor) -> torch.Tensor:
-        """(C, S) 16 kHz -> (C, N_a, D): log-mel, Whisper encoder, projector."""
-        mel = self.log_mel(audio.to(self.log_mel.window.device))
-        return self.projector(encode_short(self.audio_encoder, mel.to(self.dtype)))
+        """(C, S) 16 kHz -> (C, N_a, D): log-mel, Whisper encoder (on spec.audio_window), projector."""
+        audio = audio.to(self.log_mel.window.device)
+        return self.projector(encode(self.audio_encoder, self.log_mel, audio, self.spec.audio_window))
 
     def _dummy_video(self) -> torch.Tensor:
         v = self.spec.visual
@@ -294,6 +313,16 @@ class VAEmotionLLM(nn.Module):
         return scores, out.pooled[first_rows]
 
     @torch.no_grad()
+    def emotion(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
+                duration: list[float]) -> torch.Tensor | None:
+        """(B, 2) valence/arousal the Emotion Supervisor reads from each prompt's modality tokens (None without one)."""
+        if self.supervisor is None:
+            return None
+        prompts = [PromptItem(i.modality, i.instruction, None, i.clip) for i in items]
+        pooled = self.embed(self.prompts.batch(prompts, video, audio, duration)).pooled
+        return self.supervisor(pooled)[0].float().cpu()
+
+    @torch.no_grad()
     def generate(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
                  duration: list[float], max_new_tokens: int = 48) -> list[str]:
         """Greedy decoding with a KV cache, prompts left-padded."""
@@ -321,7 +350,7 @@ class VAEmotionLLM(nn.Module):
             position = position + 1
             hidden = lm(inputs_embeds=self.vlm.get_input_embeddings()(token[:, None]), attention_mask=attention,
                         position_ids=position[..., None], cache=cache, use_cache=True).last_hidden_state
-        return [self.tokenizer.decode(ids) for ids in generated]
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
 
     # -- save / load -----------------------------------------------------------------------------
 
@@ -384,10 +413,10 @@ class VAEmotionLLM(nn.Module):
         spec.lora = None  # merged into the LLM's weights at export
         vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True)
-        _check_loading(path / "vlm", info)
+        check_loading(path / "vlm", info)
         audio_encoder, info = WhisperEncoder.from_pretrained(
             path / "audio_encoder", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True)
-        _check_loading(path / "audio_encoder", info)
+        check_loading(path / "audio_encoder", info)
         tokenizer = load_tokenizer(path / "tokenizer")
         projector = AudioProjector(audio_encoder.config.d_model, vlm.config.text_config.hidden_size,
                                    spec.projector_hidden, spec.projector_stride).to(dtype)
@@ -401,10 +430,12 @@ class VAEmotionLLM(nn.Module):
                     _load_part(getattr(model, name), part, path / PARTS["adapter"])
                 elif part:
                     raise UserError(f"'{path / PARTS['adapter']}' holds {name} weights its config does not declare")
-        return model.to(dtype)
+        # No model.to(dtype): that would also cast the buffers that must stay fp32 (the log-mel filters
+        # and window, the RoPE frequencies); every part was built or loaded in `dtype` already.
+        return model
 
 
-def _check_loading(where: Path, info: dict) -> None:
+def check_loading(where: Path, info: dict) -> None:
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if problems:
         kind, keys = next(iter(problems.items()))

@@ -21,6 +21,7 @@ from vaemo.errors import UserError
 STAGE_NAMES = {0: "see", 1: "VG-Align", 2: "EmoAdapter"}
 RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", "export", "curves.png", "workers", "config.yaml")
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
+FORWARDED_PREFIXES = ("VAEMO_", "NCCL_", "CUDA_")
 
 
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
@@ -166,10 +167,17 @@ def check_cluster(cfg: Config) -> None:
                         f"scaling.num_workers={s.num_workers} needs one per worker")
 
 
+def forwarded_env() -> dict[str, str]:
+    """The driver's variables that Ray workers and actors must see: vaemo's, the hub switches, and NCCL/CUDA
+    tuning (a cluster's NCCL_SOCKET_IFNAME, NCCL_IB_*...). CUDA_VISIBLE_DEVICES is Ray's to set per worker."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.update({k: v for k, v in os.environ.items()
+                if k.startswith(FORWARDED_PREFIXES) and k != "CUDA_VISIBLE_DEVICES"})
+    return env
+
+
 def worker_env(cfg: Config) -> dict[str, str]:
-    env = {"PYTHONPATH": str(project_root()), "PYTHONUNBUFFERED": "1"}
-    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    env.update({k: v for k, v in os.environ.items() if k.startswith("VAEMO_")})
+    env = {"PYTHONPATH": str(project_root()), "PYTHONUNBUFFERED": "1", **forwarded_env()}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.scaling.cpus_per_worker)))

@@ -230,10 +230,11 @@ def load_checkpoint(engine, folder: Path, rank: int, world: int, cfg: Config) ->
     if int(meta["world_size"]) != world:
         raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} workers; resume with "
                          f"scaling.num_workers={meta['world_size']}")
+    ckpt.check_deepspeed_files(folder, rank)
     load_path, _ = engine.load_checkpoint(str(folder), tag=ckpt.TAG, load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
-    state = torch.load(folder / f"trainer_state_rank{rank}.pt", weights_only=False)
+    state = ckpt.load_trainer_state(folder / f"trainer_state_rank{rank}.pt")
     ckpt.set_rng_state(state["rng"])
     return int(state["step"]), StreamState.from_state_dict(state["stream"], cfg.data.loader_workers)
 
@@ -246,12 +247,11 @@ def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, r
     local = Path(tempfile.mkdtemp(prefix="vaemo-ckpt-"))
     try:
         engine.save_checkpoint(str(local), tag=ckpt.TAG, exclude_frozen_parameters=True)
-        torch.save({"step": step, "stream": stream_state.state_dict(), "rng": ckpt.rng_state()},
-                   local / f"trainer_state_rank{rank}.pt")
+        ckpt.save_trainer_state(local / f"trainer_state_rank{rank}.pt", step, stream_state.state_dict())
         if rank == 0:
             (local / "config.yaml").write_text(render_config(cfg))
             meta = {"step": step, "world_size": world, "stage": cfg.stage, "loader_workers": cfg.data.loader_workers,
-                    "launch_id": loop_config["launch_id"]}
+                    "zero_stage": engine.zero_optimization_stage(), "launch_id": loop_config["launch_id"]}
             (local / "meta.json").write_text(json.dumps(meta))
         if rank == 0 and os.environ.get(CRASH_AT_SAVE_STEP) == str(step):
             os._exit(17)
