@@ -71,3 +71,17 @@ def test_bad_input_is_one_line_and_exit_2(adapter_export, small_world, tmp_path,
 def test_a_folder_that_is_no_export_is_refused(small_world, tmp_path):
     result = cli("ask", "--model", str(tmp_path), "--clip", str(small_world / "bench" / "media" / "clip-00000.mp4"))
     assert result.returncode == 2 and "is not a vaemo export" in result.stderr
+
+
+def test_the_readmes_python_example_runs(small_world, adapter_export, capsys):
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Asking a trained model"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[: code.index("```")]
+    code = code.replace("runs/demo/stage2/export", str(adapter_export))
+    code = code.replace('"clip.mp4"', repr(str(small_world / "bench" / "media" / "clip-00002.mp4")))
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) >= 2 and printed[-1].startswith("tensor([[")  # the answer, then valence/arousal

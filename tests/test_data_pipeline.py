@@ -101,8 +101,15 @@ def test_a_sample_lacking_a_needed_field_is_skipped(tmp_path):
     assert missing.value.reason == "missing_field"
     with pytest.raises(SkipSample) as bad:
         decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 3}'}, spec)
-    assert bad.value.reason == "bad_field"
+    assert bad.value.reason == "va_out_of_range"
     assert decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 0.5}'}, spec).key == "a"
+    rated = decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 7, "va_scale": [1, 9]}'},
+                          spec)
+    assert rated.meta["valence"] == pytest.approx(0.5)  # a declared 1-9 scale is rescaled to [-1, 1]
+    emotional = DecodeSpec(num_frames=2, height=28, width=28, need_fields=("emotion",), emotions=("joy", "calm"))
+    with pytest.raises(SkipSample) as unknown:
+        decode_sample({"__key__": "a", "mp4": raw, "json": b'{"emotion": "awe"}'}, emotional)
+    assert unknown.value.reason == "unknown_emotion"
 
 
 @pytest.mark.parametrize("split", ["train", "val"])  # 4 shards: split by shard; 2 shards: split by sample

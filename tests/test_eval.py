@@ -32,10 +32,12 @@ def test_the_benchmark_asks_questions_as_training_does(small_world):
     """Scoring reads a question the way stage 0-2 prompts wrote it: the text, then the options listed."""
     import numpy as np
 
+    from vaemo.config import load_config
     from vaemo.train.recipes import mcq
 
+    questions = load_config(ROOT / "configs/tiny.yaml").prompts.questions
     for item in read_bench(small_world / "bench")[:12]:
-        trained = mcq(item.task, list(item.options), np.random.default_rng(0), canonical=True)
+        trained = mcq(questions[item.task]["ask"], list(item.options), np.random.default_rng(0), canonical=True)
         asked = question_prompt(item)
         for prompt in (trained, asked):
             question, listed = prompt.split(" Options: ")

@@ -475,3 +475,46 @@ def test_whisper_weights_are_read_once_from_the_index(hf_checkpoints, tmp_path):
     assert weight_files(folder, "x") == [folder / "model.fp32-00001-of-00001.safetensors"]
     encoder = load_whisper_encoder(folder, "sdpa", torch.float32)
     assert torch.equal(encoder.conv1.weight, state["model.encoder.conv1.weight"].float())
+
+
+def test_stage1_without_captions_distils_the_teachers_own_answer(model, clips):
+    """responses=auto: a clip without a caption gets the frozen teacher's greedy answer from its frames as
+    the response of both passes; a clip with one keeps its caption; responses=caption needs the field."""
+    from vaemo.data.stream import Batch
+    from vaemo.train.recipes import AlignRecipe, align_sequences
+
+    video, audio, duration = clips
+    metas = [{}, {"caption": "A calm blue circle."}, {"caption": "   "}]
+    batch = Batch(keys=["a", "b", "c"], video=video, audio=audio, audio_len=[48000] * CLIPS, duration=duration,
+                  meta=metas, has_audio=[True] * CLIPS)
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage1.questions=false", "stage1.teacher_response_tokens=6"],
+                      stage=1)
+    recipe = AlignRecipe(cfg)
+    assert recipe.decode_spec().need_fields == ()
+    step = recipe.prepare(model, batch, np.random.default_rng(0))
+    teacher, student = step.passes["teacher"], step.passes["student"]
+    assert teacher.modalities == ["visual"] * 3 and student.modalities == ["audio"] * 3
+    assert torch.equal(teacher.response_targets, student.response_targets)  # the same response for both
+    rng = np.random.default_rng(0)  # the draws prepare made: one description prompt per clip
+    asked = [align_sequences(meta, rng, cfg.prompts, False, "auto")[0][0] for meta in metas]
+    written = model.generate([PromptItem("visual", asked[i], None, i) for i in (0, 2)], video, None, duration, 6)
+    responses = [model.tokenizer.decode(row[row != -100]) for row in teacher.targets]
+    assert responses[1] == "A calm blue circle.<|im_end|>"
+    assert [responses[0], responses[2]] == [w + "<|im_end|>" for w in written]
+    captioned = AlignRecipe(load_config(ROOT / "configs/tiny.yaml", ["stage1.responses=caption"], stage=1))
+    assert captioned.decode_spec().need_fields == ("caption",)
+
+
+def test_the_7b_preset_asks_nothing_of_the_synthetic_world():
+    from vaemo.data import world
+
+    synthetic = set(world.DESCRIBE_PROMPTS) | set(world.OBJECTS) | set(world.QUESTIONS.values())
+    synthetic |= {q for variants in world.QUESTION_VARIANTS.values() for q in variants}
+    for stage in (1, 2):
+        cfg = load_config(ROOT / "configs/qwen2.5-vl-7b.yaml", stage=stage)
+        asked = set(cfg.prompts.describe) | set(cfg.prompts.emotion_questions)
+        for spec in cfg.prompts.questions.values():
+            asked |= set(spec["ask"]) | set(spec["options"])
+        assert asked and not asked & synthetic, asked & synthetic
+        # emotion words are shared by any taxonomy; the categories are not the world's four
+        assert sorted(cfg.stage2.emotions) != sorted(world.EMOTIONS) and len(cfg.stage2.emotions) == 8

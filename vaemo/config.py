@@ -101,6 +101,9 @@ class DataConfig:
     """Samples held in each loader worker's shuffle buffer for training streams."""
     prefetch_batches: int = 2
     """Batches each loader worker prepares ahead."""
+    max_unusable_samples: int = 400
+    """Samples a stream may read in a row without one the stage can use before the run stops (exit 2) with
+    the counts by reason; the preflight probes the shards the same way before any weight loads."""
 
     def check(self, path: str) -> None:
         _require(self.num_frames >= 2, f"{path}.num_frames", "must be >= 2")
@@ -111,6 +114,7 @@ class DataConfig:
         _require(self.loader_workers >= 0, f"{path}.loader_workers", "must be >= 0")
         _require(self.shuffle_buffer >= 1, f"{path}.shuffle_buffer", "must be >= 1")
         _require(self.prefetch_batches >= 1, f"{path}.prefetch_batches", "must be >= 1")
+        _require(self.max_unusable_samples >= 1, f"{path}.max_unusable_samples", "must be >= 1")
 
 
 @dataclass
@@ -345,6 +349,32 @@ class TeacherConfig:
 
 
 @dataclass
+class PromptsConfig:
+    """What the stages ask about a clip. The defaults are generic; the tiny preset names the synthetic
+    world's words (its tokenizer knows only those)."""
+
+    describe: list[str] = field(default_factory=lambda: ["Describe this clip.", "What happens in this clip?",
+                                                         "Describe the scene and the mood of this clip."])
+    """Description prompts (stage 1, and stage 2's KD term); the response is the clip's caption or the
+    frozen teacher's own answer (stage1.responses)."""
+    questions: dict[str, Any] = field(default_factory=dict)
+    """Multiple-choice question sets, `task: {ask: [paraphrases...], options: [...]}`, that stage 1 also
+    distils with stage1.questions (answered with a random option: no label is used)."""
+    emotion_questions: list[str] = field(default_factory=lambda: ["Which emotion does this clip convey?",
+                                                                  "What feeling does this clip express?"])
+    """How stage 2 asks for a clip's emotion (options: stage2.emotions); validation asks the first."""
+
+    def check(self, path: str) -> None:
+        _require(bool(self.describe) and all(isinstance(p, str) and p for p in self.describe), f"{path}.describe",
+                 "must be a non-empty list of prompts")
+        _require(bool(self.emotion_questions), f"{path}.emotion_questions", "must name at least one question")
+        for task, spec in self.questions.items():
+            ok = (isinstance(spec, dict) and set(spec) == {"ask", "options"} and isinstance(spec["ask"], list)
+                  and spec["ask"] and isinstance(spec["options"], list) and len(spec["options"]) >= 2)
+            _require(ok, f"{path}.questions.{task}", "must be {ask: [questions...], options: [at least 2]}")
+
+
+@dataclass
 class Stage1Config:
     """Stage 1 (VG-Align): distil the frozen visual pass into the audio pass."""
 
@@ -355,7 +385,15 @@ class Stage1Config:
     kd_chunk_size: int = 256
     """Response positions per chunk of the KL; bounds memory at chunk x vocab."""
     questions: bool = True
-    """Also distil the teacher's answers to content/emotion questions (R: a random option, so no label is used)."""
+    """Also distil the teacher's answers to the question sets of `prompts.questions` (answered with a random
+    option, so no label is used); nothing to ask when there are none."""
+    responses: Literal["auto", "caption", "teacher"] = "auto"
+    """The response to a description prompt: `caption` (the clip's caption field; clips without one are
+    skipped), `teacher` (the frozen teacher's own greedy answer from the frames, the student distilled on
+    it: stage 1 needs no label at all), `auto` (the caption when the clip has one, else the teacher's)."""
+    teacher_response_tokens: int = 32
+    """Length of a teacher-written response; every rank generates exactly this many tokens (ZeRO-3 ranks
+    must make the same calls)."""
     train_audio_encoder: bool = False
     """Also train the audio encoder (a randomly initialised tiny one must learn; a pretrained Whisper need not)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -365,6 +403,7 @@ class Stage1Config:
         _require(self.temperature > 0, f"{path}.temperature", "must be > 0")
         _require(self.topk >= 0, f"{path}.topk", "must be >= 0")
         _require(self.kd_chunk_size >= 1, f"{path}.kd_chunk_size", "must be >= 1")
+        _require(self.teacher_response_tokens >= 1, f"{path}.teacher_response_tokens", "must be >= 1")
         if self.teacher.mode == "cache":
             _require(self.topk > 0, f"{path}.topk", "must be > 0 with teacher.mode=cache (the cache holds top-k)")
             _require(bool(self.teacher.cache_dir), f"{path}.teacher.cache_dir", "must name the cache folder")
@@ -391,8 +430,10 @@ class Stage2Config:
     not only its caption (as stage 1 does with stage1.questions)."""
     va_loss: Literal["mse", "ccc"] = "mse"
     """Valence/arousal loss: mean squared error or 1 - concordance correlation."""
-    emotions: list[str] = field(default_factory=lambda: ["joy", "calm", "anger", "sadness"])
-    """Emotion categories: the options of emotion questions and the categorical head's classes."""
+    emotions: list[str] = field(default_factory=lambda: ["amusement", "awe", "contentment", "excitement", "anger",
+                                                         "disgust", "fear", "sadness"])
+    """Emotion categories (default: ArtEmis's eight): the options of emotion questions and the categorical
+    head's classes. A training clip whose `emotion` is not one of them is skipped (`unknown_emotion`)."""
 
 
 @dataclass
@@ -433,6 +474,8 @@ class Config:
     """DeepSpeed engine."""
     stage0: Stage0Config = field(default_factory=Stage0Config)
     """Stage 0 settings."""
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    """What the stages ask about a clip."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     """Stage 1 settings."""
     stage2: Stage2Config = field(default_factory=Stage2Config)

@@ -35,7 +35,7 @@ from vaemo.config import Config, config_from_dict, config_to_dict, load_config
 from vaemo.data.teacher_records import MANIFEST, TeacherRecord, cache_shard_for, encode_record
 from vaemo.errors import UserError
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 WHOLE_FILE_LIMIT = 4 << 20  # files above this are digested from evenly spaced blocks (weights are GBs)
 BLOCKS, BLOCK = 16, 64 << 10
 
@@ -63,7 +63,6 @@ def folder_digest(path: str | Path) -> str:
 
 
 def fingerprint_parts(cfg: Config) -> dict:
-    from vaemo.data import world
     from vaemo.model.prompts import PromptBuilder
 
     m, d, s = cfg.model, cfg.data, cfg.stage1
@@ -75,9 +74,9 @@ def fingerprint_parts(cfg: Config) -> dict:
         model = {"vlm": folder_digest(m.vlm)}
     prompts = {"template": hashlib.sha256(inspect.getsource(PromptBuilder).encode()).hexdigest(),
                "system_prompt": m.system_prompt, "max_response_tokens": m.max_response_tokens,
-               "describe": list(world.DESCRIBE_PROMPTS), "questions": s.questions,
-               "variants": {k: list(v) for k, v in world.QUESTION_VARIANTS.items()},
-               "options": {k: list(v) for k, v in world.OPTIONS.items()}}
+               "describe": list(cfg.prompts.describe), "questions": s.questions,
+               "sets": cfg.prompts.questions, "responses": s.responses,
+               "teacher_response_tokens": s.teacher_response_tokens}
     frames = {"num_frames": d.num_frames, "frame_height": d.frame_height, "frame_width": d.frame_width,
               "frame_sampling": d.frame_sampling}
     return {"version": FINGERPRINT_VERSION, "model": model, "prompts": prompts, "frames": frames, "topk": s.topk,
@@ -134,11 +133,14 @@ def teacher_records(model, cfg: Config, batch, key: str) -> list[TeacherRecord]:
 
     from vaemo.losses import teacher_topk
     from vaemo.model import PromptItem
-    from vaemo.train.recipes import align_sequences
+    from vaemo.train.recipes import align_sequences, write_teacher_responses
 
     s = cfg.stage1
-    plans = [align_sequences(meta, key_rng(clip), s.questions) for clip, meta in zip(batch.keys, batch.meta)]
-    items = [PromptItem("visual", p, r, i) for i, plan in enumerate(plans) for p, r in plan]
+    asked = [(p, r, i) for i, (clip, meta) in enumerate(zip(batch.keys, batch.meta))
+             for p, r in align_sequences(meta, key_rng(clip), cfg.prompts, s.questions, s.responses)]
+    asked = write_teacher_responses(model, batch, asked, s.teacher_response_tokens, lockstep=False)
+    plans = [[(p, r) for p, r, i in asked if i == clip] for clip in range(len(batch))]
+    items = [PromptItem("visual", p, r, i) for p, r, i in asked]
     inputs = model.prompts.batch(items, batch.video, None, batch.duration)
     with torch.no_grad():
         hidden = model(inputs).hidden[inputs.pred_mask.to(model.vlm.device)]
@@ -171,7 +173,8 @@ class TeacherCacheWriter:
         self.fingerprint = fingerprint(self.cfg)[0]
         d = self.cfg.data
         self.spec = DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                               need_video=True, need_audio=False, need_fields=("caption",))  # the teacher sees frames
+                               need_video=True, need_audio=False,  # the teacher sees frames
+                               need_fields=("caption",) if self.cfg.stage1.responses == "caption" else ())
 
     def write_shard(self, url: str) -> dict:
         """Cache one source shard (atomically: a half-written cache shard never has the final name)."""

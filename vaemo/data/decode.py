@@ -33,7 +33,9 @@ SKIP_REASONS: dict[str, str] = {
     "no_video_stream": "the stage needs frames and the clip has no video stream",
     "no_audio_stream": "the stage needs a soundtrack and the clip has no audio stream",
     "missing_field": "the stage needs a JSON field the sample lacks (e.g. caption, valence)",
-    "bad_field": "a JSON field has the wrong type or range",
+    "bad_field": "a JSON field has the wrong type",
+    "va_out_of_range": "valence/arousal outside [-1, 1] (declare another scale with a `va_scale: [low, high]` field)",
+    "unknown_emotion": "the sample's emotion is not one of the config's stage2.emotions",
     "unreadable_shard": "a shard could not be opened or read (counted per shard)",
     "no_teacher_cache": "stage 1 reads a teacher cache and it holds no (readable) record for the sample",
     "stale_teacher_cache": "the sample's cached teacher record was made for another model/prompts/k",
@@ -64,6 +66,7 @@ class DecodeSpec:
     allow_missing_audio: bool = False  # with need_audio: decode a soundtrack when there is one, else keep the clip
     sampling: str = "uniform"  # "uniform" frames, or uniformly spaced "pairs" of consecutive frames
     teacher_fingerprint: str = ""  # non-empty: the sample needs a cached teacher record with this fingerprint
+    emotions: tuple[str, ...] = ()  # with `emotion` in need_fields: the categories the consumer knows
 
     @property
     def audio_samples(self) -> int:
@@ -110,16 +113,34 @@ def split_sample(sample: dict) -> tuple[str, bytes, dict]:
     return clips[0], bytes(raw), meta
 
 
-def check_fields(meta: dict, needed: tuple[str, ...]) -> None:
+def check_fields(meta: dict, needed: tuple[str, ...], emotions: tuple[str, ...] = ()) -> None:
+    """Raise SkipSample when a needed field is missing or unusable; valence/arousal on a declared
+    `va_scale: [low, high]` (e.g. [1, 9]) are rescaled to [-1, 1] in place."""
     for name in needed:
         if name not in meta or meta[name] is None:
             raise SkipSample("missing_field", name)
         value = meta[name]
         if name in ("valence", "arousal"):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1.0 <= value <= 1.0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise SkipSample("bad_field", f"{name}={value!r}")
+            value = meta[name] = rescale_va(float(value), meta.get("va_scale"))
+            if not -1.0 <= value <= 1.0:
+                raise SkipSample("va_out_of_range", f"{name}={value!r}")
         elif name in ("caption", "emotion", "object") and not isinstance(value, str):
             raise SkipSample("bad_field", f"{name}={value!r}")
+        elif name == "emotion" and emotions and value not in emotions:
+            raise SkipSample("unknown_emotion", value)
+
+
+def rescale_va(value: float, scale) -> float:
+    """A rating on a declared [low, high] scale -> [-1, 1]; without a scale, the value as it is."""
+    if scale is None:
+        return value
+    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(x, (int, float)) for x in scale)
+            and scale[1] > scale[0]):
+        raise SkipSample("bad_field", f"va_scale={scale!r}")
+    low, high = scale
+    return 2.0 * (value - low) / (high - low) - 1.0
 
 
 def frame_indices(available: int, wanted: int, sampling: str = "uniform") -> list[int]:
@@ -173,7 +194,7 @@ def decode_audio(raw: bytes, spec: DecodeSpec) -> tuple[torch.Tensor | None, int
 def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     """Decode what `spec` asks for; raises SkipSample when the sample cannot serve it."""
     _, raw, meta = split_sample(sample)
-    check_fields(meta, spec.need_fields)
+    check_fields(meta, spec.need_fields, spec.emotions)
     teacher = cached_teacher(sample, spec.teacher_fingerprint) if spec.teacher_fingerprint else None
     video, duration = decode_video(raw, spec) if spec.need_video else (None, 0.0)
     if spec.need_video and video is None:

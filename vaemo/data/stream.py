@@ -206,11 +206,32 @@ def _worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+class NoUsableData(UserError):
+    """A stream read `give_up_after` samples in a row and could use none of them (exit 2, one line)."""
+
+    MARKER = "no usable sample: "
+
+    @classmethod
+    def after(cls, reasons: Counter) -> "NoUsableData":
+        read = sum(n for r, n in reasons.items() if r != "unreadable_shard")
+        counts = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+        return cls(f"{cls.MARKER}0 usable of {read} samples read: {counts}")
+
+    @classmethod
+    def line_in(cls, text: str) -> str | None:
+        """The one-line reason inside an error re-raised across processes (DataLoader workers, Ray)."""
+        match = re.search(re.escape(cls.MARKER) + r"([^\n]*)", text)
+        return match.group(1).strip().rstrip("'\")") if match else None
+
+
 def _decode_into_batches(raw: Iterable[dict | ShardError], spec: DecodeSpec, batch_size: int, worker: int,
                          skips: Counter, start_position: int = 0, final_partial: bool = False,
-                         keep: Callable[[int], bool] | None = None) -> Iterator[Batch]:
+                         keep: Callable[[int], bool] | None = None, give_up_after: int = 0) -> Iterator[Batch]:
+    """Decode samples into batches, counting skips; with `give_up_after`, that many unusable samples in a
+    row raise NoUsableData (a stream that can never fill a batch must not loop forever)."""
     position = start_position
     clips: list[Clip] = []
+    unusable_run: Counter = Counter()
     for item in raw:
         if isinstance(item, ShardError):
             skips["unreadable_shard"] += 1
@@ -220,8 +241,12 @@ def _decode_into_batches(raw: Iterable[dict | ShardError], spec: DecodeSpec, bat
             continue
         try:
             clips.append(decode_sample(item, spec))
+            unusable_run.clear()
         except SkipSample as skip:
             skips[skip.reason] += 1
+            unusable_run[skip.reason] += 1
+            if give_up_after and sum(unusable_run.values()) >= give_up_after:
+                raise NoUsableData.after(unusable_run) from None
             continue
         if len(clips) == batch_size:
             yield collate(clips, worker, position, skips)
@@ -251,8 +276,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: list[str], spec: DecodeSpec, batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 64, resume: "StreamState | None" = None,
-                 teacher_cache: str = ""):
+                 teacher_cache: str = "", give_up_after: int = 0):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
+        self.give_up_after = give_up_after  # unusable samples in a row before NoUsableData (0: never)
         self.teacher_cache = teacher_cache  # a teacher-cache folder whose shards are merged into the samples
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
@@ -286,8 +312,8 @@ class TrainStream(IterableDataset):
                 yield item
             failures_in_a_row = 0 if got_any else failures_in_a_row + 1
             if failures_in_a_row > 4 * len(shards):
-                raise RuntimeError(f"no readable sample in any of the {len(shards)} training shards of this worker, "
-                                   f"e.g. {shards[0]}")
+                raise NoUsableData(f"{NoUsableData.MARKER}no readable sample in any of the {len(shards)} shards "
+                                   f"of this worker, e.g. {shards[0]}")
 
     def __iter__(self) -> Iterator[Batch]:
         loader_worker, workers = _worker_slot()
@@ -298,7 +324,8 @@ class TrainStream(IterableDataset):
         while drawn < start:  # fast-forward: read, don't decode
             if not isinstance(next(raw), ShardError):
                 drawn += 1
-        yield from _decode_into_batches(raw, self.spec, self.batch_size, worker, Counter(), start_position=start)
+        yield from _decode_into_batches(raw, self.spec, self.batch_size, worker, Counter(), start_position=start,
+                                        give_up_after=self.give_up_after)
 
 
 @dataclass
@@ -378,3 +405,26 @@ def make_loader(dataset: IterableDataset, workers: int, prefetch_batches: int = 
     return DataLoader(dataset, batch_size=None, num_workers=workers,
                       prefetch_factor=prefetch_batches if workers > 0 else None,
                       worker_init_fn=_quiet_worker if workers > 0 else None)
+
+
+def probe_usable(urls: list[str], spec: DecodeSpec, limit: int, teacher_cache: str = "") -> None:
+    """Read the shards in order until one sample `spec` can use; NoUsableData after `limit` unusable ones
+    (or all of them). What the preflight runs, so a stage that cannot get data says so before any weight
+    loads; usable data costs one decoded sample."""
+    reasons: Counter = Counter()
+    for url in urls:
+        items = read_shard(url)
+        if teacher_cache:
+            items = with_cache(items, cache_shard_for(url, teacher_cache))
+        for item in items:
+            if isinstance(item, ShardError):
+                reasons["unreadable_shard"] += 1
+                break
+            try:
+                decode_sample(item, spec)
+                return
+            except SkipSample as skip:
+                reasons[skip.reason] += 1
+            if sum(n for r, n in reasons.items() if r != "unreadable_shard") >= limit:
+                raise NoUsableData.after(reasons)
+    raise NoUsableData.after(reasons)

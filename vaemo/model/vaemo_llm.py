@@ -324,8 +324,9 @@ class VAEmotionLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
-                 duration: list[float], max_new_tokens: int = 48) -> list[str]:
-        """Greedy decoding with a KV cache, prompts left-padded."""
+                 duration: list[float], max_new_tokens: int = 48, lockstep: bool = False) -> list[str]:
+        """Greedy decoding with a KV cache, prompts left-padded. `lockstep` runs all `max_new_tokens` steps
+        even when every sequence has ended (under ZeRO-3, ranks must make the same calls)."""
         from transformers import DynamicCache
 
         prompts = [PromptItem(i.modality, i.instruction, None, i.clip) for i in items]
@@ -344,7 +345,7 @@ class VAEmotionLLM(nn.Module):
                     finished[row] = value == self.tokens.im_end
                     if not finished[row]:
                         generated[row].append(value)
-            if all(finished):
+            if all(finished) and not lockstep:
                 break
             attention = torch.cat([attention, attention.new_ones(len(items), 1)], 1)
             position = position + 1

@@ -92,6 +92,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
 
         check_cache(cfg, train_urls + (val_urls if cfg.train.val_batches > 0 else []))
     check_checkpoint_folders(cfg.model)
+    probe_data(cfg, train_urls, val_urls if cfg.train.val_batches > 0 else [])
     if cfg.model.init_from:
         from vaemo.model.build import check_data_matches
         from vaemo.model.vaemo_llm import CONFIG_NAME, ModelSpec
@@ -109,6 +110,23 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
                             f"scaling.num_workers={meta['world_size']}")
         if int(meta["stage"]) != cfg.stage:
             raise UserError(f"checkpoint '{resume}' is from stage {meta['stage']}, not stage {cfg.stage}")
+
+
+def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
+    """The stage can use at least one sample of its training (and validation) shards; else one line with
+    the counts by reason (`data.max_unusable_samples` read in a row, at most)."""
+    from vaemo.data.stream import NoUsableData, probe_usable
+    from vaemo.train.recipes import recipe_for
+
+    recipe = recipe_for(cfg)
+    spec = recipe.decode_spec()
+    cache = cfg.stage1.teacher.cache_dir if recipe.cached else ""
+    for field, urls in (("data.train_shards", train_urls), ("data.val_shards", val_urls)):
+        if urls:
+            try:
+                probe_usable(urls, spec, cfg.data.max_unusable_samples, cache)
+            except NoUsableData as err:
+                raise UserError(f"stage {cfg.stage}: {field}: {NoUsableData.line_in(str(err))}") from None
 
 
 def connect_ray() -> None:
@@ -212,6 +230,11 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
         try:
             result = trainer.fit()
         except Exception as err:  # the workers' error, already logged by Ray with its traceback
+            from vaemo.data.stream import NoUsableData
+
+            no_data = NoUsableData.line_in(str(err))
+            if no_data:  # the data, not the code: the user's to fix (exit 2)
+                raise UserError(no_data) from None
             raise TrainingFailed(f"stage {cfg.stage} failed: {first_line(err)}") from err
     queue.shutdown()
     metrics = dict(result.metrics or display.last or {})

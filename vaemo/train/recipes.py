@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vaemo.config import Config
+from vaemo.config import Config, PromptsConfig
 from vaemo.data import world
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
@@ -51,28 +52,58 @@ class StepResult:
     sums: dict[str, float]  # raw sums (e.g. kd_sum, kd_tokens, agree): averaged exactly over ranks/steps
 
 
-def describe_prompt(rng: np.random.Generator) -> str:
-    return world.DESCRIBE_PROMPTS[int(rng.integers(len(world.DESCRIBE_PROMPTS)))]
+def pick(choices: Sequence[str], rng: np.random.Generator) -> str:
+    return choices[int(rng.integers(len(choices)))]
 
 
-def mcq(task: str, options: list[str], rng: np.random.Generator, canonical: bool = False) -> str:
-    variants = world.QUESTION_VARIANTS[task]
-    question = variants[0] if canonical else variants[int(rng.integers(len(variants)))]
+def mcq(variants: Sequence[str], options: Sequence[str], rng: np.random.Generator, canonical: bool = False) -> str:
+    """A multiple-choice question: one of its paraphrases (the first when canonical), options shuffled."""
+    question = variants[0] if canonical else pick(variants, rng)
     shuffled = list(options)
     rng.shuffle(shuffled)
     return world.mcq_prompt(question, shuffled)
 
 
-def align_sequences(meta: dict, rng: np.random.Generator, questions: bool) -> list[tuple[str, str]]:
-    """Stage 1's (prompt, response) pairs for one clip: a description with its caption as the response,
-    and, with `questions`, one multiple-choice question per task answered with a random option (the
-    teacher's distribution at the answer is then its own answer; no label is used)."""
-    pairs = [(describe_prompt(rng), meta["caption"])]
+def align_sequences(meta: dict, rng: np.random.Generator, prompts: PromptsConfig, questions: bool,
+                    responses: str) -> list[tuple[str, str | None]]:
+    """Stage 1's (prompt, response) pairs for one clip: a description, answered with the clip's caption or
+    left None for the teacher to write (stage1.responses), and, with `questions`, one multiple-choice
+    question per set of prompts.questions answered with a random option (the teacher's distribution at the
+    answer is then its own answer; no label is used)."""
+    caption = meta.get("caption")
+    has_caption = isinstance(caption, str) and bool(caption.strip())
+    pairs: list[tuple[str, str | None]] = [(pick(prompts.describe, rng),
+                                            caption if has_caption and responses != "teacher" else None)]
     if questions:
-        for task in world.TASKS:
-            options = list(world.OPTIONS[task])
-            pairs.append((mcq(task, options, rng), options[int(rng.integers(len(options)))]))
+        for spec in prompts.questions.values():
+            options = list(spec["options"])
+            pairs.append((mcq(spec["ask"], options, rng), pick(options, rng)))
     return pairs
+
+
+def write_teacher_responses(model: VAEmotionLLM, batch: Batch, asked: list[tuple[str, str | None, int]],
+                            tokens: int, lockstep: bool) -> list[tuple[str, str, int]]:
+    """Fill every missing response with the frozen teacher's own greedy answer from the clip's frames.
+
+    `lockstep` (training under ZeRO-3): every rank generates, exactly `tokens` tokens, when any rank has a
+    response to write (a rank with none generates one it discards), because each generation step gathers
+    the LLM's weights from all ranks; when no rank has one, none generates.
+    """
+    missing = [k for k, (_, response, _) in enumerate(asked) if response is None]
+    wanted = len(missing)
+    if lockstep and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([wanted], device=model.vlm.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        wanted = int(flag)
+    if not wanted:
+        return list(asked)  # type: ignore[arg-type]
+    rows = missing or [0]
+    items = [PromptItem("visual", asked[k][0], None, asked[k][2]) for k in rows]
+    texts = model.generate(items, batch.video, None, batch.duration, max_new_tokens=tokens, lockstep=lockstep)
+    filled = list(asked)
+    for k, text in zip(missing, texts):
+        filled[k] = (asked[k][0], text, asked[k][2])
+    return filled  # type: ignore[return-value]
 
 
 def clip_inputs(model: VAEmotionLLM, items: list[PromptItem], batch: Batch) -> ModelInputs:
@@ -181,10 +212,11 @@ class SeeRecipe(Recipe):
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         items = []
         for i, meta in enumerate(batch.meta):
-            items.append(PromptItem("visual", describe_prompt(rng), meta["caption"], i))
+            items.append(PromptItem("visual", pick(world.DESCRIBE_PROMPTS, rng), meta["caption"], i))
             for _ in range(self.cfg.stage0.questions_per_clip):
-                items.append(PromptItem("visual", mcq("content", list(world.OBJECTS), rng), meta["object"], i))
-                items.append(PromptItem("visual", mcq("emotion", list(world.EMOTIONS), rng), meta["emotion"], i))
+                for task, answer in (("content", meta["object"]), ("emotion", meta["emotion"])):
+                    question = mcq(world.QUESTION_VARIANTS[task], world.OPTIONS[task], rng)
+                    items.append(PromptItem("visual", question, answer, i))
         step = StepInputs(passes={}, clips=len(batch))
         self.note_pass(step, "lm", clip_inputs(model, items, batch))
         step.labels = {name: torch.tensor([labels.index(m[name]) if m[name] in labels else IGNORE for m in batch.meta])
@@ -229,8 +261,17 @@ class AlignRecipe(Recipe):
 
             return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
                               need_video=False, need_audio=True, teacher_fingerprint=fingerprint(self.cfg)[0])
+        needs = ("caption",) if self.cfg.stage1.responses == "caption" else ()
         return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                          need_video=True, need_audio=True, need_fields=("caption",))
+                          need_video=True, need_audio=True, need_fields=needs)
+
+    def stage1_pairs(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator, clips: list[int],
+                     questions: bool) -> list[tuple[str, str, int]]:
+        """(prompt, response, clip) for the KD passes, responses the teacher writes filled in."""
+        s = self.cfg.stage1
+        asked = [(p, r, i) for i in clips for p, r in align_sequences(batch.meta[i], rng, self.cfg.prompts, questions,
+                                                                      s.responses)]
+        return write_teacher_responses(model, batch, asked, s.teacher_response_tokens, lockstep=True)
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         # The same prompt and response for teacher (frames) and student (soundtrack).
@@ -242,8 +283,7 @@ class AlignRecipe(Recipe):
                            for name in ("ids", "logprobs", "tail")}
             step.labels["ids"] = step.labels["ids"].long()
         else:
-            asked = [(p, r, i) for i, meta in enumerate(batch.meta)
-                     for p, r in align_sequences(meta, rng, self.cfg.stage1.questions)]
+            asked = self.stage1_pairs(model, batch, rng, list(range(len(batch))), self.cfg.stage1.questions)
             self.note_pass(step, "teacher", clip_inputs(model, [PromptItem("visual", p, r, i) for p, r, i in asked],
                                                         batch))
         self.note_pass(step, "student", clip_inputs(model, [PromptItem("audio", p, r, i) for p, r, i in asked], batch))
@@ -283,7 +323,7 @@ class EmoAdapterRecipe(AlignRecipe):
         d = self.cfg.data
         return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling, need_video=True,
                           need_audio=True, allow_missing_audio=True,
-                          need_fields=("caption", "emotion", "valence", "arousal"))
+                          need_fields=("emotion", "valence", "arousal"), emotions=tuple(self.cfg.stage2.emotions))
 
     def prepare_model(self, model: VAEmotionLLM) -> None:
         s, m = self.cfg.stage2, self.cfg.model
@@ -302,7 +342,7 @@ class EmoAdapterRecipe(AlignRecipe):
         for i, meta in enumerate(batch.meta):
             modalities = ["visual"] + (["audio", "audio_visual"] if batch.has_audio[i] else [])
             for modality in modalities:
-                question = mcq("emotion", emotions, rng, canonical=score)
+                question = mcq(self.cfg.prompts.emotion_questions, emotions, rng, canonical=score)
                 answers = emotions if score else [meta["emotion"]]
                 for answer in answers:
                     items.append(PromptItem(modality, question, answer, i))
@@ -315,7 +355,7 @@ class EmoAdapterRecipe(AlignRecipe):
         # KD pairs for clips with a soundtrack; a rank without any runs one dummy pair on silence, with
         # weight 0 (see module doc).
         kd_clips = [i for i in range(len(batch)) if batch.has_audio[i]] or [0]
-        pairs = [(p, r, i) for i in kd_clips for p, r in align_sequences(batch.meta[i], rng, self.cfg.stage2.kd_questions)]
+        pairs = self.stage1_pairs(model, batch, rng, kd_clips, self.cfg.stage2.kd_questions)
         weight = 1.0 if any(batch.has_audio) else 0.0
         audio = batch.audio if batch.audio is not None else torch.zeros(len(batch), model.audio_samples)
         for name, modality in (("teacher", "visual"), ("student", "audio")):

@@ -15,6 +15,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from vaemo.config import Config, config_from_dict, render_config
-from vaemo.data.stream import StreamState, TrainStream, expand_shards, make_loader
+from vaemo.data.stream import NoUsableData, StreamState, TrainStream, expand_shards, make_loader
 from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, build_model, choose_dtype, set_trainable
 from vaemo.train import checkpoint as ckpt
@@ -144,8 +145,9 @@ def train_worker(loop_config: dict) -> None:
     urls = expand_shards(cfg.data.train_shards)
     stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                          shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None,
-                         teacher_cache=teacher_cache(cfg, recipe))
-    batches = iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches))
+                         teacher_cache=teacher_cache(cfg, recipe), give_up_after=cfg.data.max_unusable_samples)
+    batches = named_stream(iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)),
+                           f"stage {cfg.stage}: data.train_shards")
     writer = MetricsWriter(run_dir, loop_config.get("queue")) if rank == 0 else None
 
     # -- loop ----------------------------------------------------------------------------------
@@ -202,6 +204,15 @@ def train_worker(loop_config: dict) -> None:
     if writer:
         writer.close()
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"stage {cfg.stage}")
+
+
+def named_stream(batches: Iterator, name: str) -> Iterator:
+    """The batches, with a stream that can get no usable sample reported under its stage and config field
+    (the DataLoader re-raises a worker's error with its traceback as the message: keep the one line)."""
+    try:
+        yield from batches
+    except NoUsableData as err:
+        raise NoUsableData(f"{NoUsableData.MARKER}{name}: {NoUsableData.line_in(str(err)) or err}") from None
 
 
 def record_worker(run_dir: Path, rank: int, shards_read: set[str]) -> None:
@@ -267,8 +278,8 @@ def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int
     fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
     stream = TrainStream(expand_shards(cfg.data.val_shards), recipe.decode_spec(), cfg.data.batch_size,
                          seed=cfg.seed + 1, rank=rank, world_size=world, shuffle_buffer=1,
-                         teacher_cache=teacher_cache(cfg, recipe))
-    batches = iter(make_loader(stream, 0))
+                         teacher_cache=teacher_cache(cfg, recipe), give_up_after=cfg.data.max_unusable_samples)
+    batches = named_stream(iter(make_loader(stream, 0)), f"stage {cfg.stage}: data.val_shards")
     engine.eval()
     accumulator = Accumulator()
     scores = hasattr(recipe, "score")

@@ -1,0 +1,100 @@
+"""Data as users have it: clips with no labels train stage 1; data a stage cannot use stops the run with one
+line (never a hang)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, ok, run, stage_cmd
+
+from vaemo.data.decode import DecodeSpec
+from vaemo.data.stream import NoUsableData, TrainStream, expand_shards, make_loader
+
+
+def rewrite_shards(src: Path, dst: Path, keep_json: bool = False, strip_audio: bool = False) -> Path:
+    """Copies of `src`'s shards whose samples are the clip alone (an independent writer of the format),
+    optionally with the soundtrack removed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(src.glob("*.tar")):
+        with tarfile.open(shard) as source, tarfile.open(dst / shard.name, "w") as target:
+            for member in source.getmembers():
+                data = source.extractfile(member).read()
+                if member.name.endswith(".json") and not keep_json:
+                    continue
+                if member.name.endswith(".mp4") and strip_audio:
+                    data = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", "pipe:0", "-an", "-c", "copy",
+                                           "-f", "mp4", "-movflags", "frag_keyframe+empty_moov", "pipe:1"],
+                                          input=data, capture_output=True, check=True).stdout
+                info = tarfile.TarInfo(member.name)
+                info.size = len(data)
+                target.addfile(info, io.BytesIO(data))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def unlabeled(small_world, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("unlabeled")
+    for split in ("train", "val"):
+        rewrite_shards(small_world / split, root / split)
+    return root
+
+
+def test_a_stream_that_cannot_fill_a_batch_gives_up_with_the_counts(unlabeled):
+    """Through a DataLoader worker process, as training reads it: bounded reads, one line, no hang."""
+    from vaemo.train.worker import named_stream
+
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_fields=("emotion",))
+    stream = TrainStream(expand_shards(str(unlabeled / "train" / "*.tar")), spec, 2, seed=0, shuffle_buffer=4,
+                         give_up_after=30)
+    with pytest.raises(NoUsableData) as err:
+        next(named_stream(iter(make_loader(stream, 1)), "stage 2: data.train_shards"))
+    assert NoUsableData.line_in(str(err.value)) == "stage 2: data.train_shards: 0 usable of 30 samples read: missing_field 30"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,world,expected", [
+    (0, "unlabeled", "stage 0: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
+    (2, "unlabeled", "stage 2: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
+    (1, "silent", "stage 1: data.train_shards: 0 usable of 48 samples read: no_audio_stream 48"),
+])
+def test_each_stage_stops_with_one_line_on_data_it_cannot_use(small_world, unlabeled, tmp_path, stage, world,
+                                                             expected):
+    source = unlabeled if world == "unlabeled" else rewrite_shards(small_world / "train", tmp_path / "silent" / "train",
+                                                                  keep_json=True, strip_audio=True)
+    result = run(stage_cmd(stage, tmp_path / "run", small_world, f"data.train_shards={source}/*.tar"
+                           if world == "silent" else f"data.train_shards={source}/train/*.tar"), timeout=180)
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {expected}"], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_stage1_trains_on_clips_without_any_label_online_and_from_the_cache(unlabeled, stage0_export, tmp_path):
+    """The teacher writes each response from the frames (stage1.responses=auto, no caption anywhere)."""
+    common = [f"model.init_from={stage0_export}", f"data.train_shards={unlabeled}/train/*.tar",
+              f"data.val_shards={unlabeled}/val/*.tar", "data.batch_size=4", "stage1.topk=8",
+              "stage1.teacher_response_tokens=8"]
+    online = tmp_path / "online"
+    ok(run(stage_cmd(1, online, unlabeled, *common)))
+    records = [json.loads(line) for line in (online / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4 and records[-1]["kd"] > 0 and "val_loss" in records[-1]
+    assert not any(k.startswith("skip/") for k in records[-1])
+
+    cache = tmp_path / "cache"
+    ok(run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+            "--out", str(cache), "--actors", "2", *common]))
+    manifest = json.loads((cache / "teacher-cache.json").read_text())
+    assert manifest["cached"] == 48 + 16
+    with tarfile.open(sorted(cache.glob("*.tar"))[0]) as tar:
+        record = json.loads(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".teacher.json"))).read())
+    # the response the teacher wrote (a 4-step model may end it at once) is stored with its top-k positions
+    assert isinstance(record["sequences"][0][1], str) and record["lengths"][0] >= 1
+    cached = tmp_path / "cached"
+    ok(run(stage_cmd(1, cached, unlabeled, *common, "stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}")))
+    assert json.loads((cached / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
