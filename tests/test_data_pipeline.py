@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import cli
+from conftest import ROOT, cli
 
 from vaemo.data.bench import read_bench
 from vaemo.data.decode import DecodeSpec, SkipSample, decode_sample
@@ -41,15 +41,40 @@ def test_decode_round_trip_any_container_codec_rate_and_size(codec, fps, size, s
     raw = ramp_clip(n_frames, fps, size[0], size[1], sr, codec)
     clip = decode_sample({"__key__": "k", codec.container: raw, "json": b'{"caption": "x"}'}, SPEC)
     assert clip.video.shape == (8, 3, 56, 56) and str(clip.video.dtype) == "torch.uint8"
-    levels = clip.video.float().mean(dim=(1, 2, 3)).numpy()
+    levels = clip.video[:, :, 24:32, 24:32].float().mean(dim=(1, 2, 3)).numpy()  # the middle of the picture
     expected = np.round(200 * np.round(np.linspace(0, n_frames - 1, 8)) / (n_frames - 1))  # uniform frames
     assert np.abs(levels - expected).max() < 6, (levels, expected)
+    width, height = size
+    if width != height:  # the aspect ratio is kept: black bars on the short side, the picture in between
+        bars = clip.video[-1, :, :2] if width > height else clip.video[-1, :, :, :2]
+        assert int(bars.max()) < 8 and float(clip.video[-1, :, 26:30, 26:30].float().mean()) > 150
     assert clip.audio.shape == (3 * 16000,)  # 16 kHz mono, padded/cut to audio_seconds
     assert abs(clip.audio_len - 3 * 16000) < 0.03 * 3 * 16000
     spectrum = np.abs(np.fft.rfft(clip.audio[: clip.audio_len].numpy()))
     assert abs(np.argmax(spectrum) * 16000 / clip.audio_len - 440) < 5
     assert abs(clip.duration - 3.0) < 0.1
     assert clip.meta == {"caption": "x"}
+
+
+def test_a_clip_longer_than_the_window_gives_frames_and_audio_of_one_window():
+    """8 s clip, 3 s window: evaluation takes the middle 3 s, training a window drawn per clip key; frames
+    and audio come from the same stretch."""
+    import dataclasses
+
+    fps, seconds = 12, 8
+    raw = ramp_clip(seconds * fps, fps, 64, 64, 16000, Codec())
+    middle = decode_sample({"__key__": "k", "mp4": raw}, SPEC)
+    assert abs(middle.duration - 3.0) < 0.01 and middle.audio_len == 3 * 16000
+    levels = middle.video.float().mean(dim=(1, 2, 3)).numpy()
+    first_frame, last_frame = 2.5 * fps, 5.5 * fps  # the window [2.5 s, 5.5 s)
+    assert 200 * (first_frame - 1) / 95 <= levels[0] <= 200 * (first_frame + 1) / 95, levels
+    assert 200 * (last_frame - 2) / 95 <= levels[-1] <= 200 * (last_frame + 1) / 95, levels
+    shuffled = dataclasses.replace(SPEC, window="random")
+    starts = {key: float(decode_sample({"__key__": key, "mp4": raw}, shuffled).video[0].float().mean())
+              for key in ("a", "b", "c", "d")}
+    assert len({round(v) for v in starts.values()}) > 1  # windows differ between clips
+    again = decode_sample({"__key__": "a", "mp4": raw}, shuffled)
+    assert float(again.video[0].float().mean()) == starts["a"]  # and not between visits (exact resume)
 
 
 def bad_shard(path: Path) -> tuple[list[str], dict[str, int]]:
@@ -172,20 +197,37 @@ def test_pack_then_inspect_a_users_clips(tmp_path):
     (src / "sub" / "b.v2.mkv").write_bytes(ramp_clip(24, 12, 64, 64, 44100, Codec("mkv", channels=2)))
     (src / "c.webm").write_bytes(ramp_clip(24, 12, 64, 64, 48000, Codec("webm", "libvpx-vp9", "libopus", 2)))
     (src / "c.json").write_text(json.dumps({"caption": "from a sidecar"}))
+    (src / "d.mp4").write_bytes(ramp_clip(24, 12, 64, 64, 16000, Codec()))
+    (src / "silent.mp4").write_bytes(encode_clip(np.zeros((24, 64, 64, 3), np.uint8), None, 12, 16000, Codec()))
     (src / "notes.txt").write_text("ignored")
     manifest = tmp_path / "labels.jsonl"
     manifest.write_text(json.dumps({"clip": "a.mp4", "emotion": "joy", "valence": 0.5, "arousal": 0.4}) + "\n"
+                        + json.dumps({"clip": "d.mp4", "split": "val"}) + "\n"
                         + json.dumps({"clip": "missing.mp4", "emotion": "calm"}) + "\n")
     out = tmp_path / "shards"
-    packed = cli("data", "pack", str(src), "--out", str(out), "--manifest", str(manifest), "--shard-size", "2")
+    packed = cli("data", "pack", str(src), "--out", str(out), "--manifest", str(manifest), "--shard-size", "2",
+                 "--val-fraction", "0.25")
     assert packed.returncode == 0, packed.stderr
-    assert len(list(out.glob("*.tar"))) == 2
-    metas = {s["__key__"]: json.loads(s["json"]) for url in sorted(out.glob("*.tar"))
+    assert "1 clip(s) without an audio stream" in packed.stdout + packed.stderr
+    train, val = sorted(out.glob("train-*.tar")), sorted(out.glob("val-*.tar"))
+    assert [p.name for p in train] == ["train-000000.tar", "train-000001.tar"]  # the presets' patterns
+    assert len(val) == 2  # d (its split field) and one more (a quarter of the other four): one shard per worker
+    metas = {s["__key__"]: json.loads(s["json"]) for url in train + val
              for s in wds.WebDataset(str(url), shardshuffle=False)}
+    assert set(metas) == {"a", "sub__b_v2", "c", "d", "silent"}
+    assert "d" in {s["__key__"] for url in val for s in wds.WebDataset(str(url), shardshuffle=False)}
     assert metas["a"]["emotion"] == "joy" and metas["c"]["caption"] == "from a sidecar"
     assert metas["sub__b_v2"]["source"] == "sub/b.v2.mkv"  # keys carry no dots
     report = json.loads(cli("data", "inspect", str(out / "*.tar"), "--json").stdout.strip().splitlines()[-1])
-    assert report == {"samples": 3, "ok": 3, "skipped": {}, "modalities": {"audio_visual": 3}, "shards": 2}
+    assert report == {"samples": 5, "ok": 5, "skipped": {}, "modalities": {"audio_visual": 4, "visual_only": 1},
+                      "shards": 4}
+    staged = cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "2", "--config",
+                 str(ROOT / "configs/tiny.yaml"))
+    stage = json.loads(staged.stdout.strip().splitlines()[-1])["stage"]
+    assert stage == {"stage": 2, "usable": 1, "skipped": {"missing_field": 4}}  # only a.mp4 has emotion + V/A
+    stage1 = json.loads(cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "1").stdout.strip()
+                        .splitlines()[-1])["stage"]
+    assert stage1 == {"stage": 1, "usable": 4, "skipped": {"no_audio_stream": 1}}  # no label needed
 
 
 def test_inspect_exits_2_only_when_nothing_can_be_read(tmp_path):

@@ -75,12 +75,22 @@ def run_pack(args: argparse.Namespace) -> None:
     from vaemo import progress
     from vaemo.data.shards import pack
 
-    report = pack(args.src, args.out, args.manifest, args.shard_size)
-    progress.log(f"packed {report.clips} clips ({report.labelled} labelled) into {report.shards} shard(s) in "
-                 f"{args.out}; ignored {report.ignored_files} non-clip file(s)")
-    if report.unmatched_manifest:
-        progress.log(f"{len(report.unmatched_manifest)} manifest entries name no clip, e.g. "
-                     f"{report.unmatched_manifest[0]}")
+    r = pack(args.src, args.out, args.manifest, args.shard_size, args.val_fraction, args.workers)
+    for split in ("train", "val"):
+        progress.log(f"{split}: {r.split_clips.get(split, 0)} clips in {r.shards.get(split, 0)} shard(s) "
+                     f"({args.out}/{split}-*.tar)")
+    progress.log(f"packed {r.clips} clips ({r.labelled} labelled); ignored {r.ignored_files} non-clip file(s)")
+    val_shards = r.shards.get("val", 0)
+    if val_shards < args.workers:
+        progress.log(f"only {val_shards} validation shard(s): a run needs one per training worker; use "
+                     f"scaling.num_workers<={max(val_shards, 1)}, or train.val_batches=0, or more clips in val")
+    for what, names in (("without an audio stream (stage 1 and 2 skip them)", r.without_audio),
+                        ("without a video stream (every stage skips them)", r.without_video),
+                        ("that FFmpeg cannot open (skipped)", r.unreadable)):
+        if names:
+            progress.log(f"{len(names)} clip(s) {what}, e.g. {names[0]}")
+    if r.unmatched_manifest:
+        progress.log(f"{len(r.unmatched_manifest)} manifest entries name no clip, e.g. {r.unmatched_manifest[0]}")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -90,7 +100,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     from vaemo.data.shards import inspect_shards
     from vaemo.progress import console
 
-    report = inspect_shards(args.shards, workers=args.workers or 0)
+    stage_spec = None
+    if args.stage is not None:
+        from vaemo.config import load_config
+        from vaemo.train.recipes import recipe_for
+
+        # what the stage's training stream asks of a sample (the online teacher: shards, not a cache)
+        cfg = load_config(args.config, ["stage1.teacher.mode=online"], stage=args.stage)
+        stage_spec = recipe_for(cfg).decode_spec()
+    report = inspect_shards(args.shards, workers=args.workers or 0, stage_spec=stage_spec)
     if not args.json:
         table = Table(title=f"{report['shards']} shard(s)")
         table.add_column("what")
@@ -102,11 +120,22 @@ def run_inspect(args: argparse.Namespace) -> int:
         for reason, n in sorted(report["skipped"].items()):
             table.add_row(f"skipped: {reason}", str(n), end_section=False)
         console.print(table)
-        for reason in sorted(report["skipped"]):
+        if "stage" in report:
+            stage = Table(title=f"stage {args.stage} ({args.config or 'default config'})")
+            stage.add_column("what")
+            stage.add_column("count", justify="right")
+            stage.add_row("usable", str(report["stage"]["usable"]))
+            for reason, n in sorted(report["stage"]["skipped"].items()):
+                stage.add_row(f"skipped: {reason}", str(n))
+            console.print(stage)
+        for reason in sorted(set(report["skipped"]) | set(report.get("stage", {}).get("skipped", {}))):
             console.print(f"  {reason}: {SKIP_REASONS[reason]}")
     if args.json:
-        print(json.dumps({"samples": report["samples"], "ok": report["ok"], "skipped": report["skipped"],
-                          "modalities": report["modalities"], "shards": report["shards"]}))
+        summary = {"samples": report["samples"], "ok": report["ok"], "skipped": report["skipped"],
+                   "modalities": report["modalities"], "shards": report["shards"]}
+        if "stage" in report:
+            summary["stage"] = {"stage": args.stage, **report["stage"]}
+        print(json.dumps(summary))
     if report["samples"] == 0:
         print(f"error: nothing could be read from {', '.join(args.shards)}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -135,14 +164,21 @@ def build_parser() -> ArgParser:
     p.set_defaults(func=run_synth)
     p = data_cmds.add_parser("pack", help="pack a folder of clips (+ labels) into webdataset shards")
     p.add_argument("src", help="folder of clips (mp4/mkv/webm/mov), searched recursively")
-    p.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar")
+    p.add_argument("--out", required=True, help="output folder for train-NNNNNN.tar and val-NNNNNN.tar")
     p.add_argument("--manifest", default=None, help="labels.jsonl: {\"clip\": relative path, ...fields}")
-    p.add_argument("--shard-size", type=positive_int, default=100, help="clips per shard")
+    p.add_argument("--shard-size", type=positive_int, default=100, help="clips per shard (at most)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the clips without a `split` field that go to val-*.tar (default 0.05)")
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="training workers the shards must serve: each split gets at least this many shards")
     p.set_defaults(func=run_pack)
     p = data_cmds.add_parser("inspect", help="count samples, decodable ones, modalities, and skips by reason")
     p.add_argument("shards", nargs="+", help="shard paths, globs or brace patterns")
     p.add_argument("--json", action="store_true", help="end with one JSON line of counts")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.add_argument("--stage", type=int, choices=[0, 1, 2], default=None,
+                   help="also count the samples this stage can use, and why it would skip the others")
+    p.add_argument("--config", default=None, help="with --stage: the preset the stage runs (default: built-ins)")
     p.set_defaults(func=run_inspect)
 
     cfg = groups.add_parser("config", help="show a resolved config with every field documented")

@@ -6,6 +6,7 @@ carry on. Reasons are stable names (they appear in `vaemo data inspect --json` a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -67,6 +68,9 @@ class DecodeSpec:
     sampling: str = "uniform"  # "uniform" frames, or uniformly spaced "pairs" of consecutive frames
     teacher_fingerprint: str = ""  # non-empty: the sample needs a cached teacher record with this fingerprint
     emotions: tuple[str, ...] = ()  # with `emotion` in need_fields: the categories the consumer knows
+    # A clip longer than audio_seconds is cut to one window of that length, which frames and audio share:
+    # "random" (training: a start drawn per clip), or "middle" (validation, evaluation, inference).
+    window: str = "middle"
 
     @property
     def audio_samples(self) -> int:
@@ -152,34 +156,89 @@ def frame_indices(available: int, wanted: int, sampling: str = "uniform") -> lis
     return torch.linspace(0, available - 1, wanted).round().long().tolist()
 
 
-def decode_video(raw: bytes, spec: DecodeSpec) -> tuple[torch.Tensor | None, float]:
-    """N uniformly spaced frames resized by FFmpeg, and the container duration; (None, 0) without video."""
+def clip_window(total: float, spec: DecodeSpec, key: str = "") -> tuple[float, float]:
+    """(start, seconds) of the stretch of a `total`-second clip that frames and audio are taken from: the
+    whole clip when it fits in audio_seconds, else one window of that length (its start drawn from the
+    clip's key for `random`, so a resumed run cuts the same window)."""
+    if total <= spec.audio_seconds or total <= 0:
+        return 0.0, max(total, 0.0)
+    slack = total - spec.audio_seconds
+    if spec.window == "random":
+        fraction = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
+        return slack * fraction, spec.audio_seconds
+    return slack / 2, spec.audio_seconds
+
+
+def fitted_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
+    """The largest size with the frame's aspect ratio inside (spec.height, spec.width)."""
+    scale = min(spec.height / height, spec.width / width)
+    return max(1, min(spec.height, round(height * scale))), max(1, min(spec.width, round(width * scale)))
+
+
+def open_video(raw: bytes, spec: DecodeSpec):
+    """A VideoDecoder resizing to fit spec's size with the aspect ratio kept, and the clip's seconds and
+    frame count; None without a video stream."""
     try:
-        decoder = VideoDecoder(raw, seek_mode="approximate", transforms=[Resize((spec.height, spec.width))])
+        probe = VideoDecoder(raw, seek_mode="approximate")
+        md = probe.metadata
+        size = fitted_size(md.height, md.width, spec) if md.height and md.width else (spec.height, spec.width)
+        decoder = VideoDecoder(raw, seek_mode="approximate", transforms=[Resize(size)])
     except ValueError as err:
         if "video stream" in str(err):
-            return None, 0.0
+            return None
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
     except RuntimeError as err:
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
-    md = decoder.metadata
     n = md.num_frames
     if not n and md.duration_seconds and md.average_fps:
         n = int(md.duration_seconds * md.average_fps)
     if not n:
         raise SkipSample("corrupt_clip", "no frame count")
-    indices = frame_indices(n, spec.num_frames, spec.sampling)
+    return decoder, float(md.duration_seconds or n / (md.average_fps or 1.0)), n
+
+
+def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tuple[torch.Tensor | None, float]:
+    """spec.num_frames frames from the clip's window (`clip_window`), resized with the aspect ratio kept
+    and centred on black bars, and the window's seconds; (None, 0) without video. `opened`: what
+    `open_video` returned for these bytes, when the caller has it."""
+    opened = opened or open_video(raw, spec)
+    if opened is None:
+        return None, 0.0
+    decoder, total, n = opened
+    start, seconds = clip_window(total, spec, key)
+    first = min(n - 1, int(start * n / total)) if total > 0 else 0
+    available = max(1, min(n - first, round(seconds * n / total) if total > 0 else n))
+    indices = [first + i for i in frame_indices(available, spec.num_frames, spec.sampling)]
     try:
         frames = decoder.get_frames_at(indices=indices).data
     except (RuntimeError, IndexError) as err:
         raise SkipSample("truncated_clip", str(err).splitlines()[0][:80]) from None
-    return frames, float(md.duration_seconds or n / (md.average_fps or 1.0))
+    return letterbox(frames, spec), seconds
 
 
-def decode_audio(raw: bytes, spec: DecodeSpec) -> tuple[torch.Tensor | None, int, float]:
-    """16 kHz mono samples padded/cut to spec.audio_seconds, valid length, decoded seconds; None without audio."""
+def letterbox(frames: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+    """(F, 3, h, w) -> (F, 3, H, W), centred, black around (a no-op when the size already fits)."""
+    h, w = frames.shape[-2:]
+    if (h, w) == (spec.height, spec.width):
+        return frames
+    top, left = (spec.height - h) // 2, (spec.width - w) // 2
+    return F.pad(frames, (left, spec.width - w - left, top, spec.height - h - top))
+
+
+def decode_audio(raw: bytes, spec: DecodeSpec, start: float | None = None,
+                 key: str = "") -> tuple[torch.Tensor | None, int, float]:
+    """16 kHz mono samples of the clip's window (from `start`, else the window `clip_window` picks from the
+    audio's own length), padded to spec.audio_seconds; valid length; seconds decoded (the whole clip when
+    it fits the window). None without audio."""
     try:
-        samples = AudioDecoder(raw, sample_rate=SAMPLE_RATE, num_channels=1).get_all_samples().data[0]
+        decoder = AudioDecoder(raw, sample_rate=SAMPLE_RATE, num_channels=1)
+        if start is None:
+            total = decoder.metadata.duration_seconds_from_header or 0.0
+            start = clip_window(total, spec, key)[0] if total > spec.audio_seconds else 0.0
+        if start > 0:
+            samples = decoder.get_samples_played_in_range(start, start + spec.audio_seconds).data[0]
+        else:
+            samples = decoder.get_all_samples().data[0]
     except ValueError as err:
         if "audio stream" in str(err):
             return None, 0, 0.0
@@ -192,21 +251,27 @@ def decode_audio(raw: bytes, spec: DecodeSpec) -> tuple[torch.Tensor | None, int
 
 
 def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
-    """Decode what `spec` asks for; raises SkipSample when the sample cannot serve it."""
+    """Decode what `spec` asks for; raises SkipSample when the sample cannot serve it. Frames and audio come
+    from the same window of the clip (`clip_window`)."""
     _, raw, meta = split_sample(sample)
     check_fields(meta, spec.need_fields, spec.emotions)
+    key = sample.get("__key__", "")
     teacher = cached_teacher(sample, spec.teacher_fingerprint) if spec.teacher_fingerprint else None
-    video, duration = decode_video(raw, spec) if spec.need_video else (None, 0.0)
-    if spec.need_video and video is None:
-        raise SkipSample("no_video_stream")
-    audio, audio_len, audio_seconds = decode_audio(raw, spec) if spec.need_audio else (None, 0, 0.0)
+    video, seconds, start = None, 0.0, None
+    if spec.need_video:
+        opened = open_video(raw, spec)
+        if opened is None:
+            raise SkipSample("no_video_stream")
+        start, seconds = clip_window(opened[1], spec, key)
+        video, _ = decode_video(raw, spec, key, opened)
+    audio, audio_len, audio_seconds = decode_audio(raw, spec, start, key) if spec.need_audio else (None, 0, 0.0)
     if spec.need_audio and audio is None and not spec.allow_missing_audio:
         raise SkipSample("no_audio_stream")
     # A clip cut short still opens (its header is intact) but its soundtrack stops early.
-    if audio is not None and duration > 0 and audio_seconds < 0.8 * duration:
-        raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {duration:.2f}s")
-    return Clip(key=sample.get("__key__", ""), video=video, audio=audio, audio_len=audio_len,
-                duration=duration or audio_seconds, meta=meta, source=sample.get("__url__", ""), teacher=teacher)
+    if audio is not None and seconds > 0 and audio_seconds < 0.8 * seconds:
+        raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {seconds:.2f}s")
+    return Clip(key=key, video=video, audio=audio, audio_len=audio_len, duration=seconds or min(audio_seconds, spec.audio_seconds),
+                meta=meta, source=sample.get("__url__", ""), teacher=teacher)
 
 
 def cached_teacher(sample: dict, fingerprint: str) -> TeacherRecord:

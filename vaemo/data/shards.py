@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from vaemo.data.decode import CLIP_EXTENSIONS, DecodeSpec, SkipSample, decode_audio, decode_video, split_sample
+from vaemo.data.decode import (CLIP_EXTENSIONS, DecodeSpec, SkipSample, decode_audio, decode_sample, decode_video,
+                                split_sample)
 from vaemo.data.stream import ShardError, expand_shards, read_shard
 from vaemo.errors import UserError
 
@@ -48,17 +49,61 @@ def read_manifest(path: Path) -> dict[str, dict]:
 class PackReport:
     clips: int = 0
     labelled: int = 0
-    shards: int = 0
+    shards: dict[str, int] = field(default_factory=dict)  # split -> shards written
+    split_clips: dict[str, int] = field(default_factory=dict)  # split -> clips
     unmatched_manifest: list[str] = field(default_factory=list)
     ignored_files: int = 0
+    without_audio: list[str] = field(default_factory=list)
+    without_video: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
+VAL_SPLITS = ("val", "valid", "validation", "dev")
+
+
+def choose_splits(keys: list[str], metas: list[dict], val_fraction: float) -> list[str]:
+    """'train' or 'val' per clip: its own `split` field, else a deterministic `val_fraction` of the rest
+    (the clips whose key hashes lowest; at least one when the fraction is above zero)."""
+    import hashlib
+
+    splits = []
+    for meta in metas:
+        given = str(meta.get("split", "")).lower()
+        splits.append("val" if given in VAL_SPLITS else "train" if given else "")
+    free = [i for i, s in enumerate(splits) if not s]
+    wanted = min(len(free), max(1, round(val_fraction * len(free)))) if val_fraction > 0 and free else 0
+    order = sorted(free, key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+    for rank, i in enumerate(order):
+        splits[i] = "val" if rank < wanted else "train"
+    return splits
+
+
+def streams_of(raw: bytes) -> tuple[bool, bool]:
+    """(has video, has audio) of a clip, from its container (no decoding); raises ValueError if unreadable."""
+    from torchcodec.decoders import AudioDecoder, VideoDecoder
+
+    def opens(decoder) -> bool:
+        try:
+            decoder(raw)
+            return True
+        except ValueError as err:
+            if "stream" in str(err).lower():
+                return False
+            raise
+        except RuntimeError as err:
+            raise ValueError(str(err)) from None
+
+    return opens(VideoDecoder), opens(AudioDecoder)
 
 
 def pack(src: str | Path, out: str | Path, manifest: str | Path | None = None, shard_size: int = 100,
-         prefix: str = "shard") -> PackReport:
-    """Pack SRC's clips (any depth) with their labels into OUT/{prefix}-NNNNNN.tar.
+         val_fraction: float = 0.05, workers: int = 2) -> PackReport:
+    """Pack SRC's clips (any depth) with their labels into OUT/train-NNNNNN.tar and OUT/val-NNNNNN.tar.
 
-    Labels come from the manifest, else from a sidecar `clip.json` next to the clip. Every field is
-    kept; `source` records the clip's relative path.
+    Labels come from the manifest, else from a sidecar `clip.json` next to the clip; every field is kept
+    and `source` records the clip's relative path. A clip's `split` field chooses its split, else
+    `val_fraction` of the clips go to val. Each split gets at least `workers` shards when it has that many
+    clips (every training worker reads its own shards), smaller shards if need be.
     """
     import webdataset as wds
 
@@ -67,6 +112,10 @@ def pack(src: str | Path, out: str | Path, manifest: str | Path | None = None, s
         raise UserError(f"source folder '{src}' does not exist")
     if shard_size < 1:
         raise UserError("--shard-size must be >= 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError("--val-fraction must be in [0, 1)")
+    if workers < 1:
+        raise UserError("--workers must be >= 1")
     labels = read_manifest(Path(manifest)) if manifest else {}
     report = PackReport()
     clips: list[str] = []
@@ -84,24 +133,47 @@ def pack(src: str | Path, out: str | Path, manifest: str | Path | None = None, s
     duplicates = [k for k, n in Counter(keys).items() if n > 1]
     if duplicates:
         raise UserError(f"clips map to the same key '{duplicates[0]}'; rename one of them")
+    metas = []
+    for rel in clips:
+        meta = dict(labels.get(rel, {}))
+        sidecar = src / (rel.rsplit(".", 1)[0] + ".json")
+        if not meta and sidecar.is_file():
+            try:
+                meta = json.loads(sidecar.read_text())
+            except ValueError:
+                raise UserError(f"label file '{sidecar}' is not valid JSON") from None
+        if meta:
+            report.labelled += 1
+        meta.setdefault("source", rel)
+        metas.append(meta)
+    splits = choose_splits(keys, metas, val_fraction)
     out.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0,
-                         encoder=False) as sink:
-        for rel, key in zip(clips, keys):
-            meta = dict(labels.get(rel, {}))
-            sidecar = src / (rel.rsplit(".", 1)[0] + ".json")
-            if not meta and sidecar.is_file():
+    for split in ("train", "val"):
+        members = [i for i, s in enumerate(splits) if s == split]
+        for old in out.glob(f"{split}-*.tar"):
+            old.unlink()
+        if not members:
+            continue
+        shards = max(min(workers, len(members)), -(-len(members) // shard_size))
+        per_shard = -(-len(members) // shards)
+        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0.0,
+                             encoder=False) as sink:
+            for i in members:
+                rel, key, meta = clips[i], keys[i], metas[i]
+                raw = (src / rel).read_bytes()
                 try:
-                    meta = json.loads(sidecar.read_text())
+                    has_video, has_audio = streams_of(raw)
+                    if not has_video:
+                        report.without_video.append(rel)
+                    if not has_audio:
+                        report.without_audio.append(rel)
                 except ValueError:
-                    raise UserError(f"label file '{sidecar}' is not valid JSON") from None
-            if meta:
-                report.labelled += 1
-            meta.setdefault("source", rel)
-            ext = rel.rsplit(".", 1)[-1].lower()
-            sink.write({"__key__": key, ext: (src / rel).read_bytes(), "json": json.dumps(meta).encode()})
-            report.clips += 1
-    report.shards = len(list(out.glob(f"{prefix}-*.tar")))
+                    report.unreadable.append(rel)
+                ext = rel.rsplit(".", 1)[-1].lower()
+                sink.write({"__key__": key, ext: raw, "json": json.dumps(meta).encode()})
+                report.clips += 1
+        report.shards[split] = len(list(out.glob(f"{split}-*.tar")))
+        report.split_clips[split] = len(members)
     report.unmatched_manifest = sorted(set(labels) - set(clips))
     return report
 
@@ -125,8 +197,9 @@ def inspect_sample(sample: dict) -> str:
     return "visual_only" if audio is None else "audio_visual"
 
 
-def _inspect_shard(url: str) -> dict:
-    counts = {"samples": 0, "ok": 0, "skipped": Counter(), "modalities": Counter(), "read": False}
+def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
+    counts = {"samples": 0, "ok": 0, "skipped": Counter(), "modalities": Counter(), "read": False,
+              "usable": 0, "unusable": Counter()}
     for item in read_shard(url):
         if isinstance(item, ShardError):
             counts["skipped"]["unreadable_shard"] += 1
@@ -138,25 +211,38 @@ def _inspect_shard(url: str) -> dict:
             counts["ok"] += 1
         except SkipSample as skip:
             counts["skipped"][skip.reason] += 1
+        if stage_spec is not None:
+            try:
+                decode_sample(item, stage_spec)
+                counts["usable"] += 1
+            except SkipSample as skip:
+                counts["unusable"][skip.reason] += 1
     return counts
 
 
-def inspect_shards(shards: list[str], workers: int = 0) -> dict:
-    """Counts over all samples of the shards: {samples, ok, skipped{reason}, modalities{...}, shards}."""
+def inspect_shards(shards: list[str], workers: int = 0, stage_spec: DecodeSpec | None = None) -> dict:
+    """Counts over all samples of the shards: {samples, ok, skipped{reason}, modalities{...}, shards}; with
+    `stage_spec` (a stage's DecodeSpec), also how many samples that stage can use and why not the others."""
+    from functools import partial
+
     urls = [u for spec in shards for u in expand_shards(spec)]
     workers = min(len(urls), workers or os.cpu_count() or 1)
+    inspect_one = partial(_inspect_shard, stage_spec=stage_spec)
     if workers > 1:
         with get_context("spawn").Pool(workers) as pool:
-            parts = pool.map(_inspect_shard, urls)
+            parts = pool.map(inspect_one, urls)
     else:
-        parts = [_inspect_shard(u) for u in urls]
-    total = {"samples": 0, "ok": 0, "skipped": Counter(), "modalities": Counter()}
+        parts = [inspect_one(u) for u in urls]
+    total = {"samples": 0, "ok": 0, "skipped": Counter(), "modalities": Counter(), "usable": 0, "unusable": Counter()}
     readable = 0
     for part in parts:
-        total["samples"] += part["samples"]
-        total["ok"] += part["ok"]
-        total["skipped"].update(part["skipped"])
-        total["modalities"].update(part["modalities"])
+        for name in ("samples", "ok", "usable"):
+            total[name] += part[name]
+        for name in ("skipped", "modalities", "unusable"):
+            total[name].update(part[name])
         readable += part["read"]
-    return {"samples": total["samples"], "ok": total["ok"], "skipped": dict(total["skipped"]),
-            "modalities": dict(total["modalities"]), "shards": len(urls), "readable_shards": readable}
+    report = {"samples": total["samples"], "ok": total["ok"], "skipped": dict(total["skipped"]),
+              "modalities": dict(total["modalities"]), "shards": len(urls), "readable_shards": readable}
+    if stage_spec is not None:
+        report["stage"] = {"usable": total["usable"], "skipped": dict(total["unusable"])}
+    return report

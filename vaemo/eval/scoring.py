@@ -10,7 +10,7 @@ a model that really listens answers for the other clip and falls to chance.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from vaemo.data import world
 from vaemo.data.bench import BenchItem
-from vaemo.data.decode import DecodeSpec, SkipSample, decode_audio, decode_video
+from vaemo.data.decode import CLIP_EXTENSIONS, DecodeSpec, SkipSample, decode_sample
 from vaemo.model import VAEmotionLLM
 
 
@@ -112,13 +112,10 @@ def decode_clip(path: Path, spec: DecodeSpec, video: bool, audio: bool):
         raise SkipSample("unreadable_media") from None
     if not raw:
         raise SkipSample("empty_clip")
-    frames, duration = decode_video(raw, spec) if video else (None, 0.0)
-    if video and frames is None:
-        raise SkipSample("no_video_stream")
-    sound, _, seconds = decode_audio(raw, spec) if audio else (None, 0, 0.0)
-    if audio and sound is None:
-        raise SkipSample("no_audio_stream")
-    return frames, sound, duration or seconds
+    extension = path.suffix.lstrip(".").lower()  # FFmpeg reads the bytes whatever the name says
+    sample = {"__key__": path.name, extension if extension in CLIP_EXTENSIONS else "mp4": raw}
+    clip = decode_sample(sample, replace(spec, need_video=video, need_audio=audio))
+    return clip.video, clip.audio, clip.duration
 
 
 class Scorer:

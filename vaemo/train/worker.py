@@ -6,6 +6,7 @@ worker restart, else --resume-from) -> loop (data, step, report, validate, check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -141,7 +142,7 @@ def train_worker(loop_config: dict) -> None:
         start_step, stream_state = load_checkpoint(engine, source, rank, world, cfg)
 
     # -- data ----------------------------------------------------------------------------------
-    spec = recipe.decode_spec()
+    spec = dataclasses.replace(recipe.decode_spec(), window="random")  # validation keeps the middle window
     urls = expand_shards(cfg.data.train_shards)
     stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                          shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None,
