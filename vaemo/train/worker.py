@@ -142,7 +142,9 @@ def train_worker(loop_config: dict) -> None:
         start_step, stream_state = load_checkpoint(engine, source, rank, world, cfg)
 
     # -- data ----------------------------------------------------------------------------------
-    spec = dataclasses.replace(recipe.decode_spec(), window="random")  # validation keeps the middle window
+    # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
+    # window the cache's teacher saw (the middle one).
+    spec = dataclasses.replace(recipe.decode_spec(), window="middle" if recipe.cached else "random")
     urls = expand_shards(cfg.data.train_shards)
     stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                          shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None,
