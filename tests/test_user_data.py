@@ -62,13 +62,17 @@ def test_a_stream_that_cannot_fill_a_batch_gives_up_with_the_counts(unlabeled):
     (0, "unlabeled", "stage 0: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
     (2, "unlabeled", "stage 2: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
     (1, "silent", "stage 1: data.train_shards: 0 usable of 48 samples read: no_audio_stream 48"),
+    (2, "unlabeled-val", "stage 2: data.val_shards: 0 usable of 16 samples read: missing_field 16"),
 ])
 def test_each_stage_stops_with_one_line_on_data_it_cannot_use(small_world, unlabeled, tmp_path, stage, world,
                                                              expected):
-    source = unlabeled if world == "unlabeled" else rewrite_shards(small_world / "train", tmp_path / "silent" / "train",
-                                                                  keep_json=True, strip_audio=True)
-    result = run(stage_cmd(stage, tmp_path / "run", small_world, f"data.train_shards={source}/*.tar"
-                           if world == "silent" else f"data.train_shards={source}/train/*.tar"), timeout=180)
+    if world == "silent":
+        shards = [f"data.train_shards={rewrite_shards(small_world / 'train', tmp_path / 'silent', True, True)}/*.tar"]
+    elif world == "unlabeled":
+        shards = [f"data.train_shards={unlabeled}/train/*.tar"]
+    else:  # good training shards, validation shards the stage cannot use
+        shards = [f"data.val_shards={unlabeled}/val/*.tar"]
+    result = run(stage_cmd(stage, tmp_path / "run", small_world, *shards), timeout=180)
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {expected}"], result.stderr[-2000:]
