@@ -22,6 +22,7 @@ from vaemo import progress
 from vaemo.config import MODALITIES
 from vaemo.data.decode import CLIP_EXTENSIONS, SKIP_REASONS, SkipSample
 from vaemo.errors import UserError
+from vaemo.eval.run import check_model_dir
 from vaemo.eval.scoring import decode_clip, decode_spec, load_replica
 from vaemo.model.prompts import PromptItem
 
@@ -129,8 +130,6 @@ def add_ask_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    from vaemo.eval.run import check_model_dir
-
     model_dir = check_model_dir(args.model)
     if not args.question.strip():
         raise UserError("--question is empty")
