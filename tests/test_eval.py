@@ -123,3 +123,10 @@ def test_the_eval_section_of_a_preset_gives_the_defaults(tmp_path):
                                              "--actors", "3", "--dtype", "bf16", "--no-deaf-check"]))
     assert (flags.actors, flags.batch_items, flags.dtype, flags.deaf_check) == (3, 32, "bf16", False)
     assert eval_settings(parser.parse_args(base)).actors == 2
+    from_preset = parser.parse_args(["--model", "m", "--out", "o", "--config", str(ROOT / "configs/tiny.yaml")])
+    eval_settings(from_preset)
+    assert from_preset.bench == str(ROOT / "runs/data/bench")  # the preset's data.bench_dir, made absolute
+    from vaemo.errors import UserError
+
+    with pytest.raises(UserError, match="--bench is required"):
+        eval_settings(parser.parse_args(["--model", "m", "--out", "o"]))

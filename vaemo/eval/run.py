@@ -93,7 +93,7 @@ def write_outputs(out: Path, report: dict, results: list[ItemResult], baselines:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model export folder (RUN_DIR/export)")
-    p.add_argument("--bench", required=True, help="an ArtEmoBench folder (items.jsonl + media/)")
+    p.add_argument("--bench", help="an ArtEmoBench folder (items.jsonl + media/); default: --config's data.bench_dir")
     p.add_argument("--out", required=True, help="output folder: results.json, predictions.jsonl, accuracy.png")
     p.add_argument("--config", help="a preset whose `eval` section gives the defaults of the options below")
     p.add_argument("--actors", type=int, help="Ray actors, one model replica each (0: in-process); default 2")
@@ -107,8 +107,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def eval_settings(args: argparse.Namespace) -> EvalConfig:
-    """The preset's `eval` section (or the defaults), with the flags given on the command line on top."""
-    settings = load_config(args.config).eval if args.config else EvalConfig()
+    """The preset's `eval` section (or the defaults), with the flags given on the command line on top;
+    fills in `args.bench` from the preset's data.bench_dir when it was not given."""
+    cfg = load_config(args.config) if args.config else None
+    settings = cfg.eval if cfg else EvalConfig()
+    if not args.bench:
+        if cfg is None or not cfg.data.bench_dir:
+            raise UserError("--bench is required (or --config with a data.bench_dir)")
+        args.bench = cfg.data.bench_dir
     for flag in ("actors", "batch_items", "max_items", "dtype", "cpus_per_actor"):
         if getattr(args, flag) is not None:
             setattr(settings, flag, getattr(args, flag))
