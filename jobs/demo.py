@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vaemo.cli import ArgParser  # noqa: E402
+from vaemo.args import ArgParser  # noqa: E402
 from vaemo.demo import add_demo_args, run_demo  # noqa: E402
 from vaemo.errors import exit_on_user_error  # noqa: E402
 

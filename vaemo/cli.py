@@ -10,29 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Callable
 
+from vaemo.args import ArgParser, positive_int
 from vaemo.errors import EXIT_USER_ERROR, UserError, exit_on_user_error
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (and exit status 2), without the usage dump."""
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,23 +34,11 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> dict:
-    from vaemo import progress
     from vaemo.config import load_config
-    from vaemo.data.synth import synthesize
+    from vaemo.data.synth import write_world
 
-    synth = load_config(args.config).synth
-    train = args.clips or synth.train_clips
-    derived = max(16, math.ceil(train / 12 / 16) * 16)  # balanced splits come in blocks of 16
-    val = args.val_clips or (synth.val_clips if args.clips is None else derived)
-    bench = args.bench_clips or (synth.bench_clips if args.clips is None else derived)
-    with progress.task("synthesizing clips", train + val + bench) as update:
-        counts = synthesize(args.out, train_clips=train, val_clips=val, bench_clips=bench, seed=args.seed,
-                            clips_per_shard=args.shard_size or synth.clips_per_shard, size=synth.size,
-                            fps=synth.fps, min_duration=synth.min_duration, max_duration=synth.max_duration,
-                            sample_rate=synth.sample_rate,
-                            workers=args.workers if args.workers is not None else synth.workers, progress=update)
-    progress.log(f"wrote {args.out}: {counts}")
-    return counts
+    return write_world(args.out, load_config(args.config).synth, args.seed, train=args.clips, val=args.val_clips,
+                       bench=args.bench_clips, shard_size=args.shard_size, workers=args.workers)
 
 
 def run_pack(args: argparse.Namespace) -> None:

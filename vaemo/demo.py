@@ -105,10 +105,9 @@ def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int) 
     cfg = load_config(config)
     data = out / "data"
     if fresh or not (data / "bench" / "items.jsonl").is_file():
-        from vaemo.cli import run_synth
+        from vaemo.data.synth import write_world
 
-        run_synth(argparse.Namespace(out=str(data), clips=None, val_clips=None, bench_clips=None, seed=cfg.seed,
-                                     config=config, shard_size=None, workers=None))
+        write_world(data, cfg.synth, cfg.seed)
     data_overrides = [f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
                       f"data.bench_dir={data}/bench"]
     bench = data / "bench"

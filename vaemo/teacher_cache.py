@@ -277,7 +277,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vaemo.cli import ArgParser
+    from vaemo.args import ArgParser
     from vaemo.errors import exit_on_user_error
 
     parser = ArgParser(prog="jobs/teacher_cache.py", description="Run stage 1's frozen teacher once; write its top-k.")

@@ -15,12 +15,16 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.signal import lfilter
 
 from vaemo.data import world
 from vaemo.errors import UserError
+
+if TYPE_CHECKING:
+    from vaemo.config import SynthConfig
 
 SPLIT_CODES = {"train": 1, "val": 2, "bench": 3}
 PULSE_SECONDS = 0.15
@@ -450,3 +454,24 @@ def synthesize(out: str | Path, *, train_clips: int, val_clips: int, bench_clips
         raise UserError(f"ffmpeg is not installed or not on PATH ({err}); run `make setup`") from None
     items = write_bench_items(out / "bench", bench_clips, seed)
     return {"train": train_clips, "val": val_clips, "bench_clips": bench_clips, "bench_items": items}
+
+
+def write_world(out: str | Path, synth: "SynthConfig", seed: int = 0, train: int | None = None,
+                val: int | None = None, bench: int | None = None, shard_size: int | None = None,
+                workers: int | None = None) -> dict[str, int]:
+    """`vaemo data synth`: the world a preset's `synth` section describes, with progress; explicit counts
+    win, and with only `train` given val and bench are derived from it (balanced blocks of 16)."""
+    from vaemo import progress
+
+    train_clips = train or synth.train_clips
+    derived = max(16, math.ceil(train_clips / 12 / 16) * 16)
+    val_clips = val or (synth.val_clips if train is None else derived)
+    bench_clips = bench or (synth.bench_clips if train is None else derived)
+    with progress.task("synthesizing clips", train_clips + val_clips + bench_clips) as update:
+        counts = synthesize(out, train_clips=train_clips, val_clips=val_clips, bench_clips=bench_clips, seed=seed,
+                            clips_per_shard=shard_size or synth.clips_per_shard, size=synth.size, fps=synth.fps,
+                            min_duration=synth.min_duration, max_duration=synth.max_duration,
+                            sample_rate=synth.sample_rate, workers=synth.workers if workers is None else workers,
+                            progress=update)
+    progress.log(f"wrote {out}: {counts}")
+    return counts

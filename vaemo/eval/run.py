@@ -149,7 +149,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vaemo.cli import ArgParser
+    from vaemo.args import ArgParser
     from vaemo.errors import exit_on_user_error
 
     parser = ArgParser(prog="jobs/eval.py", description="Score an export on ArtEmoBench with a Ray actor pool.")

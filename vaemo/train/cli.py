@@ -10,7 +10,7 @@ from vaemo.errors import exit_on_user_error
 
 
 def stage_parser(stage: int, prog: str | None = None) -> argparse.ArgumentParser:
-    from vaemo.cli import ArgParser
+    from vaemo.args import ArgParser
     from vaemo.train.launch import STAGE_NAMES, add_stage_args
 
     parser = ArgParser(prog=prog or f"jobs/stage{stage}.py", description=f"Train stage {stage} ({STAGE_NAMES[stage]}).")
@@ -43,7 +43,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def register(groups) -> None:
-    from vaemo.cli import ArgParser
+    from vaemo.args import ArgParser
     from vaemo.train.launch import STAGE_NAMES, add_stage_args
 
     train = groups.add_parser("train", help="train a stage (same as jobs/stageN.py)")
