@@ -14,7 +14,7 @@ import sys
 from typing import Callable
 
 from vaemo.args import ArgParser, positive_int
-from vaemo.errors import EXIT_USER_ERROR, UserError, exit_on_user_error
+from vaemo.errors import EXIT_USER_ERROR, exit_on_user_error
 
 
 # ----------------------------------------------------------------------------------------------

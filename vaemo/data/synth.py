@@ -442,7 +442,6 @@ def synthesize(out: str | Path, *, train_clips: int, val_clips: int, bench_clips
 
     workers = workers or os.cpu_count() or 1
     done = 0
-    total_clips = train_clips + val_clips + bench_clips
     ctx = get_context("spawn")  # rendering children must not inherit a parent's threads (Ray, torch)
     try:
         with ctx.Pool(workers) as pool:
