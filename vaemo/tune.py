@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from vaemo.train.launch import connect_ray, first_line
+    from vaemo.train.launch import connect_ray
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path)
@@ -149,7 +150,7 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
         params = {k: result.config.get(k) for k in spec.space}
         metrics = result.metrics or {}
         rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **params, spec.metric: metrics.get(spec.metric),
-                     "steps": metrics.get("step"), "error": first_line(result.error) if result.error else ""})
+                     "steps": metrics.get("step"), "error": raised_message(result.error) if result.error else ""})
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -168,6 +169,18 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
               f"{best['trial']}\n# Train stage 2 with it: python jobs/stage2.py --config {out / 'best.yaml'} --out RUN\n")
     (out / "best.yaml").write_text(header + render_config(best_cfg))
     return {"best": best_params, "metric": best[spec.metric], "trials": rows}
+
+
+def raised_message(err: BaseException) -> str:
+    """The message a failed trial raised, from the traceback text Tune wraps it in: the last `Type: message`
+    line (a user error's message alone, anything else with its type)."""
+    text = str(err)
+    raised = re.findall(r"^\s*([\w.]*(?:Error|Exception|NoUsableData)): (.+)$", text, flags=re.MULTILINE)
+    if not raised:
+        return text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    kind, message = raised[-1]
+    user = kind.rsplit(".", 1)[-1] in ("UserError", "ConfigError", "NoUsableData")
+    return (message if user else f"{kind.rsplit('.', 1)[-1]}: {message}")[:300]
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
