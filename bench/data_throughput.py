@@ -67,10 +67,11 @@ def main() -> None:
 
     tmp = None
     if args.shards is None:
-        from vaemo.data.synth import synthesize
+        from vaemo.data.synth import Ranges, synthesize
 
         tmp = tempfile.TemporaryDirectory(prefix="vaemo-bench-")
-        synthesize(tmp.name, train_clips=400, val_clips=16, bench_clips=16, clips_per_shard=50, seed=0)
+        synthesize(tmp.name, train_clips=400, val_clips=16, bench_clips=16, clips_per_shard=50, seed=0,
+                   ranges=Ranges(duration=(2.0, 3.0)))
         args.shards = f"{tmp.name}/train/*.tar"
     urls = expand_shards(args.shards)
     clips = [split_sample(s)[1] for s in itertools.islice((s for u in urls for s in read_shard(u)), 200)]

@@ -114,11 +114,12 @@ def trainer_ratios(steps: int, warmup: int) -> None:
     """Wall time per step of the real stage-1 job (bench/trainer_overhead.py runs it), online vs cache."""
     from trainer_overhead import distributed
 
-    from vaemo.data.synth import synthesize
+    from vaemo.data.synth import Ranges, synthesize
 
     with tempfile.TemporaryDirectory(prefix="vaemo-stage1-step-") as tmp:
         world, cache = Path(tmp) / "world", Path(tmp) / "cache"
-        synthesize(world, train_clips=320, val_clips=16, bench_clips=16, clips_per_shard=40, seed=0)
+        synthesize(world, train_clips=320, val_clips=16, bench_clips=16, clips_per_shard=40, seed=0,
+                   ranges=Ranges(duration=(2.0, 3.0)))
         started = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
                         "--out", str(cache), "--actors", "2", f"data.train_shards={world}/train/*.tar",

@@ -97,9 +97,10 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="vaemo-overhead-")
     data = Path(args.data) if args.data else Path(tmp.name) / "world"
     if not args.data:
-        from vaemo.data.synth import synthesize
+        from vaemo.data.synth import Ranges, synthesize
 
-        synthesize(data, train_clips=384, val_clips=32, bench_clips=16, clips_per_shard=24, seed=0)
+        synthesize(data, train_clips=384, val_clips=32, bench_clips=16, clips_per_shard=24, seed=0,
+                   ranges=Ranges(duration=(2.0, 3.0)))
     ray_run = distributed(data, args.steps, args.warmup, args.batch_size, args.loader_workers, Path(tmp.name) / "run")
     zero2 = distributed(data, args.steps, args.warmup, args.batch_size, args.loader_workers, Path(tmp.name) / "run2",
                         "ds_configs/zero2.json")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from vaemo.data.synth import Ranges
+
 # No hub is reachable here; tests must never try. Local Ray clusters run without token auth.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,8 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/signal_checks.py and friends
 
-SMALL_WORLD = dict(train_clips=48, val_clips=16, bench_clips=16, clips_per_shard=12, size=128, fps=12,
-                   min_duration=2.0, max_duration=3.0, sample_rate=16000)
+# The spec's whole range of sizes, rates and containers, with the tiny preset's 2-3 s durations.
+SMALL_WORLD = dict(train_clips=48, val_clips=16, bench_clips=16, clips_per_shard=12,
+                   ranges=Ranges(duration=(2.0, 3.0)))
 
 
 @pytest.fixture(scope="session")

@@ -12,24 +12,42 @@ from torchcodec.decoders import AudioDecoder, VideoDecoder
 
 from vaemo.data import synth, world
 
-SR = 16000
-RENDER = dict(size=128, fps=12, min_duration=3.0, max_duration=3.0, sample_rate=SR)
+SR = 16000  # clips are decoded at this rate, whatever they were written at
+CORNER = synth.Ranges.corner(duration=(3.0, 3.0))
+# The spec's whole range of sizes, aspect ratios, frame and sample rates, channels, containers and the
+# renderer's free choices (2.5-3.5 s keeps the module fast).
+SPREAD = synth.Ranges(duration=(2.5, 3.5))
 GRID = [(obj, emo) for obj in world.OBJECTS for emo in world.EMOTIONS]
 
 
-def decoded(obj: str, emo: str, index: int = 0):
+def decoded(obj: str, emo: str, ranges: synth.Ranges, index: int = 0):
     """Render + encode + decode one clip with given labels; returns (frames THWC uint8, audio, meta)."""
-    frames, audio, meta = synth.render_clip(11, "train", 1000 * world.OBJECTS.index(obj) + 10 * index
-                                            + world.EMOTIONS.index(emo), obj=obj, emotion=emo, **RENDER)
-    clip = synth.encode_clip(frames, audio, RENDER["fps"], SR)
-    video = VideoDecoder(clip).get_frames_in_range(0, len(frames)).data.permute(0, 2, 3, 1).numpy()
+    media, meta = synth.render_clip(11, "train", 1000 * world.OBJECTS.index(obj) + 10 * index
+                                    + world.EMOTIONS.index(emo), ranges, obj=obj, emotion=emo)
+    clip = synth.encode_clips([media])[0]
+    video = VideoDecoder(clip).get_frames_in_range(0, len(media.frames)).data.permute(0, 2, 3, 1).numpy()
     sound = AudioDecoder(clip, sample_rate=SR, num_channels=1).get_all_samples().data[0].numpy()
     return video, sound, meta
 
 
-@pytest.fixture(scope="module")
-def clips():
-    return {(obj, emo): decoded(obj, emo) for obj, emo in GRID}
+@pytest.fixture(scope="module", params=["corner", "spread"])
+def clips(request):
+    ranges = CORNER if request.param == "corner" else SPREAD
+    return {(obj, emo): decoded(obj, emo, ranges) for obj, emo in GRID}
+
+
+def test_the_spread_covers_the_spec():
+    specs = [synth.sample_clip(np.random.default_rng(i), synth.Ranges()) for i in range(300)]
+    shorts = [s.short_side for s in specs]
+    assert min(shorts) < 80 and max(shorts) > 208 and min(shorts) >= 64
+    aspects = [s.width / s.height for s in specs]
+    assert min(aspects) < 0.65 and max(aspects) > 1.6
+    assert min(s.fps for s in specs) < 15 and max(s.fps for s in specs) > 55
+    assert min(s.duration for s in specs) < 2.5 and max(s.duration for s in specs) > 7.5
+    assert {s.sample_rate for s in specs} == set(synth.SAMPLE_RATES)
+    assert {s.channels for s in specs} == {1, 2} and {s.container for s in specs} == set(synth.FORMATS)
+    assert all(s.width % 2 == 0 and s.height % 2 == 0 for s in specs)
+    assert len({round(s.look.star_inner, 3) for s in specs}) > 100  # the renderer's choices vary too
 
 
 def test_background_hue_brightness_and_saturation_follow_valence_and_arousal(clips):
@@ -52,14 +70,14 @@ def test_objects_move_faster_with_higher_arousal():
     """Centre-of-object displacement per second matches (0.1 + 0.9 s) shorter sides (before reflections)."""
     for emo in world.EMOTIONS:
         rng = np.random.default_rng([5, world.EMOTIONS.index(emo)])
-        spec = synth.sample_clip(rng, **RENDER, emotion=emo, obj="circle")
+        spec = synth.sample_clip(rng, CORNER, emotion=emo, obj="circle")
         spec.count, spec.sizes, spec.starts, spec.onsets = 1, [spec.sizes[0]], [[64.0, 64.0]], []
         spec.directions = [0.0]  # to the right, from the centre: no reflection in the first frames
         frames = synth.render_frames(spec)
         background = frames[0, :, 0]  # column 0 is pure background at the start
         moved = (np.abs(frames[:3].astype(int) - background[None, :, None, :].astype(int)).sum(-1) > 30)
         centres = [np.nonzero(m.any(0))[0].mean() for m in moved]
-        speed = (centres[1] - centres[0]) * spec.fps / spec.size
+        speed = (centres[1] - centres[0]) * spec.fps / spec.short_side
         assert abs(speed - (0.1 + 0.9 * spec.arousal01)) < 0.03, (emo, speed)
 
 
@@ -116,16 +134,18 @@ def test_object_timbre_is_audible(clips):
 
 def test_durations_and_streams_line_up(clips):
     for (obj, emo), (video, audio, meta) in clips.items():
-        seconds = len(video) / RENDER["fps"]
-        assert 2.0 - 1 / 12 <= seconds <= 8.0
+        fps = meta["synth"]["fps"]
+        assert video.shape[1:3] == (meta["synth"]["height"], meta["synth"]["width"])
+        seconds = len(video) / fps
+        assert 2.0 - 1 / fps <= seconds <= 8.0
         assert abs(len(audio) / SR - seconds) < 0.1, (obj, emo)
-        assert abs(seconds - meta["synth"]["duration"]) <= 1 / RENDER["fps"]
+        assert abs(seconds - meta["synth"]["duration"]) <= 1 / fps
 
 
 def test_peak_loudness_follows_arousal():
     for emo in world.EMOTIONS:
         rng = np.random.default_rng([9, world.EMOTIONS.index(emo)])
-        spec = synth.sample_clip(rng, **RENDER, emotion=emo, obj="circle")
+        spec = synth.sample_clip(rng, SPREAD, emotion=emo, obj="circle")
         audio = synth.render_audio(spec, rng)
         peak = float(np.abs(audio).max())
         assert abs(peak - (0.25 + 0.5 * spec.arousal01)) <= spec.noise_amplitude + 1e-6
@@ -135,7 +155,7 @@ def test_peak_loudness_follows_arousal():
 def test_captions_name_object_count_emotion_and_cues():
     for i in range(40):
         rng = np.random.default_rng(i)
-        spec = synth.sample_clip(rng, **RENDER)
+        spec = synth.sample_clip(rng, SPREAD)
         text = spec.caption.lower()
         assert spec.object in text and spec.emotion in text
         assert world.COUNT_WORDS[spec.count] in text
@@ -159,7 +179,7 @@ def test_synthesize_writes_splits_and_a_balanced_benchmark(small_world):
 
 
 def test_synthesis_is_deterministic_per_seed(tmp_path):
-    kwargs = dict(train_clips=6, val_clips=2, bench_clips=2, clips_per_shard=6, workers=1)
+    kwargs = dict(train_clips=6, val_clips=2, bench_clips=2, clips_per_shard=6, workers=1, ranges=SPREAD)
     synth.synthesize(tmp_path / "a", seed=3, **kwargs)
     synth.synthesize(tmp_path / "b", seed=3, **kwargs)
     synth.synthesize(tmp_path / "c", seed=4, **kwargs)

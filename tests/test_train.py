@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -191,17 +192,17 @@ def strict_zero3(tmp_path: Path) -> Path:
 
 
 def test_zero3_ranks_stay_in_step_when_one_ranks_batch_lacks_audio(stage0_export, tmp_path):
-    from vaemo.data.synth import encode_clips, render_clip
+    from vaemo.data.synth import Ranges, encode_clips, render_clip
 
     world = tmp_path / "world"
     for split in ("train", "val"):
         (world / split).mkdir(parents=True)
         for shard in range(2):  # rank 0 reads shard 0 (with soundtracks), rank 1 shard 1 (silent films)
-            rendered = [render_clip(5, "train", 100 * shard + i + (1000 if split == "val" else 0), size=128, fps=12,
-                                    min_duration=2.0, max_duration=2.5, sample_rate=16000) for i in range(6)]
-            clips = encode_clips([(f, a if shard == 0 else None) for f, a, _ in rendered], 12, 16000)
+            rendered = [render_clip(5, "train", 100 * shard + i + (1000 if split == "val" else 0),
+                                    Ranges.corner(duration=(2.0, 2.5))) for i in range(6)]
+            clips = encode_clips([replace(media, audio=media.audio if shard == 0 else None) for media, _ in rendered])
             with wds.TarWriter(str(world / split / f"{split}-{shard}.tar"), encoder=False) as sink:
-                for i, (clip, (_, _, meta)) in enumerate(zip(clips, rendered)):
+                for i, (clip, (_, meta)) in enumerate(zip(clips, rendered)):
                     sink.write({"__key__": f"s{shard}-{i}", "mp4": clip, "json": json.dumps(meta).encode()})
     out = tmp_path / "run"
     ok(run(stage_cmd(2, out, world, f"model.init_from={stage0_export}", f"deepspeed.config={strict_zero3(tmp_path)}",

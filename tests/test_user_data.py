@@ -27,10 +27,11 @@ def rewrite_shards(src: Path, dst: Path, keep_json: bool = False, strip_audio: b
                 data = source.extractfile(member).read()
                 if member.name.endswith(".json") and not keep_json:
                     continue
-                if member.name.endswith(".mp4") and strip_audio:
-                    data = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", "pipe:0", "-an", "-c", "copy",
+                if not member.name.endswith(".json") and strip_audio:  # any container: the film alone, as mp4
+                    data = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", "pipe:0", "-an", "-c:v", "libx264",
                                            "-f", "mp4", "-movflags", "frag_keyframe+empty_moov", "pipe:1"],
                                           input=data, capture_output=True, check=True).stdout
+                    member.name = member.name.rsplit(".", 1)[0] + ".mp4"
                 info = tarfile.TarInfo(member.name)
                 info.size = len(data)
                 target.addfile(info, io.BytesIO(data))

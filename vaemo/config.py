@@ -50,25 +50,45 @@ class SynthConfig:
     """Clips behind the ArtEmoBench test folder; each is asked 6 questions (3 modalities x 2 tasks)."""
     clips_per_shard: int = 100
     """Samples per webdataset tar shard."""
-    size: int = 128
-    """Frame side in pixels (square frames); the spec asks for a shorter side of at least 64."""
-    fps: int = 12
-    """Frame rate of the rendered clips; the spec allows 10-60."""
+    short_side: list[int] = field(default_factory=lambda: [64, 224])
+    """[low, high]: each clip's shorter frame side in pixels, drawn uniformly (spec: >= 64)."""
+    aspect_ratio: list[float] = field(default_factory=lambda: [0.5625, 1.7778])
+    """[low, high]: each clip's width / height, drawn log-uniformly (9:16 to 16:9 by default)."""
+    fps: list[int] = field(default_factory=lambda: [10, 60])
+    """[low, high]: each clip's frame rate, drawn uniformly (spec: 10-60)."""
     min_duration: float = 2.0
     """Shortest clip in seconds (spec: 2-8 s)."""
-    max_duration: float = 3.0
+    max_duration: float = 8.0
     """Longest clip in seconds (spec: 2-8 s)."""
-    sample_rate: int = 16000
-    """Audio sample rate of the rendered soundtrack (spec: 16-48 kHz)."""
+    sample_rates: list[int] = field(default_factory=lambda: [16000, 22050, 24000, 32000, 44100, 48000])
+    """Audio sample rates a clip draws from (spec: 16-48 kHz)."""
+    channels: list[int] = field(default_factory=lambda: [1, 2])
+    """Audio channel counts a clip draws from (spec: mono or stereo)."""
+    formats: list[str] = field(default_factory=lambda: ["mp4", "mkv", "webm", "mov"])
+    """Containers a clip draws from: mp4 and mov (H.264 + AAC), mkv (MPEG-4 part 2 + Vorbis), webm (VP9 + Opus)."""
+    domain_randomization: bool = True
+    """Also randomise the rendering choices the spec leaves open (edge softness, outlines, the star's inner
+    radius, background grain, band limits, the pluck's filter, small envelope and onset jitter)."""
     workers: int = 0
     """Processes rendering and encoding clips; 0 means one per CPU core."""
 
     def check(self, path: str) -> None:
-        _require(self.size >= 64 and self.size % 2 == 0, f"{path}.size", "must be an even number >= 64")
-        _require(10 <= self.fps <= 60, f"{path}.fps", "must be within 10-60")
+        def pair(name: str, low: float, high: float) -> None:
+            value = getattr(self, name)
+            _require(len(value) == 2 and low <= value[0] <= value[1] <= high, f"{path}.{name}",
+                     f"must be [low, high] within {low}-{high}")
+
+        pair("short_side", 64, 4096)
+        pair("aspect_ratio", 0.1, 10.0)
+        pair("fps", 10, 60)
         _require(2.0 <= self.min_duration <= self.max_duration <= 8.0, f"{path}.min_duration",
                  "and max_duration must satisfy 2 <= min_duration <= max_duration <= 8")
-        _require(16000 <= self.sample_rate <= 48000, f"{path}.sample_rate", "must be within 16000-48000")
+        _require(bool(self.sample_rates) and all(16000 <= r <= 48000 for r in self.sample_rates),
+                 f"{path}.sample_rates", "must be a non-empty list of rates within 16000-48000")
+        _require(bool(self.channels) and set(self.channels) <= {1, 2}, f"{path}.channels", "must list 1 and/or 2")
+        known = ("mp4", "mkv", "webm", "mov")
+        _require(bool(self.formats) and set(self.formats) <= set(known), f"{path}.formats",
+                 f"must list some of {', '.join(known)}")
         for name in ("train_clips", "val_clips", "bench_clips", "clips_per_shard"):
             _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
 
@@ -90,7 +110,10 @@ class DataConfig:
     frame_width: int = 112
     """Decoded frame width in px; must be a multiple of patch_size x spatial_merge_size."""
     frame_sampling: Literal["uniform", "pairs"] = "uniform"
-    """`uniform` frames over the clip, or uniformly spaced `pairs` of consecutive frames (sharp, with motion)."""
+    """`uniform` frames over the clip, or uniformly spaced `pairs` of frames `pair_seconds` apart (a sharp
+    picture plus motion in one temporal patch). Frames are chosen by time, whatever the clip's frame rate."""
+    pair_seconds: float = 0.1
+    """With `pairs`: the time between a pair's two frames (the nearest frame; at 10 fps, the next one)."""
     audio_seconds: float = 4.0
     """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones zero-padded."""
     batch_size: int = 8

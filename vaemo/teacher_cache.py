@@ -35,7 +35,7 @@ from vaemo.config import Config, config_from_dict, config_to_dict, load_config
 from vaemo.data.teacher_records import MANIFEST, TeacherRecord, cache_shard_for, encode_record
 from vaemo.errors import UserError
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
 WHOLE_FILE_LIMIT = 4 << 20  # files above this are digested from evenly spaced blocks (weights are GBs)
 BLOCKS, BLOCK = 16, 64 << 10
 
@@ -78,7 +78,7 @@ def fingerprint_parts(cfg: Config) -> dict:
                "sets": cfg.prompts.questions, "responses": s.responses,
                "teacher_response_tokens": s.teacher_response_tokens}
     frames = {"num_frames": d.num_frames, "frame_height": d.frame_height, "frame_width": d.frame_width,
-              "frame_sampling": d.frame_sampling}
+              "frame_sampling": d.frame_sampling, "pair_seconds": d.pair_seconds}
     return {"version": FINGERPRINT_VERSION, "model": model, "prompts": prompts, "frames": frames, "topk": s.topk,
             "temperature": s.temperature}
 
@@ -172,9 +172,8 @@ class TeacherCacheWriter:
         self.model = build_model(self.cfg.model, self.cfg.data, seed=self.cfg.seed).to(self.device).eval()
         self.fingerprint = fingerprint(self.cfg)[0]
         d = self.cfg.data
-        self.spec = DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                               need_video=True, need_audio=False,  # the teacher sees frames
-                               need_fields=("caption",) if self.cfg.stage1.responses == "caption" else ())
+        self.spec = DecodeSpec.for_data(d, need_video=True, need_audio=False,  # the teacher sees frames
+                                        need_fields=("caption",) if self.cfg.stage1.responses == "caption" else ())
 
     def write_shard(self, url: str) -> dict:
         """Cache one source shard (atomically: a half-written cache shard never has the final name)."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,9 @@ from torchcodec.decoders import AudioDecoder, VideoDecoder
 from torchcodec.transforms import Resize
 
 from vaemo.data.teacher_records import TEACHER_JSON, TeacherRecord, decode_record
+
+if TYPE_CHECKING:
+    from vaemo.config import DataConfig
 
 CLIP_EXTENSIONS: tuple[str, ...] = ("mp4", "mkv", "webm", "mov")
 SAMPLE_RATE = 16000  # the audio pathway (Whisper) hears 16 kHz mono
@@ -65,7 +70,8 @@ class DecodeSpec:
     need_audio: bool = True
     need_fields: tuple[str, ...] = ()
     allow_missing_audio: bool = False  # with need_audio: decode a soundtrack when there is one, else keep the clip
-    sampling: str = "uniform"  # "uniform" frames, or uniformly spaced "pairs" of consecutive frames
+    sampling: str = "uniform"  # "uniform" frames, or uniformly spaced "pairs" of frames pair_seconds apart
+    pair_seconds: float = 0.1  # time between a pair's frames, whatever the clip's frame rate
     teacher_fingerprint: str = ""  # non-empty: the sample needs a cached teacher record with this fingerprint
     emotions: tuple[str, ...] = ()  # with `emotion` in need_fields: the categories the consumer knows
     # A clip longer than audio_seconds is cut to one window of that length, which frames and audio share:
@@ -75,6 +81,12 @@ class DecodeSpec:
     @property
     def audio_samples(self) -> int:
         return int(round(self.audio_seconds * SAMPLE_RATE))
+
+    @classmethod
+    def for_data(cls, d: "DataConfig", **needs) -> "DecodeSpec":
+        """The frames and soundtrack a config's `data` section asks for, plus what the consumer needs."""
+        return cls(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
+                   pair_seconds=d.pair_seconds, **needs)
 
 
 @dataclass
@@ -147,13 +159,20 @@ def rescale_va(value: float, scale) -> float:
     return 2.0 * (value - low) / (high - low) - 1.0
 
 
-def frame_indices(available: int, wanted: int, sampling: str = "uniform") -> list[int]:
-    """Which frames to decode. `pairs`: wanted/2 pairs of consecutive frames, the pairs spread uniformly;
-    a vision tower whose temporal patch spans two frames then sees a sharp picture plus local motion."""
-    if sampling == "pairs" and wanted % 2 == 0 and available >= 2:
-        starts = torch.linspace(0, available - 2, wanted // 2).round().long()
-        return torch.stack([starts, starts + 1], 1).flatten().tolist()
-    return torch.linspace(0, available - 1, wanted).round().long().tolist()
+def frame_indices(n: int, fps: float, start: float, seconds: float, spec: DecodeSpec) -> list[int]:
+    """Which of a clip's n frames (at `fps`) to decode from the window [start, start + seconds), chosen by
+    time so that what a model sees does not depend on the frame rate. `pairs`: num_frames/2 pairs spread
+    uniformly, the second frame of each pair_seconds after the first (the nearest frame, at least the next
+    one); a vision tower whose temporal patch spans two frames then sees a sharp picture plus motion over
+    a fixed time."""
+    first = min(n - 1, int(start * fps + 1e-6))
+    last = max(first, min(n - 1, math.ceil((start + seconds) * fps - 1e-6) - 1))
+    if spec.sampling == "pairs" and spec.num_frames % 2 == 0 and n >= 2:
+        gap = max(1, round(spec.pair_seconds * fps))
+        leads = torch.linspace(first, max(first, last - gap), spec.num_frames // 2).round().long()
+        leads = torch.clamp(leads, max=n - 1 - gap) if n - 1 - gap >= 0 else leads
+        return torch.stack([leads, torch.clamp(leads + gap, max=n - 1)], 1).flatten().tolist()
+    return torch.linspace(first, last, spec.num_frames).round().long().tolist()
 
 
 def clip_window(total: float, spec: DecodeSpec, key: str = "") -> tuple[float, float]:
@@ -198,17 +217,15 @@ def open_video(raw: bytes, spec: DecodeSpec):
 
 
 def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tuple[torch.Tensor | None, float]:
-    """spec.num_frames frames from the clip's window (`clip_window`), resized with the aspect ratio kept
-    and centred on black bars, and the window's seconds; (None, 0) without video. `opened`: what
-    `open_video` returned for these bytes, when the caller has it."""
+    """spec.num_frames frames from the clip's window (`clip_window`), chosen by time (`frame_indices`),
+    resized with the aspect ratio kept and centred on black bars, and the window's seconds; (None, 0)
+    without video. `opened`: what `open_video` returned for these bytes, when the caller has it."""
     opened = opened or open_video(raw, spec)
     if opened is None:
         return None, 0.0
     decoder, total, n = opened
     start, seconds = clip_window(total, spec, key)
-    first = min(n - 1, int(start * n / total)) if total > 0 else 0
-    available = max(1, min(n - first, round(seconds * n / total) if total > 0 else n))
-    indices = [first + i for i in frame_indices(available, spec.num_frames, spec.sampling)]
+    indices = frame_indices(n, n / total if total > 0 else 1.0, start, seconds, spec)
     try:
         frames = decoder.get_frames_at(indices=indices).data
     except (RuntimeError, IndexError) as err:

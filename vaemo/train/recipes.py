@@ -197,8 +197,7 @@ class SeeRecipe(Recipe):
 
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                          need_video=True, need_audio=False, need_fields=("caption", "object", "emotion"))
+        return DecodeSpec.for_data(d, need_video=True, need_audio=False, need_fields=("caption", "object", "emotion"))
 
     # Heads on the max- and the mean-pooled visual tokens: the max finds a small object's evidence quickly,
     # the mean makes the tower spread it over every token, which is what a small LLM learns to read fast.
@@ -259,11 +258,10 @@ class AlignRecipe(Recipe):
         if self.cached:  # the teacher's answers are in the cache: no frames to decode
             from vaemo.teacher_cache import fingerprint
 
-            return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                              need_video=False, need_audio=True, teacher_fingerprint=fingerprint(self.cfg)[0])
+            return DecodeSpec.for_data(d, need_video=False, need_audio=True,
+                                       teacher_fingerprint=fingerprint(self.cfg)[0])
         needs = ("caption",) if self.cfg.stage1.responses == "caption" else ()
-        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                          need_video=True, need_audio=True, need_fields=needs)
+        return DecodeSpec.for_data(d, need_video=True, need_audio=True, need_fields=needs)
 
     def stage1_pairs(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator, clips: list[int],
                      questions: bool) -> list[tuple[str, str, int]]:
@@ -321,9 +319,9 @@ class EmoAdapterRecipe(AlignRecipe):
 
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling, need_video=True,
-                          need_audio=True, allow_missing_audio=True,
-                          need_fields=("emotion", "valence", "arousal"), emotions=tuple(self.cfg.stage2.emotions))
+        return DecodeSpec.for_data(d, need_video=True, need_audio=True, allow_missing_audio=True,
+                                   need_fields=("emotion", "valence", "arousal"),
+                                   emotions=tuple(self.cfg.stage2.emotions))
 
     def prepare_model(self, model: VAEmotionLLM) -> None:
         s, m = self.cfg.stage2, self.cfg.model
