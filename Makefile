@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo ablations test test-fast bench clean
+.PHONY: setup demo ablations science test test-fast bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,10 @@ demo: setup
 
 ablations: setup
 	$(PY) jobs/demo.py --out runs/demo --ablations
+
+# Every stage over 3 seeds (worlds and training), with the stage-2 ablations: runs/science/report.md.
+science: setup
+	$(PY) jobs/science.py --out runs/science
 
 test: setup
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q tests

@@ -56,6 +56,47 @@ def test_decode_round_trip_any_container_codec_rate_and_size(codec, fps, size, s
     assert clip.meta == {"caption": "x"}
 
 
+@pytest.mark.parametrize("fps", [10, 12, 15, 24, 30, 60])
+def test_frame_pairs_are_a_fixed_time_apart_whatever_the_frame_rate(fps):
+    """The motion a pair shows (an arousal cue) must not depend on the frame rate: pairs are pair_seconds
+    apart (to the nearest frame), spread over the same stretch of time."""
+    from vaemo.data.decode import frame_indices
+
+    spec = DecodeSpec(num_frames=8, sampling="pairs", pair_seconds=0.1)
+    indices = frame_indices(3 * fps, fps, 0.0, 3.0, spec)
+    leads, partners = np.array(indices[0::2]) / fps, np.array(indices[1::2]) / fps
+    assert np.all(np.abs(partners - leads - 0.1) <= 0.5 / fps + 1e-9), partners - leads
+    assert leads[0] == 0.0 and abs(partners[-1] - (3.0 - 1 / fps)) <= 1 / fps  # the whole window
+    uniform = np.array(frame_indices(3 * fps, fps, 0.5, 2.0, DecodeSpec(num_frames=8))) / fps
+    assert uniform[0] <= 0.5 < uniform[0] + 1 / fps  # the frame on screen at the start
+    assert 2.5 - 1 / fps - 1e-9 <= uniform[-1] < 2.5  # and the last one before the end
+
+
+def test_a_webm_whose_header_overestimates_its_frames_still_decodes():
+    """WebM headers estimate the frame count from a duration that includes the soundtrack's tail; a clip
+    of the tiny preset's world (seed 0, train 628) claims 95 frames and holds 94."""
+    from torchcodec.decoders import VideoDecoder
+
+    from vaemo.config import load_config
+    from vaemo.data.synth import Ranges, encode_clips, render_clip
+
+    media, meta = render_clip(0, "train", 628, Ranges.of(load_config(ROOT / "configs/tiny.yaml").synth))
+    raw = encode_clips([media])[0]
+    assert meta["synth"]["container"] == "webm" and len(media.frames) == 94
+    assert VideoDecoder(raw, seek_mode="approximate").metadata.num_frames == 95
+    spec = DecodeSpec(num_frames=8, height=56, width=56, audio_seconds=3.0, sampling="pairs")
+    clip = decode_sample({"__key__": "k", "webm": raw}, spec)  # SkipSample("truncated_clip") before the fix
+    assert clip.video.shape == (8, 3, 56, 56) and abs(clip.duration - 94 / meta["synth"]["fps"]) < 0.05
+
+
+def test_decoded_pairs_at_60_fps_show_a_tenth_of_a_second():
+    raw = ramp_clip(180, 60, 64, 64, 16000, Codec())
+    spec = DecodeSpec(num_frames=8, height=56, width=56, audio_seconds=3.0, sampling="pairs", pair_seconds=0.1)
+    levels = decode_sample({"__key__": "k", "mp4": raw}, spec).video.float().mean(dim=(1, 2, 3)).numpy()
+    step = 200 / 179  # grey levels per frame
+    assert np.allclose(levels[1::2] - levels[0::2], 6 * step, atol=1.5), levels  # 0.1 s = 6 frames at 60 fps
+
+
 def test_a_clip_longer_than_the_window_gives_frames_and_audio_of_one_window():
     """8 s clip, 3 s window: evaluation takes the middle 3 s, training a window drawn per clip key; frames
     and audio come from the same stretch."""

@@ -28,6 +28,35 @@ def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world)
             assert all(t.item.media != media for other in chunks if other is not chunk for t in other)
 
 
+def test_the_deaf_check_knows_the_donor_clips_answer(small_world):
+    items = read_bench(small_world / "bench")
+    truth = {(i.media, i.modality, i.task): i.options[i.answer] for i in items}
+    deaf = [t for chunk in plan(items, deaf_check=True, chunk_items=10) for t in chunk if t.deaf]
+    assert deaf and all(t.donor_answer >= 0 for t in deaf)
+    for task in deaf:
+        assert task.item.options[task.donor_answer] == truth[(task.audio_from, "audio", task.item.task)]
+
+
+def test_the_report_gives_donor_accuracy_and_the_always_one_option_baseline():
+    from vaemo.eval.report import position_report, summarize
+    from vaemo.eval.scoring import ItemResult
+
+    def result(i, deaf=False, predicted=0, donor=-1):
+        return ItemResult(f"q{i}", "audio", "content", deaf, False, correct=predicted == i % 4, predicted=predicted,
+                          answer=i % 4, options=4, donor_answer=donor)
+
+    normal = [result(i, predicted=i % 4 if i < 6 else 0) for i in range(8)]  # answers 0,1,2,3,0,1,2,3
+    # A listening model answers for the donor clip: right against the donor, wrong against the item.
+    deaf = [result(i, True, predicted=(i + 1) % 4, donor=(i + 1) % 4) for i in range(8)]
+    report = summarize(normal + deaf)
+    assert report["accuracy"]["audio"]["content"] == 0.75
+    assert report["deaf_check"] == {"accuracy": 0.0, "items": 8, "donor_accuracy": 1.0}
+    assert report["always_option"]["audio"]["content"] == {"best": 0.25, "per_option": [0.25] * 4}
+    skewed = summarize([result(i) for i in (0, 4, 8, 1)])  # answers 0, 0, 0, 1
+    assert skewed["always_option"]["audio"]["content"]["best"] == 0.75
+    assert position_report(skewed)["accuracy"]["audio"]["content"] == 0.75
+
+
 def test_the_benchmark_asks_questions_as_training_does(small_world):
     """Scoring reads a question the way stage 0-2 prompts wrote it: the text, then the options listed."""
     import numpy as np

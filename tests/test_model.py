@@ -228,6 +228,48 @@ def test_stage2_without_the_emoadapter_fine_tunes_the_projector():
     assert with_adapter.also_trainable() == ()
 
 
+def test_stage2s_kd_teacher_is_the_model_as_stage1_left_it(clips):
+    """Inside as_stage1 neither the Enhancer nor LoRA acts: the teacher's targets do not move while stage 2
+    trains them (and outside it they act again)."""
+    cfg = tiny_config()
+    model = build_model(cfg.model, cfg.data, seed=0).eval()
+    video, audio, duration = clips
+    inputs = model.prompts.batch(all_modalities(), video, audio, duration)
+    with torch.no_grad():
+        stage1 = model(inputs).hidden
+        model.add_enhancer(width=32, gate_init=0.5)
+        model.add_lora(4, 8.0, ["q_proj", "v_proj"])
+        for name, p in model.named_parameters():
+            if ".lora_b." in name:
+                p.normal_(0, 0.5)  # as if trained
+        adapted = model(inputs).hidden
+        with model.as_stage1():
+            teacher = model(inputs).hidden
+        assert not torch.allclose(adapted, stage1, atol=1e-4)
+        assert torch.allclose(teacher, stage1, atol=1e-5)
+        assert torch.equal(model(inputs).hidden, adapted)
+
+
+def test_stage2_validation_scores_emotion_and_content_under_every_modality(model, clips):
+    from vaemo.data.stream import Batch
+    from vaemo.train.recipes import EmoAdapterRecipe
+
+    video, audio, duration = clips
+    metas = [{"emotion": "calm", "object": "star"}, {"emotion": "joy", "object": "circle"},
+             {"emotion": "anger"}]  # the third clip has no object: only its emotion is scored
+    batch = Batch(keys=["0", "1", "2"], video=video, audio=audio, audio_len=[48000] * CLIPS, duration=duration,
+                  meta=metas, has_audio=[True, True, False])
+    recipe = EmoAdapterRecipe(load_config(ROOT / "configs/tiny.yaml", stage=2))
+    step = recipe.prepare(model, batch, np.random.default_rng(0), score=True)
+    assert [(t, m) for t, m, _, _ in step.scored] == [(t, m) for m in ("visual", "audio", "audio_visual")
+                                                       for t in ("emotion", "content")] * 2 + [("emotion", "visual")]
+    assert len(step.passes["lm"].modalities) == 4 * len(step.scored)
+    sums = recipe.score(model, step)
+    assert sums["val_emotion_total"] == 7 and sums["val_content_total"] == 6 and sums["val_content_audio_total"] == 2
+    metrics = recipe.metrics(sums)
+    assert metrics["val_objective"] == pytest.approx((metrics["val_emotion_acc"] + metrics["val_content_acc"]) / 2)
+
+
 def test_stage2_kd_questions_distils_the_stage1_questions_too(model, clips):
     from vaemo.data import world
     from vaemo.data.stream import Batch

@@ -40,13 +40,13 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
     out = view / "runs" / "sweep"
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 2
-    assert {"train.lr", "model.enhancer.width", "stage2.lambda_sup", "stage2.lambda_kd", "val_emotion_acc"} <= set(rows[0])
-    assert all(r["val_emotion_acc"] and not r["error"] for r in rows)
+    assert {"train.lr", "model.enhancer.width", "stage2.lambda_sup", "stage2.lambda_kd", "val_objective"} <= set(rows[0])
+    assert all(r["val_objective"] and not r["error"] and r["steps"] == "4" for r in rows)
     assert list((out / "tune").rglob("events.out.tfevents.*"))  # TensorBoard reads the trials
     best = load_config(out / "best.yaml", stage=2)
     assert best.stage == 2 and best.model.init_from == str(view / "runs/demo/stage1/export")
     assert best.data.train_shards == str(view / "runs/data/train/*.tar")
-    top = max(rows, key=lambda r: float(r["val_emotion_acc"]))
+    top = max(rows, key=lambda r: float(r["val_objective"]))
     assert best.train.lr == pytest.approx(float(top["train.lr"]))
     ok(run([sys.executable, str(ROOT / "jobs/stage2.py"), "--config", str(out / "best.yaml"), "--out",
             str(tmp_path / "with-best"), "train.max_steps=2", "train.val_batches=0"]))

@@ -187,3 +187,13 @@ def test_synthesis_is_deterministic_per_seed(tmp_path):
     assert a == (tmp_path / "b/train/train-000000.tar").read_bytes()
     assert a != (tmp_path / "c/train/train-000000.tar").read_bytes()
     assert (tmp_path / "a/bench/items.jsonl").read_text() == (tmp_path / "b/bench/items.jsonl").read_text()
+
+
+def test_the_val_split_becomes_a_bench_to_choose_settings_on(small_world, tmp_path):
+    shards = sorted((small_world / "val").glob("*.tar"))
+    items = synth.bench_from_shards(shards, tmp_path / "val-bench", seed=0)
+    assert items == 16 * 6
+    rows = [json.loads(line) for line in (tmp_path / "val-bench" / "items.jsonl").read_text().splitlines()]
+    assert all((tmp_path / "val-bench" / r["media"]).is_file() for r in rows)
+    first = json.loads((tmp_path / "val-bench" / "media" / "clip-00000.json").read_text())
+    assert first["split"] == "val" and rows[0]["media"].endswith(first["synth"]["container"])

@@ -57,7 +57,8 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     run2 = tmp_path / "stage2"
     ok(run(stage_cmd(2, run2, small_world, f"model.init_from={run1 / 'export'}", "model.lora.rank=2")))
     last = metrics(run2)[-1]
-    for key in ("lm", "kd", "va", "cat", "val_emotion_acc", "val_audio_acc", "val_visual_acc"):
+    for key in ("lm", "kd", "va", "cat", "val_emotion_acc", "val_emotion_audio_acc", "val_emotion_visual_acc",
+                "val_content_acc", "val_content_audio_acc", "val_objective"):
         assert key in last, key
     model = VAEmotionLLM.from_pretrained(run2 / "export")
     assert model.enhancer is not None and model.supervisor is not None

@@ -381,8 +381,10 @@ class PromptsConfig:
     """Description prompts (stage 1, and stage 2's KD term); the response is the clip's caption or the
     frozen teacher's own answer (stage1.responses)."""
     questions: dict[str, Any] = field(default_factory=dict)
-    """Multiple-choice question sets, `task: {ask: [paraphrases...], options: [...]}`, that stage 1 also
-    distils with stage1.questions (answered with a random option: no label is used)."""
+    """Multiple-choice question sets, `task: {ask: [paraphrases...], options: [...], answer_field: F}`, that
+    stage 1 (stage1.questions) and stage 2's KD term (stage2.kd_questions) distil, answered with a random
+    option: no label is used. With the optional `answer_field` (the clip's JSON field holding the right
+    option, e.g. `object`), stage 2's validation also scores the set (`val_<task>_acc`)."""
     emotion_questions: list[str] = field(default_factory=lambda: ["Which emotion does this clip convey?",
                                                                   "What feeling does this clip express?"])
     """How stage 2 asks for a clip's emotion (options: stage2.emotions); validation asks the first."""
@@ -392,9 +394,11 @@ class PromptsConfig:
                  "must be a non-empty list of prompts")
         _require(bool(self.emotion_questions), f"{path}.emotion_questions", "must name at least one question")
         for task, spec in self.questions.items():
-            ok = (isinstance(spec, dict) and set(spec) == {"ask", "options"} and isinstance(spec["ask"], list)
-                  and spec["ask"] and isinstance(spec["options"], list) and len(spec["options"]) >= 2)
-            _require(ok, f"{path}.questions.{task}", "must be {ask: [questions...], options: [at least 2]}")
+            ok = (isinstance(spec, dict) and {"ask", "options"} <= set(spec) <= {"ask", "options", "answer_field"}
+                  and isinstance(spec["ask"], list) and spec["ask"] and isinstance(spec["options"], list)
+                  and len(spec["options"]) >= 2 and isinstance(spec.get("answer_field", ""), str))
+            _require(ok, f"{path}.questions.{task}",
+                     "must be {ask: [questions...], options: [at least 2], answer_field: FIELD (optional)}")
 
 
 @dataclass
@@ -447,16 +451,26 @@ class Stage2Config:
     lambda_cat: float = 0.5
     """Weight of the categorical emotion head (when the supervisor has one)."""
     lambda_kd: float = 0.5
-    """Weight of the KD term keeping the audio path aligned with the visual one."""
-    kd_questions: bool = False
-    """The KD term also distils the visual pass's answers to stage 1's content and emotion questions,
-    not only its caption (as stage 1 does with stage1.questions)."""
+    """Weight of the KD term that keeps what stage 1 taught: the audio pass distils the visual pass of the
+    model as stage 1 left it (without the Enhancer and LoRA, so the targets do not move)."""
+    kd_questions: bool = True
+    """The KD term also distils the answers to prompts.questions (content, not only emotion), not only
+    the description (as stage 1 does with stage1.questions)."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of stage 2's KD term (stage 1's is stage1.temperature)."""
+    kd_topk: int = 0
+    """0: full-vocabulary KL in stage 2's KD term; k > 0: the teacher's top-k tokens plus a tail bucket."""
     va_loss: Literal["mse", "ccc"] = "mse"
     """Valence/arousal loss: mean squared error or 1 - concordance correlation."""
     emotions: list[str] = field(default_factory=lambda: ["amusement", "awe", "contentment", "excitement", "anger",
                                                          "disgust", "fear", "sadness"])
     """Emotion categories (default: ArtEmis's eight): the options of emotion questions and the categorical
     head's classes. A training clip whose `emotion` is not one of them is skipped (`unknown_emotion`)."""
+
+    def check(self, path: str) -> None:
+        _require(self.kd_temperature > 0, f"{path}.kd_temperature", "must be > 0")
+        _require(self.kd_topk >= 0, f"{path}.kd_topk", "must be >= 0")
+        _require(len(set(self.emotions)) >= 2, f"{path}.emotions", "must name at least 2 different emotions")
 
 
 @dataclass

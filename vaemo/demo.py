@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaemo import progress
-from vaemo.config import load_config, project_root
+from vaemo.config import STAGES, load_config, project_root
 from vaemo.errors import UserError
-from vaemo.eval.report import chance_report, chart, table
+from vaemo.eval.report import chance_report, chart, position_report, table
 from vaemo.eval.run import evaluate, write_outputs
 
 ABLATIONS = {"no-enhancer": ["stage2.use_enhancer=false"], "no-supervisor": ["stage2.use_supervisor=false"],
@@ -67,7 +67,7 @@ def train(stage: int, out: Path, config: str, overrides: list[str], fresh: bool)
 
 def score(model: Path, bench: Path, out: Path, label: str, actors: int) -> dict:
     report, results = evaluate(model, bench, actors=actors, label=label)
-    write_outputs(out, report, results, {"chance": chance_report(report)})
+    write_outputs(out, report, results, {"chance": chance_report(report), "always one option": position_report(report)})
     return report
 
 
@@ -75,58 +75,99 @@ def emotion(report: dict, modality: str) -> float:
     return report["accuracy"].get(modality, {}).get("emotion", float("nan"))
 
 
+# One run is one draw: the demo's thresholds sit below `make science`'s targets (means over seeds) by about
+# the spread between seeds (README, "Science over seeds"), so a healthy run passes on any machine.
+MARGIN = 0.05
+
+
 def targets(reports: dict[str, dict]) -> list[Target]:
     s0, s1, s2 = reports["after stage 0"], reports["after stage 1"], reports["after stage 2"]
     acc = lambda r, m, t: r["accuracy"][m][t]  # noqa: E731
-    out = [Target("after stage 0, visual content >= 0.9", acc(s0, "visual", "content"), acc(s0, "visual", "content") >= 0.9),
-           Target("after stage 0, visual emotion >= 0.9", acc(s0, "visual", "emotion"), acc(s0, "visual", "emotion") >= 0.9)]
+    out = [Target(f"after stage 0, visual {t} >= {0.9 - MARGIN:.2f}", acc(s0, "visual", t), acc(s0, "visual", t) >= 0.9 - MARGIN)
+           for t in ("content", "emotion")]
     for task in ("content", "emotion"):  # chance: within ~2 standard errors of 0.25 on these item counts
         n = s0["counts"]["audio"][task]
         value = acc(s0, "audio", task)
         out.append(Target(f"before stage 1, audio {task} at chance (0.25 +- {2 * (0.1875 / n) ** 0.5:.2f})", value,
                           abs(value - 0.25) <= 2 * (0.1875 / n) ** 0.5))
     for task in ("content", "emotion"):
-        out.append(Target(f"after stage 1 (no audio labels), audio {task} >= 0.8", acc(s1, "audio", task),
-                          acc(s1, "audio", task) >= 0.8))
-    deaf = s1.get("deaf_check", {}).get("accuracy", float("nan"))
-    out.append(Target("after stage 1, deaf check (shuffled soundtracks) <= 0.35", deaf, deaf <= 0.35))
-    for modality in ("audio", "visual", "audio_visual"):
-        gain = emotion(s2, modality) - emotion(s1, modality)
-        out.append(Target(f"stage 2 emotion change on {modality} >= 0", gain, gain >= 0))
+        out.append(Target(f"after stage 1 (no audio labels), audio {task} >= {0.85 - MARGIN:.2f}", acc(s1, "audio", task),
+                          acc(s1, "audio", task) >= 0.85 - MARGIN))
+    deaf = s1.get("deaf_check", {})
+    out.append(Target("after stage 1, deaf check (shuffled soundtracks) <= 0.35", deaf.get("accuracy", float("nan")),
+                      deaf.get("accuracy", 1.0) <= 0.35))
+    gap = deaf.get("donor_accuracy", float("nan")) - acc(s1, "audio", "all")
+    out.append(Target(f"after stage 1, deaf check against the donor's answer within {0.05 + MARGIN:.2f} of audio accuracy",
+                      gap, abs(gap) <= 0.05 + MARGIN))
+    change = emotion(s2, "audio") - emotion(s1, "audio")
+    out.append(Target(f"stage 2 audio emotion change >= {-MARGIN:.2f}", change, change >= -MARGIN))
+    cost = acc(s2, "audio", "content") - acc(s1, "audio", "content")
+    out.append(Target(f"stage 2 audio content change >= {-0.02 - MARGIN:.2f} (keeps what stage 1 taught)", cost,
+                      cost >= -0.02 - MARGIN))
+    # Only a trained Emotion Supervisor predicts valence and arousal: this fails when stage 2 does nothing.
+    arousal = s2.get("va", {}).get("audio", {}).get("arousal_mae", float("nan"))
+    out.append(Target("after stage 2, audio arousal error (the Supervisor's) <= 0.3", arousal, arousal <= 0.3))
     best_single = max(emotion(s2, "audio"), emotion(s2, "visual"))
     margin = emotion(s2, "audio_visual") - best_single
-    out.append(Target("after stage 2, audio-visual emotion minus the better single modality >= 0", margin, margin >= 0))
+    out.append(Target(f"after stage 2, audio-visual emotion minus the better single modality >= {-MARGIN:.2f}", margin,
+                      margin >= -MARGIN))
     return out
+
+
+def write_data(data: Path, config: str, seed: int, fresh: bool, dev_and_shifted: bool) -> None:
+    """The world (train/val shards, bench); with `dev_and_shifted` also val-bench (the val split's clips
+    asked as a bench: the dev split settings are chosen on) and shifted-bench (clips written with other
+    settings inside the spec than training used: 4-8 s long, the renderer without domain randomisation)."""
+    from vaemo.data.synth import Ranges, bench_from_shards, synthesize, write_world
+
+    synth = load_config(config).synth
+    if fresh or not (data / "bench" / "items.jsonl").is_file():
+        write_world(data, synth, seed)
+    if dev_and_shifted and (fresh or not (data / "val-bench" / "items.jsonl").is_file()):
+        bench_from_shards(sorted((data / "val").glob("*.tar")), data / "val-bench", seed)
+    if dev_and_shifted and (fresh or not (data / "shifted" / "bench" / "items.jsonl").is_file()):
+        shifted = Ranges(short_side=tuple(synth.short_side), aspect_ratio=tuple(synth.aspect_ratio), fps=tuple(synth.fps),
+                         duration=(4.0, 8.0), jitter=False)
+        synthesize(data / "shifted", train_clips=0, val_clips=0, bench_clips=synth.bench_clips, seed=seed + 1000,
+                   ranges=shifted, workers=synth.workers)
+
+
+def run_pipeline(out: Path, config: str, seed: int | None, ablations: bool, fresh: bool, actors: int,
+                 dev_and_shifted: bool = False) -> dict[str, dict]:
+    """data -> stage 0 -> eval -> stage 1 -> eval -> stage 2 -> eval [-> ablations]; returns the reports.
+    `seed`: world and training seed (None: the preset's)."""
+    out = out.resolve()
+    seed_overrides = [] if seed is None else [f"seed={seed}"]
+    data = out / "data"
+    write_data(data, config, load_config(config, seed_overrides).seed, fresh, dev_and_shifted)
+    data_overrides = [*seed_overrides, f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
+                      f"data.bench_dir={data}/bench"]
+    bench = data / "bench"
+    reports: dict[str, dict] = {}
+    exports: dict[int, Path] = {}
+    for stage in STAGES:
+        start = [f"model.init_from={exports[stage - 1]}"] if stage else []
+        exports[stage] = train(stage, out / f"stage{stage}", config, [*data_overrides, *start], fresh)
+        reports[f"after stage {stage}"] = score(exports[stage], bench, out / f"eval-stage{stage}", f"after stage {stage}",
+                                                actors)
+        if dev_and_shifted:
+            reports[f"after stage {stage}, val split"] = score(exports[stage], data / "val-bench",
+                                                               out / f"eval-stage{stage}-val", "val split", actors)
+    if dev_and_shifted:
+        reports["after stage 2, shifted bench"] = score(exports[2], data / "shifted" / "bench",
+                                                        out / "eval-stage2-shifted", "shifted bench", actors)
+    if ablations:
+        for name, switches in ABLATIONS.items():
+            export = train(2, out / f"stage2-{name}", config,
+                           [*data_overrides, f"model.init_from={exports[1]}", *switches], fresh)
+            reports[f"stage 2 {name}"] = score(export, bench, out / f"eval-stage2-{name}", name, actors)
+    return reports
 
 
 def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int) -> int:
     start = time.time()
-    out = out.resolve()
-    cfg = load_config(config)
-    data = out / "data"
-    if fresh or not (data / "bench" / "items.jsonl").is_file():
-        from vaemo.data.synth import write_world
-
-        write_world(data, cfg.synth, cfg.seed)
-    data_overrides = [f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
-                      f"data.bench_dir={data}/bench"]
-    bench = data / "bench"
-    reports: dict[str, dict] = {}
-    export0 = train(0, out / "stage0", config, data_overrides, fresh)
-    reports["after stage 0"] = score(export0, bench, out / "eval-stage0", "after stage 0", actors)
-    export1 = train(1, out / "stage1", config, [*data_overrides, f"model.init_from={export0}"], fresh)
-    reports["after stage 1"] = score(export1, bench, out / "eval-stage1", "after stage 1", actors)
-    export2 = train(2, out / "stage2", config, [*data_overrides, f"model.init_from={export1}"], fresh)
-    report2, results2 = evaluate(export2, bench, actors=actors, label="after stage 2")
-    reports["after stage 2"] = report2
-    write_outputs(out / "eval", report2, results2, {"chance": chance_report(report2), "after stage 0": reports["after stage 0"],
-                                                     "after stage 1": reports["after stage 1"]})
-    if ablations:
-        for name, switches in ABLATIONS.items():
-            export = train(2, out / f"stage2-{name}", config, [*data_overrides, f"model.init_from={export1}", *switches],
-                           fresh)
-            reports[f"stage 2 {name}"] = score(export, bench, out / f"eval-stage2-{name}", name, actors)
-    return report(out, reports, time.time() - start)
+    reports = run_pipeline(out, config, None, ablations, fresh, actors)
+    return report(out.resolve(), reports, time.time() - start)
 
 
 def report(out: Path, reports: dict[str, dict], seconds: float) -> int:
@@ -150,7 +191,7 @@ def report(out: Path, reports: dict[str, dict], seconds: float) -> int:
     (out / "report.json").write_text(json.dumps({"reports": reports, "wall_seconds": seconds,
                                                  "targets": [c.__dict__ for c in checks]}, indent=2))
     progress.log(f"demo finished in {seconds / 60:.1f} min: {sum(c.passed for c in checks)}/{len(checks)} targets met; "
-                 f"{out / 'report.md'}, {out / 'report.png'}, final evaluation {out / 'eval' / 'results.json'}")
+                 f"{out / 'report.md'}, {out / 'report.png'}, final evaluation {out / 'eval-stage2' / 'results.json'}")
     return 0
 
 

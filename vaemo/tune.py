@@ -37,8 +37,9 @@ class SchedulerSpec:
 
 @dataclass
 class SweepSpec:
-    metric: str = "val_emotion_acc"
-    """The validation metric trials are ranked by (reported by the stage-2 trainer)."""
+    metric: str = "val_objective"
+    """The validation metric trials are ranked by (reported by the stage-2 trainer): val_objective is the mean
+    of emotion and content accuracy (content where prompts.questions names an answer_field)."""
     mode: str = "max"
     """`max` or `min`."""
     trials: int = 8
@@ -47,6 +48,8 @@ class SweepSpec:
     """Trials running at once."""
     validate_every: int = 5
     """Steps between validation reports in each trial (also its checkpoint interval)."""
+    val_batches: int = 0
+    """Validation batches per report (0: the preset's train.val_batches); enough to rank trials apart."""
     trial_cpus: float = 0.5
     """CPUs the Tune trial process itself reserves (its Train workers reserve their own)."""
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
@@ -124,8 +127,9 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path)
-    per_trial = [*spec.trial_overrides, *(overrides or []), f"train.val_every={spec.validate_every}",
-                 f"train.checkpoint_every={spec.validate_every}"]
+    per_trial = [*spec.trial_overrides, f"train.val_every={spec.validate_every}",
+                 f"train.checkpoint_every={spec.validate_every}",
+                 *([f"train.val_batches={spec.val_batches}"] if spec.val_batches else []), *(overrides or [])]
     base = load_config(config_path, per_trial, stage=2)  # relative paths resolve here, where the command runs
     if base.train.val_batches < 1:
         raise UserError("a sweep needs validation: set train.val_batches >= 1")
@@ -158,10 +162,13 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
     for row in rows:
         if row["error"]:
             progress.log(f"trial {row['trial']} failed: {row['error']}")
-    ranked = [r for r in rows if r[spec.metric] is not None]
+    # Only a trial that trained its whole budget can be the best: an early ASHA stop is judged on a model
+    # that never finished training.
+    ranked = [r for r in rows if r[spec.metric] is not None and r["steps"] == base.train.max_steps]
     if not ranked:
-        reason = next((r["error"] for r in rows if r["error"]), "no trial failed, none validated")
-        raise UserError(f"no trial reported {spec.metric}: {reason} (all trials: {out / 'trials.csv'})")
+        reason = next((r["error"] for r in rows if r["error"]), "none trained all its steps")
+        raise UserError(f"no trial reported {spec.metric} after {base.train.max_steps} steps: {reason} "
+                        f"(all trials: {out / 'trials.csv'})")
     best = (max if spec.mode == "max" else min)(ranked, key=lambda r: r[spec.metric])
     best_params = {k: best[k] for k in spec.space}
     best_cfg = load_config(config_path, [*(overrides or []), *(f"{k}={v}" for k, v in best_params.items())], stage=2)

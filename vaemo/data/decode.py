@@ -194,14 +194,15 @@ def fitted_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
     return max(1, min(spec.height, round(height * scale))), max(1, min(spec.width, round(width * scale)))
 
 
-def open_video(raw: bytes, spec: DecodeSpec):
+def open_video(raw: bytes, spec: DecodeSpec, seek_mode: str = "approximate"):
     """A VideoDecoder resizing to fit spec's size with the aspect ratio kept, and the clip's seconds and
-    frame count; None without a video stream."""
+    frame count; None without a video stream. `approximate` reads the counts from the header (fast);
+    `exact` scans the packets (for containers whose header only estimates them, e.g. WebM)."""
     try:
-        probe = VideoDecoder(raw, seek_mode="approximate")
+        probe = VideoDecoder(raw, seek_mode=seek_mode)
         md = probe.metadata
         size = fitted_size(md.height, md.width, spec) if md.height and md.width else (spec.height, spec.width)
-        decoder = VideoDecoder(raw, seek_mode="approximate", transforms=[Resize(size)])
+        decoder = VideoDecoder(raw, seek_mode=seek_mode, transforms=[Resize(size)])
     except ValueError as err:
         if "video stream" in str(err):
             return None
@@ -223,14 +224,22 @@ def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tu
     opened = opened or open_video(raw, spec)
     if opened is None:
         return None, 0.0
-    decoder, total, n = opened
-    start, seconds = clip_window(total, spec, key)
-    indices = frame_indices(n, n / total if total > 0 else 1.0, start, seconds, spec)
     try:
-        frames = decoder.get_frames_at(indices=indices).data
+        return window_frames(*opened, spec, key)
+    except (RuntimeError, IndexError):
+        # The header's frame count may be an estimate (WebM derives it from a duration that includes the
+        # soundtrack's tail): count the frames themselves and try once more.
+        pass
+    try:
+        return window_frames(*open_video(raw, spec, seek_mode="exact"), spec, key)
     except (RuntimeError, IndexError) as err:
         raise SkipSample("truncated_clip", str(err).splitlines()[0][:80]) from None
-    return letterbox(frames, spec), seconds
+
+
+def window_frames(decoder: VideoDecoder, total: float, n: int, spec: DecodeSpec, key: str) -> tuple[torch.Tensor, float]:
+    start, seconds = clip_window(total, spec, key)
+    indices = frame_indices(n, n / total if total > 0 else 1.0, start, seconds, spec)
+    return letterbox(decoder.get_frames_at(indices=indices).data, spec), seconds
 
 
 def letterbox(frames: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:

@@ -576,6 +576,27 @@ def write_bench_items(bench_dir: Path, clips: int, seed: int) -> int:
     return len(items)
 
 
+def bench_from_shards(shards: list[Path], out: Path, seed: int) -> int:
+    """An ArtEmoBench folder asking about the clips of some shards (e.g. the val split, so that settings
+    are chosen on val and the bench split is only reported); returns the number of items."""
+    import tarfile
+
+    media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for shard in sorted(shards):
+        with tarfile.open(shard) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for name in sorted(n for n in members if n.endswith(".json")):
+                meta = json.loads(tar.extractfile(members[name]).read())
+                clip = f"{name[: -len('.json')]}.{meta['synth']['container']}"
+                (media / f"clip-{count:05d}.{meta['synth']['container']}").write_bytes(
+                    tar.extractfile(members[clip]).read())
+                (media / f"clip-{count:05d}.json").write_text(json.dumps(meta))
+                count += 1
+    return write_bench_items(out, count, seed)
+
+
 def synthesize(out: str | Path, *, train_clips: int, val_clips: int, bench_clips: int, seed: int = 0,
                clips_per_shard: int = 100, ranges: Ranges = Ranges(), workers: int = 0,
                progress=None) -> dict[str, int]:

@@ -43,10 +43,29 @@ def summarize(results: list[ItemResult]) -> dict:
         out["va"] = va
     deaf = [r for r in results if r.deaf and not r.skipped]
     if deaf:
-        out["deaf_check"] = {"accuracy": float(np.mean([r.correct for r in deaf])), "items": len(deaf)}
+        # A listening model answers for the clip it heard: donor accuracy near its normal audio accuracy.
+        donors = [r.donor_correct for r in deaf if r.donor_answer >= 0]
+        out["deaf_check"] = {"accuracy": float(np.mean([r.correct for r in deaf])), "items": len(deaf),
+                             "donor_accuracy": float(np.mean(donors)) if donors else float("nan")}
+    out["always_option"] = always_option(scored)
     out["chance"] = {m: float(np.mean([1.0 / r.options for r in scored if r.modality == m]))
                      for m in MODALITIES if any(r.modality == m for r in scored)}
     return out
+
+
+def always_option(scored: list[ItemResult]) -> dict:
+    """Per modality and task, what answering always the k-th option scores, for each k, and the best k:
+    a model must beat a position bias, not only chance."""
+    out: dict = {}
+    for r in scored:
+        out.setdefault(r.modality, {}).setdefault(r.task, []).append(r)
+    baseline: dict = {}
+    for modality, tasks in out.items():
+        for task, rows in tasks.items():
+            k_max = max(r.options for r in rows)
+            per_option = [float(np.mean([r.answer == k for r in rows])) for k in range(k_max)]
+            baseline.setdefault(modality, {})[task] = {"best": max(per_option), "per_option": per_option}
+    return baseline
 
 
 def columns(report: dict) -> list[tuple[str, str]]:
@@ -69,19 +88,31 @@ def table(rows: dict[str, dict], title: str = "ArtEmoBench accuracy"):
     for modality, task in cols:
         out.add_column(f"{modality.replace('_', '-')}\n{task}", justify="right")
     out.add_column("all", justify="right")
-    out.add_column("deaf\ncheck", justify="right")
+    out.add_column("deaf check\n(vs donor)", justify="right")
     for name, report in rows.items():
         cells = [f"{report['accuracy'].get(m, {}).get(t, float('nan')):.3f}" for m, t in cols]
-        deaf = report.get("deaf_check", {}).get("accuracy")
-        out.add_row(name, *cells, f"{report['accuracy'].get('all', float('nan')):.3f}",
-                    "-" if deaf is None else f"{deaf:.3f}")
+        out.add_row(name, *cells, f"{report['accuracy'].get('all', float('nan')):.3f}", deaf_cell(report))
     return out
+
+
+def deaf_cell(report: dict) -> str:
+    deaf = report.get("deaf_check")
+    if not deaf:
+        return "-"
+    return f"{deaf['accuracy']:.3f} ({deaf.get('donor_accuracy', float('nan')):.3f})"
 
 
 def chance_report(report: dict) -> dict:
     """What answering at random scores, in the shape of a report."""
     accuracy = {m: {t: report["chance"][m] for t in tasks} for m, tasks in report["accuracy"].items() if m != "all"}
     accuracy["all"] = float(np.mean(list(report["chance"].values()))) if report["chance"] else 0.0
+    return {"accuracy": accuracy, "counts": report["counts"], "skipped": 0}
+
+
+def position_report(report: dict) -> dict:
+    """The best "always answer option k" per cell, in the shape of a report."""
+    accuracy = {m: {t: cell["best"] for t, cell in tasks.items()} for m, tasks in report["always_option"].items()}
+    accuracy["all"] = float(np.mean([v for tasks in accuracy.values() for v in tasks.values()]))
     return {"accuracy": accuracy, "counts": report["counts"], "skipped": 0}
 
 

@@ -5,7 +5,8 @@ items in one forward pass. Items come in chunks grouped by clip, so a clip is de
 questions asked about it. An item whose media cannot be decoded is skipped and counted.
 
 The deaf check asks the audio items again with the soundtrack of another clip (a seeded derangement):
-a model that really listens answers for the other clip and falls to chance.
+a model that really listens answers for the other clip, so it falls to chance against the item's own
+answer and matches its normal audio accuracy against the donor clip's answer.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from vaemo.model import VAEmotionLLM
 
 @dataclass
 class Task:
-    """One item to score; `audio_from` names another clip's soundtrack for the deaf check."""
+    """One item to score; `audio_from` names another clip's soundtrack for the deaf check, and
+    `donor_answer` the index among this item's options of that clip's answer (-1: not among them)."""
 
     item: BenchItem
     deaf: bool = False
     audio_from: Path | None = None
+    donor_answer: int = -1
 
 
 @dataclass
@@ -49,6 +52,11 @@ class ItemResult:
     arousal_pred: float | None = None
     media: str = ""
     reason: str = ""
+    donor_answer: int = -1  # deaf check: the right option for the clip whose soundtrack was played
+
+    @property
+    def donor_correct(self) -> bool:
+        return self.donor_answer >= 0 and self.predicted == self.donor_answer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,9 +79,12 @@ def plan(items: list[BenchItem], deaf_check: bool, chunk_items: int, seed: int =
         by_clip.setdefault(item.media, []).append(Task(item))
     if deaf_check:
         sources = deaf_sources(items, seed)
+        truth = {(i.media, i.modality, i.task): i.options[i.answer] for i in items}
         for item in items:
             if item.modality == "audio" and item.media in sources:
-                by_clip[item.media].append(Task(item, deaf=True, audio_from=sources[item.media]))
+                donor = truth.get((sources[item.media], item.modality, item.task))
+                answer = list(item.options).index(donor) if donor in item.options else -1
+                by_clip[item.media].append(Task(item, deaf=True, audio_from=sources[item.media], donor_answer=answer))
     chunks: list[list[Task]] = [[]]
     for clip in sorted(by_clip):
         if chunks[-1] and len(chunks[-1]) + len(by_clip[clip]) > chunk_items:
@@ -144,7 +155,7 @@ class Scorer:
             needs_audio = item.modality in ("audio", "audio_visual")
             result = ItemResult(item.id, item.modality, item.task, task.deaf, skipped=False, answer=item.answer,
                                 options=len(item.options), valence=item.valence, arousal=item.arousal,
-                                media=str(item.media))
+                                media=str(item.media), donor_answer=task.donor_answer)
             seen = self._decode(item.media, needs_video, needs_audio and not task.deaf, cache)
             heard = self._decode(task.audio_from, False, True, cache) if task.deaf else seen
             problem = next((x for x in (seen, heard) if isinstance(x, str)), None)

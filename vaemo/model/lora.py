@@ -19,8 +19,11 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
+        self.active = True  # False: the base layer alone (VAEmotionLLM.as_stage1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.base(x)
         return self.base(x) + self.scale * self.lora_b(self.lora_a(x))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +24,7 @@ from vaemo.errors import UserError
 from vaemo.losses import sequence_logprobs
 from vaemo.model.audio import AudioProjector, LogMel, audio_tokens, encode
 from vaemo.model.emo import EmotionEnhancer, EmotionSupervisor
-from vaemo.model.lora import add_lora, merge_lora_state
+from vaemo.model.lora import LoRALinear, add_lora, merge_lora_state
 from vaemo.model.packing import PrefixPacking, plan_packing
 from vaemo.model.prompts import IGNORE, ModelInputs, PromptBuilder, PromptItem
 from vaemo.model.tokenizer import SpecialTokens, load_tokenizer
@@ -107,6 +108,7 @@ class VAEmotionLLM(nn.Module):
         self.projector = projector
         self.log_mel = LogMel(spec.n_mels)
         self.enhancer: EmotionEnhancer | None = None
+        self.enhancing = True  # False inside `as_stage1`
         self.supervisor: EmotionSupervisor | None = None
         self.pack_prefixes = True  # see `forward`; model.pack_prefixes turns it off
         self.tokenizer = tokenizer
@@ -224,7 +226,7 @@ class VAEmotionLLM(nn.Module):
             pooled_count[rows] += per_row.shape[1]
 
         def enhance(tokens: torch.Tensor) -> torch.Tensor:
-            return self.enhancer(tokens) if self.enhancer is not None else tokens
+            return self.enhancer(tokens) if self.enhancer is not None and self.enhancing else tokens
 
         visual_rows = [i for i, m in enumerate(inputs.modalities) if m in ("visual", "audio_visual")]
         if visual_rows:
@@ -258,6 +260,22 @@ class VAEmotionLLM(nn.Module):
         embeds = embeds + zero.to(embeds.dtype)
         pooled_max = torch.where(pooled_count > 0, pooled_max, torch.zeros_like(pooled_max))
         return Embedded(embeds, attention, positions, pooled_sum / pooled_count.clamp(min=1), pooled_max)
+
+    @contextmanager
+    def as_stage1(self):
+        """The model as stage 1 left it, while stage 2 trains: no Enhancer residual, no LoRA update. Stage 2's
+        KD teacher runs in it, so its targets stay where stage 1 put them instead of moving with the adapter.
+        (Every rank skips the same modules: ZeRO-3 ranks stay in step.)"""
+        loras = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        self.enhancing = False
+        for lora in loras:
+            lora.active = False
+        try:
+            yield self
+        finally:
+            self.enhancing = True
+            for lora in loras:
+                lora.active = True
 
     def forward(self, inputs: ModelInputs, run_all_pathways: bool = False) -> ModelOutput:
         """Hidden states of every position (logits are left to the caller: see `logits`).

@@ -13,6 +13,7 @@ of the global batch, sample terms by the global number of samples.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -44,6 +45,7 @@ class StepInputs:
     world_size: int = 1
     chunks: dict[str, int] = field(default_factory=dict)  # filled by the loop: global chunk counts
     global_counts: dict[str, float] = field(default_factory=dict)  # filled by the loop
+    scored: list[tuple[str, str, int, int]] = field(default_factory=list)  # validation: (task, modality, options, truth)
 
 
 @dataclass
@@ -288,22 +290,30 @@ class AlignRecipe(Recipe):
         step.counts = {"kd_tokens": step.positions["student"]}
         return step
 
+    def kd_settings(self) -> tuple[float, int]:
+        """(temperature, top-k) of the KD term."""
+        return self.cfg.stage1.temperature, self.cfg.stage1.topk
+
+    def teacher_view(self, model: VAEmotionLLM):
+        """The model the KD teacher's pass runs in (stage 1: the model itself; its visual path is frozen)."""
+        return nullcontext(model)
+
     def kd(self, model: VAEmotionLLM, step: StepInputs, teacher: str, student: str, **student_kwargs):
-        s = self.cfg.stage1
+        temperature, topk = self.kd_settings()
         if teacher not in step.passes:  # read from the teacher cache
             target = TopKTargets(step.labels["ids"], step.labels["logprobs"], step.labels["tail"])
             out, student_hidden = self.response_hidden(model, step.passes[student], **student_kwargs)
             if len(target) != student_hidden.shape[0]:
                 raise RuntimeError(f"{len(target)} cached teacher positions for {student_hidden.shape[0]} student "
                                    "positions: the cache was written with another tokenizer or prompt template")
-            return out, distill(student_hidden, model.logits, target, s.temperature, self.chunk,
+            return out, distill(student_hidden, model.logits, target, temperature, self.chunk,
                                 step.chunks.get(student, 0))
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_view(model):
             _, teacher_hidden = self.response_hidden(model, step.passes[teacher])
-            target = (teacher_topk(teacher_hidden, model.logits, s.topk, s.temperature, self.chunk,
-                                   step.chunks.get(teacher, 0)) if s.topk else teacher_hidden)
+            target = (teacher_topk(teacher_hidden, model.logits, topk, temperature, self.chunk,
+                                   step.chunks.get(teacher, 0)) if topk else teacher_hidden)
         out, student_hidden = self.response_hidden(model, step.passes[student], **student_kwargs)
-        return out, distill(student_hidden, model.logits, target, s.temperature, self.chunk, step.chunks.get(student, 0))
+        return out, distill(student_hidden, model.logits, target, temperature, self.chunk, step.chunks.get(student, 0))
 
     def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
         _, kd = self.kd(model, step, "teacher", "student", run_all_pathways=True)
@@ -313,9 +323,17 @@ class AlignRecipe(Recipe):
 
 class EmoAdapterRecipe(AlignRecipe):
     """Stage 2 (EmoAdapter): LM loss on emotion answers under every modality, valence/arousal (and
-    category) supervision on each path's pooled tokens, and a KD term keeping audio aligned."""
+    category) supervision on each path's pooled tokens, and a KD term that keeps what stage 1 taught: the
+    audio pass distils the visual pass of the model as stage 1 left it (no Enhancer, no LoRA: fixed
+    targets, not a moving anchor) on the description and, with stage2.kd_questions, stage 1's questions."""
 
     stage = 2
+
+    def kd_settings(self) -> tuple[float, int]:
+        return self.cfg.stage2.kd_temperature, self.cfg.stage2.kd_topk
+
+    def teacher_view(self, model: VAEmotionLLM):
+        return model.as_stage1()
 
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
@@ -334,16 +352,16 @@ class EmoAdapterRecipe(AlignRecipe):
             model.add_lora(m.lora.rank, m.lora.alpha, m.lora.targets)
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator, score: bool = False) -> StepInputs:
+        if score:
+            return self.scoring_inputs(model, batch, rng)
         emotions = list(self.cfg.stage2.emotions)
         step = StepInputs(passes={}, clips=len(batch))
         items, va, category, paths = [], [], [], []
         for i, meta in enumerate(batch.meta):
             modalities = ["visual"] + (["audio", "audio_visual"] if batch.has_audio[i] else [])
             for modality in modalities:
-                question = mcq(self.cfg.prompts.emotion_questions, emotions, rng, canonical=score)
-                answers = emotions if score else [meta["emotion"]]
-                for answer in answers:
-                    items.append(PromptItem(modality, question, answer, i))
+                question = mcq(self.cfg.prompts.emotion_questions, emotions, rng)
+                items.append(PromptItem(modality, question, meta["emotion"], i))
                 va.append([meta["valence"], meta["arousal"]])
                 category.append(emotions.index(meta["emotion"]) if meta["emotion"] in emotions else IGNORE)
                 paths.append(modality)
@@ -392,23 +410,54 @@ class EmoAdapterRecipe(AlignRecipe):
         sums.update(kd_sum=float(kd.kl_sum.detach()) * weight, kd_tokens=kd.count * weight, agree=kd.agree * weight)
         return StepResult(loss, sums)
 
+    def scored_tasks(self) -> list[tuple[str, list[str], list[str], str]]:
+        """(name, paraphrases, options, the clip field holding the answer) of each validation task."""
+        tasks = [("emotion", self.cfg.prompts.emotion_questions, list(self.cfg.stage2.emotions), "emotion")]
+        return tasks + [(name, spec["ask"], list(spec["options"]), spec["answer_field"])
+                        for name, spec in self.cfg.prompts.questions.items()
+                        if spec.get("answer_field") and spec["answer_field"] != "emotion"]
+
+    def scoring_inputs(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
+        """Validation questions with every option as a response: the emotion question, and each question set
+        of prompts.questions that names the clip field holding its answer (`answer_field`), under every
+        modality the clip has."""
+        step = StepInputs(passes={}, clips=len(batch))
+        items = []
+        for i, meta in enumerate(batch.meta):
+            for modality in ["visual"] + (["audio", "audio_visual"] if batch.has_audio[i] else []):
+                for name, asks, options, answer_field in self.scored_tasks():
+                    if meta.get(answer_field) not in options:
+                        continue
+                    question = mcq(asks, options, rng, canonical=True)
+                    items.extend(PromptItem(modality, question, option, i) for option in options)
+                    step.scored.append((name, modality, len(options), options.index(meta[answer_field])))
+        self.note_pass(step, "lm", clip_inputs(model, items, batch))
+        return step
+
     @torch.no_grad()
     def score(self, model: VAEmotionLLM, step: StepInputs) -> dict[str, float]:
-        """Validation: emotion accuracy per modality, scoring every option by log-likelihood."""
+        """Validation accuracy per task and modality, scoring every option by its mean log-likelihood;
+        `val_objective` (what sweeps rank by) is the mean over tasks of each task's accuracy."""
         inputs = step.passes["lm"]
         out, hidden = self.response_hidden(model, inputs, run_all_pathways=True)
         means = sequence_logprobs(hidden, model.logits, inputs.response_targets, inputs.response_lengths(),
                                   self.chunk, step.chunks.get("lm", 0))
-        k = len(self.cfg.stage2.emotions)
         sums: dict[str, float] = {}
-        for row, (path, truth) in enumerate(zip(step.labels["path"].tolist(), step.labels["category"].tolist())):
-            name = ("visual", "audio", "audio_visual")[path]
-            guess = int(np.argmax(means[row * k : (row + 1) * k]))
-            sums[f"val_{name}_correct"] = sums.get(f"val_{name}_correct", 0.0) + float(guess == truth)
-            sums[f"val_{name}_total"] = sums.get(f"val_{name}_total", 0.0) + 1.0
-        sums["val_emotion_correct"] = sum(v for name, v in sums.items() if name.endswith("_correct"))
-        sums["val_emotion_total"] = float(len(step.labels["path"]))
+        row = 0
+        for task, modality, options, truth in step.scored:
+            right = float(int(np.argmax(means[row : row + options])) == truth)
+            row += options
+            for name in (f"val_{task}_{modality}", f"val_{task}"):
+                sums[f"{name}_correct"] = sums.get(f"{name}_correct", 0.0) + right
+                sums[f"{name}_total"] = sums.get(f"{name}_total", 0.0) + 1.0
         return sums
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        out = super().metrics(sums)
+        tasks = [f"val_{name}_acc" for name, *_ in self.scored_tasks() if f"val_{name}_acc" in out]
+        if tasks:
+            out["val_objective"] = float(np.mean([out[name] for name in tasks]))
+        return out
 
 
 RECIPES = {0: SeeRecipe, 1: AlignRecipe, 2: EmoAdapterRecipe}

@@ -82,7 +82,7 @@ class MetricsWriter:
 
 LINE_KEYS = (("loss", "loss {:.4f}"), ("lm", "lm {:.3f}"), ("kd", "kd {:.4f}"), ("agreement", "agree {:.2f}"),
              ("aux", "aux {:.3f}"), ("va", "va {:.3f}"), ("cat", "cat {:.3f}"), ("val_loss", "val {:.4f}"),
-             ("val_emotion_acc", "val-emo {:.2f}"))
+             ("val_emotion_acc", "val-emo {:.2f}"), ("val_content_acc", "val-content {:.2f}"))
 
 
 def format_line(record: dict, max_steps: int, stage: int | None = None) -> str:

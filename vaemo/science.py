@@ -1,0 +1,205 @@
+"""`make science`: the whole pipeline over several seeds, reported as distributions.
+
+Each seed writes its own world (train/val/bench, the val split as a bench, and a bench written with other
+settings inside the spec) and trains every stage with that seed; the stage-2 ablations run on the same
+seeds. The report gives, per model and cell, the mean over seeds, each seed's value and a 95% interval
+(Student's t), the issue's targets judged on those means, and a plot with the seed spread:
+OUT/report.md, OUT/report.json, OUT/report.png (spec: `make science` in the CLI contract).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vaemo import progress
+from vaemo.config import MODALITIES
+
+TASKS = ("content", "emotion")
+
+
+@dataclass
+class Spread:
+    """One number measured once per seed."""
+
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else float("nan")
+
+    @property
+    def half_width(self) -> float:
+        """Half the 95% confidence interval of the mean (t distribution); nan with one seed."""
+        from scipy.stats import t
+
+        n = len(self.values)
+        if n < 2:
+            return float("nan")
+        return float(t.ppf(0.975, n - 1) * np.std(self.values, ddof=1) / math.sqrt(n))
+
+    def cell(self) -> str:
+        seeds = ", ".join(f"{v:.3f}" for v in self.values)
+        return f"{self.mean:.3f} ± {self.half_width:.3f} ({seeds})"
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "ci95": [self.mean - self.half_width, self.mean + self.half_width],
+                "seeds": self.values}
+
+
+def accuracy(report: dict, modality: str, task: str) -> float:
+    return report["accuracy"].get(modality, {}).get(task, float("nan"))
+
+
+def deaf(report: dict, key: str) -> float:
+    return report.get("deaf_check", {}).get(key, float("nan"))
+
+
+def cells(report: dict) -> dict[str, float]:
+    """The numbers of one evaluation that the report aggregates."""
+    out = {f"{m} {t}": accuracy(report, m, t) for m in MODALITIES for t in TASKS}
+    out["deaf check"] = deaf(report, "accuracy")
+    out["deaf check vs donor"] = deaf(report, "donor_accuracy")
+    for m, tasks in report.get("always_option", {}).items():
+        for t, baseline in tasks.items():
+            out[f"always one option, {m} {t}"] = baseline["best"]
+    return out
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, Spread]]:
+    """{model: {cell: Spread over seeds}} for every model every seed reported."""
+    models = [name for name in next(iter(per_seed.values())) if all(name in r for r in per_seed.values())]
+    table: dict[str, dict[str, Spread]] = {}
+    for model in models:
+        per_cell: dict[str, list[float]] = {}
+        for reports in per_seed.values():
+            for name, value in cells(reports[model]).items():
+                per_cell.setdefault(name, []).append(value)
+        table[model] = {name: Spread(values) for name, values in per_cell.items()}
+    return table
+
+
+def differences(per_seed: dict[int, dict[str, dict]], after: str, before: str, cell: str) -> Spread:
+    """after - before, paired by seed."""
+    return Spread([cells(r[after])[cell] - cells(r[before])[cell] for r in per_seed.values()])
+
+
+@dataclass
+class Target:
+    claim: str
+    measured: str
+    passed: bool
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'MISS'}  {self.claim}: {self.measured}"
+
+
+def targets(per_seed: dict[int, dict[str, dict]]) -> list[Target]:
+    """The science targets, judged on means over seeds (intervals and seed values shown)."""
+    table = aggregate(per_seed)
+    s0, s1, s2 = table["after stage 0"], table["after stage 1"], table["after stage 2"]
+    out = [Target(f"after stage 0, visual {t} mean >= 0.9", s0[f"visual {t}"].cell(), s0[f"visual {t}"].mean >= 0.9)
+           for t in TASKS]
+    for t in TASKS:
+        spread = s1[f"audio {t}"]
+        out.append(Target(f"after stage 1 (no audio labels), audio {t} mean >= 0.85 and every seed >= 0.8",
+                          spread.cell(), spread.mean >= 0.85 and min(spread.values) >= 0.8))
+    out.append(Target("after stage 1, deaf check mean <= 0.35", s1["deaf check"].cell(), s1["deaf check"].mean <= 0.35))
+    gap = Spread([cells(r["after stage 1"])["deaf check vs donor"]
+                  - np.mean([cells(r["after stage 1"])[f"audio {t}"] for t in TASKS]) for r in per_seed.values()])
+    out.append(Target("after stage 1, deaf check against the donor's answer minus audio accuracy within 0.05",
+                      gap.cell(), abs(gap.mean) <= 0.05))
+    gain = differences(per_seed, "after stage 2", "after stage 1", "audio emotion")
+    out.append(Target("stage 2 raises audio emotion (mean change > 0)", gain.cell(), gain.mean > 0))
+    cost = differences(per_seed, "after stage 2", "after stage 1", "audio content")
+    out.append(Target("stage 2 costs at most 0.02 audio content (mean change >= -0.02)", cost.cell(), cost.mean >= -0.02))
+    margin = Spread([cells(r["after stage 2"])["audio_visual emotion"]
+                     - max(cells(r["after stage 2"])["audio emotion"], cells(r["after stage 2"])["visual emotion"])
+                     for r in per_seed.values()])
+    out.append(Target("after stage 2, audio-visual emotion >= the better single modality (mean margin >= 0)",
+                      margin.cell(), margin.mean >= 0))
+    if "after stage 2, shifted bench" in table:
+        shift = Spread([np.mean([cells(r["after stage 2, shifted bench"])[f"{m} {t}"] - cells(r["after stage 2"])[f"{m} {t}"]
+                                 for m in MODALITIES for t in TASKS]) for r in per_seed.values()])
+        out.append(Target("the final model on a bench written with other settings (4-8 s, no domain randomisation) "
+                          "within 0.05 of the bench split (mean over cells)", shift.cell(), abs(shift.mean) <= 0.05))
+    return out
+
+
+def chart(table: dict[str, dict[str, Spread]], png: Path, models: list[str]) -> None:
+    """Bars: the mean per cell for each model, the 95% interval, and each seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{m} {t}" for m in MODALITIES for t in TASKS] + ["deaf check"]
+    x = np.arange(len(names))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for k, model in enumerate(models):
+        spreads = [table[model][name] for name in names]
+        offset = x + (k - (len(models) - 1) / 2) * width
+        ax.bar(offset, [s.mean for s in spreads], width, label=model,
+               yerr=[0 if math.isnan(s.half_width) else s.half_width for s in spreads], capsize=2)
+        for xi, spread in zip(offset, spreads):
+            ax.scatter([xi] * len(spread.values), spread.values, s=8, color="black", zorder=3)
+    ax.axhline(0.25, color="black", linestyle="--", linewidth=1, label="chance (0.25)")
+    ax.set_xticks(x, [n.replace("audio_visual", "audio-visual").replace(" ", "\n", 1) for n in names])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title("ArtEmoBench over seeds: mean, 95% interval, each seed")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, per_seed: dict[int, dict[str, dict]], seconds: float) -> list[Target]:
+    table = aggregate(per_seed)
+    checks = targets(per_seed) if len(table) and "after stage 2" in table else []
+    columns = [f"{m} {t}" for m in MODALITIES for t in TASKS] + ["deaf check", "deaf check vs donor"]
+    lines = ["# vaemo science report", "",
+             f"Seeds {sorted(per_seed)} (world and training); wall time {seconds / 60:.1f} min. Each cell: mean ± "
+             "half the 95% interval (Student's t over seeds), then each seed's value.", "",
+             "| model | " + " | ".join(c.replace("audio_visual", "audio-visual") for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for model, spreads in table.items():
+        lines.append(f"| {model} | " + " | ".join(spreads[c].cell() for c in columns) + " |")
+    lines += ["", "Best \"always answer option k\" per cell (a position bias the model must beat):", ""]
+    first = table.get("after stage 2", next(iter(table.values())))
+    lines += [f"- {name.removeprefix('always one option, ')}: {spread.cell()}" for name, spread in first.items()
+              if name.startswith("always one option")]
+    lines += ["", "Targets (judged on the means):", "", *[f"- {c.line()}" for c in checks], ""]
+    (out / "report.md").write_text("\n".join(lines))
+    summary = {model: {name: s.to_dict() for name, s in spreads.items()} for model, spreads in table.items()}
+    (out / "report.json").write_text(json.dumps({"seeds": sorted(per_seed), "wall_seconds": seconds, "summary": summary,
+                                                 "targets": [asdict(c) for c in checks], "per_seed": per_seed}, indent=2))
+    shown = [m for m in ("after stage 0", "after stage 1", "after stage 2", "stage 2 no-adapter") if m in table]
+    if shown:
+        chart(table, out / "report.png", shown)
+    return checks
+
+
+def run_science(out: Path, config: str, seeds: list[int], ablations: bool, fresh: bool, actors: int) -> int:
+    from vaemo.demo import run_pipeline
+
+    start = time.time()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        progress.log(f"science: seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
+        per_seed[seed] = run_pipeline(out / f"seed{seed}", config, seed, ablations, fresh, actors, dev_and_shifted=True)
+        write_report(out, per_seed, time.time() - start)  # a partial report survives an interrupted run
+    checks = write_report(out, per_seed, time.time() - start)
+    progress.console.print((out / "report.md").read_text())
+    progress.log(f"science finished in {(time.time() - start) / 60:.1f} min: {sum(c.passed for c in checks)}/"
+                 f"{len(checks)} targets met; {out / 'report.md'}, {out / 'report.png'}")
+    return 0
