@@ -20,7 +20,7 @@ from vaemo.train.worker import synchronize
 
 CLIPS = 2
 # The first loss of each stage on `labelled_batch` (tiny preset, seed 0), measured on this machine.
-GOLDEN = {0: 9.1644287109375, 1: 0.03291682153940201, 2: 7.642899513244629}
+GOLDEN = {0: 9.1644287109375, 1: 0.03291682153940201, 2: 7.64296293258667}
 
 
 def labelled_batch(cfg) -> Batch:

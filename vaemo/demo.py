@@ -132,10 +132,10 @@ def write_data(data: Path, config: str, seed: int, fresh: bool, dev_and_shifted:
                    ranges=shifted, workers=synth.workers)
 
 
-def run_pipeline(out: Path, config: str, seed: int | None, ablations: bool, fresh: bool, actors: int,
+def run_pipeline(out: Path, config: str, seed: int | None, ablations: tuple[str, ...], fresh: bool, actors: int,
                  dev_and_shifted: bool = False) -> dict[str, dict]:
-    """data -> stage 0 -> eval -> stage 1 -> eval -> stage 2 -> eval [-> ablations]; returns the reports.
-    `seed`: world and training seed (None: the preset's)."""
+    """data -> stage 0 -> eval -> stage 1 -> eval -> stage 2 -> eval [-> the named ABLATIONS]; returns the
+    reports. `seed`: world and training seed (None: the preset's)."""
     out = out.resolve()
     seed_overrides = [] if seed is None else [f"seed={seed}"]
     data = out / "data"
@@ -156,17 +156,17 @@ def run_pipeline(out: Path, config: str, seed: int | None, ablations: bool, fres
     if dev_and_shifted:
         reports["after stage 2, shifted bench"] = score(exports[2], data / "shifted" / "bench",
                                                         out / "eval-stage2-shifted", "shifted bench", actors)
-    if ablations:
-        for name, switches in ABLATIONS.items():
-            export = train(2, out / f"stage2-{name}", config,
-                           [*data_overrides, f"model.init_from={exports[1]}", *switches], fresh)
-            reports[f"stage 2 {name}"] = score(export, bench, out / f"eval-stage2-{name}", name, actors)
+    for name in ablations:
+        switches = ABLATIONS[name]
+        export = train(2, out / f"stage2-{name}", config, [*data_overrides, f"model.init_from={exports[1]}", *switches],
+                       fresh)
+        reports[f"stage 2 {name}"] = score(export, bench, out / f"eval-stage2-{name}", name, actors)
     return reports
 
 
 def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int) -> int:
     start = time.time()
-    reports = run_pipeline(out, config, None, ablations, fresh, actors)
+    reports = run_pipeline(out, config, None, tuple(ABLATIONS) if ablations else (), fresh, actors)
     return report(out.resolve(), reports, time.time() - start)
 
 

@@ -187,7 +187,14 @@ def write_report(out: Path, per_seed: dict[int, dict[str, dict]], seconds: float
     return checks
 
 
-def run_science(out: Path, config: str, seeds: list[int], ablations: bool, fresh: bool, actors: int) -> int:
+# Stage-2 ablations per seed. "adapter" (the default, for the 60-minute budget) compares stage 2 with and
+# without the EmoAdapter (the latter fine-tunes the audio projector on the same data and losses).
+ABLATION_SETS: dict[str, tuple[str, ...]] = {"none": (), "adapter": ("no-adapter",),
+                                             "all": ("no-enhancer", "no-supervisor", "no-adapter")}
+
+
+def run_science(out: Path, config: str, seeds: list[int], ablations: tuple[str, ...], fresh: bool,
+                actors: int) -> int:
     from vaemo.demo import run_pipeline
 
     start = time.time()
