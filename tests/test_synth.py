@@ -197,3 +197,16 @@ def test_the_val_split_becomes_a_bench_to_choose_settings_on(small_world, tmp_pa
     assert all((tmp_path / "val-bench" / r["media"]).is_file() for r in rows)
     first = json.loads((tmp_path / "val-bench" / "media" / "clip-00000.json").read_text())
     assert first["split"] == "val" and rows[0]["media"].endswith(first["synth"]["container"])
+
+
+def test_vaemo_data_synth_writes_a_world_at_other_settings_inside_the_spec(tmp_path):
+    from conftest import cli
+
+    result = cli("data", "synth", "--out", str(tmp_path / "w"), "--clips", "4", "--val-clips", "2", "--bench-clips", "2",
+                 "--workers", "1", "synth.fps=[24,24]", "synth.formats=[mkv]", "synth.min_duration=4",
+                 "synth.sample_rates=[22050]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((tmp_path / "w/bench/media/clip-00001.json").read_text())["synth"]
+    assert (meta["fps"], meta["container"], meta["sample_rate"]) == (24, "mkv", 22050) and meta["duration"] >= 4
+    bad = cli("data", "synth", "--out", str(tmp_path / "bad"), "synth.fps=[5,24]")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: config field 'synth.fps'")

@@ -1,6 +1,7 @@
 """The `vaemo` console script: the same operations as jobs/*.py, calling the same functions.
 
     vaemo data synth --out runs/data --clips 2400
+    vaemo data synth --out runs/other --clips 192 synth.fps=[24,24] synth.formats=[mkv] synth.min_duration=5
     vaemo data pack my_clips/ --out shards/ --manifest labels.jsonl
     vaemo data inspect 'shards/*.tar' --json
     vaemo config show --config configs/tiny.yaml --stage 1 train.max_steps=10
@@ -31,13 +32,15 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a preset whose `synth` section gives sizes (optional)")
     p.add_argument("--shard-size", type=positive_int, default=None, help="clips per shard")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("overrides", nargs="*", metavar="synth.FIELD=VALUE",
+                   help="other settings inside the spec, e.g. synth.fps=[24,24] synth.formats=[mkv]")
 
 
 def run_synth(args: argparse.Namespace) -> dict:
     from vaemo.config import load_config
     from vaemo.data.synth import write_world
 
-    return write_world(args.out, load_config(args.config).synth, args.seed, train=args.clips, val=args.val_clips,
+    return write_world(args.out, load_config(args.config, args.overrides).synth, args.seed, train=args.clips, val=args.val_clips,
                        bench=args.bench_clips, shard_size=args.shard_size, workers=args.workers)
 
 

@@ -271,7 +271,8 @@ class AlignRecipe(Recipe):
         s = self.cfg.stage1
         asked = [(p, r, i) for i in clips for p, r in align_sequences(batch.meta[i], rng, self.cfg.prompts, questions,
                                                                       s.responses)]
-        return write_teacher_responses(model, batch, asked, s.teacher_response_tokens, lockstep=True)
+        with self.teacher_view(model):  # the responses the teacher writes come from the same teacher
+            return write_teacher_responses(model, batch, asked, s.teacher_response_tokens, lockstep=True)
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         # The same prompt and response for teacher (frames) and student (soundtrack).
