@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections import Counter
@@ -48,6 +49,8 @@ def test_decode_round_trip_any_container_codec_rate_and_size(codec, fps, size, s
     if width != height:  # the aspect ratio is kept: black bars on the short side, the picture in between
         bars = clip.video[-1, :, :2] if width > height else clip.video[-1, :, :, :2]
         assert int(bars.max()) < 8 and float(clip.video[-1, :, 26:30, 26:30].float().mean()) > 150
+        cropped = decode_sample({"__key__": "k", codec.container: raw}, dataclasses.replace(SPEC, fit="crop"))
+        assert cropped.video.shape == (8, 3, 56, 56) and int(cropped.video[-1].min()) > 150  # all picture
     assert clip.audio.shape == (3 * 16000,)  # 16 kHz mono, padded/cut to audio_seconds
     assert abs(clip.audio_len - 3 * 16000) < 0.03 * 3 * 16000
     spectrum = np.abs(np.fft.rfft(clip.audio[: clip.audio_len].numpy()))
@@ -100,8 +103,6 @@ def test_decoded_pairs_at_60_fps_show_a_tenth_of_a_second():
 def test_a_clip_longer_than_the_window_gives_frames_and_audio_of_one_window():
     """8 s clip, 3 s window: evaluation takes the middle 3 s, training a window drawn per clip key; frames
     and audio come from the same stretch."""
-    import dataclasses
-
     fps, seconds = 12, 8
     raw = ramp_clip(seconds * fps, fps, 64, 64, 16000, Codec())
     middle = decode_sample({"__key__": "k", "mp4": raw}, SPEC)

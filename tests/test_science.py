@@ -11,8 +11,9 @@ from vaemo.science import Spread, aggregate, targets, write_report
 
 
 def report(audio: float, visual: float, av: float, deaf: float = 0.25, donor: float = 0.9) -> dict:
-    accuracy = {"audio": {"content": audio, "emotion": audio}, "visual": {"content": visual, "emotion": visual},
-                "audio_visual": {"content": av, "emotion": av}}
+    accuracy = {"audio": {"content": audio, "emotion": audio, "all": audio},
+                "visual": {"content": visual, "emotion": visual, "all": visual},
+                "audio_visual": {"content": av, "emotion": av, "all": av}}
     return {"accuracy": accuracy, "deaf_check": {"accuracy": deaf, "items": 10, "donor_accuracy": donor},
             "always_option": {m: {t: {"best": 0.3, "per_option": [0.3, 0.2, 0.25, 0.25]} for t in ("content", "emotion")}
                               for m in accuracy}}
@@ -52,3 +53,18 @@ def test_the_report_lists_every_seed_and_the_intervals(tmp_path):
     assert cell["seeds"] == [0.93, 0.9, 0.95] and cell["ci95"][0] < cell["mean"] < cell["ci95"][1]
     assert set(aggregate(per_seed)) == {"after stage 0", "after stage 1", "after stage 2"}
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_the_demos_targets_fail_when_stage_2_does_nothing():
+    """Issue 13: 'change >= 0' targets passed when stage 2 changed nothing; the Supervisor's valence/arousal
+    only exist when stage 2 trained it."""
+    from vaemo.demo import targets as demo_targets
+
+    stage1 = report(0.9, 0.95, 0.95, donor=0.9)
+    stage1["counts"] = {"audio": {"content": 192, "emotion": 192}}
+    unchanged = {"after stage 0": {**report(0.25, 0.95, 0.95), "counts": stage1["counts"]}, "after stage 1": stage1,
+                 "after stage 2": stage1}
+    checks = {t.claim: t.passed for t in demo_targets(unchanged)}
+    assert not checks["after stage 2, audio arousal error (the Supervisor's) <= 0.3"]
+    trained = {**unchanged, "after stage 2": {**stage1, "va": {"audio": {"valence_mae": 0.2, "arousal_mae": 0.2}}}}
+    assert all(t.passed for t in demo_targets(trained)), [t.line() for t in demo_targets(trained) if not t.passed]

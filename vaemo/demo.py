@@ -17,7 +17,7 @@ from pathlib import Path
 from vaemo import progress
 from vaemo.config import STAGES, load_config, project_root
 from vaemo.errors import UserError
-from vaemo.eval.report import chance_report, chart, position_report, table
+from vaemo.eval.report import chance_report, chart, deaf_cell, position_report, table
 from vaemo.eval.run import evaluate, write_outputs
 
 ABLATIONS = {"no-enhancer": ["stage2.use_enhancer=false"], "no-supervisor": ["stage2.use_supervisor=false"],
@@ -171,7 +171,8 @@ def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int) 
 
 
 def report(out: Path, reports: dict[str, dict], seconds: float) -> int:
-    rows = {"chance": chance_report(reports["after stage 2"]), **reports}
+    rows = {"chance": chance_report(reports["after stage 2"]),
+            "always one option": position_report(reports["after stage 2"]), **reports}
     progress.console.print(table(rows, title="ArtEmoBench accuracy per stage (4 options; chance 0.25)"))
     chart(rows, out / "report.png", title="VAEmotionLLM on ArtEmo-Synth: what each stage adds")
     checks = targets(reports)
@@ -179,13 +180,12 @@ def report(out: Path, reports: dict[str, dict], seconds: float) -> int:
         progress.log(check.line())
     lines = ["# vaemo demo report", "", f"Wall time of this run: {seconds / 60:.1f} min.", "",
              "| model | " + " | ".join(f"{m} {t}" for m in ("audio", "visual", "audio_visual")
-                                       for t in ("content", "emotion")) + " | deaf check |",
+                                       for t in ("content", "emotion")) + " | deaf check (vs donor) |",
              "|---|" + "---|" * 7]
     for name, r in rows.items():
         cells = [f"{r['accuracy'].get(m, {}).get(t, float('nan')):.3f}" for m in ("audio", "visual", "audio_visual")
                  for t in ("content", "emotion")]
-        deaf = r.get("deaf_check", {}).get("accuracy")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if deaf is None else f'{deaf:.3f}'} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {deaf_cell(r)} |")
     lines += ["", "Targets:", "", *[f"- {c.line()}" for c in checks], ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps({"reports": reports, "wall_seconds": seconds,

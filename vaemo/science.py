@@ -102,7 +102,7 @@ class Target:
 def targets(per_seed: dict[int, dict[str, dict]]) -> list[Target]:
     """The science targets, judged on means over seeds (intervals and seed values shown)."""
     table = aggregate(per_seed)
-    s0, s1, s2 = table["after stage 0"], table["after stage 1"], table["after stage 2"]
+    s0, s1 = table["after stage 0"], table["after stage 1"]
     out = [Target(f"after stage 0, visual {t} mean >= 0.9", s0[f"visual {t}"].cell(), s0[f"visual {t}"].mean >= 0.9)
            for t in TASKS]
     for t in TASKS:

@@ -78,7 +78,8 @@ def fingerprint_parts(cfg: Config) -> dict:
                "sets": cfg.prompts.questions, "responses": s.responses,
                "teacher_response_tokens": s.teacher_response_tokens}
     frames = {"num_frames": d.num_frames, "frame_height": d.frame_height, "frame_width": d.frame_width,
-              "frame_sampling": d.frame_sampling, "pair_seconds": d.pair_seconds}
+              "frame_sampling": d.frame_sampling, "pair_seconds": d.pair_seconds,
+              "frame_fit": d.frame_fit}
     return {"version": FINGERPRINT_VERSION, "model": model, "prompts": prompts, "frames": frames, "topk": s.topk,
             "temperature": s.temperature}
 

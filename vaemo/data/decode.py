@@ -72,6 +72,7 @@ class DecodeSpec:
     allow_missing_audio: bool = False  # with need_audio: decode a soundtrack when there is one, else keep the clip
     sampling: str = "uniform"  # "uniform" frames, or uniformly spaced "pairs" of frames pair_seconds apart
     pair_seconds: float = 0.1  # time between a pair's frames, whatever the clip's frame rate
+    fit: str = "letterbox"  # another aspect ratio: "letterbox" (all of the picture, black bars) or "crop" (centre)
     teacher_fingerprint: str = ""  # non-empty: the sample needs a cached teacher record with this fingerprint
     emotions: tuple[str, ...] = ()  # with `emotion` in need_fields: the categories the consumer knows
     # A clip longer than audio_seconds is cut to one window of that length, which frames and audio share:
@@ -86,7 +87,7 @@ class DecodeSpec:
     def for_data(cls, d: "DataConfig", **needs) -> "DecodeSpec":
         """The frames and soundtrack a config's `data` section asks for, plus what the consumer needs."""
         return cls(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                   pair_seconds=d.pair_seconds, **needs)
+                   pair_seconds=d.pair_seconds, fit=d.frame_fit, **needs)
 
 
 @dataclass
@@ -189,7 +190,11 @@ def clip_window(total: float, spec: DecodeSpec, key: str = "") -> tuple[float, f
 
 
 def fitted_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
-    """The largest size with the frame's aspect ratio inside (spec.height, spec.width)."""
+    """The size, with the frame's aspect ratio, that frames are resized to: the largest inside (spec.height,
+    spec.width) to letterbox, the smallest covering it to crop."""
+    if spec.fit == "crop":
+        scale = max(spec.height / height, spec.width / width)
+        return max(spec.height, round(height * scale)), max(spec.width, round(width * scale))
     scale = min(spec.height / height, spec.width / width)
     return max(1, min(spec.height, round(height * scale))), max(1, min(spec.width, round(width * scale)))
 
@@ -219,7 +224,7 @@ def open_video(raw: bytes, spec: DecodeSpec, seek_mode: str = "approximate"):
 
 def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tuple[torch.Tensor | None, float]:
     """spec.num_frames frames from the clip's window (`clip_window`), chosen by time (`frame_indices`),
-    resized with the aspect ratio kept and centred on black bars, and the window's seconds; (None, 0)
+    resized with the aspect ratio kept and fitted (`fit_frames`), and the window's seconds; (None, 0)
     without video. `opened`: what `open_video` returned for these bytes, when the caller has it."""
     opened = opened or open_video(raw, spec)
     if opened is None:
@@ -239,15 +244,18 @@ def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tu
 def window_frames(decoder: VideoDecoder, total: float, n: int, spec: DecodeSpec, key: str) -> tuple[torch.Tensor, float]:
     start, seconds = clip_window(total, spec, key)
     indices = frame_indices(n, n / total if total > 0 else 1.0, start, seconds, spec)
-    return letterbox(decoder.get_frames_at(indices=indices).data, spec), seconds
+    return fit_frames(decoder.get_frames_at(indices=indices).data, spec), seconds
 
 
-def letterbox(frames: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
-    """(F, 3, h, w) -> (F, 3, H, W), centred, black around (a no-op when the size already fits)."""
+def fit_frames(frames: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+    """(F, 3, h, w) resized frames -> (F, 3, H, W): centred on black bars (letterbox) or their centre cut out
+    (crop); a no-op when the size already fits."""
     h, w = frames.shape[-2:]
     if (h, w) == (spec.height, spec.width):
         return frames
     top, left = (spec.height - h) // 2, (spec.width - w) // 2
+    if spec.fit == "crop":
+        return frames[..., -top : -top + spec.height, -left : -left + spec.width]
     return F.pad(frames, (left, spec.width - w - left, top, spec.height - h - top))
 
 

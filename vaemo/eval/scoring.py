@@ -112,7 +112,8 @@ def decode_spec(model: VAEmotionLLM) -> DecodeSpec:
     """Clips decoded the way the model was trained on them."""
     v = model.spec.visual
     return DecodeSpec(num_frames=v.num_frames, height=v.height, width=v.width,
-                      audio_seconds=model.spec.audio_seconds, sampling=v.frame_sampling, pair_seconds=v.pair_seconds)
+                      audio_seconds=model.spec.audio_seconds, sampling=v.frame_sampling, pair_seconds=v.pair_seconds,
+                      fit=v.frame_fit)
 
 
 def decode_clip(path: Path, spec: DecodeSpec, video: bool, audio: bool):

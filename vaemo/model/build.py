@@ -221,7 +221,8 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAE
     visual = VisualSpec(num_frames=data_cfg.num_frames, height=data_cfg.frame_height, width=data_cfg.frame_width,
                         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
                         merge_size=vision.spatial_merge_size, image_mean=mean, image_std=std,
-                        frame_sampling=data_cfg.frame_sampling, pair_seconds=data_cfg.pair_seconds)
+                        frame_sampling=data_cfg.frame_sampling, pair_seconds=data_cfg.pair_seconds,
+                        frame_fit=data_cfg.frame_fit)
     try:
         visual.check()
     except ValueError as err:
@@ -248,7 +249,7 @@ def check_data_matches(spec: ModelSpec, data_cfg: DataConfig, path: Path) -> Non
     """A model must be fed clips decoded the way it was trained on."""
     pairs = [("num_frames", spec.visual.num_frames), ("frame_height", spec.visual.height),
              ("frame_width", spec.visual.width), ("frame_sampling", spec.visual.frame_sampling),
-             ("pair_seconds", spec.visual.pair_seconds),
+             ("pair_seconds", spec.visual.pair_seconds), ("frame_fit", spec.visual.frame_fit),
              ("audio_seconds", spec.audio_seconds)]
     for name, value in pairs:
         if getattr(data_cfg, name) != value:

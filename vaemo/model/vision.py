@@ -29,6 +29,7 @@ class VisualSpec:
     image_std: tuple[float, float, float] = CLIP_STD
     frame_sampling: str = "uniform"  # how the frames were picked from the clip (data.frame_sampling)
     pair_seconds: float = 0.1  # data.pair_seconds
+    frame_fit: str = "letterbox"  # data.frame_fit
 
     def check(self) -> None:
         unit = self.patch_size * self.merge_size
