@@ -36,6 +36,11 @@ def small_world(tmp_path_factory) -> Path:
     return out
 
 
+def bench_clip(world: Path, index: int) -> Path:
+    """The media file of bench clip `index` (its container varies: the world spans the spec's)."""
+    return next(p for p in sorted((world / "bench" / "media").glob(f"clip-{index:05d}.*")) if p.suffix != ".json")
+
+
 def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600):
     """Run the `vaemo` console script of this venv; returns the CompletedProcess."""
     import subprocess

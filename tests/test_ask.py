@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli
+from conftest import bench_clip, cli
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def last_json(result) -> dict:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_ask_answers_about_one_clip_with_valence_and_arousal(small_world, adapter_export, dtype):
-    clip = small_world / "bench" / "media" / "clip-00000.mp4"
+    clip = bench_clip(small_world, 0)
     for modality in ("audio", "visual", "audio_visual"):
         answer = last_json(cli("ask", "--model", str(adapter_export), "--clip", str(clip), "--modality", modality,
                                "--question", "What emotion does this artwork express?", "--dtype", dtype,
@@ -33,7 +33,7 @@ def test_ask_answers_a_folder_on_the_actor_pool_and_counts_bad_clips(small_world
     folder = tmp_path / "clips"
     (folder / "nested").mkdir(parents=True)
     for i in range(3):
-        shutil.copy(small_world / "bench" / "media" / f"clip-0000{i}.mp4", folder / "nested" / f"c{i}.mp4")
+        shutil.copy(bench_clip(small_world, i), folder / "nested" / f"c{i}.mp4")
     (folder / "broken.mp4").write_bytes(b"not a clip")
     (folder / "notes.txt").write_text("ignored")
     out = tmp_path / "answers.jsonl"
@@ -69,7 +69,7 @@ def test_bad_input_is_one_line_and_exit_2(adapter_export, small_world, tmp_path,
 
 
 def test_a_folder_that_is_no_export_is_refused(small_world, tmp_path):
-    result = cli("ask", "--model", str(tmp_path), "--clip", str(small_world / "bench" / "media" / "clip-00000.mp4"))
+    result = cli("ask", "--model", str(tmp_path), "--clip", str(bench_clip(small_world, 0)))
     assert result.returncode == 2 and "is not a vaemo export" in result.stderr
 
 
@@ -81,7 +81,7 @@ def test_the_readmes_python_example_runs(small_world, adapter_export, capsys):
     code = section[section.index("```python") + len("```python"):]
     code = code[: code.index("```")]
     code = code.replace("runs/demo/stage2/export", str(adapter_export))
-    code = code.replace('"clip.mp4"', repr(str(small_world / "bench" / "media" / "clip-00002.mp4")))
+    code = code.replace('"clip.mp4"', repr(str(bench_clip(small_world, 2))))
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) >= 2 and printed[-1].startswith("tensor([[")  # the answer, then valence/arousal

@@ -7,7 +7,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import ROOT, ok, run
+from conftest import ROOT, bench_clip, ok, run
 
 from vaemo.data.bench import read_bench
 from vaemo.eval.run import evaluate
@@ -93,7 +93,7 @@ def test_the_actor_pool_gives_the_same_numbers_as_one_process(small_world, adapt
 def test_results_follow_the_spec_and_an_unreadable_clip_is_counted(small_world, adapter_export, tmp_path):
     bench = tmp_path / "bench"
     shutil.copytree(small_world / "bench", bench)
-    (bench / "media" / "clip-00003.mp4").write_bytes(b"not a clip at all")
+    bench_clip(bench.parent, 3).write_bytes(b"not a clip at all")
     out = tmp_path / "eval"
     result = ok(run([sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(adapter_export), "--bench", str(bench),
                      "--out", str(out), "--actors", "2", "--baseline", f"same={adapter_export}"]))

@@ -11,7 +11,7 @@ import math
 import sys
 
 import pytest
-from conftest import ROOT, cli, ok, run
+from conftest import ROOT, bench_clip, cli, ok, run
 
 pytestmark = pytest.mark.slow
 PRESET = str(ROOT / "configs/qwen2.5-vl-7b.yaml")
@@ -46,7 +46,7 @@ def test_the_7b_preset_runs_end_to_end_on_hub_layout_checkpoints_in_bf16(small_w
     report = json.loads((out / "results.json").read_text())
     assert report["skipped"] == 0 and {"audio", "visual", "audio_visual"} <= set(report["accuracy"])
 
-    clip = small_world / "bench" / "media" / "clip-00001.mp4"
+    clip = bench_clip(small_world, 1)
     result = cli("ask", "--model", str(stage2 / "export"), "--clip", str(clip), "--dtype", "bf16",
                  "--max-new-tokens", "4", "--json")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])

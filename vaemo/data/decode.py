@@ -235,8 +235,13 @@ def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tu
         # The header's frame count may be an estimate (WebM derives it from a duration that includes the
         # soundtrack's tail): count the frames themselves and try once more.
         pass
-    try:
-        return window_frames(*open_video(raw, spec, seek_mode="exact"), spec, key)
+    try:  # the clip opened before: whatever fails now, its streams end early
+        decoder, total, n = open_video(raw, spec, seek_mode="exact")
+        if n < 0.9 * opened[2]:  # an estimate is off by a frame or two; a cut-off file by far more
+            raise SkipSample("truncated_clip", f"{n} of {opened[2]} frames")
+        return window_frames(decoder, total, n, spec, key)
+    except SkipSample as err:
+        raise SkipSample("truncated_clip", err.detail) from None
     except (RuntimeError, IndexError) as err:
         raise SkipSample("truncated_clip", str(err).splitlines()[0][:80]) from None
 
