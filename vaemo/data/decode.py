@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -229,12 +230,10 @@ def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tu
     opened = opened or open_video(raw, spec)
     if opened is None:
         return None, 0.0
-    try:
+    with suppress(RuntimeError, IndexError):
         return window_frames(*opened, spec, key)
-    except (RuntimeError, IndexError):
-        # The header's frame count may be an estimate (WebM derives it from a duration that includes the
-        # soundtrack's tail): count the frames themselves and try once more.
-        pass
+    # The header's frame count may be an estimate (WebM derives it from a duration that includes the
+    # soundtrack's tail): count the frames themselves and try once more.
     try:  # the clip opened before: whatever fails now, its streams end early
         decoder, total, n = open_video(raw, spec, seek_mode="exact")
         if n < 0.9 * opened[2]:  # an estimate is off by a frame or two; a cut-off file by far more
