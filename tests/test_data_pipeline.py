@@ -59,6 +59,22 @@ def test_decode_round_trip_any_container_codec_rate_and_size(codec, fps, size, s
     assert clip.meta == {"caption": "x"}
 
 
+def test_frame_fit_keeps_what_each_mode_promises_of_a_wide_picture():
+    """A 2:1 picture whose left and right eighths are white: letterbox keeps them (bars above and below),
+    crop cuts them off (the centre at full height), stretch keeps them and fills the frame."""
+    frames = np.full((12, 64, 128, 3), 60, np.uint8)
+    frames[:, :, :16] = frames[:, :, -16:] = 250
+    raw = encode_clip(frames, None, 12, 16000, Codec("mp4", "libx264", "aac", 1))
+    spec = dataclasses.replace(SPEC, need_audio=False)
+    fitted = {fit: decode_sample({"__key__": "k", "mp4": raw}, dataclasses.replace(spec, fit=fit)).video[0].float()
+              for fit in ("letterbox", "crop", "stretch")}
+    letterbox, crop, stretch = fitted["letterbox"], fitted["crop"], fitted["stretch"]
+    assert letterbox[:, :10].max() < 8 and letterbox[:, 20:36, :4].mean() > 230  # bars; the edges kept
+    assert crop[:, :, :4].mean() < 80 and crop[:, :4].mean() > 50  # the edges gone; no bars
+    assert stretch[:, :, :4].mean() > 230 and stretch[:, :4, 24:32].mean() > 50  # the edges kept; no bars
+    assert all(v.shape == (3, 56, 56) for v in fitted.values())
+
+
 @pytest.mark.parametrize("fps", [10, 12, 15, 24, 30, 60])
 def test_frame_pairs_are_a_fixed_time_apart_whatever_the_frame_rate(fps):
     """The motion a pair shows (an arousal cue) must not depend on the frame rate: pairs are pair_seconds

@@ -114,9 +114,10 @@ class DataConfig:
     picture plus motion in one temporal patch). Frames are chosen by time, whatever the clip's frame rate."""
     pair_seconds: float = 0.1
     """With `pairs`: the time between a pair's two frames (the nearest frame; at 10 fps, the next one)."""
-    frame_fit: Literal["letterbox", "crop"] = "letterbox"
+    frame_fit: Literal["letterbox", "crop", "stretch"] = "letterbox"
     """A clip of another aspect ratio than frame_height x frame_width: `letterbox` keeps all of the picture
-    (black bars), `crop` keeps its centre at the scale of the shorter side."""
+    (black bars), `crop` keeps its centre at the scale of the shorter side, `stretch` keeps all of the
+    picture without bars, its shapes squeezed by the aspect ratios' quotient."""
     audio_seconds: float = 4.0
     """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones zero-padded."""
     batch_size: int = 8

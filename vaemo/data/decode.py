@@ -73,7 +73,7 @@ class DecodeSpec:
     allow_missing_audio: bool = False  # with need_audio: decode a soundtrack when there is one, else keep the clip
     sampling: str = "uniform"  # "uniform" frames, or uniformly spaced "pairs" of frames pair_seconds apart
     pair_seconds: float = 0.1  # time between a pair's frames, whatever the clip's frame rate
-    fit: str = "letterbox"  # another aspect ratio: "letterbox" (all of the picture, black bars) or "crop" (centre)
+    fit: str = "letterbox"  # another aspect ratio: "letterbox" (black bars), "crop" (centre) or "stretch"
     teacher_fingerprint: str = ""  # non-empty: the sample needs a cached teacher record with this fingerprint
     emotions: tuple[str, ...] = ()  # with `emotion` in need_fields: the categories the consumer knows
     # A clip longer than audio_seconds is cut to one window of that length, which frames and audio share:
@@ -191,8 +191,10 @@ def clip_window(total: float, spec: DecodeSpec, key: str = "") -> tuple[float, f
 
 
 def fitted_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
-    """The size, with the frame's aspect ratio, that frames are resized to: the largest inside (spec.height,
-    spec.width) to letterbox, the smallest covering it to crop."""
+    """The size that frames are resized to: with the frame's aspect ratio, the largest inside (spec.height,
+    spec.width) to letterbox, the smallest covering it to crop; to stretch, (spec.height, spec.width)."""
+    if spec.fit == "stretch":
+        return spec.height, spec.width
     if spec.fit == "crop":
         scale = max(spec.height / height, spec.width / width)
         return max(spec.height, round(height * scale)), max(spec.width, round(width * scale))
