@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vaemo.data.decode import DecodeSpec, decode_audio, decode_video, split_sample  # noqa: E402
-from vaemo.data.stream import TrainStream, expand_shards, make_loader, read_shard  # noqa: E402
+from vaemo.data.stream import TrainStream, expand_shards, make_loader  # noqa: E402
+from vaemo.data.tars import read_shard  # noqa: E402
 
 SPEC = DecodeSpec(num_frames=8, height=112, width=112, audio_seconds=3.0)
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from vaemo.config import load_config  # noqa: E402
 from vaemo.data import world  # noqa: E402
 from vaemo.data.decode import DecodeSpec, SkipSample, decode_sample  # noqa: E402
-from vaemo.data.stream import ShardError, expand_shards, read_shard  # noqa: E402
+from vaemo.data.stream import expand_shards  # noqa: E402
+from vaemo.data.tars import ShardError, read_shard  # noqa: E402
 from vaemo.model import build_model  # noqa: E402
 from vaemo.train.recipes import SeeRecipe  # noqa: E402
 from vaemo.train.worker import learning_rate  # noqa: E402

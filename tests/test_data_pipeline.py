@@ -312,7 +312,7 @@ def test_bench_reader(small_world, tmp_path):
 
 
 def test_shard_reader_matches_webdataset_and_counts_damaged_shards(small_world, tmp_path):
-    from vaemo.data.stream import ShardError, read_shard
+    from vaemo.data.tars import ShardError, read_shard
 
     url = str(sorted((small_world / "train").glob("*.tar"))[0])
     ours = [s for s in read_shard(url)]

@@ -12,13 +12,15 @@ import pytest
 import torch
 from conftest import ROOT, ok, run, stage_cmd
 
+from vaemo.cache_fingerprint import fingerprint
 from vaemo.config import load_config
 from vaemo.data.decode import decode_sample
-from vaemo.data.stream import collate, read_shard
+from vaemo.data.stream import collate
+from vaemo.data.tars import read_shard
 from vaemo.data.teacher_records import MANIFEST, cache_shard_for, with_cache
 from vaemo.losses import distill, teacher_topk
 from vaemo.model import PromptItem, build_model
-from vaemo.teacher_cache import build_cache, fingerprint
+from vaemo.teacher_cache import build_cache
 from vaemo.train.recipes import AlignRecipe
 
 TOPK = 8

@@ -7,9 +7,8 @@ shard plus CACHE/teacher-cache.json (file formats: vaemo/data/teacher_records.py
 `stage1.teacher.mode=cache stage1.teacher.cache_dir=CACHE` then builds no vision tower and runs no
 teacher pass.
 
-A cache is keyed by a fingerprint of everything that shapes the teacher's outputs: the starting model
-(a digest of its files, or the tiny config and seed), the prompt template and prompt sets, frame
-sampling, k and the temperature. Training refuses a cache whose fingerprint differs, naming what changed.
+A cache is keyed by a fingerprint of everything that shapes the teacher's outputs
+(vaemo/cache_fingerprint.py); training refuses a cache whose fingerprint differs, naming what changed.
 
 Each clip gets fixed prompts, drawn from a generator seeded by its key (online, prompts vary per step).
 """
@@ -18,105 +17,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
-import io
 import json
 import os
-import tarfile
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from vaemo import progress
+from vaemo.cache_fingerprint import fingerprint
 from vaemo.config import Config, config_from_dict, config_to_dict, load_config
 from vaemo.data.teacher_records import MANIFEST, TeacherRecord, cache_shard_for, encode_record
 from vaemo.errors import UserError
-
-FINGERPRINT_VERSION = 3
-WHOLE_FILE_LIMIT = 4 << 20  # files above this are digested from evenly spaced blocks (weights are GBs)
-BLOCKS, BLOCK = 16, 64 << 10
-
-
-# ----------------------------------------------------------------------------------------------
-# Fingerprint
-# ----------------------------------------------------------------------------------------------
-
-
-def folder_digest(path: str | Path) -> str:
-    """A digest of a model folder: every file's name and size, small files whole, large ones by blocks."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = file.stat().st_size
-        h.update(f"{file.relative_to(root)}\0{size}\0".encode())
-        with open(file, "rb") as f:
-            if size <= WHOLE_FILE_LIMIT:
-                h.update(f.read())
-            else:
-                for i in range(BLOCKS):
-                    f.seek((size - BLOCK) * i // (BLOCKS - 1))
-                    h.update(f.read(BLOCK))
-    return h.hexdigest()
-
-
-def fingerprint_parts(cfg: Config) -> dict:
-    from vaemo.model.prompts import PromptBuilder
-
-    m, d, s = cfg.model, cfg.data, cfg.stage1
-    if m.init_from:
-        model = {"init_from": folder_digest(m.init_from)}
-    elif m.vlm == "tiny":
-        model = {"tiny_vlm": asdict(m.tiny_vlm), "tiny_audio": asdict(m.tiny_audio), "seed": cfg.seed}
-    else:
-        model = {"vlm": folder_digest(m.vlm)}
-    prompts = {"template": hashlib.sha256(inspect.getsource(PromptBuilder).encode()).hexdigest(),
-               "system_prompt": m.system_prompt, "max_response_tokens": m.max_response_tokens,
-               "describe": list(cfg.prompts.describe), "questions": s.questions,
-               "sets": cfg.prompts.questions, "responses": s.responses,
-               "teacher_response_tokens": s.teacher_response_tokens}
-    frames = {"num_frames": d.num_frames, "frame_height": d.frame_height, "frame_width": d.frame_width,
-              "frame_sampling": d.frame_sampling, "pair_seconds": d.pair_seconds,
-              "frame_fit": d.frame_fit}
-    return {"version": FINGERPRINT_VERSION, "model": model, "prompts": prompts, "frames": frames, "topk": s.topk,
-            "temperature": s.temperature}
-
-
-def fingerprint(cfg: Config) -> tuple[str, dict]:
-    parts = fingerprint_parts(cfg)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def check_cache(cfg: Config, shard_urls: list[str]) -> None:
-    """Refuse (exit 2) a cache that is missing, stale, or lacks a shard this run reads."""
-    cache = Path(cfg.stage1.teacher.cache_dir)
-    manifest_path = cache / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"stage1.teacher.cache_dir '{cache}' holds no {MANIFEST}: write it with "
-                        f"`vaemo teacher-cache` (or jobs/teacher_cache.py) first")
-    manifest = json.loads(manifest_path.read_text())
-    wanted, parts = fingerprint(cfg)
-    if manifest.get("fingerprint") != wanted:
-        old, new = _flat(manifest.get("parts", {})), _flat(parts)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise UserError(f"stale teacher cache '{cache}': made for another {', '.join(changed[:4]) or 'fingerprint'} "
-                        f"than this run uses; rebuild it with `vaemo teacher-cache`")
-    missing = [u for u in shard_urls if not os.path.exists(cache_shard_for(u, str(cache)))]
-    if missing:
-        raise UserError(f"teacher cache '{cache}' does not cover shard '{missing[0]}' ({len(missing)} missing); "
-                        f"run `vaemo teacher-cache` over it")
-
 
 # ----------------------------------------------------------------------------------------------
 # Writing a cache
@@ -178,25 +91,18 @@ class TeacherCacheWriter:
 
     def write_shard(self, url: str) -> dict:
         """Cache one source shard (atomically: a half-written cache shard never has the final name)."""
-        from vaemo.data.stream import _decode_into_batches, read_shard
+        from vaemo.data.stream import _decode_into_batches
+        from vaemo.data.tars import ShardWriter, read_shard
 
         skips: Counter = Counter()
-        target = cache_shard_for(url, self.out_dir)
-        partial = f"{target}.partial-{os.getpid()}"
-        cached = 0
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with ShardWriter(cache_shard_for(url, self.out_dir)) as shard:
             for batch in _decode_into_batches(read_shard(url), self.spec, self.cfg.data.batch_size, 0, skips,
                                               final_partial=True):
                 if not len(batch):
                     continue
                 for key, record in zip(batch.keys, teacher_records(self.model, self.cfg, batch, self.fingerprint)):
-                    for ext, data in encode_record(record).items():
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mtime, info.mode = len(data), 0, 0o644
-                        tar.addfile(info, io.BytesIO(data))
-                    cached += 1
-        os.replace(partial, target)
-        return {"shard": os.path.basename(url), "cached": cached, "skipped": dict(skips)}
+                    shard.write(key, encode_record(record))
+        return {"shard": os.path.basename(url), "cached": shard.samples, "skipped": dict(skips)}
 
 
 def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2, cpus_per_actor: float = 1.0) -> dict:
@@ -226,7 +132,7 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
                 reports.append(writer.write_shard(url))
                 update(done)
         else:
-            from vaemo.actors import map_on_actors
+            from vaemo.cluster import map_on_actors
 
             gpus = None if cfg.scaling.use_gpu else 0.0
             work = map_on_actors(TeacherCacheWriter, (config, str(out), int(cpus_per_actor)), "write_shard", urls,

@@ -123,7 +123,7 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from vaemo.train.launch import connect_ray
+    from vaemo.cluster import connect_ray
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path)

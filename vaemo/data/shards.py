@@ -10,11 +10,18 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from vaemo.data.decode import (CLIP_EXTENSIONS, DecodeSpec, SkipSample, decode_audio, decode_sample, decode_video,
-                                split_sample)
-from vaemo.data.stream import ShardError, expand_shards, read_shard
+from vaemo.data.decode import (
+    CLIP_EXTENSIONS,
+    DecodeSpec,
+    SkipSample,
+    decode_audio,
+    decode_sample,
+    decode_video,
+    split_sample,
+)
+from vaemo.data.stream import expand_shards
+from vaemo.data.tars import ShardError, ShardWriter, read_shard
 from vaemo.errors import UserError
-
 
 # ----------------------------------------------------------------------------------------------
 # pack
@@ -105,7 +112,6 @@ def pack(src: str | Path, out: str | Path, manifest: str | Path | None = None, s
     `val_fraction` of the clips go to val. Each split gets at least `workers` shards when it has that many
     clips (every training worker reads its own shards), smaller shards if need be.
     """
-    import webdataset as wds
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -156,22 +162,22 @@ def pack(src: str | Path, out: str | Path, manifest: str | Path | None = None, s
             continue
         shards = max(min(workers, len(members)), -(-len(members) // shard_size))
         per_shard = -(-len(members) // shards)
-        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0.0,
-                             encoder=False) as sink:
-            for i in members:
-                rel, key, meta = clips[i], keys[i], metas[i]
-                raw = (src / rel).read_bytes()
-                try:
-                    has_video, has_audio = streams_of(raw)
-                    if not has_video:
-                        report.without_video.append(rel)
-                    if not has_audio:
-                        report.without_audio.append(rel)
-                except ValueError:
-                    report.unreadable.append(rel)
-                ext = rel.rsplit(".", 1)[-1].lower()
-                sink.write({"__key__": key, ext: raw, "json": json.dumps(meta).encode()})
-                report.clips += 1
+        for number, first in enumerate(range(0, len(members), per_shard)):
+            with ShardWriter(out / f"{split}-{number:06d}.tar") as shard:
+                for i in members[first : first + per_shard]:
+                    rel, key, meta = clips[i], keys[i], metas[i]
+                    raw = (src / rel).read_bytes()
+                    try:
+                        has_video, has_audio = streams_of(raw)
+                        if not has_video:
+                            report.without_video.append(rel)
+                        if not has_audio:
+                            report.without_audio.append(rel)
+                    except ValueError:
+                        report.unreadable.append(rel)
+                    ext = rel.rsplit(".", 1)[-1].lower()
+                    shard.write(key, {ext: raw, "json": json.dumps(meta).encode()})
+                    report.clips += 1
         report.shards[split] = len(list(out.glob(f"{split}-*.tar")))
         report.split_clips[split] = len(members)
     report.unmatched_manifest = sorted(set(labels) - set(clips))

@@ -14,17 +14,17 @@ import glob
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vaemo.data.decode import Clip, DecodeSpec, SkipSample, decode_sample
+from vaemo.data.tars import ShardError, read_shard
 from vaemo.data.teacher_records import cache_shard_for, with_cache
 from vaemo.errors import UserError
-
 
 # ----------------------------------------------------------------------------------------------
 # Shards
@@ -49,100 +49,6 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     if not urls:
         raise UserError(f"shards '{', '.join(specs)}' match no file")
     return urls
-
-
-@dataclass
-class ShardError:
-    """A shard (or part of one) that could not be read; counted as `unreadable_shard`."""
-
-    url: str
-    detail: str
-
-
-_BLOCK = 512
-_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: the key ends at the basename's first dot
-
-
-def _read_exact(stream, n: int) -> bytes:
-    chunks, left = [], n
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a ustar/pax/GNU tar stream, read sequentially.
-
-    Python's tarfile does much more than a shard needs (0.1 ms a member); this reads the 512-byte
-    headers directly. A damaged or cut-off archive raises ValueError.
-    """
-    long_name: str | None = None
-    while True:
-        header = _read_exact(stream, _BLOCK)
-        if len(header) < _BLOCK or header.count(0) == _BLOCK:
-            if 0 < len(header) < _BLOCK:
-                raise ValueError("the archive ends inside a header")
-            return
-        stored = int(header[148:156].replace(b"\0", b" ").strip() or b"0", 8)
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise ValueError("bad tar header checksum")
-        size_field = header[124:136]
-        size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
-                else int(size_field.replace(b"\0", b" ").strip() or b"0", 8))
-        data = _read_exact(stream, size)
-        if len(data) < size:
-            raise ValueError("the archive ends inside a member")
-        _read_exact(stream, -size % _BLOCK)
-        kind = header[156:157]
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif kind == b"x":  # pax extended header: "LEN path=NAME\n" records
-            for record in data.decode("utf-8", "replace").split("\n"):
-                key, _, value = record.partition(" ")[2].partition("=")
-                if key == "path":
-                    long_name = value
-        elif kind in (b"0", b"\0", b"7"):
-            yield long_name or name, data
-            long_name = None
-        else:  # directories, links: nothing to read
-            long_name = None
-
-
-def group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
-    """Consecutive files sharing a key become one sample {"__key__", "__url__", ext: bytes, ...}."""
-    sample: dict | None = None
-    for name, data in members:
-        match = _KEY.match(name)
-        if match is None or os.path.basename(name).startswith("__"):
-            continue
-        key, ext = match.group(1), match.group(2).lower()
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
-        if ext in sample:
-            sample["__duplicate__"] = ext
-        sample[ext] = data
-    if sample is not None:
-        yield sample
-
-
-def read_shard(url: str) -> Iterator[dict | ShardError]:
-    """Raw samples (dicts of bytes keyed by extension) of one shard; a read error ends the shard as a ShardError."""
-    from webdataset import gopen
-
-    try:
-        with gopen(url, "rb") as stream:
-            yield from group_samples(tar_members(stream), url)
-    except Exception as exn:  # unreadable, truncated or not a tar: counted, never fatal
-        yield ShardError(url, f"{type(exn).__name__}: {str(exn).splitlines()[0][:120] if str(exn) else ''}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +118,7 @@ class NoUsableData(UserError):
     MARKER = "no usable sample: "
 
     @classmethod
-    def after(cls, reasons: Counter) -> "NoUsableData":
+    def after(cls, reasons: Counter) -> NoUsableData:
         read = sum(n for r, n in reasons.items() if r != "unreadable_shard")
         counts = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
         return cls(f"{cls.MARKER}0 usable of {read} samples read: {counts}")
@@ -275,7 +181,7 @@ class TrainStream(IterableDataset):
     """Infinite batches for one rank; see the module docstring for the ordering and resume contract."""
 
     def __init__(self, urls: list[str], spec: DecodeSpec, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 64, resume: "StreamState | None" = None,
+                 world_size: int = 1, shuffle_buffer: int = 64, resume: StreamState | None = None,
                  teacher_cache: str = "", give_up_after: int = 0):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
         self.give_up_after = give_up_after  # unusable samples in a row before NoUsableData (0: never)
@@ -358,7 +264,7 @@ class StreamState:
                 "skips": self.skips()}
 
     @classmethod
-    def from_state_dict(cls, state: dict, num_workers: int) -> "StreamState":
+    def from_state_dict(cls, state: dict, num_workers: int) -> StreamState:
         if int(state["num_workers"]) != num_workers:
             raise UserError(f"the checkpoint was written with data.loader_workers={state['num_workers']}; "
                             f"resume with the same value for an exact continuation (got {num_workers})")

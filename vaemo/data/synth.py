@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import tempfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,6 +29,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import lfilter, resample_poly
 
 from vaemo.data import world
+from vaemo.data.tars import ShardWriter
 from vaemo.errors import UserError
 
 if TYPE_CHECKING:
@@ -525,14 +527,16 @@ ENCODE_BATCH = 16
 
 
 def _run_job(job: SynthJob) -> int:
-    import webdataset as wds
+    with ExitStack() as stack:
+        # bench clips are files in a folder; train and val clips go into a shard
+        shard = None if job.split == "bench" else stack.enter_context(ShardWriter(job.out))
+        _render_job(job, shard)
+    return job.count
 
+
+def _render_job(job: SynthJob, shard: ShardWriter | None) -> None:
     balanced = job.split != "train"
     indices = list(range(job.first, job.first + job.count))
-    writer = None
-    if job.split != "bench":
-        stream = open(job.out, "wb")
-        writer = wds.TarWriter(stream, mtime=0.0, encoder=False)
     for first in range(0, len(indices), ENCODE_BATCH):
         batch = indices[first : first + ENCODE_BATCH]
         rendered = []
@@ -542,16 +546,11 @@ def _run_job(job: SynthJob) -> int:
         encoded = encode_clips([media for media, _ in rendered])
         for index, clip, (media, meta) in zip(batch, encoded, rendered):
             container = media.codec.container
-            if writer is None:
+            if shard is None:
                 (Path(job.out) / f"clip-{index:05d}.{container}").write_bytes(clip)
                 (Path(job.out) / f"clip-{index:05d}.json").write_text(json.dumps(meta))
             else:
-                writer.write({"__key__": f"{job.split}-{index:06d}", container: clip,
-                              "json": json.dumps(meta).encode()})
-    if writer is not None:
-        writer.close()
-        stream.close()
-    return job.count
+                shard.write(f"{job.split}-{index:06d}", {container: clip, "json": json.dumps(meta).encode()})
 
 
 def write_bench_items(bench_dir: Path, clips: int, seed: int) -> int:

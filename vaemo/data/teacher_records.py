@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vaemo.data.tars import ShardError, read_shard
+
 TEACHER_JSON = "teacher.json"
 TEACHER_NPZ = "teacher.npz"
 MANIFEST = "teacher-cache.json"
@@ -71,8 +73,6 @@ def with_cache(samples, cache_url: str):
     The cache shard is read whole when its source shard opens (a few MB per thousand clips at k=64);
     a source sample without a cached record passes through as is and is skipped by the decoder.
     """
-    from vaemo.data.stream import ShardError, read_shard
-
     cached: dict[str, dict] = {}
     if os.path.exists(cache_url):
         for item in read_shard(cache_url):

@@ -104,7 +104,7 @@ def ask_many(model_dir: Path, clips: list[Path], modality: str, question: str, d
             asker = Asker(model_dir, dtype, max_new_tokens=max_new_tokens)
             parts = (asker.answer(task) for task in tasks)
         else:
-            from vaemo.actors import map_on_actors
+            from vaemo.cluster import map_on_actors
 
             parts = map_on_actors(Asker, (str(model_dir), dtype, int(cpus_per_actor), max_new_tokens), "answer",
                                   tasks, actors, cpus_per_actor)

@@ -63,7 +63,7 @@ def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batc
                 results.extend(scorer.score(chunk))
                 update(done)
     else:
-        from vaemo.actors import map_on_actors
+        from vaemo.cluster import map_on_actors
 
         parts = map_on_actors(ScorerActor, (str(model_dir), int(cpus_per_actor), dtype), "score", chunks, actors,
                               cpus_per_actor, gpus_per_actor)

@@ -8,20 +8,18 @@ driver finds the cluster through RAY_ADDRESS).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from vaemo import progress
+from vaemo.cluster import connect_ray, forwarded_env
 from vaemo.config import Config, config_to_dict, dump_config, load_config, project_root
 from vaemo.errors import UserError
 
 STAGE_NAMES = {0: "see", 1: "VG-Align", 2: "EmoAdapter"}
 RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", "export", "curves.png", "workers", "config.yaml")
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
-FORWARDED_PREFIXES = ("VAEMO_", "NCCL_", "CUDA_")
 
 
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +86,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
             raise UserError(f"data.val_shards has {len(val_urls)} shard(s) for {workers} workers; write at least "
                             f"{workers} or set train.val_batches=0")
     if cfg.stage == 1 and cfg.stage1.teacher.mode == "cache":
-        from vaemo.teacher_cache import check_cache
+        from vaemo.cache_fingerprint import check_cache
 
         check_cache(cfg, train_urls + (val_urls if cfg.train.val_batches > 0 else []))
     check_checkpoint_folders(cfg.model)
@@ -129,48 +127,6 @@ def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
                 raise UserError(f"stage {cfg.stage}: {field}: {NoUsableData.line_in(str(err))}") from None
 
 
-def connect_ray() -> None:
-    """Join the cluster RAY_ADDRESS names (as under `ray job submit`), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # must match the `ray` CLI; see README, Ray notes
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        start_local_ray()
-
-
-def start_local_ray() -> None:
-    """A Ray of our own on this machine, in a private temp folder that records its address.
-
-    Ray's own helpers look clusters up by address (Train's placement-group cleaner asks the state API
-    whether the controller is alive). With another Ray instance on the machine (a test session, a
-    `ray start` head) Ray 2.60 resolves to the wrong one or none; the cleaner's thread dies and the
-    worker group's placement group is never freed, so the next Tune trial waits forever. Processes of
-    this cluster inherit RAY_TMPDIR and so find its address file, and only its.
-    """
-    import tempfile
-
-    import ray
-    from ray._private.utils import write_ray_address
-
-    private = tempfile.mkdtemp(prefix="vaemo-ray-")
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = private  # read when Ray spawns its processes, inside ray.init
-    try:
-        context = ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True, configure_logging=False)
-        write_ray_address(context.address_info["gcs_address"], os.path.join(private, "ray"))
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)  # our child processes (not Ray's) must not inherit it
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-    progress.log(f"started a local Ray (logs: {private}/ray/session_latest/logs)")
-
-
 def check_cluster(cfg: Config) -> None:
     import ray
 
@@ -183,15 +139,6 @@ def check_cluster(cfg: Config) -> None:
     if s.use_gpu and resources.get("GPU", 0) < s.num_workers:
         raise UserError(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; scaling.use_gpu with "
                         f"scaling.num_workers={s.num_workers} needs one per worker")
-
-
-def forwarded_env() -> dict[str, str]:
-    """The driver's variables that Ray workers and actors must see: vaemo's, the hub switches, and NCCL/CUDA
-    tuning (a cluster's NCCL_SOCKET_IFNAME, NCCL_IB_*...). CUDA_VISIBLE_DEVICES is Ray's to set per worker."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.update({k: v for k, v in os.environ.items()
-                if k.startswith(FORWARDED_PREFIXES) and k != "CUDA_VISIBLE_DEVICES"})
-    return env
 
 
 def worker_env(cfg: Config) -> dict[str, str]:

@@ -258,7 +258,7 @@ class AlignRecipe(Recipe):
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
         if self.cached:  # the teacher's answers are in the cache: no frames to decode
-            from vaemo.teacher_cache import fingerprint
+            from vaemo.cache_fingerprint import fingerprint
 
             return DecodeSpec.for_data(d, need_video=False, need_audio=True,
                                        teacher_fingerprint=fingerprint(self.cfg)[0])

@@ -1,0 +1,86 @@
+"""Ray from the driver's side: joining a cluster or starting a local one, the environment Ray's workers and
+actors must see, and pools of actors that each hold one model replica (evaluation, teacher cache)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+from vaemo import progress
+from vaemo.config import project_root
+
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
+FORWARDED_PREFIXES = ("VAEMO_", "NCCL_", "CUDA_")
+
+
+def connect_ray() -> None:
+    """Join the cluster RAY_ADDRESS names (as under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # must match the `ray` CLI; see README, Ray notes
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        start_local_ray()
+
+
+def start_local_ray() -> None:
+    """A Ray of our own on this machine, in a private temp folder that records its address.
+
+    Ray's own helpers look clusters up by address (Train's placement-group cleaner asks the state API
+    whether the controller is alive). With another Ray instance on the machine (a test session, a
+    `ray start` head) Ray 2.60 resolves to the wrong one or none; the cleaner's thread dies and the
+    worker group's placement group is never freed, so the next Tune trial waits forever. Processes of
+    this cluster inherit RAY_TMPDIR and so find its address file, and only its.
+    """
+    import tempfile
+
+    import ray
+    from ray._private.utils import write_ray_address
+
+    private = tempfile.mkdtemp(prefix="vaemo-ray-")
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = private  # read when Ray spawns its processes, inside ray.init
+    try:
+        context = ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True, configure_logging=False)
+        write_ray_address(context.address_info["gcs_address"], os.path.join(private, "ray"))
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)  # our child processes (not Ray's) must not inherit it
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+    progress.log(f"started a local Ray (logs: {private}/ray/session_latest/logs)")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's variables that Ray workers and actors must see: vaemo's, the hub switches, and NCCL/CUDA
+    tuning (a cluster's NCCL_SOCKET_IFNAME, NCCL_IB_*...). CUDA_VISIBLE_DEVICES is Ray's to set per worker."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.update({k: v for k, v in os.environ.items()
+                if k.startswith(FORWARDED_PREFIXES) and k != "CUDA_VISIBLE_DEVICES"})
+    return env
+
+
+def map_on_actors(cls: type, init_args: tuple, method: str, items: list, actors: int, cpus: float = 1.0,
+                  gpus: float | None = None) -> Iterator[Any]:
+    """Yield `cls(*init_args).<method>(item)` for every item, in completion order, from
+    min(actors, len(items)) Ray actors of `cpus` CPUs and `gpus` GPUs each (None: one GPU when the
+    cluster has any). Joins RAY_ADDRESS's cluster or starts a local Ray; kills the actors afterwards."""
+    import ray
+    from ray.util import ActorPool
+
+    connect_ray()
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **forwarded_env(),
+           "PYTHONPATH": str(project_root())}
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env})(cls)
+    handles = [remote.remote(*init_args) for _ in range(min(actors, len(items)))]
+    try:
+        yield from ActorPool(handles).map_unordered(lambda actor, item: getattr(actor, method).remote(item), items)
+    finally:
+        for handle in handles:
+            ray.kill(handle)
