@@ -26,12 +26,16 @@ ABLATIONS = {"no-enhancer": ["stage2.use_enhancer=false"], "no-supervisor": ["st
 
 @dataclass
 class Target:
+    """A claim the run checks, what was measured (a number, or a cell such as "0.81 +- 0.04 (...)"), and
+    whether the claim holds."""
+
     claim: str
-    measured: float
+    measured: float | str
     passed: bool
 
     def line(self) -> str:
-        return f"{'PASS' if self.passed else 'MISS'}  {self.claim}: {self.measured:.3f}"
+        shown = f"{self.measured:.3f}" if isinstance(self.measured, float) else self.measured
+        return f"{'PASS' if self.passed else 'MISS'}  {self.claim}: {shown}"
 
 
 def stage_done(run_dir: Path, cfg) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 
 from vaemo import progress
 from vaemo.config import MODALITIES
+from vaemo.demo import Target
 
 TASKS = ("content", "emotion")
 
@@ -87,16 +88,6 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, Sprea
 def differences(per_seed: dict[int, dict[str, dict]], after: str, before: str, cell: str) -> Spread:
     """after - before, paired by seed."""
     return Spread([cells(r[after])[cell] - cells(r[before])[cell] for r in per_seed.values()])
-
-
-@dataclass
-class Target:
-    claim: str
-    measured: str
-    passed: bool
-
-    def line(self) -> str:
-        return f"{'PASS' if self.passed else 'MISS'}  {self.claim}: {self.measured}"
 
 
 def targets(per_seed: dict[int, dict[str, dict]]) -> list[Target]:
