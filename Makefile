@@ -24,9 +24,11 @@ science: setup
 	$(PY) jobs/science.py --out runs/science
 
 test: setup
+	$(PY) -m ruff check .
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q tests
 
 test-fast: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup

@@ -179,7 +179,7 @@ def run_once(attn: str, args) -> list[dict]:
               f"{result['tflops']:.0f} TFLOP/s, MFU {result['mfu']:.1%}, peak {result['peak_gib']:.1f} GiB, "
               f"built in {build_s:.0f} s", flush=True)
         results.append(result)
-    del model, optimizer
+    model = optimizer = None  # frees the GPU memory before the next attention implementation builds its model
     if cuda:
         torch.cuda.empty_cache()
     return results
@@ -208,7 +208,8 @@ def main() -> int:
         results += run_once("flash_attention_2", args)
     parts = [f"{r['attn']} {r['tokens_per_s']:.0f} tok/s MFU {r['mfu']:.1%} peak {r['peak_gib']:.1f} GiB "
              f"step {r['step_s']:.2f} s" for r in results]
-    print(f"GPU_STAGE1 {results[0]['device']}{' (smoke: shrunken model)' if args.smoke else ''} | {args.clips} clips x {args.frames} frames {args.size}px | "
+    smoke = " (smoke: shrunken model)" if args.smoke else ""
+    print(f"GPU_STAGE1 {results[0]['device']}{smoke} | {args.clips} clips x {args.frames} frames {args.size}px | "
           + " | ".join(parts) + ("" if flash_attention_available() else " | flash-attn not installed"), flush=True)
     return 0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, cli
 
-from vaemo.config import ConfigError, field_docs, load_config, render_config
 from vaemo import config as config_module
+from vaemo.config import ConfigError, field_docs, load_config, render_config
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 

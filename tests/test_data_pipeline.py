@@ -15,8 +15,7 @@ from conftest import ROOT, cli
 
 from vaemo.data.bench import read_bench
 from vaemo.data.decode import DecodeSpec, SkipSample, decode_sample
-from vaemo.data.stream import (EvalStream, StreamState, TrainStream, expand_shards, make_loader,
-                               train_shard_subset)
+from vaemo.data.stream import EvalStream, StreamState, TrainStream, expand_shards, make_loader, train_shard_subset
 from vaemo.data.synth import Codec, encode_clip
 from vaemo.errors import UserError
 

@@ -438,9 +438,9 @@ def test_prompt_ids_equal_the_checkpoints_chat_template(real_format):
         model.prompts.system_prompt = system
         model.prompts.templated.cache_clear()
         for modality in ("audio", "visual", "audio_visual"):
+            audio_part = {"type": "text", "text": "<|audio_start|><|audio_pad|><|audio_end|>"}
             content = ([{"type": "video"}] if modality != "audio" else []) + \
-                      ([{"type": "text", "text": "<|audio_start|><|audio_pad|><|audio_end|>"}] if modality != "visual" else []) + \
-                      [{"type": "text", "text": QUESTION}]
+                      ([audio_part] if modality != "visual" else []) + [{"type": "text", "text": QUESTION}]
             chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
             rendered = model.tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
             rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)

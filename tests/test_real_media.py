@@ -47,7 +47,8 @@ def real_clips(tmp_path_factory) -> Path:
         cmd += ["-c:v", vcodec, "-c:a", acodec]
         if vcodec != "copy":
             cmd += ["-pix_fmt", "yuv420p"] + (["-r", str(fps)] if fps else []) + \
-                   (["-b:v", "300k", "-deadline", "realtime", "-cpu-used", "8"] if vcodec == "libvpx-vp9" else ["-preset", "ultrafast"])
+                   (["-b:v", "300k", "-deadline", "realtime", "-cpu-used", "8"] if vcodec == "libvpx-vp9"
+                    else ["-preset", "ultrafast"])
         if rate:
             cmd += ["-ar", str(rate), "-ac", str(channels)]
         subprocess.run(cmd + ["-shortest", str(target)], check=True, capture_output=True)

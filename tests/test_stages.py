@@ -1,8 +1,8 @@
 """Each stage's recipe in-process on the tiny model: prepare -> loss -> gradients, with the first loss pinned.
 
 The pinned values are this machine's (2-core x86 CPU, torch 2.13 CPU wheel); another CPU may round
-differently at ~1e-6, which the tolerance (1e-5, relative or absolute, whichever is larger) absorbs. A change that moves a stage's loss
-(prompts, normalisation, the losses themselves) must update GOLDEN on purpose.
+differently at ~1e-6, which the tolerance (1e-5, relative or absolute, whichever is larger) absorbs. A change that moves
+a stage's loss (prompts, normalisation, the losses themselves) must update GOLDEN on purpose.
 """
 
 from __future__ import annotations

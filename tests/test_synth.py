@@ -6,8 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from signal_checks import (background_rows, fundamental, harmonic_profile, hz_to_midi, note_segments,
-                           onset_times, rgb_to_hsv, triad_mode)
+from signal_checks import (
+    background_rows,
+    fundamental,
+    harmonic_profile,
+    hz_to_midi,
+    note_segments,
+    onset_times,
+    rgb_to_hsv,
+    triad_mode,
+)
 from torchcodec.decoders import AudioDecoder, VideoDecoder
 
 from vaemo.data import synth, world

@@ -17,7 +17,6 @@ from typing import Callable
 from vaemo.args import ArgParser, positive_int
 from vaemo.errors import EXIT_USER_ERROR, exit_on_user_error
 
-
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------

@@ -310,7 +310,8 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     # A clip cut short still opens (its header is intact) but its soundtrack stops early.
     if audio is not None and seconds > 0 and audio_seconds < 0.8 * seconds:
         raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {seconds:.2f}s")
-    return Clip(key=key, video=video, audio=audio, audio_len=audio_len, duration=seconds or min(audio_seconds, spec.audio_seconds),
+    duration = seconds or min(audio_seconds, spec.audio_seconds)
+    return Clip(key=key, video=video, audio=audio, audio_len=audio_len, duration=duration,
                 meta=meta, source=sample.get("__url__", ""), teacher=teacher)
 
 

@@ -76,7 +76,7 @@ class PromptBuilder:
         self.system_prompt = system_prompt
         self.max_response_tokens = max_response_tokens
 
-    @lru_cache(maxsize=4096)
+    @lru_cache(maxsize=4096)  # noqa: B019 (a builder lives as long as its model: the cache may hold it)
     def text(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -105,7 +105,7 @@ class PromptBuilder:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*system, {"role": "user", "content": content}]
 
-    @lru_cache(maxsize=4096)
+    @lru_cache(maxsize=4096)  # noqa: B019 (as above)
     def templated(self, modality: str, instruction: str) -> tuple[int, ...]:
         """The checkpoint's own chat template, with its one video/audio placeholder expanded to the
         number of modality tokens (as Qwen2.5-VL's processor expands <|video_pad|>)."""

@@ -109,7 +109,8 @@ def load_trainer_state(path: Path) -> dict:
 
 def check_deepspeed_files(folder: Path, rank: int) -> None:
     """Refuse DeepSpeed files of this rank that hold more than tensors, plain values and DeepSpeed's own
-    records (loss scaler, ZeRO stage, fragment addresses), before DeepSpeed itself unpickles them (it loads with weights_only=False)."""
+    records (loss scaler, ZeRO stage, fragment addresses), before DeepSpeed itself unpickles them (it loads with
+    weights_only=False)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

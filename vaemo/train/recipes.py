@@ -26,8 +26,7 @@ from vaemo.config import Config, PromptsConfig
 from vaemo.data import world
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
-from vaemo.losses import (TopKTargets, distill, language_loss, per_sequence_weights, sequence_logprobs,
-                          teacher_topk, va_loss)
+from vaemo.losses import TopKTargets, distill, language_loss, per_sequence_weights, sequence_logprobs, teacher_topk, va_loss
 from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM
 
 
@@ -144,7 +143,7 @@ class Recipe(ABC):
         """Teacher outputs come from an offline cache (stage 1 only; stage 2's KD term stays online)."""
         return self.stage == 1 and self.cfg.stage1.teacher.mode == "cache"
 
-    def prepare_model(self, model: VAEmotionLLM) -> None:
+    def prepare_model(self, model: VAEmotionLLM) -> None:  # noqa: B027 (an optional hook: most stages add nothing)
         """Structural changes before freezing (stage 2 adds the EmoAdapter)."""
 
     def extra_modules(self, model: VAEmotionLLM) -> nn.Module | None:
