@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 from conftest import ROOT, cli
 
@@ -70,3 +73,34 @@ def test_every_field_is_documented_and_shown():
             assert not undocumented, f"{name}: {undocumented}"
     text = render_config(load_config(ROOT / "configs/tiny.yaml", stage=2))
     assert "# Optimizer steps of the schedule" in text and "max_steps:" in text
+
+
+def unread_fields(source: str) -> list[str]:
+    """Config fields (dotted) that `source` never reads as `.name` or names as a string."""
+    import typing
+
+    from vaemo.config import Config
+
+    unread: list[str] = []
+
+    def walk(cls: type, path: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not re.search(rf"\.{f.name}\b|['\"]{f.name}['\"]", source):
+                unread.append(f"{path}{f.name}")
+            for inner in (hints[f.name], *typing.get_args(hints[f.name])):
+                if dataclasses.is_dataclass(inner):
+                    walk(inner, f"{path}{f.name}.")
+
+    walk(Config, "")
+    return unread
+
+
+def test_every_config_field_is_read_outside_the_config_module():
+    """A documented field that nothing reads is a promise the code does not keep (validation in config.py
+    does not count as reading it)."""
+    files = [p for p in (ROOT / "vaemo").rglob("*.py") if p.name != "config.py"] + list((ROOT / "jobs").glob("*.py"))
+    source = "\n".join(p.read_text() for p in files)
+    assert unread_fields(source) == []
+    planted = re.sub(r"\.bench_dir\b|['\"]bench_dir['\"]", ".somewhere_else", source)
+    assert "data.bench_dir" in unread_fields(planted)
