@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import ROOT, ok, run
 
 from vaemo.config import load_config
@@ -41,7 +42,14 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 2
     assert {"train.lr", "model.enhancer.width", "stage2.lambda_sup", "stage2.lambda_kd", "val_objective"} <= set(rows[0])
-    assert all(r["val_objective"] and not r["error"] and r["steps"] == "4" for r in rows)
+    assert all(not r["error"] and r["steps"] == "4" for r in rows)
+    space = yaml.safe_load((ROOT / "sweeps/emoadapter.yaml").read_text())["space"]
+    for r in rows:  # the objective is the mean of the task accuracies; each parameter is drawn from its range
+        assert float(r["val_objective"]) == pytest.approx((float(r["val_content_acc"]) + float(r["val_emotion_acc"])) / 2)
+        low, high = space["train.lr"]["loguniform"]
+        assert low <= float(r["train.lr"]) <= high
+        assert int(r["model.enhancer.width"]) in space["model.enhancer.width"]["choice"]
+    assert rows[0]["train.lr"] != rows[1]["train.lr"]
     assert list((out / "tune").rglob("events.out.tfevents.*"))  # TensorBoard reads the trials
     best = load_config(out / "best.yaml", stage=2)
     assert best.stage == 2 and best.model.init_from == str(view / "runs/demo/stage1/export")

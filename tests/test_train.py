@@ -53,7 +53,7 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     run1 = tmp_path / "stage1"
     result = ok(run(stage_cmd(1, run1, small_world, f"model.init_from={stage0_export}")))
     assert "stage1 step 4/4" in result.stdout  # compact progress lines off a terminal
-    assert "agreement" in metrics(run1)[-1] and 0.0 <= metrics(run1)[-1]["agreement"] <= 1.0
+    assert "agreement" in metrics(run1)[-1]  # reported; what it counts: tests/test_losses.py
     run2 = tmp_path / "stage2"
     ok(run(stage_cmd(2, run2, small_world, f"model.init_from={run1 / 'export'}", "model.lora.rank=2")))
     last = metrics(run2)[-1]

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -34,6 +35,13 @@ class TopKTargets:
 
     def slice(self, start: int, stop: int) -> "TopKTargets":
         return TopKTargets(self.ids[start:stop], self.logprobs[start:stop], self.tail[start:stop])
+
+    @classmethod
+    def joined(cls, records) -> "TopKTargets":
+        """The targets of cached teacher records (vaemo/data/teacher_records.py), one after another."""
+        parts = {name: torch.from_numpy(np.concatenate([getattr(r, name) for r in records]))
+                 for name in ("ids", "logprobs", "tail")}
+        return cls(parts["ids"].long(), parts["logprobs"], parts["tail"])
 
 
 @dataclass

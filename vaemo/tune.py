@@ -153,8 +153,9 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
     for result in grid:
         params = {k: result.config.get(k) for k in spec.space}
         metrics = result.metrics or {}
+        per_task = {k: v for k, v in sorted(metrics.items()) if re.fullmatch(r"val_[a-z]+_acc", k)}  # what the objective averages
         rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **params, spec.metric: metrics.get(spec.metric),
-                     "steps": metrics.get("step"), "error": raised_message(result.error) if result.error else ""})
+                     **per_task, "steps": metrics.get("step"), "error": raised_message(result.error) if result.error else ""})
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -279,9 +279,8 @@ class AlignRecipe(Recipe):
         if self.cached:
             # The prompts the teacher answered when the cache was written, and its top-k per position.
             asked = [(p, r, i) for i, record in enumerate(batch.teacher) for p, r in record.sequences]
-            step.labels = {name: torch.from_numpy(np.concatenate([getattr(r, name) for r in batch.teacher]))
-                           for name in ("ids", "logprobs", "tail")}
-            step.labels["ids"] = step.labels["ids"].long()
+            targets = TopKTargets.joined(batch.teacher)
+            step.labels = {"ids": targets.ids, "logprobs": targets.logprobs, "tail": targets.tail}
         else:
             asked = self.stage1_pairs(model, batch, rng, list(range(len(batch))), self.cfg.stage1.questions)
             self.note_pass(step, "teacher", clip_inputs(model, [PromptItem("visual", p, r, i) for p, r, i in asked],
