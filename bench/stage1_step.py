@@ -76,9 +76,9 @@ def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
     import numpy as np
     import torch
 
-    from vaemo.model import build_model, set_trainable
+    from vaemo.model import build_model
     from vaemo.teacher_cache import teacher_records
-    from vaemo.train.recipes import AlignRecipe
+    from vaemo.train.recipes import AlignRecipe, build_stage_model
     from vaemo.train.worker import StageModule, synchronize
 
     if cached:  # the cache, written beforehand by the same frozen teacher
@@ -89,10 +89,7 @@ def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
         cfg = copy.deepcopy(cfg)
         cfg.stage1.teacher.mode, cfg.stage1.teacher.cache_dir = "cache", "(in memory)"
     recipe = AlignRecipe(cfg)
-    model = build_model(cfg.model, cfg.data, seed=cfg.seed)
-    if cached:
-        model.detach_vision()
-    set_trainable(model, 1, None, recipe.also_trainable())
+    model = build_stage_model(cfg, recipe, drop_vision=cached).model
     module = StageModule(model, None, recipe)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     times = []

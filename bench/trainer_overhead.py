@@ -31,15 +31,13 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
 
     from vaemo.config import load_config
     from vaemo.data.stream import TrainStream, expand_shards, make_loader
-    from vaemo.model import build_model, set_trainable
-    from vaemo.train.recipes import recipe_for
+    from vaemo.train.recipes import build_stage_model, recipe_for
     from vaemo.train.worker import StageModule, synchronize
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.batch_size={batch}"], stage=1)
     recipe = recipe_for(cfg)
-    model = build_model(cfg.model, cfg.data, seed=0)
-    set_trainable(model, 1)
+    model = build_stage_model(cfg, recipe).model  # what the Ray run trains: projector and tiny audio encoder
     module = StageModule(model, None, recipe)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)

@@ -14,8 +14,7 @@ from conftest import ROOT
 
 from vaemo.config import load_config
 from vaemo.data.stream import Batch
-from vaemo.model import build_model, set_trainable
-from vaemo.train.recipes import recipe_for
+from vaemo.train.recipes import build_stage_model, recipe_for
 from vaemo.train.worker import synchronize
 
 CLIPS = 2
@@ -38,12 +37,9 @@ def labelled_batch(cfg) -> Batch:
 
 def first_loss(stage: int) -> tuple[float, list[str]]:
     cfg = load_config(ROOT / "configs/tiny.yaml", stage=stage)
-    model = build_model(cfg.model, cfg.data, seed=cfg.seed)
     recipe = recipe_for(cfg)
-    recipe.prepare_model(model)
-    torch.manual_seed(cfg.seed + 1)
-    extra = recipe.extra_modules(model)
-    trainable = set_trainable(model, stage, extra, recipe.also_trainable())
+    parts = build_stage_model(cfg, recipe)
+    model, extra, trainable = parts.model, parts.extra, parts.trainable
     step = recipe.prepare(model, labelled_batch(cfg), np.random.default_rng([cfg.seed, 104729, 0, 1]))
     step.step = cfg.stage0.vision_warmup_steps + 1 if stage == 0 else 1  # stage 0: past the vision warm-up
     synchronize(step, 1, recipe.chunk)

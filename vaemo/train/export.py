@@ -13,9 +13,8 @@ import torch
 
 from vaemo.config import load_config
 from vaemo.errors import UserError
-from vaemo.model import build_model, set_trainable
 from vaemo.train import checkpoint as ckpt
-from vaemo.train.recipes import recipe_for
+from vaemo.train.recipes import build_stage_model, recipe_for
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
@@ -28,11 +27,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     folder = ckpt.find_checkpoint(checkpoint)
     cfg = load_config(folder / "config.yaml")
     recipe = recipe_for(cfg)
-    model = build_model(cfg.model, cfg.data, seed=cfg.seed)
-    recipe.prepare_model(model)
-    torch.manual_seed(cfg.seed + 1)
-    extra = recipe.extra_modules(model)
-    trained = set_trainable(model, cfg.stage, extra, recipe.also_trainable())
+    parts = build_stage_model(cfg, recipe)
+    model, extra, trained = parts.model, parts.extra, parts.trainable
     module = StageModule(model, extra, recipe)
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ckpt.TAG, exclude_frozen_parameters=True)
     wanted = {f"model.{name}" if not name.startswith("extra.") else name for name in trained}

@@ -27,7 +27,7 @@ from vaemo.data import world
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
 from vaemo.losses import TopKTargets, distill, language_loss, per_sequence_weights, sequence_logprobs, teacher_topk, va_loss
-from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM
+from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM, build_model, set_trainable
 
 
 @dataclass
@@ -464,3 +464,28 @@ RECIPES = {0: SeeRecipe, 1: AlignRecipe, 2: EmoAdapterRecipe}
 
 def recipe_for(cfg: Config) -> Recipe:
     return RECIPES[cfg.stage](cfg)
+
+
+@dataclass
+class StageModel:
+    """What a stage trains: the model with the recipe's structural changes, the recipe's own modules
+    (heads), the names of the trainable parameters, and (stage 1 from a teacher cache) the vision tower's
+    weights, taken off the model because no rank runs it."""
+
+    model: VAEmotionLLM
+    extra: nn.Module | None
+    trainable: list[str]
+    held_vision: dict[str, torch.Tensor]
+
+
+def build_stage_model(cfg: Config, recipe: Recipe, drop_vision: bool = False) -> StageModel:
+    """The one way a stage's model and trainable set are built: by the training workers, the export and the
+    benchmarks alike, so that they all train (and compare) the same thing. `drop_vision`: for a run that
+    reads its teacher from a cache (`recipe.cached`), which never runs the vision tower."""
+    model = build_model(cfg.model, cfg.data, seed=cfg.seed)
+    held_vision = model.detach_vision() if drop_vision else {}
+    recipe.prepare_model(model)
+    torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
+    extra = recipe.extra_modules(model)
+    trainable = set_trainable(model, cfg.stage, extra, recipe.also_trainable())
+    return StageModel(model, extra, trainable, held_vision)

@@ -26,10 +26,10 @@ import torch.nn as nn
 from vaemo.config import Config, config_from_dict, render_config
 from vaemo.data.stream import NoUsableData, StreamState, TrainStream, expand_shards, make_loader
 from vaemo.losses import chunk_count
-from vaemo.model import VAEmotionLLM, build_model, choose_dtype, set_trainable
+from vaemo.model import VAEmotionLLM, choose_dtype
 from vaemo.train import checkpoint as ckpt
 from vaemo.train.ds_config import deepspeed_config, zero_stage
-from vaemo.train.recipes import Recipe, StepInputs, recipe_for
+from vaemo.train.recipes import Recipe, StepInputs, build_stage_model, recipe_for
 from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
 
 # A test hook: crash rank 0 right after it wrote its shards of this step's checkpoint, before Ray has
@@ -116,16 +116,11 @@ def train_worker(loop_config: dict) -> None:
     recipe = recipe_for(cfg)
     dtype = choose_dtype(cfg.model.dtype)
     ds_config = deepspeed_config(cfg, dtype)
-    model = build_model(cfg.model, cfg.data, seed=cfg.seed)
-    # From a teacher cache no rank runs the vision tower: drop it before ZeRO-3 partitions it; rank 0
-    # keeps its weights on the host for the export.
-    held_vision = model.detach_vision() if recipe.cached else {}
-    if rank != 0:
-        held_vision = {}
-    recipe.prepare_model(model)
-    torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
-    extra = recipe.extra_modules(model)
-    set_trainable(model, cfg.stage, extra, recipe.also_trainable())
+    # From a teacher cache no rank runs the vision tower: it is dropped before ZeRO-3 partitions the model;
+    # rank 0 keeps its weights on the host for the export.
+    parts = build_stage_model(cfg, recipe, drop_vision=recipe.cached)
+    model, extra = parts.model, parts.extra
+    held_vision = parts.held_vision if rank == 0 else {}
     module = StageModule(model, extra, recipe)
     if use_gpu:
         module = module.cuda()
