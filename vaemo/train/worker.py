@@ -105,7 +105,7 @@ def train_worker(loop_config: dict) -> None:
     import deepspeed
 
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     if use_gpu:
         torch.cuda.set_device(context.get_local_rank())
@@ -134,14 +134,14 @@ def train_worker(loop_config: dict) -> None:
     start_step, stream_state = 0, StreamState(num_workers=cfg.data.loader_workers)
     source = resume_source(ray.train.get_checkpoint(), loop_config)
     if source is not None:
-        start_step, stream_state = load_checkpoint(engine, source, rank, world, cfg)
+        start_step, stream_state = load_checkpoint(engine, source, rank, world_size, cfg)
 
     # -- data ----------------------------------------------------------------------------------
     # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
     # window the cache's teacher saw (the middle one).
     spec = dataclasses.replace(recipe.decode_spec(), window="middle" if recipe.cached else "random")
     urls = expand_shards(cfg.data.train_shards)
-    stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+    stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                          shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None,
                          teacher_cache=teacher_cache(cfg, recipe), give_up_after=cfg.data.max_unusable_samples)
     batches = named_stream(iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)),
@@ -166,7 +166,7 @@ def train_worker(loop_config: dict) -> None:
             group["lr"] = lr
         inputs = recipe.prepare(model, batch, np.random.default_rng([cfg.seed, 104729, rank, step]))
         inputs.step = step
-        synchronize(inputs, world, recipe.chunk)
+        synchronize(inputs, world_size, recipe.chunk)
         loss = engine(inputs)
         engine.backward(loss)
         engine.step()
@@ -179,18 +179,18 @@ def train_worker(loop_config: dict) -> None:
         if step % cfg.train.report_every == 0 or last or validate_now:
             accumulator.add({f"skip/{k}": v for k, v in stream_state.skips().items()} if rank == 0 else {})
             totals = accumulator.reduce()
-            record = interval_record(step, totals, recipe.metrics(totals), world, lr, interval.lap(),
+            record = interval_record(step, totals, recipe.metrics(totals), world_size, lr, interval.lap(),
                                      time.perf_counter() - started)
             record["stage"] = cfg.stage
             if validate_now:
-                latest_validation = validate(engine, module, recipe, cfg, rank, world)
+                latest_validation = validate(engine, module, recipe, cfg, rank, world_size)
                 record.update(latest_validation)
             if writer:
                 writer.write(record)
             accumulator.reset()
             last_metrics = {**latest_validation, **record}
         if step % cfg.train.checkpoint_every == 0 or last:
-            save_checkpoint(engine, step, stream_state, cfg, rank, world, loop_config, last_metrics)
+            save_checkpoint(engine, step, stream_state, cfg, rank, world_size, loop_config, last_metrics)
         elif validate_now:
             ray.train.report(last_metrics)
 
@@ -234,9 +234,9 @@ def resume_source(ray_checkpoint, loop_config: dict) -> Path | None:
     return Path(loop_config["resume_from"]) if loop_config.get("resume_from") else None
 
 
-def load_checkpoint(engine, folder: Path, rank: int, world: int, cfg: Config) -> tuple[int, StreamState]:
+def load_checkpoint(engine, folder: Path, rank: int, world_size: int, cfg: Config) -> tuple[int, StreamState]:
     meta = ckpt.read_meta(folder)
-    if int(meta["world_size"]) != world:
+    if int(meta["world_size"]) != world_size:
         raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} workers; resume with "
                          f"scaling.num_workers={meta['world_size']}")
     ckpt.check_deepspeed_files(folder, rank)
@@ -248,7 +248,7 @@ def load_checkpoint(engine, folder: Path, rank: int, world: int, cfg: Config) ->
     return int(state["step"]), StreamState.from_state_dict(state["stream"], cfg.data.loader_workers)
 
 
-def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, rank: int, world: int,
+def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, rank: int, world_size: int,
                     loop_config: dict, metrics: dict) -> None:
     """Every rank writes its shard into a local folder; Ray merges and persists them as step-N."""
     import ray.train
@@ -259,7 +259,7 @@ def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, r
         ckpt.save_trainer_state(local / f"trainer_state_rank{rank}.pt", step, stream_state.state_dict())
         if rank == 0:
             (local / "config.yaml").write_text(render_config(cfg))
-            meta = {"step": step, "world_size": world, "stage": cfg.stage, "loader_workers": cfg.data.loader_workers,
+            meta = {"step": step, "world_size": world_size, "stage": cfg.stage, "loader_workers": cfg.data.loader_workers,
                     "zero_stage": engine.zero_optimization_stage(), "launch_id": loop_config["launch_id"]}
             (local / "meta.json").write_text(json.dumps(meta))
         if rank == 0 and os.environ.get(CRASH_AT_SAVE_STEP) == str(step):
@@ -271,11 +271,11 @@ def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, r
 
 
 @torch.no_grad()
-def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int, world: int) -> dict:
+def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int, world_size: int) -> dict:
     """Validation loss (and, where the recipe scores, accuracies) on the same batches every time: a
     fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
     stream = TrainStream(expand_shards(cfg.data.val_shards), recipe.decode_spec(), cfg.data.batch_size,
-                         seed=cfg.seed + 1, rank=rank, world_size=world, shuffle_buffer=1,
+                         seed=cfg.seed + 1, rank=rank, world_size=world_size, shuffle_buffer=1,
                          teacher_cache=teacher_cache(cfg, recipe), give_up_after=cfg.data.max_unusable_samples)
     batches = named_stream(iter(make_loader(stream, 0)), f"stage {cfg.stage}: data.val_shards")
     engine.eval()
@@ -286,13 +286,13 @@ def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int
         for mode in ("train", "score") if scores else ("train",):
             kwargs = {"score": True} if mode == "score" else {}
             inputs = recipe.prepare(module.model, batch, np.random.default_rng([cfg.seed, 7919, rank, index]), **kwargs)
-            synchronize(inputs, world, recipe.chunk)
+            synchronize(inputs, world_size, recipe.chunk)
             loss = engine(inputs, mode=mode)
             accumulator.add(module.last_sums | ({"loss": float(loss)} if mode == "train" else {}))
     engine.train()
     totals = accumulator.reduce()
     metrics = recipe.metrics(totals)
-    out = {"val_loss": totals["loss"] / (world * cfg.train.val_batches)}
+    out = {"val_loss": totals["loss"] / (world_size * cfg.train.val_batches)}
     out.update({k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()})
     return out
 
