@@ -64,8 +64,7 @@ def train(stage: int, out: Path, config: str, overrides: list[str], fresh: bool)
     if not fresh and stage_done(out, cfg):
         progress.log(f"stage {stage}: reusing {out / 'export'}")
         return out / "export"
-    args = argparse.Namespace(config=config, out=str(out), resume_from=None, overwrite=True, overrides=overrides)
-    run_stage(stage, args)
+    run_stage(stage, config, out, overrides, overwrite=True)
     return out / "export"
 
 

@@ -112,9 +112,8 @@ def run_trial(params: dict, config_path: str, overrides: list[str], out_root: st
     from vaemo.train.launch import run_stage
 
     trial_id = tune.get_context().get_trial_id()
-    args = argparse.Namespace(config=config_path, out=str(Path(out_root) / "trials" / trial_id), resume_from=None,
-                              overwrite=True, overrides=[*overrides, *(f"{k}={v}" for k, v in params.items())])
-    run_stage(2, args, tune_callbacks=[TuneReportCallback()])
+    run_stage(2, config_path, Path(out_root) / "trials" / trial_id, [*overrides, *(f"{k}={v}" for k, v in params.items())],
+              overwrite=True, tune_callbacks=[TuneReportCallback()])
 
 
 def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None = None,

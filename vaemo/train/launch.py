@@ -39,14 +39,17 @@ class StageRun:
     metrics: dict
 
 
-def run_stage(stage: int, args: argparse.Namespace, tune_callbacks: list | None = None) -> StageRun:
-    """Resolve the config, check everything that can be checked before loading weights, train."""
+def run_stage(stage: int, config: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = (),
+              resume_from: str | Path | None = None, overwrite: bool = False,
+              tune_callbacks: list | None = None) -> StageRun:
+    """Resolve the config (a preset plus dotted overrides), check everything that can be checked before
+    loading weights, train into `out`; `resume_from`: a checkpoint folder or a run folder (its newest)."""
     from vaemo.train.checkpoint import find_checkpoint
 
-    cfg = load_config(args.config, args.overrides, stage=stage)
-    run_dir = Path(args.out).expanduser().resolve()
-    resume = find_checkpoint(args.resume_from) if args.resume_from else None
-    preflight(cfg, run_dir, resume, args.overwrite)
+    cfg = load_config(config, list(overrides), stage=stage)
+    run_dir = Path(out).expanduser().resolve()
+    resume = find_checkpoint(resume_from) if resume_from else None
+    preflight(cfg, run_dir, resume, overwrite)
     connect_ray()
     check_cluster(cfg)
     dump_config(cfg, run_dir / "config.yaml")
