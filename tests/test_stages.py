@@ -35,11 +35,21 @@ def labelled_batch(cfg) -> Batch:
                  duration=[2.5, 3.0], meta=metas, has_audio=[True] * CLIPS)
 
 
-def first_loss(stage: int) -> tuple[float, list[str]]:
-    cfg = load_config(ROOT / "configs/tiny.yaml", stage=stage)
+def first_loss(stage: int, overrides: tuple[str, ...] = ()) -> tuple[float, list[str]]:
+    return first_step(stage, overrides)[:2]
+
+
+def first_step(stage: int, overrides: tuple[str, ...] = ()) -> tuple[float, list[str], dict[str, torch.Tensor], int]:
+    """The first loss, the parameters that got a gradient, those gradients, and how many times the LLM's
+    first block ran (forward and any recomputation)."""
+    cfg = load_config(ROOT / "configs/tiny.yaml", list(overrides), stage=stage)
     recipe = recipe_for(cfg)
     parts = build_stage_model(cfg, recipe)
     model, extra, trainable = parts.model, parts.extra, parts.trainable
+    block_runs = []
+    mlp = model.vlm.model.language_model.layers[0].mlp  # inside the block: a recomputation runs it again
+    mlp_forward = mlp.forward  # (module hooks do not fire during the recomputation: count the calls)
+    mlp.forward = lambda *args, **kwargs: block_runs.append(1) or mlp_forward(*args, **kwargs)
     step = recipe.prepare(model, labelled_batch(cfg), np.random.default_rng([cfg.seed, 104729, 0, 1]))
     step.step = cfg.stage0.vision_warmup_steps + 1 if stage == 0 else 1  # stage 0: past the vision warm-up
     synchronize(step, 1, recipe.chunk)
@@ -50,7 +60,8 @@ def first_loss(stage: int) -> tuple[float, list[str]]:
         params.update({f"extra.{n}": p for n, p in extra.named_parameters()})
     with_grad = sorted(n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0)
     assert set(with_grad) <= set(trainable) | {n for n in params if n.startswith("extra.")}
-    return float(result.loss.detach()), with_grad
+    grads = {n: params[n].grad.detach().clone() for n in with_grad}
+    return float(result.loss.detach()), with_grad, grads, len(block_runs)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
@@ -65,3 +76,15 @@ def test_each_stage_prepares_computes_its_loss_and_trains_only_its_parts(stage):
 
 def test_the_same_inputs_give_the_same_loss_twice():
     assert first_loss(1)[0] == first_loss(1)[0]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_activation_checkpointing_recomputes_blocks_and_changes_no_number(stage):
+    """model.activation_checkpointing: the LLM's blocks run again in the backward pass (that is the memory
+    saving), and the loss and every gradient stay the same."""
+    loss, names, grads, runs = first_step(stage)
+    loss_ckpt, names_ckpt, grads_ckpt, runs_ckpt = first_step(stage, ("model.activation_checkpointing=true",))
+    assert runs_ckpt > runs > 0
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6) and names_ckpt == names
+    for name in names:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)

@@ -266,6 +266,10 @@ class ModelConfig:
     unpacked). See vaemo/model/packing.py."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """`auto`: bfloat16 on GPU, float32 on CPU."""
+    activation_checkpointing: bool = False
+    """Training keeps only each transformer block's input and recomputes the block in the backward pass (the
+    LLM's, the vision tower's and the audio encoder's blocks): activation memory falls from every block's
+    intermediates to one block's, for about one more forward pass of compute. The 7B preset turns it on."""
     audio_window: Literal["auto", "full", "clip"] = "auto"
     """What the Whisper encoder runs on. `full`: the 30 s window it was trained on (the clip, then
     silence, as WhisperFeatureExtractor pads it), keeping the frames that cover the clip; `clip`: only

@@ -165,6 +165,13 @@ class VAEmotionLLM(nn.Module):
     def has_vision(self) -> bool:
         return getattr(self.vlm.model, "visual", None) is not None
 
+    def checkpoint_activations(self) -> None:
+        """Recompute each transformer block in the backward pass instead of keeping its intermediates
+        (transformers' own block-level checkpointing; non-reentrant, so frozen blocks between trainable
+        parts still pass gradients through)."""
+        for module in (self.vlm, self.audio_encoder):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     def detach_vision(self) -> dict[str, torch.Tensor]:
         """Remove the vision tower (stage 1 from a teacher cache never runs it) and return its weights,
         named as in this model's state dict, so an export can put them back unchanged."""
@@ -287,11 +294,12 @@ class VAEmotionLLM(nn.Module):
         lm = self.vlm.model.language_model
         packing = self.packing_for(inputs)
         if packing is None:
-            hidden = lm(inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions).last_hidden_state
+            hidden = lm(inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions,
+                        use_cache=False).last_hidden_state  # one pass, no generation: a KV cache is dead weight
         else:
             device = e.embeds.device
             hidden = packing.unpack(lm(inputs_embeds=packing.pack(e.embeds), attention_mask=packing.mask.to(device),
-                                       position_ids=packing.pack_positions(e.positions)).last_hidden_state)
+                                       position_ids=packing.pack_positions(e.positions), use_cache=False).last_hidden_state)
         return ModelOutput(hidden=hidden, pooled=e.pooled, pooled_max=e.pooled_max)
 
     def packing_for(self, inputs: ModelInputs) -> PrefixPacking | None:

@@ -488,4 +488,6 @@ def build_stage_model(cfg: Config, recipe: Recipe, drop_vision: bool = False) ->
     torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
     extra = recipe.extra_modules(model)
     trainable = set_trainable(model, cfg.stage, extra, recipe.also_trainable())
+    if cfg.model.activation_checkpointing:
+        model.checkpoint_activations()
     return StageModel(model, extra, trainable, held_vision)
