@@ -24,7 +24,6 @@ import yaml
 
 from vaemo.errors import UserError
 
-Modality = Literal["audio", "visual", "audio_visual"]
 MODALITIES: tuple[str, ...] = ("audio", "visual", "audio_visual")
 STAGES = (0, 1, 2)
 

@@ -33,13 +33,6 @@ DESCRIBE_PROMPTS: tuple[str, ...] = ("Describe this artwork.", "Describe what yo
 OPTIONS: dict[str, tuple[str, ...]] = {"content": OBJECTS, "emotion": EMOTIONS}
 
 
-def emotion_of(valence: float, arousal: float) -> str:
-    for name, (sv, sa) in EMOTION_SIGNS.items():
-        if np.sign(valence) == sv and np.sign(arousal) == sa:
-            return name
-    raise ValueError(f"valence {valence} and arousal {arousal} must both be non-zero")
-
-
 @dataclass
 class Cues:
     """What a caption says about a clip: the object, count, emotion and the perceptual cues."""

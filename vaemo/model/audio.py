@@ -95,9 +95,6 @@ class AudioProjector(nn.Module):
         self.markers = nn.Embedding(2, out_dim)
         nn.init.normal_(self.markers.weight, std=0.02)
 
-    def tokens_for(self, encoder_frames: int) -> int:
-        return encoder_frames // self.stride
-
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, T, in_dim) -> (B, T // stride, out_dim)."""
         b, t, d = features.shape
