@@ -32,10 +32,6 @@ from vaemo.train.ds_config import deepspeed_config, zero_stage
 from vaemo.train.recipes import Recipe, StepInputs, build_stage_model, recipe_for
 from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
 
-# A test hook: crash rank 0 right after it wrote its shards of this step's checkpoint, before Ray has
-# it, as a power cut during a save would. Inert unless set.
-CRASH_AT_SAVE_STEP = "VAEMO_TEST_CRASH_AT_SAVE_STEP"
-
 
 class StageModule(nn.Module):
     """What DeepSpeed wraps: the model, the stage's own heads, and the recipe's loss as its forward."""
@@ -262,8 +258,6 @@ def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, r
             meta = {"step": step, "world_size": world_size, "stage": cfg.stage, "loader_workers": cfg.data.loader_workers,
                     "zero_stage": engine.zero_optimization_stage(), "launch_id": loop_config["launch_id"]}
             (local / "meta.json").write_text(json.dumps(meta))
-        if rank == 0 and os.environ.get(CRASH_AT_SAVE_STEP) == str(step):
-            os._exit(17)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
                          checkpoint_dir_name=ckpt.step_dir_name(step))
     finally:
