@@ -1,4 +1,6 @@
-"""Each stage's recipe in-process on the tiny model: prepare -> loss -> gradients, with the first loss pinned.
+"""Each stage's recipe in-process on the tiny model: prepare -> loss -> gradients, with the first loss and the
+first three steps' losses pinned, and a resume after step 1 giving the same three (a resume without the
+optimizer's state does not: that is how this check was seen to fail).
 
 The pinned values are this machine's (2-core x86 CPU, torch 2.13 CPU wheel); another CPU may round
 differently at ~1e-6, which the tolerance (1e-5, relative or absolute, whichever is larger) absorbs. A change that moves
@@ -6,6 +8,8 @@ a stage's loss (prompts, normalisation, the losses themselves) must update GOLDE
 """
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ from conftest import ROOT
 from vaemo.config import load_config
 from vaemo.data.stream import Batch
 from vaemo.train.recipes import build_stage_model, recipe_for
-from vaemo.train.worker import synchronize
+from vaemo.train.worker import StageModule, learning_rate, synchronize
 
 CLIPS = 2
 # The first loss of each stage on `labelled_batch` (tiny preset, seed 0), measured on this machine.
@@ -88,3 +92,69 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_no_number(stage)
     assert loss_ckpt == pytest.approx(loss, rel=1e-6) and names_ckpt == names
     for name in names:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)
+
+
+def batch_for_step(cfg, step: int) -> Batch:
+    """Step k's batch: labelled_batch's clips with frames and soundtracks drawn again for each step."""
+    batch = labelled_batch(cfg)
+    g = torch.Generator().manual_seed(1000 + step)
+    batch.video = torch.randint(0, 256, batch.video.shape, dtype=torch.uint8, generator=g)
+    batch.audio = torch.randn(batch.audio.shape, generator=g) * 0.1
+    return batch
+
+
+def train_in_process(stage: int, steps: int, resume_after: int | None = None) -> list[float]:
+    """Each step's loss over `steps` optimizer steps, as the worker runs them (prepare -> synchronize ->
+    loss -> backward -> clipped AdamW at the scheduled learning rate), in one process. `resume_after`: after
+    that step, save the trainable weights, the heads, the optimizer and the RNGs, build everything afresh,
+    load them and go on, as a resumed run does."""
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage0.vision_warmup_steps=1", f"train.max_steps={steps}"],
+                      stage=stage)
+
+    def build():
+        recipe = recipe_for(cfg)
+        parts = build_stage_model(cfg, recipe)
+        module = StageModule(parts.model, parts.extra, recipe)
+        params = [p for p in module.parameters() if p.requires_grad]
+        return recipe, module, params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    recipe, module, params, optimizer = build()
+    losses = []
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        inputs = recipe.prepare(module.model, batch_for_step(cfg, step), np.random.default_rng([cfg.seed, 104729, 0, step]))
+        inputs.step = step
+        synchronize(inputs, 1, recipe.chunk)
+        loss = module(inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step == resume_after:
+            saved = io.BytesIO()
+            trained = {n: p for n, p in module.state_dict().items() if n in {m for m, q in module.named_parameters()
+                                                                             if q.requires_grad}}
+            torch.save({"weights": trained, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, saved)
+            saved.seek(0)
+            state = torch.load(saved)
+            recipe, module, params, optimizer = build()
+            module.load_state_dict(state["weights"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+    return losses
+
+
+# Each stage's first three losses in process (`train_in_process`), measured on this machine.
+GOLDEN_STEPS = {0: [2.8045401573181152, 9.168323516845703, 8.843714714050293],
+                1: [0.03563328832387924, 0.025061799213290215, 0.01480062399059534],
+                2: [7.648784637451172, 7.63045597076416, 7.495543956756592]}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_the_first_steps_losses_are_pinned_and_a_resume_repeats_them(stage):
+    straight = train_in_process(stage, 3)
+    assert straight == pytest.approx(GOLDEN_STEPS[stage], rel=1e-5, abs=1e-5)
+    assert straight[2] != straight[1]  # the steps train: a loss that never moved would pin nothing
+    assert train_in_process(stage, 3, resume_after=1) == pytest.approx(straight, rel=1e-6, abs=1e-7)
