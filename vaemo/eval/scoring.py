@@ -21,6 +21,7 @@ from vaemo.data import world
 from vaemo.data.bench import BenchItem
 from vaemo.data.decode import CLIP_EXTENSIONS, DecodeSpec, SkipSample, decode_sample
 from vaemo.model import VAEmotionLLM
+from vaemo.model.vaemo_llm import best_option
 
 
 @dataclass
@@ -179,7 +180,7 @@ class Scorer:
             scored = [r for r in results if not r.skipped]
             for k, (result, option_scores) in enumerate(zip(scored, scores)):
                 result.scores = option_scores
-                result.predicted = int(np.argmax(option_scores))
+                result.predicted = best_option(option_scores)
                 result.correct = result.predicted == result.answer
                 if va is not None:
                     result.valence_pred, result.arousal_pred = float(va[k, 0]), float(va[k, 1])

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -97,6 +98,17 @@ class FP32Logits(nn.Linear):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
         return F.linear(hidden.float(), self.weight.float(), bias)
+
+
+def per_item(means: list[float], option_counts: list[int]) -> list[list[float]]:
+    """Per-option scores, consecutive per item, split into one list per item."""
+    starts = [sum(option_counts[:k]) for k in range(len(option_counts))]
+    return [means[start : start + count] for start, count in zip(starts, option_counts)]
+
+
+def best_option(scores: list[float]) -> int:
+    """The option a multiple-choice scorer picks: the highest score (the first of equals)."""
+    return int(np.argmax(scores))
 
 
 class VAEmotionLLM(nn.Module):
@@ -328,15 +340,20 @@ class VAEmotionLLM(nn.Module):
         """
         prompts = [PromptItem(m, q, option, c) for m, q, options, c in items for option in options]
         inputs = self.prompts.batch(prompts, video, audio, duration)
-        out = self.forward(inputs)
+        means, out = self.option_means(inputs, chunk)
+        counts = [len(options) for _, _, options, _ in items]
+        first_rows = [sum(counts[:k]) for k in range(len(counts))]
+        return per_item(means, counts), out.pooled[first_rows]
+
+    def option_means(self, inputs: ModelInputs, chunk: int = 256, chunks: int = 0,
+                     run_all_pathways: bool = False) -> tuple[list[float], ModelOutput]:
+        """Each sequence's mean log-likelihood of its response (an option, when sequences ask a multiple-choice
+        question once per option), and the forward's output. `chunks`/`run_all_pathways`: as under ZeRO-3,
+        where every rank must run the same chunks and pathways (validation inside training)."""
+        out = self.forward(inputs, run_all_pathways)
         hidden = out.hidden[inputs.pred_mask.to(out.hidden.device)]
-        means = sequence_logprobs(hidden, self.logits, inputs.response_targets, inputs.response_lengths(), chunk)
-        scores, first_rows, row = [], [], 0
-        for _, _, options, _ in items:
-            scores.append(means[row : row + len(options)])
-            first_rows.append(row)
-            row += len(options)
-        return scores, out.pooled[first_rows]
+        return sequence_logprobs(hidden, self.logits, inputs.response_targets, inputs.response_lengths(), chunk,
+                                 chunks), out
 
     @torch.no_grad()
     def emotion(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,

@@ -26,8 +26,9 @@ from vaemo.config import Config, PromptsConfig
 from vaemo.data import world
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
-from vaemo.losses import TopKTargets, distill, language_loss, per_sequence_weights, sequence_logprobs, teacher_topk, va_loss
+from vaemo.losses import TopKTargets, distill, language_loss, per_sequence_weights, teacher_topk, va_loss
 from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM, build_model, set_trainable
+from vaemo.model.vaemo_llm import best_option, per_item
 
 
 @dataclass
@@ -437,15 +438,11 @@ class EmoAdapterRecipe(AlignRecipe):
     def score(self, model: VAEmotionLLM, step: StepInputs) -> dict[str, float]:
         """Validation accuracy per task and modality, scoring every option by its mean log-likelihood;
         `val_objective` (what sweeps rank by) is the mean over tasks of each task's accuracy."""
-        inputs = step.passes["lm"]
-        out, hidden = self.response_hidden(model, inputs, run_all_pathways=True)
-        means = sequence_logprobs(hidden, model.logits, inputs.response_targets, inputs.response_lengths(),
-                                  self.chunk, step.chunks.get("lm", 0))
+        means, _ = model.option_means(step.passes["lm"], self.chunk, step.chunks.get("lm", 0), run_all_pathways=True)
         sums: dict[str, float] = {}
-        row = 0
-        for task, modality, options, truth in step.scored:
-            right = float(int(np.argmax(means[row : row + options])) == truth)
-            row += options
+        scores = per_item(means, [options for _, _, options, _ in step.scored])
+        for (task, modality, _, truth), item_scores in zip(step.scored, scores):
+            right = float(best_option(item_scores) == truth)
             for name in (f"val_{task}_{modality}", f"val_{task}"):
                 sums[f"{name}_correct"] = sums.get(f"{name}_correct", 0.0) + right
                 sums[f"{name}_total"] = sums.get(f"{name}_total", 0.0) + 1.0
