@@ -4,6 +4,14 @@ A preset holds settings for the whole pipeline. Per-stage settings live under `s
 preset and are merged over the top-level sections when stage N runs; command-line overrides are
 applied last, so `train.max_steps=5` always wins. Every field is documented where it is declared (the
 string under it); `vaemo config show` prints the resolved tree with those docs as comments.
+
+Why plain dataclasses and a small hand-written loader (about 150 lines at the end of this file) rather than
+pydantic, which Ray already installs: the tree is read by Ray workers, Tune trials and DeepSpeed's config
+builder as plain attribute access and `dataclasses.asdict`, and the loader's three jobs are narrow (dotted
+overrides merged over per-stage sections; coercion of YAML and command-line strings to the declared type;
+errors that name the dotted field and suggest the nearest one, exit status 2). Pydantic v2 would bring the
+coercion and `extra="forbid"`, but not the stage merging, the override parsing or the error wording, and it
+would put a second validation model beside the one the checks (`check` methods) implement.
 """
 
 from __future__ import annotations
