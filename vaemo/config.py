@@ -5,7 +5,7 @@ preset and are merged over the top-level sections when stage N runs; command-lin
 applied last, so `train.max_steps=5` always wins. Every field is documented where it is declared (the
 string under it); `vaemo config show` prints the resolved tree with those docs as comments.
 
-Why plain dataclasses and a small hand-written loader (about 150 lines at the end of this file) rather than
+Why plain dataclasses and a small hand-written loader (`load_config` to the end, about 240 lines) rather than
 pydantic, which Ray already installs: the tree is read by Ray workers, Tune trials and DeepSpeed's config
 builder as plain attribute access and `dataclasses.asdict`, and the loader's three jobs are narrow (dotted
 overrides merged over per-stage sections; coercion of YAML and command-line strings to the declared type;
