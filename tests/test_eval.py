@@ -115,7 +115,7 @@ def test_results_follow_the_spec_and_an_unreadable_clip_is_counted(small_world, 
     assert report["deaf_check"]["accuracy"] == pytest.approx(sum(deaf) / len(deaf))
     # A baseline is scored like the model: the same numbers as evaluating that export on its own.
     alone, _ = evaluate(stage0_export, bench, actors=0)
-    assert report["baselines"]["before"]["accuracy"] == pytest.approx(alone["accuracy"])
+    assert report["baselines"]["before"]["accuracy"] == alone["accuracy"]  # the pool scores as one process does
     assert report["baselines"]["before"]["accuracy"] != report["accuracy"]
     assert (out / "accuracy.png").is_file()
     assert "deaf" in result.stdout and "model" in result.stdout  # the table
