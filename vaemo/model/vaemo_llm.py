@@ -9,6 +9,7 @@ This module imports neither Ray nor DeepSpeed: it runs anywhere torch + transfor
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from contextlib import contextmanager
@@ -100,10 +101,14 @@ class FP32Logits(nn.Linear):
         return F.linear(hidden.float(), self.weight.float(), bias)
 
 
+def option_starts(option_counts: list[int]) -> list[int]:
+    """The row of each item's first option, when items' options are consecutive rows."""
+    return [0, *itertools.accumulate(option_counts)][:-1]
+
+
 def per_item(means: list[float], option_counts: list[int]) -> list[list[float]]:
     """Per-option scores, consecutive per item, split into one list per item."""
-    starts = [sum(option_counts[:k]) for k in range(len(option_counts))]
-    return [means[start : start + count] for start, count in zip(starts, option_counts)]
+    return [means[start : start + count] for start, count in zip(option_starts(option_counts), option_counts)]
 
 
 def best_option(scores: list[float]) -> int:
@@ -342,8 +347,7 @@ class VAEmotionLLM(nn.Module):
         inputs = self.prompts.batch(prompts, video, audio, duration)
         means, out = self.option_means(inputs, chunk)
         counts = [len(options) for _, _, options, _ in items]
-        first_rows = [sum(counts[:k]) for k in range(len(counts))]
-        return per_item(means, counts), out.pooled[first_rows]
+        return per_item(means, counts), out.pooled[option_starts(counts)]
 
     def option_means(self, inputs: ModelInputs, chunk: int = 256, chunks: int = 0,
                      run_all_pathways: bool = False) -> tuple[list[float], ModelOutput]:
