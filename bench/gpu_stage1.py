@@ -36,7 +36,7 @@ def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, d
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from vaemo.data import world
+    from vaemo.data import vocab
     from vaemo.model.audio import AudioProjector
     from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer
     from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM
@@ -44,7 +44,7 @@ def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, d
 
     d = dims
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = build_tiny_tokenizer(world.corpus())  # ids fit in the 152k vocabulary; the text is short anyway
+    tokenizer = build_tiny_tokenizer(vocab.corpus())  # ids fit in the 152k vocabulary; the text is short anyway
     tokens = SpecialTokens.of(tokenizer)
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["ffn"],
@@ -79,17 +79,17 @@ def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, d
 
 
 def clip_prompts(clips: int):
-    from vaemo.data import world
+    from vaemo.data import vocab
     from vaemo.model import PromptItem
 
     items = []
     for i in range(clips):
-        caption = (f"A {world.EMOTIONS[i % 4]} painting: a {world.OBJECTS[i % 4]} drifts over a warm, glowing field "
+        caption = (f"A {vocab.EMOTIONS[i % 4]} painting: a {vocab.OBJECTS[i % 4]} drifts over a warm, glowing field "
                    "while soft chords rise and fall.")
         items.append(("Describe this artwork.", caption, i))
-        for task in world.TASKS:
-            options = list(world.OPTIONS[task])
-            items.append((world.mcq_prompt(world.QUESTION_VARIANTS[task][0], options), options[i % 4], i))
+        for task in vocab.TASKS:
+            options = list(vocab.OPTIONS[task])
+            items.append((vocab.mcq_prompt(vocab.QUESTION_VARIANTS[task][0], options), options[i % 4], i))
     return [PromptItem("visual", p, r, i) for p, r, i in items], [PromptItem("audio", p, r, i) for p, r, i in items]
 
 

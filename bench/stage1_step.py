@@ -52,14 +52,14 @@ def synthetic_batch(cfg, batch_size: int, seed: int):
     import numpy as np
     import torch
 
-    from vaemo.data import world
+    from vaemo.data import vocab
     from vaemo.data.stream import Batch
 
     rng = np.random.default_rng(seed)
     d = cfg.data
     metas = []
     for _ in range(batch_size):
-        obj, emotion = world.OBJECTS[int(rng.integers(4))], world.EMOTIONS[int(rng.integers(4))]
+        obj, emotion = vocab.OBJECTS[int(rng.integers(4))], vocab.EMOTIONS[int(rng.integers(4))]
         metas.append({"caption": f"A {emotion} artwork with a {obj} moving across a glowing background.",
                       "object": obj, "emotion": emotion})
     generator = torch.Generator().manual_seed(seed)
@@ -78,8 +78,8 @@ def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
 
     from vaemo.model import build_model
     from vaemo.teacher_cache import teacher_records
-    from vaemo.train.recipes import AlignRecipe, build_stage_model
-    from vaemo.train.worker import StageModule, synchronize
+    from vaemo.train.objectives import AlignObjective, build_stage_model
+    from vaemo.train.trainer import StageModule, synchronize
 
     if cached:  # the cache, written beforehand by the same frozen teacher
         teacher = build_model(cfg.model, cfg.data, seed=cfg.seed).eval()
@@ -88,16 +88,16 @@ def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
         del teacher
         cfg = copy.deepcopy(cfg)
         cfg.stage1.teacher.mode, cfg.stage1.teacher.cache_dir = "cache", "(in memory)"
-    recipe = AlignRecipe(cfg)
-    model = build_stage_model(cfg, recipe, drop_vision=cached).model
-    module = StageModule(model, None, recipe)
+    objective = AlignObjective(cfg)
+    model = build_stage_model(cfg, objective, drop_vision=cached).model
+    module = StageModule(model, None, objective)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for step in range(warmup + steps):
         batch = batches[step % len(batches)]
         t0 = time.perf_counter()
-        inputs = recipe.prepare(model, batch, np.random.default_rng([0, step]))
-        synchronize(inputs, 1, recipe.chunk)
+        inputs = objective.prepare(model, batch, np.random.default_rng([0, step]))
+        synchronize(inputs, 1, objective.chunk)
         loss = module(inputs)
         loss.backward()
         optimizer.step()

@@ -1,6 +1,6 @@
 """Samples/s of the tiny stage-1 step: Ray Train + DeepSpeed ZeRO-3 with 2 workers vs one plain process.
 
-Both run the same recipe (teacher video pass, student audio pass, chunked KD, AdamW on the projector)
+Both run the same objective (teacher video pass, student audio pass, chunked KD, AdamW on the projector)
 on the same model and the same global batch (2 x data.batch_size), reading the same shards. The plain
 process uses every core for torch and decodes in DataLoader workers like the trainer does. Prints both
 rates, the ratio (target >= 0.6) and where each step's time goes.
@@ -31,17 +31,17 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
 
     from vaemo.config import load_config
     from vaemo.data.stream import TrainStream, expand_shards, make_loader
-    from vaemo.train.recipes import build_stage_model, recipe_for
-    from vaemo.train.worker import StageModule, synchronize
+    from vaemo.train.objectives import build_stage_model, objective_for
+    from vaemo.train.trainer import StageModule, synchronize
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.batch_size={batch}"], stage=1)
-    recipe = recipe_for(cfg)
-    model = build_stage_model(cfg, recipe).model  # what the Ray run trains: projector and tiny audio encoder
-    module = StageModule(model, None, recipe)
+    objective = objective_for(cfg)
+    model = build_stage_model(cfg, objective).model  # what the Ray run trains: projector and tiny audio encoder
+    module = StageModule(model, None, objective)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    stream = TrainStream(expand_shards(f"{data}/train/*.tar"), recipe.decode_spec(), batch, seed=0,
+    stream = TrainStream(expand_shards(f"{data}/train/*.tar"), objective.decode_spec(), batch, seed=0,
                          shuffle_buffer=cfg.data.shuffle_buffer)
     batches = iter(make_loader(stream, loader_workers))
     times = {"data": [], "forward": [], "backward+step": []}
@@ -49,8 +49,8 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
         t0 = time.perf_counter()
         b = next(batches)
         t1 = time.perf_counter()
-        inputs = recipe.prepare(model, b, np.random.default_rng([0, step]))
-        synchronize(inputs, 1, recipe.chunk)
+        inputs = objective.prepare(model, b, np.random.default_rng([0, step]))
+        synchronize(inputs, 1, objective.chunk)
         loss = module(inputs)
         t2 = time.perf_counter()
         loss.backward()

@@ -31,15 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vaemo.config import load_config  # noqa: E402
-from vaemo.data import world  # noqa: E402
+from vaemo.data import vocab  # noqa: E402
 from vaemo.data.decode import DecodeSpec, SkipSample, decode_sample  # noqa: E402
 from vaemo.data.stream import expand_shards  # noqa: E402
 from vaemo.data.tars import ShardError, read_shard  # noqa: E402
 from vaemo.model import build_model  # noqa: E402
-from vaemo.train.recipes import SeeRecipe  # noqa: E402
-from vaemo.train.worker import learning_rate  # noqa: E402
+from vaemo.train.objectives import SeeObjective  # noqa: E402
+from vaemo.train.trainer import learning_rate  # noqa: E402
 
-LABELS = {"object": world.OBJECTS, "emotion": world.EMOTIONS}
+LABELS = {"object": vocab.OBJECTS, "emotion": vocab.EMOTIONS}
 
 
 def decode_split(pattern: str, spec: DecodeSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -63,7 +63,7 @@ def probe(cfg, train, val, steps: int, batch: int, seed: int, report_every: int)
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.data, seed=seed)
     heads = nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, len(LABELS[task]))
-                           for task, pool in SeeRecipe.AUX_HEADS}).to(model.dtype)
+                           for task, pool in SeeObjective.AUX_HEADS}).to(model.dtype)
     params = list(model.vlm.model.visual.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(seed)
@@ -119,7 +119,7 @@ def main() -> None:
         print(f"{fit}: {len(train[0])} train and {len(val[0])} val clips decoded", flush=True)
         finals[fit] = [probe(cfg, train, val, args.steps, args.batch, seed, args.report_every)[-1] for seed in args.seeds]
 
-    heads = [f"val_{task}_{pool}_acc" for task, pool in SeeRecipe.AUX_HEADS]
+    heads = [f"val_{task}_{pool}_acc" for task, pool in SeeObjective.AUX_HEADS]
     print(f"\nval accuracy after {args.steps} steps, mean over seeds {args.seeds} (each seed in brackets)")
     print(f"{'fit':<10}" + "".join(f"{h[4:-4]:>28}" for h in heads))
     for fit, rows in finals.items():

@@ -62,7 +62,7 @@ def test_the_benchmark_asks_questions_as_training_does(small_world):
     import numpy as np
 
     from vaemo.config import load_config
-    from vaemo.train.recipes import mcq
+    from vaemo.train.objectives import mcq
 
     questions = load_config(ROOT / "configs/tiny.yaml").prompts.questions
     for item in read_bench(small_world / "bench")[:12]:

@@ -13,7 +13,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("vaemo", "vaemo.errors", "vaemo.args", "vaemo.progress", "vaemo.config")),
     ("data", ("vaemo.data",)),
     ("model and losses", ("vaemo.model", "vaemo.losses")),
-    ("stage logic, scoring, Ray plumbing", ("vaemo.train.recipes", "vaemo.cache_fingerprint", "vaemo.eval.scoring",
+    ("stage logic, scoring, Ray plumbing", ("vaemo.train.objectives", "vaemo.cache_fingerprint", "vaemo.eval.scoring",
                                             "vaemo.eval.report", "vaemo.cluster")),
     ("runs: training, evaluation, caches, sweeps", ("vaemo.train", "vaemo.eval", "vaemo.teacher_cache", "vaemo.tune")),
     ("pipelines", ("vaemo.demo", "vaemo.science")),
@@ -94,4 +94,4 @@ def test_the_checks_catch_what_they_are_for():
              "vaemo.config": set()}
     assert find_cycle(graph)[0] == find_cycle(graph)[-1]
     assert layer_of("vaemo.data.stream") > layer_of("vaemo.config")
-    assert layer_of("vaemo.cli") > layer_of("vaemo.train.launch") > layer_of("vaemo.train.recipes")
+    assert layer_of("vaemo.cli") > layer_of("vaemo.train.launch") > layer_of("vaemo.train.objectives")

@@ -216,15 +216,15 @@ def test_only_the_stages_parameters_get_gradients(stage, clips):
 
 
 def test_stage2_without_the_emoadapter_fine_tunes_the_projector():
-    from vaemo.train.recipes import EmoAdapterRecipe
+    from vaemo.train.objectives import EmoAdapterObjective
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["stage2.use_enhancer=false", "stage2.use_supervisor=false"], stage=2)
-    recipe = EmoAdapterRecipe(cfg)
+    objective = EmoAdapterObjective(cfg)
     model = build_model(cfg.model, cfg.data, seed=0)
-    recipe.prepare_model(model)
-    trainable = set_trainable(model, 2, None, recipe.also_trainable())
+    objective.prepare_model(model)
+    trainable = set_trainable(model, 2, None, objective.also_trainable())
     assert trainable and all(n.startswith("projector.") for n in trainable)
-    with_adapter = EmoAdapterRecipe(load_config(ROOT / "configs/tiny.yaml", stage=2))
+    with_adapter = EmoAdapterObjective(load_config(ROOT / "configs/tiny.yaml", stage=2))
     assert with_adapter.also_trainable() == ()
 
 
@@ -252,28 +252,28 @@ def test_stage2s_kd_teacher_is_the_model_as_stage1_left_it(clips):
 
 def test_stage2_validation_scores_emotion_and_content_under_every_modality(model, clips):
     from vaemo.data.stream import Batch
-    from vaemo.train.recipes import EmoAdapterRecipe
+    from vaemo.train.objectives import EmoAdapterObjective
 
     video, audio, duration = clips
     metas = [{"emotion": "calm", "object": "star"}, {"emotion": "joy", "object": "circle"},
              {"emotion": "anger"}]  # the third clip has no object: only its emotion is scored
     batch = Batch(keys=["0", "1", "2"], video=video, audio=audio, audio_len=[48000] * CLIPS, duration=duration,
                   meta=metas, has_audio=[True, True, False])
-    recipe = EmoAdapterRecipe(load_config(ROOT / "configs/tiny.yaml", stage=2))
-    step = recipe.prepare(model, batch, np.random.default_rng(0), score=True)
+    objective = EmoAdapterObjective(load_config(ROOT / "configs/tiny.yaml", stage=2))
+    step = objective.prepare(model, batch, np.random.default_rng(0), score=True)
     assert [(t, m) for t, m, _, _ in step.scored] == [(t, m) for m in ("visual", "audio", "audio_visual")
                                                        for t in ("emotion", "content")] * 2 + [("emotion", "visual")]
     assert len(step.passes["lm"].modalities) == 4 * len(step.scored)
-    sums = recipe.score(model, step)
+    sums = objective.score(model, step)
     assert sums["val_emotion_total"] == 7 and sums["val_content_total"] == 6 and sums["val_content_audio_total"] == 2
-    metrics = recipe.metrics(sums)
+    metrics = objective.metrics(sums)
     assert metrics["val_objective"] == pytest.approx((metrics["val_emotion_acc"] + metrics["val_content_acc"]) / 2)
 
 
 def test_stage2_kd_questions_distils_the_stage1_questions_too(model, clips):
-    from vaemo.data import world
+    from vaemo.data import vocab
     from vaemo.data.stream import Batch
-    from vaemo.train.recipes import EmoAdapterRecipe
+    from vaemo.train.objectives import EmoAdapterObjective
 
     video, audio, duration = clips
     metas = [{"caption": "A calm boat.", "emotion": "calm", "valence": 0.2, "arousal": -0.3, "object": "boat"}] * CLIPS
@@ -282,10 +282,10 @@ def test_stage2_kd_questions_distils_the_stage1_questions_too(model, clips):
     passes = {}
     for flag in (False, True):
         cfg = load_config(ROOT / "configs/tiny.yaml", [f"stage2.kd_questions={flag}"], stage=2)
-        step = EmoAdapterRecipe(cfg).prepare(model, batch, np.random.default_rng(0))
+        step = EmoAdapterObjective(cfg).prepare(model, batch, np.random.default_rng(0))
         passes[flag] = step.passes["student"]
     assert len(passes[False].modalities) == CLIPS  # a caption per clip
-    assert len(passes[True].modalities) == CLIPS * (1 + len(world.TASKS))  # and one question per task
+    assert len(passes[True].modalities) == CLIPS * (1 + len(vocab.TASKS))  # and one question per task
     assert passes[True].modalities == ["audio"] * len(passes[True].modalities)
 
 
@@ -523,7 +523,7 @@ def test_stage1_without_captions_distils_the_teachers_own_answer(model, clips):
     """responses=auto: a clip without a caption gets the frozen teacher's greedy answer from its frames as
     the response of both passes; a clip with one keeps its caption; responses=caption needs the field."""
     from vaemo.data.stream import Batch
-    from vaemo.train.recipes import AlignRecipe, align_sequences
+    from vaemo.train.objectives import AlignObjective, align_sequences
 
     video, audio, duration = clips
     metas = [{}, {"caption": "A calm blue circle."}, {"caption": "   "}]
@@ -531,9 +531,9 @@ def test_stage1_without_captions_distils_the_teachers_own_answer(model, clips):
                   meta=metas, has_audio=[True] * CLIPS)
     cfg = load_config(ROOT / "configs/tiny.yaml", ["stage1.questions=false", "stage1.teacher_response_tokens=6"],
                       stage=1)
-    recipe = AlignRecipe(cfg)
-    assert recipe.decode_spec().need_fields == ()
-    step = recipe.prepare(model, batch, np.random.default_rng(0))
+    objective = AlignObjective(cfg)
+    assert objective.decode_spec().need_fields == ()
+    step = objective.prepare(model, batch, np.random.default_rng(0))
     teacher, student = step.passes["teacher"], step.passes["student"]
     assert teacher.modalities == ["visual"] * 3 and student.modalities == ["audio"] * 3
     assert torch.equal(teacher.response_targets, student.response_targets)  # the same response for both
@@ -543,15 +543,15 @@ def test_stage1_without_captions_distils_the_teachers_own_answer(model, clips):
     responses = [model.tokenizer.decode(row[row != -100]) for row in teacher.targets]
     assert responses[1] == "A calm blue circle.<|im_end|>"
     assert [responses[0], responses[2]] == [w + "<|im_end|>" for w in written]
-    captioned = AlignRecipe(load_config(ROOT / "configs/tiny.yaml", ["stage1.responses=caption"], stage=1))
+    captioned = AlignObjective(load_config(ROOT / "configs/tiny.yaml", ["stage1.responses=caption"], stage=1))
     assert captioned.decode_spec().need_fields == ("caption",)
 
 
 def test_the_7b_preset_asks_nothing_of_the_synthetic_world():
-    from vaemo.data import world
+    from vaemo.data import vocab
 
-    synthetic = set(world.DESCRIBE_PROMPTS) | set(world.OBJECTS) | set(world.QUESTIONS.values())
-    synthetic |= {q for variants in world.QUESTION_VARIANTS.values() for q in variants}
+    synthetic = set(vocab.DESCRIBE_PROMPTS) | set(vocab.OBJECTS) | set(vocab.QUESTIONS.values())
+    synthetic |= {q for variants in vocab.QUESTION_VARIANTS.values() for q in variants}
     for stage in (1, 2):
         cfg = load_config(ROOT / "configs/qwen2.5-vl-7b.yaml", stage=stage)
         asked = set(cfg.prompts.describe) | set(cfg.prompts.emotion_questions)
@@ -559,4 +559,4 @@ def test_the_7b_preset_asks_nothing_of_the_synthetic_world():
             asked |= set(spec["ask"]) | set(spec["options"])
         assert asked and not asked & synthetic, asked & synthetic
         # emotion words are shared by any taxonomy; the categories are not the world's four
-        assert sorted(cfg.stage2.emotions) != sorted(world.EMOTIONS) and len(cfg.stage2.emotions) == 8
+        assert sorted(cfg.stage2.emotions) != sorted(vocab.EMOTIONS) and len(cfg.stage2.emotions) == 8

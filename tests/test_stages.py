@@ -1,4 +1,4 @@
-"""Each stage's recipe in-process on the tiny model: prepare -> loss -> gradients, with the first loss and the
+"""Each stage's objective in-process on the tiny model: prepare -> loss -> gradients, with the first loss and the
 first three steps' losses pinned, and a resume after step 1 giving the same three (a resume without the
 optimizer's state does not: that is how this check was seen to fail).
 
@@ -18,8 +18,8 @@ from conftest import ROOT
 
 from vaemo.config import load_config
 from vaemo.data.stream import Batch
-from vaemo.train.recipes import build_stage_model, recipe_for
-from vaemo.train.worker import StageModule, learning_rate, synchronize
+from vaemo.train.objectives import build_stage_model, objective_for
+from vaemo.train.trainer import StageModule, learning_rate, synchronize
 
 CLIPS = 2
 # The first loss of each stage on `labelled_batch` (tiny preset, seed 0), measured on this machine.
@@ -47,17 +47,17 @@ def first_step(stage: int, overrides: tuple[str, ...] = ()) -> tuple[float, list
     """The first loss, the parameters that got a gradient, those gradients, and how many times the LLM's
     first block ran (forward and any recomputation)."""
     cfg = load_config(ROOT / "configs/tiny.yaml", list(overrides), stage=stage)
-    recipe = recipe_for(cfg)
-    parts = build_stage_model(cfg, recipe)
+    objective = objective_for(cfg)
+    parts = build_stage_model(cfg, objective)
     model, extra, trainable = parts.model, parts.extra, parts.trainable
     block_runs = []
     mlp = model.vlm.model.language_model.layers[0].mlp  # inside the block: a recomputation runs it again
     mlp_forward = mlp.forward  # (module hooks do not fire during the recomputation: count the calls)
     mlp.forward = lambda *args, **kwargs: block_runs.append(1) or mlp_forward(*args, **kwargs)
-    step = recipe.prepare(model, labelled_batch(cfg), np.random.default_rng([cfg.seed, 104729, 0, 1]))
+    step = objective.prepare(model, labelled_batch(cfg), np.random.default_rng([cfg.seed, 104729, 0, 1]))
     step.step = cfg.stage0.vision_warmup_steps + 1 if stage == 0 else 1  # stage 0: past the vision warm-up
-    synchronize(step, 1, recipe.chunk)
-    result = recipe.loss(model, extra, step)
+    synchronize(step, 1, objective.chunk)
+    result = objective.loss(model, extra, step)
     result.loss.backward()
     params = dict(model.named_parameters())
     if extra is not None:
@@ -112,20 +112,20 @@ def train_in_process(stage: int, steps: int, resume_after: int | None = None) ->
                       stage=stage)
 
     def build():
-        recipe = recipe_for(cfg)
-        parts = build_stage_model(cfg, recipe)
-        module = StageModule(parts.model, parts.extra, recipe)
+        objective = objective_for(cfg)
+        parts = build_stage_model(cfg, objective)
+        module = StageModule(parts.model, parts.extra, objective)
         params = [p for p in module.parameters() if p.requires_grad]
-        return recipe, module, params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return objective, module, params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
-    recipe, module, params, optimizer = build()
+    objective, module, params, optimizer = build()
     losses = []
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        inputs = recipe.prepare(module.model, batch_for_step(cfg, step), np.random.default_rng([cfg.seed, 104729, 0, step]))
+        inputs = objective.prepare(module.model, batch_for_step(cfg, step), np.random.default_rng([cfg.seed, 104729, 0, step]))
         inputs.step = step
-        synchronize(inputs, 1, recipe.chunk)
+        synchronize(inputs, 1, objective.chunk)
         loss = module(inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
@@ -139,7 +139,7 @@ def train_in_process(stage: int, steps: int, resume_after: int | None = None) ->
             torch.save({"weights": trained, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, saved)
             saved.seek(0)
             state = torch.load(saved)
-            recipe, module, params, optimizer = build()
+            objective, module, params, optimizer = build()
             module.load_state_dict(state["weights"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
@@ -186,13 +186,13 @@ def layout_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     cfg = load_config(ROOT / "configs/tiny.yaml", LAYOUT_OVERRIDES, stage=1)
-    recipe = recipe_for(cfg)
-    module = StageModule(build_stage_model(cfg, recipe).model, None, recipe)
+    objective = objective_for(cfg)
+    module = StageModule(build_stage_model(cfg, objective).model, None, objective)
     per_rank = 4 // world_size
-    inputs = recipe.prepare(module.model, four_clips(cfg, list(range(rank * per_rank, (rank + 1) * per_rank))),
+    inputs = objective.prepare(module.model, four_clips(cfg, list(range(rank * per_rank, (rank + 1) * per_rank))),
                             np.random.default_rng(0))
     inputs.step = 1
-    synchronize(inputs, world_size, recipe.chunk)
+    synchronize(inputs, world_size, objective.chunk)
     loss = module(inputs)
     loss.backward()
     grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}

@@ -18,20 +18,20 @@ from signal_checks import (
 )
 from torchcodec.decoders import AudioDecoder, VideoDecoder
 
-from vaemo.data import synth, world
+from vaemo.data import synth, vocab
 
 SR = 16000  # clips are decoded at this rate, whatever they were written at
 CORNER = synth.Ranges.corner(duration=(3.0, 3.0))
 # The spec's whole range of sizes, aspect ratios, frame and sample rates, channels, containers and the
 # renderer's free choices (2.5-3.5 s keeps the module fast).
 SPREAD = synth.Ranges(duration=(2.5, 3.5))
-GRID = [(obj, emo) for obj in world.OBJECTS for emo in world.EMOTIONS]
+GRID = [(obj, emo) for obj in vocab.OBJECTS for emo in vocab.EMOTIONS]
 
 
 def decoded(obj: str, emo: str, ranges: synth.Ranges, index: int = 0):
     """Render + encode + decode one clip with given labels; returns (frames THWC uint8, audio, meta)."""
-    media, meta = synth.render_clip(11, "train", 1000 * world.OBJECTS.index(obj) + 10 * index
-                                    + world.EMOTIONS.index(emo), ranges, obj=obj, emotion=emo)
+    media, meta = synth.render_clip(11, "train", 1000 * vocab.OBJECTS.index(obj) + 10 * index
+                                    + vocab.EMOTIONS.index(emo), ranges, obj=obj, emotion=emo)
     clip = synth.encode_clips([media])[0]
     video = VideoDecoder(clip).get_frames_in_range(0, len(media.frames)).data.permute(0, 2, 3, 1).numpy()
     sound = AudioDecoder(clip, sample_rate=SR, num_channels=1).get_all_samples().data[0].numpy()
@@ -76,8 +76,8 @@ def test_background_hue_brightness_and_saturation_follow_valence_and_arousal(cli
 
 def test_objects_move_faster_with_higher_arousal():
     """Centre-of-object displacement per second matches (0.1 + 0.9 s) shorter sides (before reflections)."""
-    for emo in world.EMOTIONS:
-        rng = np.random.default_rng([5, world.EMOTIONS.index(emo)])
+    for emo in vocab.EMOTIONS:
+        rng = np.random.default_rng([5, vocab.EMOTIONS.index(emo)])
         spec = synth.sample_clip(rng, CORNER, emotion=emo, obj="circle")
         spec.count, spec.sizes, spec.starts, spec.onsets = 1, [spec.sizes[0]], [[64.0, 64.0]], []
         spec.directions = [0.0]  # to the right, from the centre: no reflection in the first frames
@@ -151,8 +151,8 @@ def test_durations_and_streams_line_up(clips):
 
 
 def test_peak_loudness_follows_arousal():
-    for emo in world.EMOTIONS:
-        rng = np.random.default_rng([9, world.EMOTIONS.index(emo)])
+    for emo in vocab.EMOTIONS:
+        rng = np.random.default_rng([9, vocab.EMOTIONS.index(emo)])
         spec = synth.sample_clip(rng, SPREAD, emotion=emo, obj="circle")
         audio = synth.render_audio(spec, rng)
         peak = float(np.abs(audio).max())
@@ -166,7 +166,7 @@ def test_captions_name_object_count_emotion_and_cues():
         spec = synth.sample_clip(rng, SPREAD)
         text = spec.caption.lower()
         assert spec.object in text and spec.emotion in text
-        assert world.COUNT_WORDS[spec.count] in text
+        assert vocab.COUNT_WORDS[spec.count] in text
         for pair in (("warm", "cool"), ("bright", "dark"), ("fast", "slow"), ("major", "minor")):
             assert sum(word in text for word in pair) == 1, (pair, text)
 
@@ -179,7 +179,7 @@ def test_synthesize_writes_splits_and_a_balanced_benchmark(small_world):
     assert {(i["modality"], i["task"]) for i in items} == {(m, t) for m in ("audio", "visual", "audio_visual")
                                                            for t in ("content", "emotion")}
     emotions = [i["options"][i["answer"]] for i in items if i["task"] == "emotion"]
-    assert {e: emotions.count(e) for e in world.EMOTIONS} == {e: 12 for e in world.EMOTIONS}
+    assert {e: emotions.count(e) for e in vocab.EMOTIONS} == {e: 12 for e in vocab.EMOTIONS}
     answers = [i["answer"] for i in items]
     assert len(set(answers)) == 4  # options are shuffled, so the right index varies
     for item in items[:6]:

@@ -21,7 +21,7 @@ from vaemo.data.teacher_records import MANIFEST, cache_shard_for, with_cache
 from vaemo.losses import distill, teacher_topk
 from vaemo.model import PromptItem, build_model
 from vaemo.teacher_cache import build_cache
-from vaemo.train.recipes import AlignRecipe
+from vaemo.train.objectives import AlignObjective
 
 TOPK = 8
 
@@ -53,17 +53,17 @@ def test_cache_layout_and_manifest(small_world, cache_dir):
 
 def test_cached_and_online_topk_losses_agree(small_world, cache_dir):
     cfg = tiny_stage1(small_world, "stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache_dir}")
-    recipe = AlignRecipe(cfg)
+    objective = AlignObjective(cfg)
     shard = str(sorted((small_world / "train").glob("*.tar"))[0])
     raw = [s for s in with_cache(read_shard(shard), cache_shard_for(shard, str(cache_dir)))][:4]
-    cached_batch = collate([decode_sample(s, recipe.decode_spec()) for s in raw], 0, 4, Counter())
-    online_spec = AlignRecipe(tiny_stage1(small_world)).decode_spec()
+    cached_batch = collate([decode_sample(s, objective.decode_spec()) for s in raw], 0, 4, Counter())
+    online_spec = AlignObjective(tiny_stage1(small_world)).decode_spec()
     video_batch = collate([decode_sample(s, online_spec) for s in raw], 0, 4, Counter())
     assert cached_batch.video is None and len(cached_batch.teacher) == 4  # cache mode decodes no frames
 
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data, seed=cfg.seed).eval()
-    step = recipe.prepare(model, cached_batch, np.random.default_rng(0))
+    step = objective.prepare(model, cached_batch, np.random.default_rng(0))
     assert set(step.passes) == {"student"}
 
     # The online teacher on the very same prompts and clips.
@@ -75,7 +75,7 @@ def test_cached_and_online_topk_losses_agree(small_world, cache_dir):
     assert torch.equal(online.ids, step.labels["ids"])
     assert torch.allclose(online.logprobs, step.labels["logprobs"], atol=1e-5)
 
-    _, cached_kd = recipe.kd(model, step, "teacher", "student")
+    _, cached_kd = objective.kd(model, step, "teacher", "student")
     student = step.passes["student"]
     student_hidden = model(student).hidden[student.pred_mask]
     online_kd = distill(student_hidden, model.logits, online, cfg.stage1.temperature, 16)

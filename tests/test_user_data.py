@@ -48,7 +48,7 @@ def unlabeled(small_world, tmp_path_factory) -> Path:
 
 def test_a_stream_that_cannot_fill_a_batch_gives_up_with_the_counts(unlabeled):
     """Through a DataLoader worker process, as training reads it: bounded reads, one line, no hang."""
-    from vaemo.train.worker import named_stream
+    from vaemo.train.trainer import named_stream
 
     spec = DecodeSpec(num_frames=2, height=28, width=28, need_fields=("emotion",))
     stream = TrainStream(expand_shards(str(unlabeled / "train" / "*.tar")), spec, 2, seed=0, shuffle_buffer=4,

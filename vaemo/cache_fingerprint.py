@@ -3,7 +3,7 @@
 A cache is keyed by a fingerprint of everything that shapes the teacher's outputs: the starting model (a
 digest of its files, or the tiny config and seed), the prompt template and prompt sets, frame sampling, k
 and the temperature. Training refuses a cache whose fingerprint differs, naming what changed. Writing a
-cache is vaemo/teacher_cache.py's; this module sits below it so that the stage recipes and the launcher
+cache is vaemo/teacher_cache.py's; this module sits below it so that the stage objectives and the launcher
 can check a cache without importing the writer (and its Ray actors).
 """
 

@@ -75,11 +75,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     stage_spec = None
     if args.stage is not None:
         from vaemo.config import load_config
-        from vaemo.train.recipes import recipe_for
+        from vaemo.train.objectives import objective_for
 
         # what the stage's training stream asks of a sample (the online teacher: shards, not a cache)
         cfg = load_config(args.config, ["stage1.teacher.mode=online"], stage=args.stage)
-        stage_spec = recipe_for(cfg).decode_spec()
+        stage_spec = objective_for(cfg).decode_spec()
     report = inspect_shards(args.shards, workers=args.workers or 0, stage_spec=stage_spec)
     if not args.json:
         table = Table(title=f"{report['shards']} shard(s)")

@@ -47,7 +47,7 @@ def teacher_records(model, cfg: Config, batch, key: str) -> list[TeacherRecord]:
 
     from vaemo.losses import teacher_topk
     from vaemo.model import PromptItem
-    from vaemo.train.recipes import align_sequences, write_teacher_responses
+    from vaemo.train.objectives import align_sequences, write_teacher_responses
 
     s = cfg.stage1
     asked = [(p, r, i) for i, (clip, meta) in enumerate(zip(batch.keys, batch.meta))

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.signal import lfilter, resample_poly
 
-from vaemo.data import world
+from vaemo.data import vocab
 from vaemo.data.tars import ShardWriter
 from vaemo.errors import UserError
 
@@ -179,9 +179,9 @@ def frame_shape(rng: np.random.Generator, ranges: Ranges) -> tuple[int, int]:
 def sample_clip(rng: np.random.Generator, ranges: Ranges, emotion: str | None = None,
                 obj: str | None = None) -> ClipSpec:
     """Draw one clip's factors following the spec's numbers; everything the spec leaves open is random."""
-    emotion = emotion or world.EMOTIONS[int(rng.integers(4))]
-    obj = obj or world.OBJECTS[int(rng.integers(4))]
-    sv, sa = world.EMOTION_SIGNS[emotion]
+    emotion = emotion or vocab.EMOTIONS[int(rng.integers(4))]
+    obj = obj or vocab.OBJECTS[int(rng.integers(4))]
+    sv, sa = vocab.EMOTION_SIGNS[emotion]
     valence = sv * float(rng.uniform(0.3, 1.0))
     arousal = sa * float(rng.uniform(0.3, 1.0))
     s = (arousal + 1.0) / 2.0
@@ -220,7 +220,7 @@ def sample_clip(rng: np.random.Generator, ranges: Ranges, emotion: str | None = 
         tempo_bpm=tempo_bpm, onsets=onsets, noise_amplitude=float(rng.uniform(0.005, 0.02)),
         peak_amplitude=0.25 + 0.5 * s, sizes=sizes, starts=starts, directions=directions, look=look,
     )
-    spec.caption = world.caption(world.Cues(obj, count, emotion, valence, arousal), rng)
+    spec.caption = vocab.caption(vocab.Cues(obj, count, emotion, valence, arousal), rng)
     return spec
 
 
@@ -508,7 +508,7 @@ def render_clip(seed: int, split: str, index: int, ranges: Ranges, emotion: str 
 
 def balanced_labels(index: int) -> tuple[str, str]:
     """Emotion x object for balanced splits: every 16 consecutive clips cover all combinations."""
-    return world.EMOTIONS[index % 4], world.OBJECTS[(index // 4) % 4]
+    return vocab.EMOTIONS[index % 4], vocab.OBJECTS[(index // 4) % 4]
 
 
 @dataclass
@@ -561,12 +561,12 @@ def write_bench_items(bench_dir: Path, clips: int, seed: int) -> int:
         meta = json.loads((bench_dir / "media" / f"clip-{index:05d}.json").read_text())
         media = f"media/clip-{index:05d}.{meta['synth']['container']}"
         for modality in ("audio", "visual", "audio_visual"):
-            for task in world.TASKS:
-                options = world.shuffled_options(task, rng)
+            for task in vocab.TASKS:
+                options = vocab.shuffled_options(task, rng)
                 truth = meta["object"] if task == "content" else meta["emotion"]
                 items.append({
                     "id": f"q-{len(items) + 1:06d}", "media": media, "modality": modality,
-                    "task": task, "question": world.QUESTIONS[task], "options": options,
+                    "task": task, "question": vocab.QUESTIONS[task], "options": options,
                     "answer": options.index(truth), "valence": meta["valence"], "arousal": meta["arousal"],
                 })
     with open(bench_dir / "items.jsonl", "w") as f:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vaemo.config import DataConfig, ModelConfig
-from vaemo.data import world
+from vaemo.data import vocab
 from vaemo.errors import UserError
 from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, HOP, N_FFT, AudioProjector
 from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer, load_tokenizer
@@ -199,10 +199,10 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAE
 
     torch.manual_seed(seed)
     if model_cfg.vlm == "tiny":
-        tokenizer = build_tiny_tokenizer(world.corpus())
+        tokenizer = build_tiny_tokenizer(vocab.corpus())
         tokens = SpecialTokens.of(tokenizer)
-        vocab = -(-len(tokenizer) // 64) * 64
-        vlm = tiny_vlm(model_cfg, tokens, vocab, attn, dtype)
+        vocab_size = -(-len(tokenizer) // 64) * 64
+        vlm = tiny_vlm(model_cfg, tokens, vocab_size, attn, dtype)
         mean, std = CLIP_MEAN, CLIP_STD
     else:
         vlm_path = Path(model_cfg.vlm)

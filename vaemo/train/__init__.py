@@ -1,1 +1,1 @@
-"""Distributed training: Ray Train launches DeepSpeed ZeRO-3 workers that run the stage recipes."""
+"""Distributed training: Ray Train launches DeepSpeed ZeRO-3 workers that run the stage objectives."""

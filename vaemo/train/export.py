@@ -14,7 +14,7 @@ import torch
 from vaemo.config import load_config
 from vaemo.errors import UserError
 from vaemo.train import checkpoint as ckpt
-from vaemo.train.recipes import build_stage_model, recipe_for
+from vaemo.train.objectives import build_stage_model, objective_for
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
@@ -22,14 +22,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from vaemo.train.worker import StageModule
+    from vaemo.train.trainer import StageModule
 
     folder = ckpt.find_checkpoint(checkpoint)
     cfg = load_config(folder / "config.yaml")
-    recipe = recipe_for(cfg)
-    parts = build_stage_model(cfg, recipe)
+    objective = objective_for(cfg)
+    parts = build_stage_model(cfg, objective)
     model, extra, trained = parts.model, parts.extra, parts.trainable
-    module = StageModule(model, extra, recipe)
+    module = StageModule(model, extra, objective)
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ckpt.TAG, exclude_frozen_parameters=True)
     wanted = {f"model.{name}" if not name.startswith("extra.") else name for name in trained}
     missing = sorted(wanted - set(state))

@@ -117,11 +117,11 @@ def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
     """The stage can use at least one sample of its training (and validation) shards; else one line with
     the counts by reason (`data.max_unusable_samples` read in a row, at most)."""
     from vaemo.data.stream import NoUsableData, probe_usable
-    from vaemo.train.recipes import recipe_for
+    from vaemo.train.objectives import objective_for
 
-    recipe = recipe_for(cfg)
-    spec = recipe.decode_spec()
-    cache = cfg.stage1.teacher.cache_dir if recipe.cached else ""
+    objective = objective_for(cfg)
+    spec = objective.decode_spec()
+    cache = cfg.stage1.teacher.cache_dir if objective.cached else ""
     for field, urls in (("data.train_shards", train_urls), ("data.val_shards", val_urls)):
         if urls:
             try:
@@ -158,7 +158,7 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
     from ray.util.queue import Queue
 
     from vaemo.train.display import TrainingDisplay
-    from vaemo.train.worker import train_worker
+    from vaemo.train.trainer import train_loop
 
     s = cfg.scaling
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})  # also fits inside a Tune trial's bundle
@@ -166,7 +166,7 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
                    "resume_from": str(resume) if resume else None, "queue": queue}
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     trainer = TorchTrainer(
-        train_worker,
+        train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,

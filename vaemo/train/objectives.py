@@ -1,6 +1,7 @@
-"""The three stages: what each one trains on and how its loss is assembled.
+"""The three stages' objectives: what each one trains on and how its loss is assembled (the loop that
+runs them is vaemo/train/trainer.py).
 
-A recipe turns a batch of clips into sequences on the host (`prepare`), then computes the loss inside
+An objective turns a batch of clips into sequences on the host (`prepare`), then computes the loss inside
 the DeepSpeed engine's forward (`loss`), so one engine call covers the whole step. Two rules keep
 ZeRO-3 ranks in lock step, whatever their data: every rank makes the same model calls in the same
 order (a rank without a pass runs it on a dummy sequence), and chunked lm_head loops run the global
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vaemo.config import Config, PromptsConfig
-from vaemo.data import world
+from vaemo.data import vocab
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
 from vaemo.losses import TopKTargets, distill, language_loss, per_sequence_weights, teacher_topk, va_loss
@@ -63,7 +64,7 @@ def mcq(variants: Sequence[str], options: Sequence[str], rng: np.random.Generato
     question = variants[0] if canonical else pick(variants, rng)
     shuffled = list(options)
     rng.shuffle(shuffled)
-    return world.mcq_prompt(question, shuffled)
+    return vocab.mcq_prompt(question, shuffled)
 
 
 def align_sequences(meta: dict, rng: np.random.Generator, prompts: PromptsConfig, questions: bool,
@@ -118,7 +119,7 @@ def normalised(total: torch.Tensor, inputs: StepInputs, count: str) -> torch.Ten
     return total * (inputs.world_size / denominator) if denominator > 0 else total * 0.0
 
 
-class Recipe(ABC):
+class StageObjective(ABC):
     """Shared machinery; subclasses define the stage."""
 
     stage: int
@@ -187,7 +188,7 @@ class Recipe(ABC):
         return out
 
 
-class SeeRecipe(Recipe):
+class SeeObjective(StageObjective):
     """Stage 0: teach the tiny VLM to see (captions and questions about frames), plus auxiliary
     object/emotion heads on pooled visual tokens: a stand-in for a real VLM's pretraining."""
 
@@ -206,22 +207,22 @@ class SeeRecipe(Recipe):
     AUX_HEADS = (("object", "max"), ("object", "mean"), ("emotion", "max"), ("emotion", "mean"))
 
     def extra_modules(self, model: VAEmotionLLM) -> nn.Module:
-        sizes = {"object": len(world.OBJECTS), "emotion": len(world.EMOTIONS)}
+        sizes = {"object": len(vocab.OBJECTS), "emotion": len(vocab.EMOTIONS)}
         return nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, sizes[task])
                               for task, pool in self.AUX_HEADS}).to(model.dtype)
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         items = []
         for i, meta in enumerate(batch.meta):
-            items.append(PromptItem("visual", pick(world.DESCRIBE_PROMPTS, rng), meta["caption"], i))
+            items.append(PromptItem("visual", pick(vocab.DESCRIBE_PROMPTS, rng), meta["caption"], i))
             for _ in range(self.cfg.stage0.questions_per_clip):
                 for task, answer in (("content", meta["object"]), ("emotion", meta["emotion"])):
-                    question = mcq(world.QUESTION_VARIANTS[task], world.OPTIONS[task], rng)
+                    question = mcq(vocab.QUESTION_VARIANTS[task], vocab.OPTIONS[task], rng)
                     items.append(PromptItem("visual", question, answer, i))
         step = StepInputs(passes={}, clips=len(batch))
         self.note_pass(step, "lm", clip_inputs(model, items, batch))
         step.labels = {name: torch.tensor([labels.index(m[name]) if m[name] in labels else IGNORE for m in batch.meta])
-                       for name, labels in (("object", world.OBJECTS), ("emotion", world.EMOTIONS))}
+                       for name, labels in (("object", vocab.OBJECTS), ("emotion", vocab.EMOTIONS))}
         # Each sequence weighs the same: 2-token answers count as much as 45-token captions.
         step.counts = {"lm_sequences": len(items), "samples": len(batch)}
         return step
@@ -250,7 +251,7 @@ class SeeRecipe(Recipe):
                                  "aux_sum": float(aux_sum.detach()), "samples": step.clips})
 
 
-class AlignRecipe(Recipe):
+class AlignObjective(StageObjective):
     """Stage 1 (VG-Align): the frozen visual pass teaches the audio pass; no audio labels are used."""
 
     stage = 1
@@ -321,7 +322,7 @@ class AlignRecipe(Recipe):
         return StepResult(loss, {"kd_sum": float(kd.kl_sum.detach()), "kd_tokens": kd.count, "agree": kd.agree})
 
 
-class EmoAdapterRecipe(AlignRecipe):
+class EmoAdapterObjective(AlignObjective):
     """Stage 2 (EmoAdapter): LM loss on emotion answers under every modality, valence/arousal (and
     category) supervision on each path's pooled tokens, and a KD term that keeps what stage 1 taught: the
     audio pass distils the visual pass of the model as stage 1 left it (no Enhancer, no LoRA: fixed
@@ -456,16 +457,16 @@ class EmoAdapterRecipe(AlignRecipe):
         return out
 
 
-RECIPES = {0: SeeRecipe, 1: AlignRecipe, 2: EmoAdapterRecipe}
+OBJECTIVES = {0: SeeObjective, 1: AlignObjective, 2: EmoAdapterObjective}
 
 
-def recipe_for(cfg: Config) -> Recipe:
-    return RECIPES[cfg.stage](cfg)
+def objective_for(cfg: Config) -> StageObjective:
+    return OBJECTIVES[cfg.stage](cfg)
 
 
 @dataclass
 class StageModel:
-    """What a stage trains: the model with the recipe's structural changes, the recipe's own modules
+    """What a stage trains: the model with the objective's structural changes, the objective's own modules
     (heads), the names of the trainable parameters, and (stage 1 from a teacher cache) the vision tower's
     weights, taken off the model because no rank runs it."""
 
@@ -475,16 +476,16 @@ class StageModel:
     held_vision: dict[str, torch.Tensor]
 
 
-def build_stage_model(cfg: Config, recipe: Recipe, drop_vision: bool = False) -> StageModel:
+def build_stage_model(cfg: Config, objective: StageObjective, drop_vision: bool = False) -> StageModel:
     """The one way a stage's model and trainable set are built: by the training workers, the export and the
     benchmarks alike, so that they all train (and compare) the same thing. `drop_vision`: for a run that
-    reads its teacher from a cache (`recipe.cached`), which never runs the vision tower."""
+    reads its teacher from a cache (`objective.cached`), which never runs the vision tower."""
     model = build_model(cfg.model, cfg.data, seed=cfg.seed)
     held_vision = model.detach_vision() if drop_vision else {}
-    recipe.prepare_model(model)
+    objective.prepare_model(model)
     torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
-    extra = recipe.extra_modules(model)
-    trainable = set_trainable(model, cfg.stage, extra, recipe.also_trainable())
+    extra = objective.extra_modules(model)
+    trainable = set_trainable(model, cfg.stage, extra, objective.also_trainable())
     if cfg.model.activation_checkpointing:
         model.checkpoint_activations()
     return StageModel(model, extra, trainable, held_vision)

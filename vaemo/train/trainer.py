@@ -29,32 +29,32 @@ from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, choose_dtype
 from vaemo.train import checkpoint as ckpt
 from vaemo.train.ds_config import deepspeed_config, zero_stage
-from vaemo.train.recipes import Recipe, StepInputs, build_stage_model, recipe_for
+from vaemo.train.objectives import StageObjective, StepInputs, build_stage_model, objective_for
 from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
 
 
 class StageModule(nn.Module):
-    """What DeepSpeed wraps: the model, the stage's own heads, and the recipe's loss as its forward."""
+    """What DeepSpeed wraps: the model, the stage's own heads, and the objective's loss as its forward."""
 
-    def __init__(self, model: VAEmotionLLM, extra: nn.Module | None, recipe: Recipe):
+    def __init__(self, model: VAEmotionLLM, extra: nn.Module | None, objective: StageObjective):
         super().__init__()
         self.model = model
         self.extra = extra
-        self.recipe = recipe
+        self.objective = objective
         self.last_sums: dict[str, float] = {}
 
     def forward(self, step: StepInputs, mode: str = "train") -> torch.Tensor:
         if mode == "score":
-            self.last_sums = self.recipe.score(self.model, step)
+            self.last_sums = self.objective.score(self.model, step)
             return torch.zeros(())
-        result = self.recipe.loss(self.model, self.extra, step)
+        result = self.objective.loss(self.model, self.extra, step)
         self.last_sums = result.sums
         return result.loss
 
 
-def teacher_cache(cfg: Config, recipe: Recipe) -> str:
+def teacher_cache(cfg: Config, objective: StageObjective) -> str:
     """The teacher-cache folder the streams merge into samples ('' when the teacher runs online)."""
-    return cfg.stage1.teacher.cache_dir if recipe.cached else ""
+    return cfg.stage1.teacher.cache_dir if objective.cached else ""
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -87,7 +87,7 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_worker(loop_config: dict) -> None:
+def train_loop(loop_config: dict) -> None:
     """Ray Train's per-worker function. `loop_config`: config, run_dir, launch_id, resume_from, queue."""
     import ray.train
 
@@ -109,15 +109,15 @@ def train_worker(loop_config: dict) -> None:
     (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     # -- setup ---------------------------------------------------------------------------------
-    recipe = recipe_for(cfg)
+    objective = objective_for(cfg)
     dtype = choose_dtype(cfg.model.dtype)
     ds_config = deepspeed_config(cfg, dtype)
     # From a teacher cache no rank runs the vision tower: it is dropped before ZeRO-3 partitions the model;
     # rank 0 keeps its weights on the host for the export.
-    parts = build_stage_model(cfg, recipe, drop_vision=recipe.cached)
+    parts = build_stage_model(cfg, objective, drop_vision=objective.cached)
     model, extra = parts.model, parts.extra
     held_vision = parts.held_vision if rank == 0 else {}
-    module = StageModule(model, extra, recipe)
+    module = StageModule(model, extra, objective)
     if use_gpu:
         module = module.cuda()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -135,11 +135,11 @@ def train_worker(loop_config: dict) -> None:
     # -- data ----------------------------------------------------------------------------------
     # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
     # window the cache's teacher saw (the middle one).
-    spec = dataclasses.replace(recipe.decode_spec(), window="middle" if recipe.cached else "random")
+    spec = dataclasses.replace(objective.decode_spec(), window="middle" if objective.cached else "random")
     urls = expand_shards(cfg.data.train_shards)
     stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                          shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None,
-                         teacher_cache=teacher_cache(cfg, recipe), give_up_after=cfg.data.max_unusable_samples)
+                         teacher_cache=teacher_cache(cfg, objective), give_up_after=cfg.data.max_unusable_samples)
     batches = named_stream(iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)),
                            f"stage {cfg.stage}: data.train_shards")
     writer = MetricsWriter(run_dir, loop_config.get("queue")) if rank == 0 else None
@@ -160,9 +160,9 @@ def train_worker(loop_config: dict) -> None:
         lr = learning_rate(cfg, step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        inputs = recipe.prepare(model, batch, np.random.default_rng([cfg.seed, 104729, rank, step]))
+        inputs = objective.prepare(model, batch, np.random.default_rng([cfg.seed, 104729, rank, step]))
         inputs.step = step
-        synchronize(inputs, world_size, recipe.chunk)
+        synchronize(inputs, world_size, objective.chunk)
         loss = engine(inputs)
         engine.backward(loss)
         engine.step()
@@ -175,11 +175,11 @@ def train_worker(loop_config: dict) -> None:
         if step % cfg.train.report_every == 0 or last or validate_now:
             accumulator.add({f"skip/{k}": v for k, v in stream_state.skips().items()} if rank == 0 else {})
             totals = accumulator.reduce()
-            record = interval_record(step, totals, recipe.metrics(totals), world_size, lr, interval.lap(),
+            record = interval_record(step, totals, objective.metrics(totals), world_size, lr, interval.lap(),
                                      time.perf_counter() - started)
             record["stage"] = cfg.stage
             if validate_now:
-                latest_validation = validate(engine, module, recipe, cfg, rank, world_size)
+                latest_validation = validate(engine, module, objective, cfg, rank, world_size)
                 record.update(latest_validation)
             if writer:
                 writer.write(record)
@@ -265,27 +265,27 @@ def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, r
 
 
 @torch.no_grad()
-def validate(engine, module: StageModule, recipe: Recipe, cfg: Config, rank: int, world_size: int) -> dict:
-    """Validation loss (and, where the recipe scores, accuracies) on the same batches every time: a
+def validate(engine, module: StageModule, objective: StageObjective, cfg: Config, rank: int, world_size: int) -> dict:
+    """Validation loss (and, where the objective scores, accuracies) on the same batches every time: a
     fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
-    stream = TrainStream(expand_shards(cfg.data.val_shards), recipe.decode_spec(), cfg.data.batch_size,
+    stream = TrainStream(expand_shards(cfg.data.val_shards), objective.decode_spec(), cfg.data.batch_size,
                          seed=cfg.seed + 1, rank=rank, world_size=world_size, shuffle_buffer=1,
-                         teacher_cache=teacher_cache(cfg, recipe), give_up_after=cfg.data.max_unusable_samples)
+                         teacher_cache=teacher_cache(cfg, objective), give_up_after=cfg.data.max_unusable_samples)
     batches = named_stream(iter(make_loader(stream, 0)), f"stage {cfg.stage}: data.val_shards")
     engine.eval()
     accumulator = Accumulator()
-    scores = hasattr(recipe, "score")
+    scores = hasattr(objective, "score")
     for index in range(cfg.train.val_batches):
         batch = next(batches)
         for mode in ("train", "score") if scores else ("train",):
             kwargs = {"score": True} if mode == "score" else {}
-            inputs = recipe.prepare(module.model, batch, np.random.default_rng([cfg.seed, 7919, rank, index]), **kwargs)
-            synchronize(inputs, world_size, recipe.chunk)
+            inputs = objective.prepare(module.model, batch, np.random.default_rng([cfg.seed, 7919, rank, index]), **kwargs)
+            synchronize(inputs, world_size, objective.chunk)
             loss = engine(inputs, mode=mode)
             accumulator.add(module.last_sums | ({"loss": float(loss)} if mode == "train" else {}))
     engine.train()
     totals = accumulator.reduce()
-    metrics = recipe.metrics(totals)
+    metrics = objective.metrics(totals)
     out = {"val_loss": totals["loss"] / (world_size * cfg.train.val_batches)}
     out.update({k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()})
     return out
