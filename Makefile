@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo ablations science test test-fast bench clean
+.PHONY: setup demo ablations science test test-fast bench format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -23,16 +23,23 @@ ablations: setup
 science: setup
 	$(PY) jobs/science.py --out runs/science
 
+# Lint and formatting are checked first: `make format` applies both.
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q tests
 
 test-fast: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) bench/data_throughput.py
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 clean:
 	rm -rf runs .pytest_cache

@@ -71,8 +71,15 @@ def main() -> None:
         from vaemo.data.synth import Ranges, synthesize
 
         tmp = tempfile.TemporaryDirectory(prefix="vaemo-bench-")
-        synthesize(tmp.name, train_clips=400, val_clips=16, bench_clips=16, clips_per_shard=50, seed=0,
-                   ranges=Ranges(duration=(2.0, 3.0)))
+        synthesize(
+            tmp.name,
+            train_clips=400,
+            val_clips=16,
+            bench_clips=16,
+            clips_per_shard=50,
+            seed=0,
+            ranges=Ranges(duration=(2.0, 3.0)),
+        )
         args.shards = f"{tmp.name}/train/*.tar"
     urls = expand_shards(args.shards)
     clips = [split_sample(s)[1] for s in itertools.islice((s for u in urls for s in read_shard(u)), 200)]
@@ -85,8 +92,10 @@ def main() -> None:
     ratio, ceiling_rate, pipeline_rate = sorted(rounds)[len(rounds) // 2]
     print(f"decode-only ceiling : {ceiling_rate:7.1f} clips/s  ({args.workers} processes, in-memory bytes)")
     print(f"full pipeline       : {pipeline_rate:7.1f} clips/s  ({args.workers} DataLoader workers, shards)")
-    print(f"ratio               : {ratio:.2f}  (median of {len(rounds)} rounds: "
-          f"{', '.join(f'{r[0]:.2f}' for r in rounds)}; target >= 0.8)")
+    print(
+        f"ratio               : {ratio:.2f}  (median of {len(rounds)} rounds: "
+        f"{', '.join(f'{r[0]:.2f}' for r in rounds)}; target >= 0.8)"
+    )
     if tmp is not None:
         tmp.cleanup()
 

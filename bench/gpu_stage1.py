@@ -23,12 +23,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 # Qwen2.5-VL-7B and Whisper-large-v3's encoder; --smoke shrinks every width and depth (a CPU check of
 # this script's code path, run by the test suite).
-SEVEN_B = dict(vocab=152064, hidden=3584, ffn=18944, layers=28, heads=28, kv_heads=4, mrope=[16, 24, 24],
-               vision_hidden=1280, vision_ffn=3420, vision_depth=32, vision_heads=16, full_attention=[7, 15, 23, 31],
-               audio_hidden=1280, audio_layers=32, audio_heads=20, audio_ffn=5120)
-SMOKE = dict(vocab=4096, hidden=128, ffn=256, layers=2, heads=4, kv_heads=2, mrope=[4, 6, 6], vision_hidden=64,
-             vision_ffn=128, vision_depth=2, vision_heads=4, full_attention=[1], audio_hidden=64, audio_layers=2,
-             audio_heads=4, audio_ffn=128)
+SEVEN_B = dict(
+    vocab=152064,
+    hidden=3584,
+    ffn=18944,
+    layers=28,
+    heads=28,
+    kv_heads=4,
+    mrope=[16, 24, 24],
+    vision_hidden=1280,
+    vision_ffn=3420,
+    vision_depth=32,
+    vision_heads=16,
+    full_attention=[7, 15, 23, 31],
+    audio_hidden=1280,
+    audio_layers=32,
+    audio_heads=20,
+    audio_ffn=5120,
+)
+SMOKE = dict(
+    vocab=4096,
+    hidden=128,
+    ffn=256,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    mrope=[4, 6, 6],
+    vision_hidden=64,
+    vision_ffn=128,
+    vision_depth=2,
+    vision_heads=4,
+    full_attention=[1],
+    audio_hidden=64,
+    audio_layers=2,
+    audio_heads=4,
+    audio_ffn=128,
+)
 
 
 def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, device: str):
@@ -47,31 +77,75 @@ def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, d
     tokenizer = build_tiny_tokenizer(vocab.corpus())  # ids fit in the 152k vocabulary; the text is short anyway
     tokens = SpecialTokens.of(tokenizer)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["ffn"],
-                         num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-                         num_key_value_heads=d["kv_heads"], max_position_embeddings=128000,
-                         bos_token_id=tokens.im_start, eos_token_id=tokens.im_end, pad_token_id=tokens.pad,
-                         tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": d["mrope"]}),
-        vision_config=dict(depth=d["vision_depth"], hidden_size=d["vision_hidden"], intermediate_size=d["vision_ffn"],
-                           num_heads=d["vision_heads"], out_hidden_size=d["hidden"], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=d["full_attention"]),
-        vision_start_token_id=tokens.vision_start, vision_end_token_id=tokens.vision_end,
-        image_token_id=tokens.image_pad, video_token_id=tokens.video_pad, tie_word_embeddings=False)
-    whisper = WhisperConfig(num_mel_bins=128, d_model=d["audio_hidden"], encoder_layers=d["audio_layers"],
-                            encoder_attention_heads=d["audio_heads"], encoder_ffn_dim=d["audio_ffn"], decoder_layers=1,
-                            decoder_attention_heads=d["audio_heads"], decoder_ffn_dim=d["audio_ffn"],
-                            max_source_positions=1500)
+        text_config=dict(
+            vocab_size=d["vocab"],
+            hidden_size=d["hidden"],
+            intermediate_size=d["ffn"],
+            num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"],
+            num_key_value_heads=d["kv_heads"],
+            max_position_embeddings=128000,
+            bos_token_id=tokens.im_start,
+            eos_token_id=tokens.im_end,
+            pad_token_id=tokens.pad,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": d["mrope"]},
+        ),
+        vision_config=dict(
+            depth=d["vision_depth"],
+            hidden_size=d["vision_hidden"],
+            intermediate_size=d["vision_ffn"],
+            num_heads=d["vision_heads"],
+            out_hidden_size=d["hidden"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=d["full_attention"],
+        ),
+        vision_start_token_id=tokens.vision_start,
+        vision_end_token_id=tokens.vision_end,
+        image_token_id=tokens.image_pad,
+        video_token_id=tokens.video_pad,
+        tie_word_embeddings=False,
+    )
+    whisper = WhisperConfig(
+        num_mel_bins=128,
+        d_model=d["audio_hidden"],
+        encoder_layers=d["audio_layers"],
+        encoder_attention_heads=d["audio_heads"],
+        encoder_ffn_dim=d["audio_ffn"],
+        decoder_layers=1,
+        decoder_attention_heads=d["audio_heads"],
+        decoder_ffn_dim=d["audio_ffn"],
+        max_source_positions=1500,
+    )
     whisper._attn_implementation = "sdpa" if attn == "flash_attention_2" else attn
     with torch.device(device):  # initialised where it runs: 8B parameters on a CPU would take minutes
         vlm = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
         encoder = WhisperEncoder(whisper).to(dtype)
         projector = AudioProjector(d["audio_hidden"], d["hidden"], 2 * d["hidden"], 4).to(dtype)
-    visual = VisualSpec(num_frames=frames, height=size, width=size, patch_size=14, temporal_patch_size=2,
-                        merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD, frame_sampling="uniform")
-    spec = ModelSpec(visual=visual, audio_seconds=audio_seconds, n_mels=128, projector_stride=4,
-                     projector_hidden=2 * d["hidden"], tokens=tokens.to_dict(), system_prompt="You are a helpful assistant.",
-                     max_response_tokens=48)
+    visual = VisualSpec(
+        num_frames=frames,
+        height=size,
+        width=size,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        frame_sampling="uniform",
+    )
+    spec = ModelSpec(
+        visual=visual,
+        audio_seconds=audio_seconds,
+        n_mels=128,
+        projector_stride=4,
+        projector_hidden=2 * d["hidden"],
+        tokens=tokens.to_dict(),
+        system_prompt="You are a helpful assistant.",
+        max_response_tokens=48,
+    )
     model = VAEmotionLLM(vlm, encoder, projector, tokenizer, spec).to(device)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("projector."))
@@ -84,8 +158,10 @@ def clip_prompts(clips: int):
 
     items = []
     for i in range(clips):
-        caption = (f"A {vocab.EMOTIONS[i % 4]} painting: a {vocab.OBJECTS[i % 4]} drifts over a warm, glowing field "
-                   "while soft chords rise and fall.")
+        caption = (
+            f"A {vocab.EMOTIONS[i % 4]} painting: a {vocab.OBJECTS[i % 4]} drifts over a warm, glowing field "
+            "while soft chords rise and fall."
+        )
         items.append(("Describe this artwork.", caption, i))
         for task in vocab.TASKS:
             options = list(vocab.OPTIONS[task])
@@ -131,8 +207,7 @@ def run_once(attn: str, args) -> list[dict]:
     build_s = time.perf_counter() - started
     teacher_items, student_items = clip_prompts(args.clips)
     generator = torch.Generator().manual_seed(0)
-    video = torch.randint(0, 256, (args.clips, args.frames, 3, args.size, args.size), dtype=torch.uint8,
-                          generator=generator)
+    video = torch.randint(0, 256, (args.clips, args.frames, 3, args.size, args.size), dtype=torch.uint8, generator=generator)
     audio = torch.randn(args.clips, int(args.audio_seconds * 16000), generator=generator) * 0.1
     duration = [args.audio_seconds] * args.clips
     teacher = model.prompts.batch(teacher_items, video, None, duration)
@@ -156,7 +231,7 @@ def run_once(attn: str, args) -> list[dict]:
     tokens = int(teacher.attention_mask.sum() + student.attention_mask.sum())
     patches = args.clips * (args.frames // 2) * (args.size // 14) ** 2
     results = []
-    for packed in ([True, False] if attn == "sdpa" else [False]):
+    for packed in [True, False] if attn == "sdpa" else [False]:
         model.pack_prefixes = packed
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -171,13 +246,23 @@ def run_once(attn: str, args) -> list[dict]:
         seconds = statistics.median(times)
         flops = step_flops(model, teacher, student, patches, int(args.audio_seconds * 50) * args.clips)
         label = f"{attn}{' packed' if packed else ''}"
-        result = {"attn": label, "step_s": seconds, "tokens_per_s": tokens / seconds, "tokens": tokens,
-                  "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else math.nan,
-                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan, "build_s": build_s,
-                  "device": name}
-        print(f"  {label}: step {seconds:.3f} s, {result['tokens_per_s']:.0f} tokens/s ({tokens} sequence tokens), "
-              f"{result['tflops']:.0f} TFLOP/s, MFU {result['mfu']:.1%}, peak {result['peak_gib']:.1f} GiB, "
-              f"built in {build_s:.0f} s", flush=True)
+        result = {
+            "attn": label,
+            "step_s": seconds,
+            "tokens_per_s": tokens / seconds,
+            "tokens": tokens,
+            "tflops": flops / seconds / 1e12,
+            "mfu": (flops / seconds / peak) if peak else math.nan,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan,
+            "build_s": build_s,
+            "device": name,
+        }
+        print(
+            f"  {label}: step {seconds:.3f} s, {result['tokens_per_s']:.0f} tokens/s ({tokens} sequence tokens), "
+            f"{result['tflops']:.0f} TFLOP/s, MFU {result['mfu']:.1%}, peak {result['peak_gib']:.1f} GiB, "
+            f"built in {build_s:.0f} s",
+            flush=True,
+        )
         results.append(result)
     model = optimizer = None  # frees the GPU memory before the next attention implementation builds its model
     if cuda:
@@ -206,11 +291,17 @@ def main() -> int:
     results = run_once("sdpa", args)
     if flash_attention_available():
         results += run_once("flash_attention_2", args)
-    parts = [f"{r['attn']} {r['tokens_per_s']:.0f} tok/s MFU {r['mfu']:.1%} peak {r['peak_gib']:.1f} GiB "
-             f"step {r['step_s']:.2f} s" for r in results]
+    parts = [
+        f"{r['attn']} {r['tokens_per_s']:.0f} tok/s MFU {r['mfu']:.1%} peak {r['peak_gib']:.1f} GiB step {r['step_s']:.2f} s"
+        for r in results
+    ]
     smoke = " (smoke: shrunken model)" if args.smoke else ""
-    print(f"GPU_STAGE1 {results[0]['device']}{smoke} | {args.clips} clips x {args.frames} frames {args.size}px | "
-          + " | ".join(parts) + ("" if flash_attention_available() else " | flash-attn not installed"), flush=True)
+    print(
+        f"GPU_STAGE1 {results[0]['device']}{smoke} | {args.clips} clips x {args.frames} frames {args.size}px | "
+        + " | ".join(parts)
+        + ("" if flash_attention_available() else " | flash-attn not installed"),
+        flush=True,
+    )
     return 0
 
 

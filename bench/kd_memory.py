@@ -59,8 +59,12 @@ def run_variant(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, 
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak = peak_rss_mb() - base
-    return {"loss": float(loss) / tokens, "grad_norm": float(student.grad.norm()), "peak_mb": peak,
-            "seconds": time.perf_counter() - start}
+    return {
+        "loss": float(loss) / tokens,
+        "grad_norm": float(student.grad.norm()),
+        "peak_mb": peak,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def main() -> None:
@@ -81,19 +85,37 @@ def main() -> None:
         return
     results = {}
     for variant in ("naive", "chunked"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
-               "--hidden", str(args.hidden), "--chunk", str(args.chunk), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--tokens",
+            str(args.tokens),
+            "--vocab",
+            str(args.vocab),
+            "--hidden",
+            str(args.hidden),
+            "--chunk",
+            str(args.chunk),
+            "--device",
+            args.device,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     naive, chunked = results["naive"], results["chunked"]
-    print(f"setting   : {args.tokens} response tokens, vocab {args.vocab}, hidden {args.hidden}, chunk {args.chunk}, "
-          f"{args.device}, forward + backward")
+    print(
+        f"setting   : {args.tokens} response tokens, vocab {args.vocab}, hidden {args.hidden}, chunk {args.chunk}, "
+        f"{args.device}, forward + backward"
+    )
     for name, r in results.items():
         print(f"{name:10s}: peak {r['peak_mb']:8.1f} MB  time {r['seconds']:6.2f} s  loss/token {r['loss']:.8f}")
     print(f"memory ratio (chunked / naive): {chunked['peak_mb'] / naive['peak_mb']:.3f}  (target <= 0.1)")
     print(f"time ratio   (chunked / naive): {chunked['seconds'] / naive['seconds']:.2f}")
-    print(f"loss difference per token     : {abs(chunked['loss'] - naive['loss']):.2e}  (target <= 1e-5); "
-          f"grad-norm relative difference {abs(chunked['grad_norm'] / naive['grad_norm'] - 1):.1e}")
+    print(
+        f"loss difference per token     : {abs(chunked['loss'] - naive['loss']):.2e}  (target <= 1e-5); "
+        f"grad-norm relative difference {abs(chunked['grad_norm'] / naive['grad_norm'] - 1):.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ def main() -> None:
     fp32, fp32_items = evaluate(args.model, args.bench, actors=args.actors, dtype="fp32", label="fp32")
     bf16, bf16_items = evaluate(args.model, args.bench, actors=args.actors, dtype="bf16", label="bf16")
     same = sum(a.predicted == b.predicted for a, b in zip(fp32_items, bf16_items))
-    print(f"summary: fp32 vs bf16 same answer on {same} of {len(fp32_items)} items ({same / len(fp32_items):.3f}); "
-          f"accuracy fp32 {fp32['accuracy']['all']:.3f}, bf16 {bf16['accuracy']['all']:.3f}")
+    print(
+        f"summary: fp32 vs bf16 same answer on {same} of {len(fp32_items)} items ({same / len(fp32_items):.3f}); "
+        f"accuracy fp32 {fp32['accuracy']['all']:.3f}, bf16 {bf16['accuracy']['all']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,14 @@ def main() -> None:
     rows: dict[str, list[tuple[int, float, float]]] = {}
     for mode in ("caption", "teacher"):
         for seed in args.seeds:
-            overrides = [f"model.init_from={Path(args.stage0).resolve()}", f"seed={seed}", f"stage1.responses={mode}",
-                         f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
-                         *([f"train.max_steps={args.steps}"] if args.steps else [])]
+            overrides = [
+                f"model.init_from={Path(args.stage0).resolve()}",
+                f"seed={seed}",
+                f"stage1.responses={mode}",
+                f"data.train_shards={data}/train/*.tar",
+                f"data.val_shards={data}/val/*.tar",
+                *([f"train.max_steps={args.steps}"] if args.steps else []),
+            ]
             export = train(1, out / f"{mode}-seed{seed}", config, overrides, fresh=False)
             report = score(export, data / "bench", out / f"{mode}-seed{seed}" / "eval", f"{mode}, seed {seed}", 2)
             audio = report["accuracy"]["audio"]
@@ -48,9 +53,11 @@ def main() -> None:
     for mode, values in rows.items():
         contents, emotions = [v[1] for v in values], [v[2] for v in values]
         spread = lambda xs: max(xs) - min(xs)  # noqa: E731
-        progress.console.print(f"summary: {mode}: audio content {statistics.mean(contents):.3f} "
-                               f"(range {spread(contents):.3f}), audio emotion {statistics.mean(emotions):.3f} "
-                               f"(range {spread(emotions):.3f}) over seeds {args.seeds}")
+        progress.console.print(
+            f"summary: {mode}: audio content {statistics.mean(contents):.3f} "
+            f"(range {spread(contents):.3f}), audio emotion {statistics.mean(emotions):.3f} "
+            f"(range {spread(emotions):.3f}) over seeds {args.seeds}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,25 @@ sys.path.insert(0, str(ROOT))
 # 16 frames of 224 px, with a frozen audio encoder as with a pretrained Whisper. It fits 2 cores.
 PRESETS = {
     "tiny": [],
-    "mid": ["model.tiny_vlm.hidden_size=512", "model.tiny_vlm.num_layers=8", "model.tiny_vlm.num_heads=8",
-            "model.tiny_vlm.num_kv_heads=4", "model.tiny_vlm.intermediate_size=1408",
-            "model.tiny_vlm.vision_hidden_size=384", "model.tiny_vlm.vision_depth=12",
-            "model.tiny_vlm.vision_heads=6", "model.tiny_vlm.vision_intermediate_size=1536",
-            "data.num_frames=16", "data.frame_height=224", "data.frame_width=224",
-            "model.tiny_audio.d_model=384", "model.tiny_audio.num_layers=4", "model.tiny_audio.num_heads=6",
-            "model.tiny_audio.ffn_dim=1536", "stage1.train_audio_encoder=false"],
+    "mid": [
+        "model.tiny_vlm.hidden_size=512",
+        "model.tiny_vlm.num_layers=8",
+        "model.tiny_vlm.num_heads=8",
+        "model.tiny_vlm.num_kv_heads=4",
+        "model.tiny_vlm.intermediate_size=1408",
+        "model.tiny_vlm.vision_hidden_size=384",
+        "model.tiny_vlm.vision_depth=12",
+        "model.tiny_vlm.vision_heads=6",
+        "model.tiny_vlm.vision_intermediate_size=1536",
+        "data.num_frames=16",
+        "data.frame_height=224",
+        "data.frame_width=224",
+        "model.tiny_audio.d_model=384",
+        "model.tiny_audio.num_layers=4",
+        "model.tiny_audio.num_heads=6",
+        "model.tiny_audio.ffn_dim=1536",
+        "stage1.train_audio_encoder=false",
+    ],
 }
 
 
@@ -60,16 +72,28 @@ def synthetic_batch(cfg, batch_size: int, seed: int):
     metas = []
     for _ in range(batch_size):
         obj, emotion = vocab.OBJECTS[int(rng.integers(4))], vocab.EMOTIONS[int(rng.integers(4))]
-        metas.append({"caption": f"A {emotion} artwork with a {obj} moving across a glowing background.",
-                      "object": obj, "emotion": emotion})
+        metas.append(
+            {
+                "caption": f"A {emotion} artwork with a {obj} moving across a glowing background.",
+                "object": obj,
+                "emotion": emotion,
+            }
+        )
     generator = torch.Generator().manual_seed(seed)
-    video = torch.randint(0, 256, (batch_size, d.num_frames, 3, d.frame_height, d.frame_width), dtype=torch.uint8,
-                          generator=generator)
+    video = torch.randint(
+        0, 256, (batch_size, d.num_frames, 3, d.frame_height, d.frame_width), dtype=torch.uint8, generator=generator
+    )
     samples = int(d.audio_seconds * 16000)
     audio = torch.randn(batch_size, samples, generator=generator) * 0.1
-    return Batch(keys=[f"clip-{seed}-{i}" for i in range(batch_size)], video=video, audio=audio,
-                 audio_len=[samples] * batch_size, duration=[d.audio_seconds] * batch_size, meta=metas,
-                 has_audio=[True] * batch_size)
+    return Batch(
+        keys=[f"clip-{seed}-{i}" for i in range(batch_size)],
+        video=video,
+        audio=audio,
+        audio_len=[samples] * batch_size,
+        duration=[d.audio_seconds] * batch_size,
+        meta=metas,
+        has_audio=[True] * batch_size,
+    )
 
 
 def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
@@ -115,13 +139,28 @@ def trainer_ratios(steps: int, warmup: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="vaemo-stage1-step-") as tmp:
         world, cache = Path(tmp) / "world", Path(tmp) / "cache"
-        synthesize(world, train_clips=320, val_clips=16, bench_clips=16, clips_per_shard=40, seed=0,
-                   ranges=Ranges(duration=(2.0, 3.0)))
+        synthesize(
+            world, train_clips=320, val_clips=16, bench_clips=16, clips_per_shard=40, seed=0, ranges=Ranges(duration=(2.0, 3.0))
+        )
         started = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-                        "--out", str(cache), "--actors", "2", f"data.train_shards={world}/train/*.tar",
-                        f"data.val_shards={world}/val/*.tar", "stage1.topk=16"],
-                       check=True, capture_output=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/teacher_cache.py"),
+                "--config",
+                str(ROOT / "configs/tiny.yaml"),
+                "--out",
+                str(cache),
+                "--actors",
+                "2",
+                f"data.train_shards={world}/train/*.tar",
+                f"data.val_shards={world}/val/*.tar",
+                "stage1.topk=16",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
         print(f"trainer: teacher cache of 336 clips written in {time.perf_counter() - started:.0f} s (2 actors)")
         for name, ds_config in (("tiny preset, ZeRO-2", "ds_configs/zero2.json"), ("ZeRO-3", "ds_configs/zero3.json")):
             runs = {}
@@ -129,11 +168,15 @@ def trainer_ratios(steps: int, warmup: int) -> None:
                 r = distributed(world, steps, warmup, 8, 1, Path(tmp) / side, ds_config, ("stage1.topk=16", *extra), report=5)
                 runs[side] = {"wall": 2 * 8 / r["samples_per_s"], **r["breakdown_s"]}  # 2 workers x 8 clips a step
             online, cached = runs["online"], runs["cache"]
-            parts = "; ".join(f"{side} " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.items() if k != "wall")
-                              for side, r in runs.items())
-            print(f"trainer ({name}, 2 workers x 8 clips): online {online['wall'] * 1000:.0f} ms/step, cache "
-                  f"{cached['wall'] * 1000:.0f} ms/step, ratio cache/online {cached['wall'] / online['wall']:.2f} "
-                  f"(target <= 0.5)  [{parts}]", flush=True)
+            parts = "; ".join(
+                f"{side} " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.items() if k != "wall") for side, r in runs.items()
+            )
+            print(
+                f"trainer ({name}, 2 workers x 8 clips): online {online['wall'] * 1000:.0f} ms/step, cache "
+                f"{cached['wall'] * 1000:.0f} ms/step, ratio cache/online {cached['wall'] / online['wall']:.2f} "
+                f"(target <= 0.5)  [{parts}]",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -142,8 +185,13 @@ def main() -> None:
     from vaemo.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS),
-                   help="compute measurements to run (none: only --trainer)")
+    p.add_argument(
+        "--presets",
+        nargs="*",
+        default=list(PRESETS),
+        choices=list(PRESETS),
+        help="compute measurements to run (none: only --trainer)",
+    )
     p.add_argument("--trainer", action="store_true", help="also time the real stage-1 job, cache vs online")
     p.add_argument("--trainer-steps", type=int, default=30, help="measured steps of each trainer run")
     p.add_argument("--steps", type=int, default=8)
@@ -151,19 +199,26 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="clips per step")
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--unpacked", action="store_true",
-                   help="compute: without shared-prefix packing (model.pack_prefixes=false), to see what it saves")
+    p.add_argument(
+        "--unpacked",
+        action="store_true",
+        help="compute: without shared-prefix packing (model.pack_prefixes=false), to see what it saves",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.presets:
-        cfg = load_config(ROOT / "configs/tiny.yaml", [*PRESETS[name], f"stage1.topk={args.topk}",
-                                                                  f"model.pack_prefixes={not args.unpacked}"], stage=1)
-        online = time_steps(cfg, [synthetic_batch(cfg, args.batch, s) for s in range(2)], args.steps, args.warmup,
-                            cached=False)
-        cached = time_steps(cfg, [synthetic_batch(cfg, args.batch, s) for s in range(2)], args.steps, args.warmup,
-                            cached=True)
-        print(f"{name}: online {online * 1000:.0f} ms/step, cache {cached * 1000:.0f} ms/step, "
-              f"ratio cache/online {cached / online:.2f} (target <= 0.5)", flush=True)
+        cfg = load_config(
+            ROOT / "configs/tiny.yaml",
+            [*PRESETS[name], f"stage1.topk={args.topk}", f"model.pack_prefixes={not args.unpacked}"],
+            stage=1,
+        )
+        online = time_steps(cfg, [synthetic_batch(cfg, args.batch, s) for s in range(2)], args.steps, args.warmup, cached=False)
+        cached = time_steps(cfg, [synthetic_batch(cfg, args.batch, s) for s in range(2)], args.steps, args.warmup, cached=True)
+        print(
+            f"{name}: online {online * 1000:.0f} ms/step, cache {cached * 1000:.0f} ms/step, "
+            f"ratio cache/online {cached / online:.2f} (target <= 0.5)",
+            flush=True,
+        )
     if args.trainer:
         trainer_ratios(args.trainer_steps, warmup=10)
 

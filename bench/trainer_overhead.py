@@ -41,8 +41,9 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
     module = StageModule(model, None, objective)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    stream = TrainStream(expand_shards(f"{data}/train/*.tar"), objective.decode_spec(), batch, seed=0,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
+    stream = TrainStream(
+        expand_shards(f"{data}/train/*.tar"), objective.decode_spec(), batch, seed=0, shuffle_buffer=cfg.data.shuffle_buffer
+    )
     batches = iter(make_loader(stream, loader_workers))
     times = {"data": [], "forward": [], "backward+step": []}
     for step in range(warmup + steps):
@@ -62,26 +63,58 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
             times["forward"].append(t2 - t1)
             times["backward+step"].append(t3 - t2)
     per_step = sum(sum(v) for v in times.values()) / steps
-    return {"samples_per_s": batch / per_step, "per_step_s": per_step,
-            "breakdown_s": {k: statistics.mean(v) for k, v in times.items()}}
+    return {
+        "samples_per_s": batch / per_step,
+        "per_step_s": per_step,
+        "breakdown_s": {k: statistics.mean(v) for k, v in times.items()},
+    }
 
 
-def distributed(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, out: Path,
-                ds_config: str = "ds_configs/zero3.json", extra: tuple[str, ...] = (), report: int = 10) -> dict:
+def distributed(
+    data: Path,
+    steps: int,
+    warmup: int,
+    batch: int,
+    loader_workers: int,
+    out: Path,
+    ds_config: str = "ds_configs/zero3.json",
+    extra: tuple[str, ...] = (),
+    report: int = 10,
+) -> dict:
     """The real stage-1 job on 2 workers (`extra`: more config overrides); medians of the steady intervals."""
-    cmd = [sys.executable, str(ROOT / "jobs/stage1.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(out),
-           "--overwrite", f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
-           f"data.batch_size={batch}", f"data.loader_workers={loader_workers}", f"train.max_steps={warmup + steps}",
-           f"train.report_every={report}", f"train.checkpoint_every={warmup + steps}", "train.val_batches=0",
-           "train.export=false", "scaling.num_workers=2", f"deepspeed.config={ds_config}", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs/stage1.py"),
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--out",
+        str(out),
+        "--overwrite",
+        f"data.train_shards={data}/train/*.tar",
+        f"data.val_shards={data}/val/*.tar",
+        f"data.batch_size={batch}",
+        f"data.loader_workers={loader_workers}",
+        f"train.max_steps={warmup + steps}",
+        f"train.report_every={report}",
+        f"train.checkpoint_every={warmup + steps}",
+        "train.val_batches=0",
+        "train.export=false",
+        "scaling.num_workers=2",
+        f"deepspeed.config={ds_config}",
+        *extra,
+    ]
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if r["step"] > warmup and r["step"] < warmup + steps]  # the last interval saves
-    return {"samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
-            "per_step_s": statistics.median(r["data_wait_s"] + r["compute_s"] for r in steady),
-            "breakdown_s": {"data": statistics.median(r["data_wait_s"] for r in steady),
-                            "forward+backward+step (incl. collectives)": statistics.median(r["compute_s"] for r in steady)}}
+    return {
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
+        "per_step_s": statistics.median(r["data_wait_s"] + r["compute_s"] for r in steady),
+        "breakdown_s": {
+            "data": statistics.median(r["data_wait_s"] for r in steady),
+            "forward+backward+step (incl. collectives)": statistics.median(r["compute_s"] for r in steady),
+        },
+    }
 
 
 def main() -> None:
@@ -97,27 +130,35 @@ def main() -> None:
     if not args.data:
         from vaemo.data.synth import Ranges, synthesize
 
-        synthesize(data, train_clips=384, val_clips=32, bench_clips=16, clips_per_shard=24, seed=0,
-                   ranges=Ranges(duration=(2.0, 3.0)))
+        synthesize(
+            data, train_clips=384, val_clips=32, bench_clips=16, clips_per_shard=24, seed=0, ranges=Ranges(duration=(2.0, 3.0))
+        )
     ray_run = distributed(data, args.steps, args.warmup, args.batch_size, args.loader_workers, Path(tmp.name) / "run")
-    zero2 = distributed(data, args.steps, args.warmup, args.batch_size, args.loader_workers, Path(tmp.name) / "run2",
-                        "ds_configs/zero2.json")
+    zero2 = distributed(
+        data, args.steps, args.warmup, args.batch_size, args.loader_workers, Path(tmp.name) / "run2", "ds_configs/zero2.json"
+    )
     cores = os.cpu_count() or 1
     one = plain(data, args.steps, args.warmup, 2 * args.batch_size, max(1, args.loader_workers), cores)
     # What each Ray worker could reach alone: its share of the batch on one thread, no collectives.
     share = plain(data, args.steps, args.warmup, args.batch_size, max(1, args.loader_workers), 1)
     print(f"global batch {2 * args.batch_size} clips, {args.steps} measured steps after {args.warmup} warm-up, {cores} cores")
-    rows = (("plain PyTorch, 1 process", one), ("Ray Train + ZeRO-3, 2 workers", ray_run),
-            ("(same with ZeRO-2)", zero2), ("(one worker's share, 1 thread)", share))
+    rows = (
+        ("plain PyTorch, 1 process", one),
+        ("Ray Train + ZeRO-3, 2 workers", ray_run),
+        ("(same with ZeRO-2)", zero2),
+        ("(one worker's share, 1 thread)", share),
+    )
     for name, r in rows:
         parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r["breakdown_s"].items())
         print(f"{name:31s}: {r['samples_per_s']:6.1f} samples/s  ({r['per_step_s'] * 1000:.0f} ms/step: {parts})")
     print(f"ratio (Ray Train + ZeRO-3 / plain): {ray_run['samples_per_s'] / one['samples_per_s']:.2f}  (target >= 0.6)")
     ideal = 2 * share["samples_per_s"]
-    print(f"where the time goes: two 1-thread workers could reach {ideal:.1f} samples/s together "
-          f"({ideal / one['samples_per_s']:.2f} of plain: thread scaling and decode processes sharing {cores} cores); "
-          f"Ray + gloo + ZeRO reach {zero2['samples_per_s'] / ideal:.2f} of that with ZeRO-2 and "
-          f"{ray_run['samples_per_s'] / ideal:.2f} with ZeRO-3, whose per-module fetch hooks dominate on a tiny model")
+    print(
+        f"where the time goes: two 1-thread workers could reach {ideal:.1f} samples/s together "
+        f"({ideal / one['samples_per_s']:.2f} of plain: thread scaling and decode processes sharing {cores} cores); "
+        f"Ray + gloo + ZeRO reach {zero2['samples_per_s'] / ideal:.2f} of that with ZeRO-2 and "
+        f"{ray_run['samples_per_s'] / ideal:.2f} with ZeRO-3, whose per-module fetch hooks dominate on a tiny model"
+    )
     tmp.cleanup()
 
 

@@ -62,8 +62,9 @@ def decode_split(pattern: str, spec: DecodeSpec) -> tuple[torch.Tensor, dict[str
 def probe(cfg, train, val, steps: int, batch: int, seed: int, report_every: int) -> list[dict]:
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.data, seed=seed)
-    heads = nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, len(LABELS[task]))
-                           for task, pool in SeeObjective.AUX_HEADS}).to(model.dtype)
+    heads = nn.ModuleDict(
+        {f"{task}_{pool}": nn.Linear(model.hidden_size, len(LABELS[task])) for task, pool in SeeObjective.AUX_HEADS}
+    ).to(model.dtype)
     params = list(model.vlm.model.visual.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(seed)
@@ -92,8 +93,14 @@ def probe(cfg, train, val, steps: int, batch: int, seed: int, report_every: int)
                 for name, scores in logits(val[0][first : first + 32]).items():
                     truth = val[1][name.split("_")[0]][first : first + 32]
                     correct[name] += int((scores.argmax(-1) == truth).sum())
-        rows.append({"step": step, "loss": round(float(loss.detach()), 3), "seconds": round(time.perf_counter() - start),
-                     **{f"val_{name}_acc": round(c / len(val[0]), 3) for name, c in correct.items()}})
+        rows.append(
+            {
+                "step": step,
+                "loss": round(float(loss.detach()), 3),
+                "seconds": round(time.perf_counter() - start),
+                **{f"val_{name}_acc": round(c / len(val[0]), 3) for name, c in correct.items()},
+            }
+        )
         print(json.dumps({"seed": seed, **rows[-1]}), flush=True)
     return rows
 

@@ -1,7 +1,7 @@
 """The whole pipeline on the synthetic world, with progress, a final table and a plot (`make demo`).
 
-    python jobs/demo.py --out runs/demo              # data, stage 0, 1, 2, an evaluation after each
-    python jobs/demo.py --out runs/demo --ablations  # + stage 2 without Enhancer / Supervisor / both
+python jobs/demo.py --out runs/demo              # data, stage 0, 1, 2, an evaluation after each
+python jobs/demo.py --out runs/demo --ablations  # + stage 2 without Enhancer / Supervisor / both
 """
 
 import sys

@@ -1,7 +1,7 @@
 """The whole pipeline over several seeds, reported as means, per-seed values and 95% intervals (`make science`).
 
-    python jobs/science.py --out runs/science                 # seeds 0 1 2, stage 2 with and without the EmoAdapter
-    python jobs/science.py --out runs/science --seeds 0 1 2 3 4 --ablations all
+python jobs/science.py --out runs/science                 # seeds 0 1 2, stage 2 with and without the EmoAdapter
+python jobs/science.py --out runs/science --seeds 0 1 2 3 4 --ablations all
 """
 
 import sys
@@ -20,9 +20,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/science", help="output folder: report.md, report.json, report.png")
     parser.add_argument("--config", default=str(project_root() / "configs" / "tiny.yaml"), help="the preset")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world and training seeds (>= 2)")
-    parser.add_argument("--ablations", choices=["none", "adapter", "all"], default="adapter",
-                        help="stage-2 ablations per seed: without the EmoAdapter (adapter, the default), also "
-                             "without the Enhancer and without the Supervisor (all), or none")
+    parser.add_argument(
+        "--ablations",
+        choices=["none", "adapter", "all"],
+        default="adapter",
+        help="stage-2 ablations per seed: without the EmoAdapter (adapter, the default), also "
+        "without the Enhancer and without the Supervisor (all), or none",
+    )
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     parser.add_argument("--actors", type=int, default=2, help="evaluation actors")
     args = parser.parse_args(argv)
@@ -32,8 +36,9 @@ def main(argv=None) -> int:
     from vaemo.train.launch import TrainingFailed
 
     try:
-        return run_science(Path(args.out), args.config, sorted(set(args.seeds)), ABLATION_SETS[args.ablations],
-                           args.fresh, args.actors)
+        return run_science(
+            Path(args.out), args.config, sorted(set(args.seeds)), ABLATION_SETS[args.ablations], args.fresh, args.actors
+        )
     except TrainingFailed as err:
         print(f"science stopped: {err}", file=sys.stderr)
         return 1

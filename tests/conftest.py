@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/signal_checks.py and friends
 
 # The spec's whole range of sizes, rates and containers, with the tiny preset's 2-3 s durations.
-SMALL_WORLD = dict(train_clips=48, val_clips=16, bench_clips=16, clips_per_shard=12,
-                   ranges=Ranges(duration=(2.0, 3.0)))
+SMALL_WORLD = dict(train_clips=48, val_clips=16, bench_clips=16, clips_per_shard=12, ranges=Ranges(duration=(2.0, 3.0)))
 
 
 @pytest.fixture(scope="session")
@@ -46,25 +45,38 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: f
     import subprocess
 
     exe = Path(sys.executable).parent / "vaemo"
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd or ROOT,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, cwd=cwd or ROOT, env={**os.environ, **(env or {})}, timeout=timeout
+    )
 
 
 def stage_cmd(stage: int, out: Path, world: Path, *overrides: str) -> list[str]:
     """jobs/stageN.py on the small world with a few steps, under ZeRO-3 (the cluster's setting, whatever the
     tiny preset uses); overrides come last and win."""
-    return [sys.executable, str(ROOT / f"jobs/stage{stage}.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-            "--out", str(out), f"data.train_shards={world}/train/*.tar", f"data.val_shards={world}/val/*.tar",
-            "data.batch_size=4", "train.max_steps=4", "train.report_every=1", "train.checkpoint_every=2",
-            "train.val_batches=1", "train.warmup_steps=1", f"deepspeed.config={ROOT / 'ds_configs/zero3.json'}",
-            *overrides]
+    return [
+        sys.executable,
+        str(ROOT / f"jobs/stage{stage}.py"),
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--out",
+        str(out),
+        f"data.train_shards={world}/train/*.tar",
+        f"data.val_shards={world}/val/*.tar",
+        "data.batch_size=4",
+        "train.max_steps=4",
+        "train.report_every=1",
+        "train.checkpoint_every=2",
+        "train.val_batches=1",
+        "train.warmup_steps=1",
+        f"deepspeed.config={ROOT / 'ds_configs/zero3.json'}",
+        *overrides,
+    ]
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: float = 420):
     import subprocess
 
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def ok(result):

@@ -19,9 +19,24 @@ def last_json(result) -> dict:
 def test_ask_answers_about_one_clip_with_valence_and_arousal(small_world, adapter_export, dtype):
     clip = bench_clip(small_world, 0)
     for modality in ("audio", "visual", "audio_visual"):
-        answer = last_json(cli("ask", "--model", str(adapter_export), "--clip", str(clip), "--modality", modality,
-                               "--question", "What emotion does this artwork express?", "--dtype", dtype,
-                               "--max-new-tokens", "4", "--json"))
+        answer = last_json(
+            cli(
+                "ask",
+                "--model",
+                str(adapter_export),
+                "--clip",
+                str(clip),
+                "--modality",
+                modality,
+                "--question",
+                "What emotion does this artwork express?",
+                "--dtype",
+                dtype,
+                "--max-new-tokens",
+                "4",
+                "--json",
+            )
+        )
         assert answer["clip"] == str(clip) and answer["modality"] == modality and not answer["error"]
         assert isinstance(answer["answer"], str)
         assert -1.0 <= answer["valence"] <= 1.0 and -1.0 <= answer["arousal"] <= 1.0  # the Supervisor's tanh
@@ -37,26 +52,58 @@ def test_ask_answers_a_folder_on_the_actor_pool_and_counts_bad_clips(small_world
     (folder / "broken.mp4").write_bytes(b"not a clip")
     (folder / "notes.txt").write_text("ignored")
     out = tmp_path / "answers.jsonl"
-    result = cli("ask", "--model", str(adapter_export), "--clips", str(folder), "--out", str(out), "--actors", "2",
-                 "--dtype", "bf16", "--max-new-tokens", "3", "--modality", "audio")
+    result = cli(
+        "ask",
+        "--model",
+        str(adapter_export),
+        "--clips",
+        str(folder),
+        "--out",
+        str(out),
+        "--actors",
+        "2",
+        "--dtype",
+        "bf16",
+        "--max-new-tokens",
+        "3",
+        "--modality",
+        "audio",
+    )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["clip"].split("/")[-1] for r in rows] == ["broken.mp4", "c0.mp4", "c1.mp4", "c2.mp4"]
     assert rows[0]["error"] == "corrupt_clip" and rows[0]["answer"] is None
     assert all(not r["error"] and isinstance(r["answer"], str) and r["valence"] is not None for r in rows[1:])
     # the same clip alone, in-process, gets the same greedy answer
-    alone = last_json(cli("ask", "--model", str(adapter_export), "--clip", rows[1]["clip"], "--dtype", "bf16",
-                          "--max-new-tokens", "3", "--modality", "audio", "--json"))
+    alone = last_json(
+        cli(
+            "ask",
+            "--model",
+            str(adapter_export),
+            "--clip",
+            rows[1]["clip"],
+            "--dtype",
+            "bf16",
+            "--max-new-tokens",
+            "3",
+            "--modality",
+            "audio",
+            "--json",
+        )
+    )
     assert alone["answer"] == rows[1]["answer"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--clip", "/nowhere/clip.mp4"], "--clip '/nowhere/clip.mp4' is not a file"),
-    (["--clips", "/nowhere/", "--out", "/tmp/x.jsonl"], "--clips '/nowhere/' matches no clip file"),
-    (["--clip", "BAD", "--modality", "smell"], "argument --modality: invalid choice: 'smell'"),
-    (["--clip", "BAD"], "cannot be used: FFmpeg cannot open the clip (corrupt_clip)"),
-    (["--clips", "BENCH"], "--clips needs --out"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--clip", "/nowhere/clip.mp4"], "--clip '/nowhere/clip.mp4' is not a file"),
+        (["--clips", "/nowhere/", "--out", "/tmp/x.jsonl"], "--clips '/nowhere/' matches no clip file"),
+        (["--clip", "BAD", "--modality", "smell"], "argument --modality: invalid choice: 'smell'"),
+        (["--clip", "BAD"], "cannot be used: FFmpeg cannot open the clip (corrupt_clip)"),
+        (["--clips", "BENCH"], "--clips needs --out"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(adapter_export, small_world, tmp_path, args, message):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"junk")
@@ -77,8 +124,8 @@ def test_the_readmes_python_example_runs(small_world, adapter_export, capsys):
     from conftest import ROOT
 
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Asking a trained model"):]
-    code = section[section.index("```python") + len("```python"):]
+    section = readme[readme.index("## Asking a trained model") :]
+    code = section[section.index("```python") + len("```python") :]
     code = code[: code.index("```")]
     code = code.replace("runs/demo/stage2/export", str(adapter_export))
     code = code.replace('"clip.mp4"', repr(str(bench_clip(small_world, 2))))

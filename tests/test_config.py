@@ -19,8 +19,13 @@ def test_presets_load_for_every_stage(preset):
     for stage in (0, 1, 2):
         cfg = load_config(preset, stage=stage)
         assert cfg.stage == stage
-        for field in ("seed", "train.max_steps", "train.checkpoint_every", "train.report_every",
-                      "scaling.num_workers"):  # the fields spec/cli.md promises in every preset
+        for field in (
+            "seed",
+            "train.max_steps",
+            "train.checkpoint_every",
+            "train.report_every",
+            "scaling.num_workers",
+        ):  # the fields spec/cli.md promises in every preset
             load_config(preset, [f"{field}=3"], stage=stage)
 
 
@@ -32,14 +37,17 @@ def test_stage_blocks_merge_and_command_line_overrides_win():
     assert overridden.train.max_steps == 7 and overridden.train.lr == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.max_stepz=3", "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'?"),
-    ("train.max_steps=many", "config field 'train.max_steps' must be an integer"),
-    ("model.dtype=fp16", "config field 'model.dtype' must be one of"),
-    ("scaling.use_gpu=maybe", "config field 'scaling.use_gpu' must be true or false"),
-    ("train.max_steps=0", "config field 'train.max_steps' must be >= 1"),
-    ("data", "override 'data' must look like key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.max_stepz=3", "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'?"),
+        ("train.max_steps=many", "config field 'train.max_steps' must be an integer"),
+        ("model.dtype=fp16", "config field 'model.dtype' must be one of"),
+        ("scaling.use_gpu=maybe", "config field 'scaling.use_gpu' must be true or false"),
+        ("train.max_steps=0", "config field 'train.max_steps' must be >= 1"),
+        ("data", "override 'data' must look like key=value"),
+    ],
+)
 def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs/tiny.yaml", [override], stage=0)

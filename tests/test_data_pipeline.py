@@ -24,18 +24,20 @@ SPEC = DecodeSpec(num_frames=8, height=56, width=56, audio_seconds=3.0)
 
 def ramp_clip(n_frames: int, fps: int, width: int, height: int, sr: int, codec: Codec, freq: float = 440.0):
     """Frame i is a flat grey of level 200*i/(n-1); the soundtrack is a sine at `freq`."""
-    frames = np.stack([np.full((height, width, 3), round(200 * i / (n_frames - 1)), np.uint8)
-                       for i in range(n_frames)])
+    frames = np.stack([np.full((height, width, 3), round(200 * i / (n_frames - 1)), np.uint8) for i in range(n_frames)])
     t = np.arange(int(n_frames / fps * sr)) / sr
     return encode_clip(frames, 0.5 * np.sin(2 * np.pi * freq * t), fps, sr, codec)
 
 
-@pytest.mark.parametrize("codec,fps,size,sr", [
-    (Codec("mp4", "libx264", "aac", 1), 12, (128, 128), 16000),
-    (Codec("mkv", "libx264", "aac", 2), 25, (96, 64), 44100),
-    (Codec("webm", "libvpx-vp9", "libopus", 2), 30, (160, 120), 48000),
-    (Codec("mov", "libx264", "aac", 1), 10, (64, 64), 22050),
-])
+@pytest.mark.parametrize(
+    "codec,fps,size,sr",
+    [
+        (Codec("mp4", "libx264", "aac", 1), 12, (128, 128), 16000),
+        (Codec("mkv", "libx264", "aac", 2), 25, (96, 64), 44100),
+        (Codec("webm", "libvpx-vp9", "libopus", 2), 30, (160, 120), 48000),
+        (Codec("mov", "libx264", "aac", 1), 10, (64, 64), 22050),
+    ],
+)
 def test_decode_round_trip_any_container_codec_rate_and_size(codec, fps, size, sr):
     n_frames = 3 * fps
     raw = ramp_clip(n_frames, fps, size[0], size[1], sr, codec)
@@ -65,8 +67,10 @@ def test_frame_fit_keeps_what_each_mode_promises_of_a_wide_picture():
     frames[:, :, :16] = frames[:, :, -16:] = 250
     raw = encode_clip(frames, None, 12, 16000, Codec("mp4", "libx264", "aac", 1))
     spec = dataclasses.replace(SPEC, need_audio=False)
-    fitted = {fit: decode_sample({"__key__": "k", "mp4": raw}, dataclasses.replace(spec, fit=fit)).video[0].float()
-              for fit in ("letterbox", "crop", "stretch")}
+    fitted = {
+        fit: decode_sample({"__key__": "k", "mp4": raw}, dataclasses.replace(spec, fit=fit)).video[0].float()
+        for fit in ("letterbox", "crop", "stretch")
+    }
     letterbox, crop, stretch = fitted["letterbox"], fitted["crop"], fitted["stretch"]
     assert letterbox[:, :10].max() < 8 and letterbox[:, 20:36, :4].mean() > 230  # bars; the edges kept
     assert crop[:, :, :4].mean() < 80 and crop[:, :4].mean() > 50  # the edges gone; no bars
@@ -127,8 +131,9 @@ def test_a_clip_longer_than_the_window_gives_frames_and_audio_of_one_window():
     assert 200 * (first_frame - 1) / 95 <= levels[0] <= 200 * (first_frame + 1) / 95, levels
     assert 200 * (last_frame - 2) / 95 <= levels[-1] <= 200 * (last_frame + 1) / 95, levels
     shuffled = dataclasses.replace(SPEC, window="random")
-    starts = {key: float(decode_sample({"__key__": key, "mp4": raw}, shuffled).video[0].float().mean())
-              for key in ("a", "b", "c", "d")}
+    starts = {
+        key: float(decode_sample({"__key__": key, "mp4": raw}, shuffled).video[0].float().mean()) for key in ("a", "b", "c", "d")
+    }
     assert len({round(v) for v in starts.values()}) > 1  # windows differ between clips
     again = decode_sample({"__key__": "a", "mp4": raw}, shuffled)
     assert float(again.video[0].float().mean()) == starts["a"]  # and not between visits (exact resume)
@@ -154,8 +159,15 @@ def bad_shard(path: Path) -> tuple[list[str], dict[str, int]]:
     with wds.TarWriter(str(path), encoder=False) as sink:
         for s in samples:
             sink.write(s)
-    expected = {"truncated_clip": 1, "empty_clip": 1, "no_audio_stream": 1, "no_video_stream": 1, "bad_json": 1,
-                "unknown_extension": 1, "missing_clip": 1}
+    expected = {
+        "truncated_clip": 1,
+        "empty_clip": 1,
+        "no_audio_stream": 1,
+        "no_video_stream": 1,
+        "bad_json": 1,
+        "unknown_extension": 1,
+        "missing_clip": 1,
+    }
     return ["good-0", "good-1", "good-2"], expected
 
 
@@ -185,8 +197,7 @@ def test_a_sample_lacking_a_needed_field_is_skipped(tmp_path):
         decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 3}'}, spec)
     assert bad.value.reason == "va_out_of_range"
     assert decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 0.5}'}, spec).key == "a"
-    rated = decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 7, "va_scale": [1, 9]}'},
-                          spec)
+    rated = decode_sample({"__key__": "a", "mp4": raw, "json": b'{"caption": "c", "valence": 7, "va_scale": [1, 9]}'}, spec)
     assert rated.meta["valence"] == pytest.approx(0.5)  # a declared 1-9 scale is rescaled to [-1, 1]
     emotional = DecodeSpec(num_frames=2, height=28, width=28, need_fields=("emotion",), emotions=("joy", "calm"))
     with pytest.raises(SkipSample) as unknown:
@@ -258,32 +269,36 @@ def test_pack_then_inspect_a_users_clips(tmp_path):
     (src / "silent.mp4").write_bytes(encode_clip(np.zeros((24, 64, 64, 3), np.uint8), None, 12, 16000, Codec()))
     (src / "notes.txt").write_text("ignored")
     manifest = tmp_path / "labels.jsonl"
-    manifest.write_text(json.dumps({"clip": "a.mp4", "emotion": "joy", "valence": 0.5, "arousal": 0.4}) + "\n"
-                        + json.dumps({"clip": "d.mp4", "split": "val"}) + "\n"
-                        + json.dumps({"clip": "missing.mp4", "emotion": "calm"}) + "\n")
+    manifest.write_text(
+        json.dumps({"clip": "a.mp4", "emotion": "joy", "valence": 0.5, "arousal": 0.4})
+        + "\n"
+        + json.dumps({"clip": "d.mp4", "split": "val"})
+        + "\n"
+        + json.dumps({"clip": "missing.mp4", "emotion": "calm"})
+        + "\n"
+    )
     out = tmp_path / "shards"
-    packed = cli("data", "pack", str(src), "--out", str(out), "--manifest", str(manifest), "--shard-size", "2",
-                 "--val-fraction", "0.25")
+    packed = cli(
+        "data", "pack", str(src), "--out", str(out), "--manifest", str(manifest), "--shard-size", "2", "--val-fraction", "0.25"
+    )
     assert packed.returncode == 0, packed.stderr
     assert "1 clip(s) without an audio stream" in packed.stdout + packed.stderr
     train, val = sorted(out.glob("train-*.tar")), sorted(out.glob("val-*.tar"))
     assert [p.name for p in train] == ["train-000000.tar", "train-000001.tar"]  # the presets' patterns
     assert len(val) == 2  # d (its split field) and one more (a quarter of the other four): one shard per worker
-    metas = {s["__key__"]: json.loads(s["json"]) for url in train + val
-             for s in wds.WebDataset(str(url), shardshuffle=False)}
+    metas = {s["__key__"]: json.loads(s["json"]) for url in train + val for s in wds.WebDataset(str(url), shardshuffle=False)}
     assert set(metas) == {"a", "sub__b_v2", "c", "d", "silent"}
     assert "d" in {s["__key__"] for url in val for s in wds.WebDataset(str(url), shardshuffle=False)}
     assert metas["a"]["emotion"] == "joy" and metas["c"]["caption"] == "from a sidecar"
     assert metas["sub__b_v2"]["source"] == "sub/b.v2.mkv"  # keys carry no dots
     report = json.loads(cli("data", "inspect", str(out / "*.tar"), "--json").stdout.strip().splitlines()[-1])
-    assert report == {"samples": 5, "ok": 5, "skipped": {}, "modalities": {"audio_visual": 4, "visual_only": 1},
-                      "shards": 4}
-    staged = cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "2", "--config",
-                 str(ROOT / "configs/tiny.yaml"))
+    assert report == {"samples": 5, "ok": 5, "skipped": {}, "modalities": {"audio_visual": 4, "visual_only": 1}, "shards": 4}
+    staged = cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "2", "--config", str(ROOT / "configs/tiny.yaml"))
     stage = json.loads(staged.stdout.strip().splitlines()[-1])["stage"]
     assert stage == {"stage": 2, "usable": 1, "skipped": {"missing_field": 4}}  # only a.mp4 has emotion + V/A
-    stage1 = json.loads(cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "1").stdout.strip()
-                        .splitlines()[-1])["stage"]
+    stage1 = json.loads(cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "1").stdout.strip().splitlines()[-1])[
+        "stage"
+    ]
     assert stage1 == {"stage": 1, "usable": 4, "skipped": {"no_audio_stream": 1}}  # no label needed
 
 
@@ -300,12 +315,32 @@ def test_bench_reader(small_world, tmp_path):
     items = read_bench(small_world / "bench")
     assert len(items) == 96 and items[0].media.is_file()
     assert {i.modality for i in items} == {"audio", "visual", "audio_visual"}
-    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "q1", "media": "m.mp4", "modality": "audio",
-                                                      "task": "emotion", "question": "q?", "options": ["a", "b"],
-                                                      "answer": 1}) + "\n"
-                                          + json.dumps({"id": "q2", "media": "m.mp4", "modality": "smell",
-                                                        "task": "emotion", "question": "q?", "options": ["a", "b"],
-                                                        "answer": 0}) + "\n")
+    (tmp_path / "items.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "q1",
+                "media": "m.mp4",
+                "modality": "audio",
+                "task": "emotion",
+                "question": "q?",
+                "options": ["a", "b"],
+                "answer": 1,
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {
+                "id": "q2",
+                "media": "m.mp4",
+                "modality": "smell",
+                "task": "emotion",
+                "question": "q?",
+                "options": ["a", "b"],
+                "answer": 0,
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(UserError, match=r"items.jsonl:2: field 'modality'"):
         read_bench(tmp_path)
 

@@ -42,8 +42,18 @@ def test_the_report_gives_donor_accuracy_and_the_always_one_option_baseline():
     from vaemo.eval.scoring import ItemResult
 
     def result(i, deaf=False, predicted=0, donor=-1):
-        return ItemResult(f"q{i}", "audio", "content", deaf, False, correct=predicted == i % 4, predicted=predicted,
-                          answer=i % 4, options=4, donor_answer=donor)
+        return ItemResult(
+            f"q{i}",
+            "audio",
+            "content",
+            deaf,
+            False,
+            correct=predicted == i % 4,
+            predicted=predicted,
+            answer=i % 4,
+            options=4,
+            donor_answer=donor,
+        )
 
     normal = [result(i, predicted=i % 4 if i < 6 else 0) for i in range(8)]  # answers 0,1,2,3,0,1,2,3
     # A listening model answers for the donor clip: right against the donor, wrong against the item.
@@ -90,14 +100,29 @@ def test_the_actor_pool_gives_the_same_numbers_as_one_process(small_world, adapt
 
 
 @pytest.mark.slow
-def test_results_follow_the_spec_and_an_unreadable_clip_is_counted(small_world, adapter_export, stage0_export,
-                                                                     tmp_path):
+def test_results_follow_the_spec_and_an_unreadable_clip_is_counted(small_world, adapter_export, stage0_export, tmp_path):
     bench = tmp_path / "bench"
     shutil.copytree(small_world / "bench", bench)
     bench_clip(bench.parent, 3).write_bytes(b"not a clip at all")
     out = tmp_path / "eval"
-    result = ok(run([sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(adapter_export), "--bench", str(bench),
-                     "--out", str(out), "--actors", "2", "--baseline", f"before={stage0_export}"]))
+    result = ok(
+        run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/eval.py"),
+                "--model",
+                str(adapter_export),
+                "--bench",
+                str(bench),
+                "--out",
+                str(out),
+                "--actors",
+                "2",
+                "--baseline",
+                f"before={stage0_export}",
+            ]
+        )
+    )
     report = json.loads((out / "results.json").read_text())
     assert report["skipped"] == 6  # the clip is asked 6 questions
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -127,8 +152,18 @@ def test_bad_arguments_are_one_line_errors(small_world, tmp_path):
     assert result.returncode == 2 and "is not a vaemo export" in result.stderr
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "items.jsonl").write_text('{"id": "x"}\n')
-    result = run([sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(tmp_path), "--bench",
-                  str(tmp_path / "bench"), "--out", str(tmp_path)])
+    result = run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/eval.py"),
+            "--model",
+            str(tmp_path),
+            "--bench",
+            str(tmp_path / "bench"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
@@ -154,8 +189,11 @@ def test_the_eval_section_of_a_preset_gives_the_defaults(tmp_path):
     base = ["--model", "m", "--bench", "b", "--out", "o"]
     preset = eval_settings(parser.parse_args([*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml")]))
     assert (preset.actors, preset.batch_items, preset.deaf_check) == (8, 32, True)
-    flags = eval_settings(parser.parse_args([*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml"),
-                                             "--actors", "3", "--dtype", "bf16", "--no-deaf-check"]))
+    flags = eval_settings(
+        parser.parse_args(
+            [*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml"), "--actors", "3", "--dtype", "bf16", "--no-deaf-check"]
+        )
+    )
     assert (flags.actors, flags.batch_items, flags.dtype, flags.deaf_check) == (3, 32, "bf16", False)
     assert eval_settings(parser.parse_args(base)).actors == 2
     from_preset = parser.parse_args(["--model", "m", "--out", "o", "--config", str(ROOT / "configs/tiny.yaml")])

@@ -13,8 +13,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("vaemo", "vaemo.errors", "vaemo.args", "vaemo.progress", "vaemo.config")),
     ("data", ("vaemo.data",)),
     ("model and losses", ("vaemo.model", "vaemo.losses")),
-    ("stage logic, scoring, Ray plumbing", ("vaemo.train.objectives", "vaemo.cache_fingerprint", "vaemo.eval.scoring",
-                                            "vaemo.eval.report", "vaemo.cluster")),
+    (
+        "stage logic, scoring, Ray plumbing",
+        ("vaemo.train.objectives", "vaemo.cache_fingerprint", "vaemo.eval.scoring", "vaemo.eval.report", "vaemo.cluster"),
+    ),
     ("runs: training, evaluation, caches, sweeps", ("vaemo.train", "vaemo.eval", "vaemo.teacher_cache", "vaemo.tune")),
     ("pipelines", ("vaemo.demo", "vaemo.science")),
     ("command line", ("vaemo.cli",)),
@@ -62,7 +64,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 2
@@ -77,9 +79,12 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_every_import_points_down_or_sideways():
     graph = import_graph()
-    upward = [f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]})"
-              for a, targets in sorted(graph.items()) for b in sorted(targets)
-              if b != "vaemo" and layer_of(b) > layer_of(a)]
+    upward = [
+        f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]})"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if b != "vaemo" and layer_of(b) > layer_of(a)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -90,8 +95,7 @@ def test_no_import_cycles():
 
 def test_the_checks_catch_what_they_are_for():
     """An upward import and a circle, planted in a graph, are found."""
-    graph = {"vaemo.data.stream": {"vaemo.data.decode"}, "vaemo.data.decode": {"vaemo.data.stream"},
-             "vaemo.config": set()}
+    graph = {"vaemo.data.stream": {"vaemo.data.decode"}, "vaemo.data.decode": {"vaemo.data.stream"}, "vaemo.config": set()}
     assert find_cycle(graph)[0] == find_cycle(graph)[-1]
     assert layer_of("vaemo.data.stream") > layer_of("vaemo.config")
     assert layer_of("vaemo.cli") > layer_of("vaemo.train.launch") > layer_of("vaemo.train.objectives")

@@ -28,8 +28,11 @@ def vaemo_imports(path) -> set[str]:
 
 
 def test_nothing_in_the_package_imports_the_command_line():
-    offenders = {str(p.relative_to(ROOT)): sorted(n for n in vaemo_imports(p) if n == "vaemo.cli")
-                 for p in (ROOT / "vaemo").rglob("*.py") if p.name != "cli.py" or p.parent.name != "vaemo"}
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(n for n in vaemo_imports(p) if n == "vaemo.cli")
+        for p in (ROOT / "vaemo").rglob("*.py")
+        if p.name != "cli.py" or p.parent.name != "vaemo"
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 

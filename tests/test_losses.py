@@ -25,7 +25,7 @@ def reference_kl(head, student, teacher, tau):
     s = F.log_softmax(head(student) / tau, -1)
     with torch.no_grad():  # the teacher is a fixed target
         t = F.log_softmax(head(teacher) / tau, -1)
-    return tau ** 2 * (t.exp() * (t - s)).sum()
+    return tau**2 * (t.exp() * (t - s)).sum()
 
 
 def reference_topk_kl(head, student, teacher, tau, k):
@@ -35,7 +35,7 @@ def reference_topk_kl(head, student, teacher, tau, k):
     s_top = s_full.gather(-1, ids)
     t = torch.cat([t_top, torch.log(1 - t_top.exp().sum(-1, keepdim=True))], -1)
     s = torch.cat([s_top, torch.log(1 - s_top.exp().sum(-1, keepdim=True))], -1)
-    return tau ** 2 * (t.exp() * (t - s)).sum()
+    return tau**2 * (t.exp() * (t - s)).sum()
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
@@ -92,9 +92,21 @@ def test_topk_targets_from_a_cache_give_the_same_loss(setup):
     head, student, teacher = setup
     online = teacher_topk(teacher, head, 8)
     split = N // 3
-    records = [decode_record(encode_record(TeacherRecord(
-        "fp", [("prompt", "response")], [stop - start], online.ids[start:stop].numpy(),
-        online.logprobs[start:stop].numpy(), online.tail[start:stop].numpy()))) for start, stop in ((0, split), (split, N))]
+    records = [
+        decode_record(
+            encode_record(
+                TeacherRecord(
+                    "fp",
+                    [("prompt", "response")],
+                    [stop - start],
+                    online.ids[start:stop].numpy(),
+                    online.logprobs[start:stop].numpy(),
+                    online.tail[start:stop].numpy(),
+                )
+            )
+        )
+        for start, stop in ((0, split), (split, N))
+    ]
     cached = TopKTargets.joined(records)
     a = distill(student, head, online).kl_sum
     b = distill(student, head, cached).kl_sum

@@ -47,8 +47,9 @@ def all_modalities(response="joy"):
 def test_patchify_matches_the_qwen_image_processor():
     from transformers import Qwen2VLImageProcessorPil
 
-    processor = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56,
-                                         max_pixels=112 * 112 * 4)
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56, max_pixels=112 * 112 * 4
+    )
     image = (np.random.default_rng(0).random((112, 112, 3)) * 255).astype(np.uint8)
     expected = processor(images=[image], return_tensors="pt")
     spec = VisualSpec(num_frames=2, height=112, width=112, patch_size=14, temporal_patch_size=2, merge_size=2)
@@ -108,8 +109,10 @@ def test_a_pathway_the_batch_does_not_use_still_runs_when_asked(model, clips, mo
     video, audio, duration = clips
     inputs = model.prompts.batch([PromptItem(modality, QUESTION, "joy", 0)], video, audio, duration)
     calls = {"visual": 0, "audio": 0}
-    hooks = [model.vlm.model.visual.register_forward_hook(lambda *a: calls.__setitem__("visual", calls["visual"] + 1)),
-             model.audio_encoder.conv1.register_forward_hook(lambda *a: calls.__setitem__("audio", calls["audio"] + 1))]
+    hooks = [
+        model.vlm.model.visual.register_forward_hook(lambda *a: calls.__setitem__("visual", calls["visual"] + 1)),
+        model.audio_encoder.conv1.register_forward_hook(lambda *a: calls.__setitem__("audio", calls["audio"] + 1)),
+    ]
     try:
         with torch.no_grad():
             plain = model(inputs)
@@ -139,8 +142,9 @@ def test_option_scores_are_length_normalised_log_likelihoods_from_one_pass(model
     calls = []
     handle = model.vlm.model.language_model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        scores, pooled = model.score_options([("audio_visual", QUESTION, options, 2), ("visual", QUESTION, options, 0)],
-                                             video, audio, duration)
+        scores, pooled = model.score_options(
+            [("audio_visual", QUESTION, options, 2), ("visual", QUESTION, options, 0)], video, audio, duration
+        )
     finally:
         handle.remove()
     assert len(calls) == 1 and pooled.shape == (2, model.hidden_size)
@@ -255,14 +259,25 @@ def test_stage2_validation_scores_emotion_and_content_under_every_modality(model
     from vaemo.train.objectives import EmoAdapterObjective
 
     video, audio, duration = clips
-    metas = [{"emotion": "calm", "object": "star"}, {"emotion": "joy", "object": "circle"},
-             {"emotion": "anger"}]  # the third clip has no object: only its emotion is scored
-    batch = Batch(keys=["0", "1", "2"], video=video, audio=audio, audio_len=[48000] * CLIPS, duration=duration,
-                  meta=metas, has_audio=[True, True, False])
+    metas = [
+        {"emotion": "calm", "object": "star"},
+        {"emotion": "joy", "object": "circle"},
+        {"emotion": "anger"},
+    ]  # the third clip has no object: only its emotion is scored
+    batch = Batch(
+        keys=["0", "1", "2"],
+        video=video,
+        audio=audio,
+        audio_len=[48000] * CLIPS,
+        duration=duration,
+        meta=metas,
+        has_audio=[True, True, False],
+    )
     objective = EmoAdapterObjective(load_config(ROOT / "configs/tiny.yaml", stage=2))
     step = objective.prepare(model, batch, np.random.default_rng(0), score=True)
-    assert [(t, m) for t, m, _, _ in step.scored] == [(t, m) for m in ("visual", "audio", "audio_visual")
-                                                       for t in ("emotion", "content")] * 2 + [("emotion", "visual")]
+    assert [(t, m) for t, m, _, _ in step.scored] == [
+        (t, m) for m in ("visual", "audio", "audio_visual") for t in ("emotion", "content")
+    ] * 2 + [("emotion", "visual")]
     assert len(step.passes["lm"].modalities) == 4 * len(step.scored)
     sums = objective.score(model, step)
     assert sums["val_emotion_total"] == 7 and sums["val_content_total"] == 6 and sums["val_content_audio_total"] == 2
@@ -277,8 +292,15 @@ def test_stage2_kd_questions_distils_the_stage1_questions_too(model, clips):
 
     video, audio, duration = clips
     metas = [{"caption": "A calm boat.", "emotion": "calm", "valence": 0.2, "arousal": -0.3, "object": "boat"}] * CLIPS
-    batch = Batch(keys=[str(i) for i in range(CLIPS)], video=video, audio=audio, audio_len=[48000] * CLIPS,
-                  duration=duration, meta=metas, has_audio=[True] * CLIPS)
+    batch = Batch(
+        keys=[str(i) for i in range(CLIPS)],
+        video=video,
+        audio=audio,
+        audio_len=[48000] * CLIPS,
+        duration=duration,
+        meta=metas,
+        has_audio=[True] * CLIPS,
+    )
     passes = {}
     for flag in (False, True):
         cfg = load_config(ROOT / "configs/tiny.yaml", [f"stage2.kd_questions={flag}"], stage=2)
@@ -304,8 +326,15 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, clips):
     with torch.no_grad():
         before = model.logits(model(inputs).hidden)
     model.save_pretrained(tmp_path / "export")
-    for part in ("vaemo_config.json", "audio_projector.safetensors", "emo_adapter.safetensors", "lora.safetensors",
-                 "vlm/model.safetensors", "audio_encoder/model.safetensors", "tokenizer/tokenizer.json"):
+    for part in (
+        "vaemo_config.json",
+        "audio_projector.safetensors",
+        "emo_adapter.safetensors",
+        "lora.safetensors",
+        "vlm/model.safetensors",
+        "audio_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
         assert (tmp_path / "export" / part).is_file(), part
     loaded = VAEmotionLLM.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
@@ -354,13 +383,15 @@ def test_building_from_local_checkpoint_folders(tmp_path):
     tiny = build_model(cfg.model, cfg.data, seed=0)
     tiny.vlm.save_pretrained(tmp_path / "qwen")
     tiny.tokenizer.save_pretrained(tmp_path / "qwen")
-    (tmp_path / "qwen" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
-                                                                            "image_std": [0.25] * 3}))
+    (tmp_path / "qwen" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
     whisper = WhisperForConditionalGeneration(tiny.audio_encoder.config)
     whisper.save_pretrained(tmp_path / "whisper")
-    built = build_model(load_config(ROOT / "configs/tiny.yaml", [f"model.vlm={tmp_path / 'qwen'}",
-                                                                 f"model.audio_encoder={tmp_path / 'whisper'}"]).model,
-                        cfg.data)
+    built = build_model(
+        load_config(
+            ROOT / "configs/tiny.yaml", [f"model.vlm={tmp_path / 'qwen'}", f"model.audio_encoder={tmp_path / 'whisper'}"]
+        ).model,
+        cfg.data,
+    )
     assert built.spec.visual.image_mean == (0.5, 0.5, 0.5)
     for name, value in whisper.model.encoder.state_dict().items():
         assert torch.equal(built.audio_encoder.state_dict()[name], value), name
@@ -397,9 +428,18 @@ def test_flash_attention_2_and_sdpa_agree_on_gpu(clips):
 
 def real_format_config(hf_checkpoints, *overrides):
     """The 7B preset with only paths and sizes changed (tiny frames for a tiny vision tower)."""
-    return load_config(ROOT / "configs/qwen2.5-vl-7b.yaml",
-                       [f"model.vlm={hf_checkpoints['vlm']}", f"model.audio_encoder={hf_checkpoints['audio']}",
-                        "data.num_frames=4", "data.frame_height=56", "data.frame_width=56", *overrides], stage=1)
+    return load_config(
+        ROOT / "configs/qwen2.5-vl-7b.yaml",
+        [
+            f"model.vlm={hf_checkpoints['vlm']}",
+            f"model.audio_encoder={hf_checkpoints['audio']}",
+            "data.num_frames=4",
+            "data.frame_height=56",
+            "data.frame_width=56",
+            *overrides,
+        ],
+        stage=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -439,8 +479,11 @@ def test_prompt_ids_equal_the_checkpoints_chat_template(real_format):
         model.prompts.templated.cache_clear()
         for modality in ("audio", "visual", "audio_visual"):
             audio_part = {"type": "text", "text": "<|audio_start|><|audio_pad|><|audio_end|>"}
-            content = ([{"type": "video"}] if modality != "audio" else []) + \
-                      ([audio_part] if modality != "visual" else []) + [{"type": "text", "text": QUESTION}]
+            content = (
+                ([{"type": "video"}] if modality != "audio" else [])
+                + ([audio_part] if modality != "visual" else [])
+                + [{"type": "text", "text": QUESTION}]
+            )
             chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
             rendered = model.tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
             rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
@@ -467,7 +510,8 @@ def test_a_checkpoint_encoders_log_mel_and_window_are_whispers_own(hf_checkpoint
 
     audio = torch.from_numpy(np.random.default_rng(0).standard_normal(40000).astype(np.float32) * 0.1)
     features = WhisperFeatureExtractor.from_pretrained(hf_checkpoints["audio"])(
-        audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+        audio.numpy(), sampling_rate=16000, return_tensors="pt"
+    ).input_features
     padded = torch.nn.functional.pad(audio[None], (0, 480000 - audio.shape[0]))
     assert torch.allclose(real_format.log_mel(padded), features, atol=1e-5)
     encoder = WhisperEncoder.from_pretrained(hf_checkpoints["audio"], dtype=torch.float32).eval()
@@ -494,8 +538,13 @@ def test_a_bf16_model_keeps_fp32_buffers_and_runs_every_modality(real_format, cl
     assert all(np.isfinite(s).all() and len(set(s)) == 3 for s in scores)
     hidden = model.forward(model.prompts.batch(all_modalities(), video, audio, duration)).hidden
     assert hidden.dtype == torch.bfloat16 and model.logits(hidden[:, -1]).dtype == torch.float32
-    answers = model.generate([PromptItem(m, QUESTION, None, i) for i, m in enumerate(["visual", "audio", "audio_visual"])],
-                             video, audio, duration, max_new_tokens=3)
+    answers = model.generate(
+        [PromptItem(m, QUESTION, None, i) for i, m in enumerate(["visual", "audio", "audio_visual"])],
+        video,
+        audio,
+        duration,
+        max_new_tokens=3,
+    )
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
 
 
@@ -512,8 +561,9 @@ def test_whisper_weights_are_read_once_from_the_index(hf_checkpoints, tmp_path):
     state = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").rename(folder / "model.fp32-00001-of-00001.safetensors")
     save_file({k: torch.zeros_like(v) for k, v in state.items()}, str(folder / "stale.safetensors"))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: "model.fp32-00001-of-00001.safetensors" for k in state}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "model.fp32-00001-of-00001.safetensors" for k in state}})
+    )
     assert weight_files(folder, "x") == [folder / "model.fp32-00001-of-00001.safetensors"]
     encoder = load_whisper_encoder(folder, "sdpa", torch.float32)
     assert torch.equal(encoder.conv1.weight, state["model.encoder.conv1.weight"].float())
@@ -527,10 +577,16 @@ def test_stage1_without_captions_distils_the_teachers_own_answer(model, clips):
 
     video, audio, duration = clips
     metas = [{}, {"caption": "A calm blue circle."}, {"caption": "   "}]
-    batch = Batch(keys=["a", "b", "c"], video=video, audio=audio, audio_len=[48000] * CLIPS, duration=duration,
-                  meta=metas, has_audio=[True] * CLIPS)
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage1.questions=false", "stage1.teacher_response_tokens=6"],
-                      stage=1)
+    batch = Batch(
+        keys=["a", "b", "c"],
+        video=video,
+        audio=audio,
+        audio_len=[48000] * CLIPS,
+        duration=duration,
+        meta=metas,
+        has_audio=[True] * CLIPS,
+    )
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage1.questions=false", "stage1.teacher_response_tokens=6"], stage=1)
     objective = AlignObjective(cfg)
     assert objective.decode_spec().need_fields == ()
     step = objective.prepare(model, batch, np.random.default_rng(0))

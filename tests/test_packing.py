@@ -87,8 +87,11 @@ def test_packed_forward_equals_unpacked(model, clips):
         with torch.enable_grad():
             hidden = model(inputs).hidden
             hidden[inputs.pred_mask].square().sum().backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()
-                 if p.grad is not None and name.startswith(("projector.", "enhancer.", "vlm.model.visual.merger"))}
+        grads = {
+            name: p.grad.clone()
+            for name, p in model.named_parameters()
+            if p.grad is not None and name.startswith(("projector.", "enhancer.", "vlm.model.visual.merger"))
+        }
         results[packed] = hidden.detach()[valid], grads
     model.pack_prefixes = True
     (plain, plain_grads), (packed, packed_grads) = results[False], results[True]

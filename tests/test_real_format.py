@@ -18,37 +18,91 @@ PRESET = str(ROOT / "configs/qwen2.5-vl-7b.yaml")
 
 
 def test_the_7b_preset_runs_end_to_end_on_hub_layout_checkpoints_in_bf16(small_world, hf_checkpoints, tmp_path):
-    sizes = [f"model.vlm={hf_checkpoints['vlm']}", f"model.audio_encoder={hf_checkpoints['audio']}",
-             f"data.train_shards={small_world}/train/*.tar", f"data.val_shards={small_world}/val/*.tar",
-             f"data.bench_dir={small_world}/bench", "data.num_frames=4", "data.frame_height=56",
-             "data.frame_width=56", "data.batch_size=2", "data.loader_workers=1", "data.shuffle_buffer=8",
-             "scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
-             "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=2", "train.val_batches=1",
-             "train.report_every=1", "train.warmup_steps=1", "model.dtype=bfloat16"]
+    sizes = [
+        f"model.vlm={hf_checkpoints['vlm']}",
+        f"model.audio_encoder={hf_checkpoints['audio']}",
+        f"data.train_shards={small_world}/train/*.tar",
+        f"data.val_shards={small_world}/val/*.tar",
+        f"data.bench_dir={small_world}/bench",
+        "data.num_frames=4",
+        "data.frame_height=56",
+        "data.frame_width=56",
+        "data.batch_size=2",
+        "data.loader_workers=1",
+        "data.shuffle_buffer=8",
+        "scaling.num_workers=2",
+        "scaling.use_gpu=false",
+        "scaling.cpus_per_worker=1",
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        "train.val_every=2",
+        "train.val_batches=1",
+        "train.report_every=1",
+        "train.warmup_steps=1",
+        "model.dtype=bfloat16",
+    ]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     ok(run([sys.executable, str(ROOT / "jobs/stage1.py"), "--config", PRESET, "--out", str(stage1), *sizes], timeout=900))
-    ok(run([sys.executable, str(ROOT / "jobs/stage2.py"), "--config", PRESET, "--out", str(stage2), *sizes,
-            f"model.init_from={stage1 / 'export'}"], timeout=900))
+    ok(
+        run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/stage2.py"),
+                "--config",
+                PRESET,
+                "--out",
+                str(stage2),
+                *sizes,
+                f"model.init_from={stage1 / 'export'}",
+            ],
+            timeout=900,
+        )
+    )
     for run_dir in (stage1, stage2):
-        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if "loss" in json.loads(line)]
+        losses = [
+            json.loads(line)["loss"]
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)
+        ]
         assert losses and all(math.isfinite(x) for x in losses), run_dir
         assert (run_dir / "checkpoints" / "step-00000002" / "meta.json").is_file()
     spec = json.loads((stage2 / "export" / "vaemo_config.json").read_text())
     assert spec["audio_window"] == "full" and spec["lora_merged"] and spec["enhancer"] and spec["supervisor"]
-    assert (stage2 / "export" / "tokenizer" / "chat_template.jinja").is_file() or \
-        "chat_template" in (stage2 / "export" / "tokenizer" / "tokenizer_config.json").read_text()
+    assert (stage2 / "export" / "tokenizer" / "chat_template.jinja").is_file() or "chat_template" in (
+        stage2 / "export" / "tokenizer" / "tokenizer_config.json"
+    ).read_text()
 
     out = tmp_path / "eval"
-    ok(run([sys.executable, str(ROOT / "jobs/eval.py"), "--config", PRESET, "--model", str(stage2 / "export"),
-            "--bench", str(small_world / "bench"), "--out", str(out), "--actors", "2", "--max-items", "24",
-            "--dtype", "bf16"], timeout=600))
+    ok(
+        run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/eval.py"),
+                "--config",
+                PRESET,
+                "--model",
+                str(stage2 / "export"),
+                "--bench",
+                str(small_world / "bench"),
+                "--out",
+                str(out),
+                "--actors",
+                "2",
+                "--max-items",
+                "24",
+                "--dtype",
+                "bf16",
+            ],
+            timeout=600,
+        )
+    )
     report = json.loads((out / "results.json").read_text())
     assert report["skipped"] == 0 and {"audio", "visual", "audio_visual"} <= set(report["accuracy"])
 
     clip = bench_clip(small_world, 1)
-    result = cli("ask", "--model", str(stage2 / "export"), "--clip", str(clip), "--dtype", "bf16",
-                 "--max-new-tokens", "4", "--json")
+    result = cli(
+        "ask", "--model", str(stage2 / "export"), "--clip", str(clip), "--dtype", "bf16", "--max-new-tokens", "4", "--json"
+    )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert isinstance(answer["answer"], str) and answer["valence"] is not None

@@ -46,9 +46,15 @@ def real_clips(tmp_path_factory) -> Path:
             cmd += ["-i", str(SPEECH / f"sense_and_sensibility_01_austen_64kb-{speech}.wav"), "-map", "0:v", "-map", "1:a"]
         cmd += ["-c:v", vcodec, "-c:a", acodec]
         if vcodec != "copy":
-            cmd += ["-pix_fmt", "yuv420p"] + (["-r", str(fps)] if fps else []) + \
-                   (["-b:v", "300k", "-deadline", "realtime", "-cpu-used", "8"] if vcodec == "libvpx-vp9"
-                    else ["-preset", "ultrafast"])
+            cmd += (
+                ["-pix_fmt", "yuv420p"]
+                + (["-r", str(fps)] if fps else [])
+                + (
+                    ["-b:v", "300k", "-deadline", "realtime", "-cpu-used", "8"]
+                    if vcodec == "libvpx-vp9"
+                    else ["-preset", "ultrafast"]
+                )
+            )
         if rate:
             cmd += ["-ar", str(rate), "-ac", str(channels)]
         subprocess.run(cmd + ["-shortest", str(target)], check=True, capture_output=True)
@@ -60,26 +66,65 @@ def test_real_clips_pack_train_stage1_on_the_7b_path_and_answer(real_clips, hf_c
     packed = cli("data", "pack", str(real_clips), "--out", str(shards), "--val-fraction", "0.34")
     assert packed.returncode == 0, packed.stderr
     assert len(list(shards.glob("train-*.tar"))) == 2 and len(list(shards.glob("val-*.tar"))) == 2
-    inspected = cli("data", "inspect", str(shards / "*.tar"), "--json", "--stage", "1", "--config",
-                    str(ROOT / "configs/qwen2.5-vl-7b.yaml"))
+    inspected = cli(
+        "data", "inspect", str(shards / "*.tar"), "--json", "--stage", "1", "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml")
+    )
     report = json.loads(inspected.stdout.strip().splitlines()[-1])
     assert report["ok"] == len(CLIPS) and report["stage"]["usable"] == len(CLIPS), report
 
     run_dir = tmp_path / "stage1"
-    ok(run([sys.executable, str(ROOT / "jobs/stage1.py"), "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml"),
-            "--out", str(run_dir), f"model.vlm={hf_checkpoints['vlm']}", f"model.audio_encoder={hf_checkpoints['audio']}",
-            f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar",  # the preset's names
-            "data.num_frames=4", "data.frame_height=56", "data.frame_width=84", "data.batch_size=2",
-            "data.loader_workers=1", "data.shuffle_buffer=2", "scaling.num_workers=2", "scaling.use_gpu=false",
-            "scaling.cpus_per_worker=1", "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=2",
-            "train.val_batches=1", "train.report_every=1", "train.warmup_steps=1", "model.dtype=bfloat16",
-            "stage1.teacher_response_tokens=6"], timeout=900))
+    ok(
+        run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/stage1.py"),
+                "--config",
+                str(ROOT / "configs/qwen2.5-vl-7b.yaml"),
+                "--out",
+                str(run_dir),
+                f"model.vlm={hf_checkpoints['vlm']}",
+                f"model.audio_encoder={hf_checkpoints['audio']}",
+                f"data.train_shards={shards}/train-*.tar",
+                f"data.val_shards={shards}/val-*.tar",  # the preset's names
+                "data.num_frames=4",
+                "data.frame_height=56",
+                "data.frame_width=84",
+                "data.batch_size=2",
+                "data.loader_workers=1",
+                "data.shuffle_buffer=2",
+                "scaling.num_workers=2",
+                "scaling.use_gpu=false",
+                "scaling.cpus_per_worker=1",
+                "train.max_steps=2",
+                "train.checkpoint_every=2",
+                "train.val_every=2",
+                "train.val_batches=1",
+                "train.report_every=1",
+                "train.warmup_steps=1",
+                "model.dtype=bfloat16",
+                "stage1.teacher_response_tokens=6",
+            ],
+            timeout=900,
+        )
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and records[-1]["kd"] > 0 and "val_loss" in records[-1]
     assert not any(k.startswith("skip/") for k in records[-1]), records[-1]
 
     clip = next(real_clips.rglob("*.webm"))
-    answer = cli("ask", "--model", str(run_dir / "export"), "--clip", str(clip), "--modality", "audio",
-                 "--dtype", "bf16", "--max-new-tokens", "4", "--json")
+    answer = cli(
+        "ask",
+        "--model",
+        str(run_dir / "export"),
+        "--clip",
+        str(clip),
+        "--modality",
+        "audio",
+        "--dtype",
+        "bf16",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert isinstance(json.loads(answer.stdout.strip().splitlines()[-1])["answer"], str)

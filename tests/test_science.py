@@ -11,18 +11,29 @@ from vaemo.science import Spread, aggregate, targets, write_report
 
 
 def report(audio: float, visual: float, av: float, deaf: float = 0.25, donor: float = 0.9) -> dict:
-    accuracy = {"audio": {"content": audio, "emotion": audio, "all": audio},
-                "visual": {"content": visual, "emotion": visual, "all": visual},
-                "audio_visual": {"content": av, "emotion": av, "all": av}}
-    return {"accuracy": accuracy, "deaf_check": {"accuracy": deaf, "items": 10, "donor_accuracy": donor},
-            "always_option": {m: {t: {"best": 0.3, "per_option": [0.3, 0.2, 0.25, 0.25]} for t in ("content", "emotion")}
-                              for m in accuracy}}
+    accuracy = {
+        "audio": {"content": audio, "emotion": audio, "all": audio},
+        "visual": {"content": visual, "emotion": visual, "all": visual},
+        "audio_visual": {"content": av, "emotion": av, "all": av},
+    }
+    return {
+        "accuracy": accuracy,
+        "deaf_check": {"accuracy": deaf, "items": 10, "donor_accuracy": donor},
+        "always_option": {
+            m: {t: {"best": 0.3, "per_option": [0.3, 0.2, 0.25, 0.25]} for t in ("content", "emotion")} for m in accuracy
+        },
+    }
 
 
 def seeds(stage1_audio: list[float], stage2_audio: list[float]) -> dict[int, dict[str, dict]]:
-    return {seed: {"after stage 0": report(0.25, 0.95, 0.95), "after stage 1": report(a1, 0.95, 0.95, donor=a1),
-                   "after stage 2": report(a2, 0.95, 0.97, donor=a2)}
-            for seed, (a1, a2) in enumerate(zip(stage1_audio, stage2_audio))}
+    return {
+        seed: {
+            "after stage 0": report(0.25, 0.95, 0.95),
+            "after stage 1": report(a1, 0.95, 0.95, donor=a1),
+            "after stage 2": report(a2, 0.95, 0.97, donor=a2),
+        }
+        for seed, (a1, a2) in enumerate(zip(stage1_audio, stage2_audio))
+    }
 
 
 def test_a_spread_gives_the_mean_and_a_students_t_interval():
@@ -62,8 +73,11 @@ def test_the_demos_targets_fail_when_stage_2_does_nothing():
 
     stage1 = report(0.9, 0.95, 0.95, donor=0.9)
     stage1["counts"] = {"audio": {"content": 192, "emotion": 192}}
-    unchanged = {"after stage 0": {**report(0.25, 0.95, 0.95), "counts": stage1["counts"]}, "after stage 1": stage1,
-                 "after stage 2": stage1}
+    unchanged = {
+        "after stage 0": {**report(0.25, 0.95, 0.95), "counts": stage1["counts"]},
+        "after stage 1": stage1,
+        "after stage 2": stage1,
+    }
     checks = {t.claim: t.passed for t in demo_targets(unchanged)}
     assert not checks["after stage 2, audio arousal error (the Supervisor's) <= 0.3"]
     trained = {**unchanged, "after stage 2": {**stage1, "va": {"audio": {"valence_mae": 0.2, "arousal_mae": 0.2}}}}

@@ -31,12 +31,19 @@ def labelled_batch(cfg) -> Batch:
     d = cfg.data
     video = torch.randint(0, 256, (CLIPS, d.num_frames, 3, d.frame_height, d.frame_width), dtype=torch.uint8, generator=g)
     audio = torch.randn(CLIPS, int(d.audio_seconds * 16000), generator=g) * 0.1
-    metas = [{"caption": "A calm blue circle drifts.", "object": "circle", "emotion": "calm", "valence": 0.4,
-              "arousal": -0.5},
-             {"caption": "An angry red star spins.", "object": "star", "emotion": "anger", "valence": -0.6,
-              "arousal": 0.7}]
-    return Batch(keys=["a", "b"], video=video, audio=audio, audio_len=[audio.shape[1]] * CLIPS,
-                 duration=[2.5, 3.0], meta=metas, has_audio=[True] * CLIPS)
+    metas = [
+        {"caption": "A calm blue circle drifts.", "object": "circle", "emotion": "calm", "valence": 0.4, "arousal": -0.5},
+        {"caption": "An angry red star spins.", "object": "star", "emotion": "anger", "valence": -0.6, "arousal": 0.7},
+    ]
+    return Batch(
+        keys=["a", "b"],
+        video=video,
+        audio=audio,
+        audio_len=[audio.shape[1]] * CLIPS,
+        duration=[2.5, 3.0],
+        meta=metas,
+        has_audio=[True] * CLIPS,
+    )
 
 
 def first_loss(stage: int, overrides: tuple[str, ...] = ()) -> tuple[float, list[str]]:
@@ -108,8 +115,7 @@ def train_in_process(stage: int, steps: int, resume_after: int | None = None) ->
     loss -> backward -> clipped AdamW at the scheduled learning rate), in one process. `resume_after`: after
     that step, save the trainable weights, the heads, the optimizer and the RNGs, build everything afresh,
     load them and go on, as a resumed run does."""
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage0.vision_warmup_steps=1", f"train.max_steps={steps}"],
-                      stage=stage)
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage0.vision_warmup_steps=1", f"train.max_steps={steps}"], stage=stage)
 
     def build():
         objective = objective_for(cfg)
@@ -134,8 +140,9 @@ def train_in_process(stage: int, steps: int, resume_after: int | None = None) ->
         losses.append(float(loss.detach()))
         if step == resume_after:
             saved = io.BytesIO()
-            trained = {n: p for n, p in module.state_dict().items() if n in {m for m, q in module.named_parameters()
-                                                                             if q.requires_grad}}
+            trained = {
+                n: p for n, p in module.state_dict().items() if n in {m for m, q in module.named_parameters() if q.requires_grad}
+            }
             torch.save({"weights": trained, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, saved)
             saved.seek(0)
             state = torch.load(saved)
@@ -147,9 +154,11 @@ def train_in_process(stage: int, steps: int, resume_after: int | None = None) ->
 
 
 # Each stage's first three losses in process (`train_in_process`), measured on this machine.
-GOLDEN_STEPS = {0: [2.8045401573181152, 9.168323516845703, 8.843714714050293],
-                1: [0.03563328832387924, 0.025061799213290215, 0.01480062399059534],
-                2: [7.648784637451172, 7.63045597076416, 7.495543956756592]}
+GOLDEN_STEPS = {
+    0: [2.8045401573181152, 9.168323516845703, 8.843714714050293],
+    1: [0.03563328832387924, 0.025061799213290215, 0.01480062399059534],
+    2: [7.648784637451172, 7.63045597076416, 7.495543956756592],
+}
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
@@ -165,9 +174,12 @@ def test_the_first_steps_losses_are_pinned_and_a_resume_repeats_them(stage):
 # normalisation (synchronize -> normalised) has to get right. Prompts are fixed (one description prompt, no
 # questions) so that both layouts ask the same.
 LAYOUT_OVERRIDES = ["stage1.questions=false", "stage1.responses=caption", 'prompts.describe=["Describe this artwork."]']
-CAPTIONS = ["A calm blue circle drifts slowly across a dark cool field while soft minor notes fade.",
-            "An angry red star.", "A joyful bright yellow square bounces quickly to major notes.",
-            "A sad triangle."]
+CAPTIONS = [
+    "A calm blue circle drifts slowly across a dark cool field while soft minor notes fade.",
+    "An angry red star.",
+    "A joyful bright yellow square bounces quickly to major notes.",
+    "A sad triangle.",
+]
 
 
 def four_clips(cfg, picks: list[int]) -> Batch:
@@ -175,9 +187,15 @@ def four_clips(cfg, picks: list[int]) -> Batch:
     d = cfg.data
     video = torch.randint(0, 256, (4, d.num_frames, 3, d.frame_height, d.frame_width), dtype=torch.uint8, generator=g)
     audio = torch.randn(4, int(d.audio_seconds * 16000), generator=g) * 0.1
-    return Batch(keys=[f"clip{i}" for i in picks], video=video[picks], audio=audio[picks],
-                 audio_len=[audio.shape[1]] * len(picks), duration=[2.5] * len(picks),
-                 meta=[{"caption": CAPTIONS[i]} for i in picks], has_audio=[True] * len(picks))
+    return Batch(
+        keys=[f"clip{i}" for i in picks],
+        video=video[picks],
+        audio=audio[picks],
+        audio_len=[audio.shape[1]] * len(picks),
+        duration=[2.5] * len(picks),
+        meta=[{"caption": CAPTIONS[i]} for i in picks],
+        has_audio=[True] * len(picks),
+    )
 
 
 def layout_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
@@ -189,8 +207,9 @@ def layout_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
     objective = objective_for(cfg)
     module = StageModule(build_stage_model(cfg, objective).model, None, objective)
     per_rank = 4 // world_size
-    inputs = objective.prepare(module.model, four_clips(cfg, list(range(rank * per_rank, (rank + 1) * per_rank))),
-                            np.random.default_rng(0))
+    inputs = objective.prepare(
+        module.model, four_clips(cfg, list(range(rank * per_rank, (rank + 1) * per_rank))), np.random.default_rng(0)
+    )
     inputs.step = 1
     synchronize(inputs, world_size, objective.chunk)
     loss = module(inputs)
@@ -208,8 +227,9 @@ def run_layout(world_size: int, tmp_path) -> dict:
     import torch.multiprocessing as mp
 
     out = tmp_path / f"layout{world_size}.pt"
-    mp.start_processes(layout_rank, args=(world_size, str(tmp_path / f"init{world_size}"), str(out)), nprocs=world_size,
-                       start_method="spawn")
+    mp.start_processes(
+        layout_rank, args=(world_size, str(tmp_path / f"init{world_size}"), str(out)), nprocs=world_size, start_method="spawn"
+    )
     return torch.load(out)
 
 

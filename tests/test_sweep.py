@@ -28,16 +28,33 @@ def repository_view(tmp_path, small_world, export):
     return view
 
 
-def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accepts(small_world, stage0_export,
-                                                                                  tmp_path):
+def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accepts(small_world, stage0_export, tmp_path):
     """Relative paths (the preset's runs/data/..., model.init_from) resolve where the command runs, not in
     each trial's Tune working directory."""
     view = repository_view(tmp_path, small_world, stage0_export)
     quick = ["data.batch_size=4", "train.max_steps=4", "train.val_batches=1"]
-    ok(subprocess.run([sys.executable, "jobs/sweep.py", "--config", "configs/tiny.yaml", "--space",
-                       "sweeps/emoadapter.yaml", "--out", "runs/sweep", "--trials", "2",
-                       "model.init_from=runs/demo/stage1/export", *quick],
-                      cwd=view, capture_output=True, text=True, timeout=900))
+    ok(
+        subprocess.run(
+            [
+                sys.executable,
+                "jobs/sweep.py",
+                "--config",
+                "configs/tiny.yaml",
+                "--space",
+                "sweeps/emoadapter.yaml",
+                "--out",
+                "runs/sweep",
+                "--trials",
+                "2",
+                "model.init_from=runs/demo/stage1/export",
+                *quick,
+            ],
+            cwd=view,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    )
     out = view / "runs" / "sweep"
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 2
@@ -56,16 +73,44 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
     assert best.data.train_shards == str(view / "runs/data/train/*.tar")
     top = max(rows, key=lambda r: float(r["val_objective"]))
     assert best.train.lr == pytest.approx(float(top["train.lr"]))
-    ok(run([sys.executable, str(ROOT / "jobs/stage2.py"), "--config", str(out / "best.yaml"), "--out",
-            str(tmp_path / "with-best"), "train.max_steps=2", "train.val_batches=0"]))
+    ok(
+        run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/stage2.py"),
+                "--config",
+                str(out / "best.yaml"),
+                "--out",
+                str(tmp_path / "with-best"),
+                "train.max_steps=2",
+                "train.val_batches=0",
+            ]
+        )
+    )
 
 
 def test_a_sweep_whose_trials_fail_prints_their_own_error(small_world, stage0_export, tmp_path):
     view = repository_view(tmp_path, small_world, stage0_export)
-    result = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "configs/tiny.yaml", "--space",
-                             "sweeps/emoadapter.yaml", "--out", "runs/sweep", "--trials", "1",
-                             "model.init_from=runs/demo/stage1/export", "data.train_shards=runs/nowhere/*.tar"],
-                            cwd=view, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "jobs/sweep.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--space",
+            "sweeps/emoadapter.yaml",
+            "--out",
+            "runs/sweep",
+            "--trials",
+            "1",
+            "model.init_from=runs/demo/stage1/export",
+            "data.train_shards=runs/nowhere/*.tar",
+        ],
+        cwd=view,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "match no file" in errors[0], errors

@@ -30,8 +30,9 @@ GRID = [(obj, emo) for obj in vocab.OBJECTS for emo in vocab.EMOTIONS]
 
 def decoded(obj: str, emo: str, ranges: synth.Ranges, index: int = 0):
     """Render + encode + decode one clip with given labels; returns (frames THWC uint8, audio, meta)."""
-    media, meta = synth.render_clip(11, "train", 1000 * vocab.OBJECTS.index(obj) + 10 * index
-                                    + vocab.EMOTIONS.index(emo), ranges, obj=obj, emotion=emo)
+    media, meta = synth.render_clip(
+        11, "train", 1000 * vocab.OBJECTS.index(obj) + 10 * index + vocab.EMOTIONS.index(emo), ranges, obj=obj, emotion=emo
+    )
     clip = synth.encode_clips([media])[0]
     video = VideoDecoder(clip).get_frames_in_range(0, len(media.frames)).data.permute(0, 2, 3, 1).numpy()
     sound = AudioDecoder(clip, sample_rate=SR, num_channels=1).get_all_samples().data[0].numpy()
@@ -83,7 +84,7 @@ def test_objects_move_faster_with_higher_arousal():
         spec.directions = [0.0]  # to the right, from the centre: no reflection in the first frames
         frames = synth.render_frames(spec)
         background = frames[0, :, 0]  # column 0 is pure background at the start
-        moved = (np.abs(frames[:3].astype(int) - background[None, :, None, :].astype(int)).sum(-1) > 30)
+        moved = np.abs(frames[:3].astype(int) - background[None, :, None, :].astype(int)).sum(-1) > 30
         centres = [np.nonzero(m.any(0))[0].mean() for m in moved]
         speed = (centres[1] - centres[0]) * spec.fps / spec.short_side
         assert abs(speed - (0.1 + 0.9 * spec.arousal01)) < 0.03, (emo, speed)
@@ -176,8 +177,9 @@ def test_synthesize_writes_splits_and_a_balanced_benchmark(small_world):
     assert len(list((small_world / "val").glob("*.tar"))) == 2
     items = [json.loads(line) for line in (small_world / "bench" / "items.jsonl").read_text().splitlines()]
     assert len(items) == 16 * 6
-    assert {(i["modality"], i["task"]) for i in items} == {(m, t) for m in ("audio", "visual", "audio_visual")
-                                                           for t in ("content", "emotion")}
+    assert {(i["modality"], i["task"]) for i in items} == {
+        (m, t) for m in ("audio", "visual", "audio_visual") for t in ("content", "emotion")
+    }
     emotions = [i["options"][i["answer"]] for i in items if i["task"] == "emotion"]
     assert {e: emotions.count(e) for e in vocab.EMOTIONS} == {e: 12 for e in vocab.EMOTIONS}
     answers = [i["answer"] for i in items]
@@ -210,9 +212,24 @@ def test_the_val_split_becomes_a_bench_to_choose_settings_on(small_world, tmp_pa
 def test_vaemo_data_synth_writes_a_world_at_other_settings_inside_the_spec(tmp_path):
     from conftest import cli
 
-    result = cli("data", "synth", "--out", str(tmp_path / "w"), "--clips", "4", "--val-clips", "2", "--bench-clips", "2",
-                 "--workers", "1", "synth.fps=[24,24]", "synth.formats=[mkv]", "synth.min_duration=4",
-                 "synth.sample_rates=[22050]")
+    result = cli(
+        "data",
+        "synth",
+        "--out",
+        str(tmp_path / "w"),
+        "--clips",
+        "4",
+        "--val-clips",
+        "2",
+        "--bench-clips",
+        "2",
+        "--workers",
+        "1",
+        "synth.fps=[24,24]",
+        "synth.formats=[mkv]",
+        "synth.min_duration=4",
+        "synth.sample_rates=[22050]",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "w/bench/media/clip-00001.json").read_text())["synth"]
     assert (meta["fps"], meta["container"], meta["sample_rate"]) == (24, "mkv", 22050) and meta["duration"] >= 4

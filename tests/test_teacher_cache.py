@@ -27,9 +27,17 @@ TOPK = 8
 
 
 def tiny_stage1(world: Path, *overrides: str):
-    return load_config(ROOT / "configs/tiny.yaml", [f"data.train_shards={world}/train/*.tar",
-                                                      f"data.val_shards={world}/val/*.tar", "data.batch_size=4",
-                                                      f"stage1.topk={TOPK}", *overrides], stage=1)
+    return load_config(
+        ROOT / "configs/tiny.yaml",
+        [
+            f"data.train_shards={world}/train/*.tar",
+            f"data.val_shards={world}/val/*.tar",
+            "data.batch_size=4",
+            f"stage1.topk={TOPK}",
+            *overrides,
+        ],
+        stage=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +111,33 @@ def test_stage1_trains_from_a_cache_written_by_the_actor_pool(small_world, stage
     from vaemo.model import VAEmotionLLM
 
     cache = tmp_path / "cache"
-    common = [f"model.init_from={stage0_export}", f"data.train_shards={small_world}/train/*.tar",
-              f"data.val_shards={small_world}/val/*.tar", "data.batch_size=4", f"stage1.topk={TOPK}"]
-    ok(run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-            "--out", str(cache), "--actors", "2", *common]))
+    common = [
+        f"model.init_from={stage0_export}",
+        f"data.train_shards={small_world}/train/*.tar",
+        f"data.val_shards={small_world}/val/*.tar",
+        "data.batch_size=4",
+        f"stage1.topk={TOPK}",
+    ]
+    ok(
+        run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/teacher_cache.py"),
+                "--config",
+                str(ROOT / "configs/tiny.yaml"),
+                "--out",
+                str(cache),
+                "--actors",
+                "2",
+                *common,
+            ]
+        )
+    )
     manifest = json.loads((cache / MANIFEST).read_text())
     assert manifest["cached"] == 48 + 16  # every train and val clip
 
     out = tmp_path / "stage1"
-    ok(run(stage_cmd(1, out, small_world, *common, "stage1.teacher.mode=cache",
-                     f"stage1.teacher.cache_dir={cache}")))
+    ok(run(stage_cmd(1, out, small_world, *common, "stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}")))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 4 and all(np.isfinite(r["loss"]) for r in records)
     assert "val_loss" in records[-1]

@@ -57,8 +57,18 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     run2 = tmp_path / "stage2"
     ok(run(stage_cmd(2, run2, small_world, f"model.init_from={run1 / 'export'}", "model.lora.rank=2")))
     last = metrics(run2)[-1]
-    for key in ("lm", "kd", "va", "cat", "val_emotion_acc", "val_emotion_audio_acc", "val_emotion_visual_acc",
-                "val_content_acc", "val_content_audio_acc", "val_objective"):
+    for key in (
+        "lm",
+        "kd",
+        "va",
+        "cat",
+        "val_emotion_acc",
+        "val_emotion_audio_acc",
+        "val_emotion_visual_acc",
+        "val_content_acc",
+        "val_content_audio_acc",
+        "val_objective",
+    ):
         assert key in last, key
     model = VAEmotionLLM.from_pretrained(run2 / "export")
     assert model.enhancer is not None and model.supervisor is not None
@@ -78,8 +88,13 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
 
 def test_resume_is_exact(small_world, stage0_export, tmp_path):
     """6 steps straight == 3 steps, then --resume-from, then 3 more: same losses, same final weights."""
-    common = [f"model.init_from={stage0_export}", "train.max_steps=6", "train.checkpoint_every=3", "train.val_batches=0",
-              "data.loader_workers=2"]
+    common = [
+        f"model.init_from={stage0_export}",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        "train.val_batches=0",
+        "data.loader_workers=2",
+    ]
     ok(run(stage_cmd(1, tmp_path / "straight", small_world, *common)))
     ok(run(stage_cmd(1, tmp_path / "first", small_world, *common, "train.stop_after=3")))
     ok(run(stage_cmd(1, tmp_path / "second", small_world, *common) + ["--resume-from", str(tmp_path / "first")]))
@@ -104,8 +119,12 @@ def test_a_checkpoint_missing_one_optimizer_shard_is_torn(small_world, stage0_ex
     assert missing_parts(last) == ["ds/ optimizer shard of rank 1"]
     assert find_checkpoint(out) == previous
     resumed = tmp_path / "resumed"
-    ok(run(stage_cmd(1, resumed, small_world, f"model.init_from={stage0_export}", "train.max_steps=5",
-                     "train.val_batches=0") + ["--resume-from", str(out)]))
+    ok(
+        run(
+            stage_cmd(1, resumed, small_world, f"model.init_from={stage0_export}", "train.max_steps=5", "train.val_batches=0")
+            + ["--resume-from", str(out)]
+        )
+    )
     assert [r["step"] for r in metrics(resumed)] == [3, 4, 5]
 
 
@@ -153,8 +172,15 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(small_world, stag
     is saved): the stage fails in one line, the checkpoints saved before stay complete, and a resume from
     the run continues from the newest of them."""
     crashed = tmp_path / "crashed"
-    cmd = stage_cmd(1, crashed, small_world, f"model.init_from={stage0_export}", "train.max_steps=8",
-                    "scaling.max_failures=0", "train.val_batches=0")
+    cmd = stage_cmd(
+        1,
+        crashed,
+        small_world,
+        f"model.init_from={stage0_export}",
+        "train.max_steps=8",
+        "scaling.max_failures=0",
+        "train.val_batches=0",
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     checkpoints = crashed / "checkpoints"
     try:
@@ -173,16 +199,29 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(small_world, stag
     assert saved and all(not missing_parts(p) for p in saved)
     assert find_checkpoint(crashed) == saved[-1]
     resumed = tmp_path / "resumed"
-    ok(run(stage_cmd(1, resumed, small_world, f"model.init_from={stage0_export}", "train.max_steps=8",
-                     "train.val_batches=0") + ["--resume-from", str(crashed)]))
+    ok(
+        run(
+            stage_cmd(1, resumed, small_world, f"model.init_from={stage0_export}", "train.max_steps=8", "train.val_batches=0")
+            + ["--resume-from", str(crashed)]
+        )
+    )
     first = json.loads((saved[-1] / "meta.json").read_text())["step"] + 1
     assert [r["step"] for r in metrics(resumed)] == list(range(first, 9))
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_export, tmp_path):
     out = tmp_path / "killed"
-    cmd = stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", "train.max_steps=60",
-                    "train.checkpoint_every=5", "train.report_every=1", "train.val_batches=0", "scaling.max_failures=2")
+    cmd = stage_cmd(
+        1,
+        out,
+        small_world,
+        f"model.init_from={stage0_export}",
+        "train.max_steps=60",
+        "train.checkpoint_every=5",
+        "train.report_every=1",
+        "train.val_batches=0",
+        "scaling.max_failures=2",
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
     def reported_past_checkpoint() -> bool:  # steps 6, 7 reported, checkpoint 5 saved: a restart must redo them
@@ -221,15 +260,29 @@ def test_zero3_ranks_stay_in_step_when_one_ranks_batch_lacks_audio(stage0_export
     for split in ("train", "val"):
         (world / split).mkdir(parents=True)
         for shard in range(2):  # rank 0 reads shard 0 (with soundtracks), rank 1 shard 1 (silent films)
-            rendered = [render_clip(5, "train", 100 * shard + i + (1000 if split == "val" else 0),
-                                    Ranges.corner(duration=(2.0, 2.5))) for i in range(6)]
+            rendered = [
+                render_clip(5, "train", 100 * shard + i + (1000 if split == "val" else 0), Ranges.corner(duration=(2.0, 2.5)))
+                for i in range(6)
+            ]
             clips = encode_clips([replace(media, audio=media.audio if shard == 0 else None) for media, _ in rendered])
             with wds.TarWriter(str(world / split / f"{split}-{shard}.tar"), encoder=False) as sink:
                 for i, (clip, (_, meta)) in enumerate(zip(clips, rendered)):
                     sink.write({"__key__": f"s{shard}-{i}", "mp4": clip, "json": json.dumps(meta).encode()})
     out = tmp_path / "run"
-    ok(run(stage_cmd(2, out, world, f"model.init_from={stage0_export}", f"deepspeed.config={strict_zero3(tmp_path)}",
-                     "data.loader_workers=1", "train.max_steps=3"), timeout=300))
+    ok(
+        run(
+            stage_cmd(
+                2,
+                out,
+                world,
+                f"model.init_from={stage0_export}",
+                f"deepspeed.config={strict_zero3(tmp_path)}",
+                "data.loader_workers=1",
+                "train.max_steps=3",
+            ),
+            timeout=300,
+        )
+    )
     info = {r: json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert all(s.endswith("-0.tar") for s in info[0]["shards_read"])
     assert all(s.endswith("-1.tar") for s in info[1]["shards_read"])
@@ -243,32 +296,66 @@ def free_port() -> int:
 
 
 def ray_env() -> dict:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    return {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    }
 
 
 def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(PYTHON).parent / "ray"), *args], capture_output=True, text=True, env=ray_env(),
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [str(Path(PYTHON).parent / "ray"), *args], capture_output=True, text=True, env=ray_env(), timeout=timeout, cwd=ROOT
+    )
 
 
 def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_export, tmp_path):
     port, dashboard = free_port(), free_port()
-    started = ray_cli("start", "--head", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dashboard}",
-                      "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--disable-usage-stats")
+    started = ray_cli(
+        "start",
+        "--head",
+        "--num-cpus=2",
+        f"--port={port}",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+    )
     assert started.returncode == 0, started.stderr
     try:
         out = tmp_path / "job"
         cmd = stage_cmd(1, out, small_world, f"model.init_from={stage0_export}")
-        submitted = ray_cli("job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
-                            "--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}),
-                            "--", "python", *cmd[1:], timeout=600)
+        submitted = ray_cli(
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}),
+            "--",
+            "python",
+            *cmd[1:],
+            timeout=600,
+        )
         assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
         assert "succeeded" in submitted.stdout
         assert "stage1 step 4/4" in submitted.stdout  # progress lines come through the job's logs
         assert (out / "export" / "vaemo_config.json").is_file() and metrics(out)[-1]["step"] == 4
-        failing = ray_cli("job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
-                          "python", "jobs/stage1.py", "--out", str(tmp_path / "bad"), "data.train_shards=/nothing/*.tar")
+        failing = ray_cli(
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/stage1.py",
+            "--out",
+            str(tmp_path / "bad"),
+            "data.train_shards=/nothing/*.tar",
+        )
         assert failing.returncode != 0 and "match no file" in failing.stdout + failing.stderr
     finally:
         ray_cli("stop", "--force")
@@ -276,17 +363,37 @@ def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_expor
 
 def test_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
     port = free_port()
-    head = ray_cli("start", "--head", "--num-cpus=1", f"--port={port}", "--node-ip-address=127.0.0.1",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", "--disable-usage-stats")
+    head = ray_cli(
+        "start",
+        "--head",
+        "--num-cpus=1",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={free_port()}",
+        "--disable-usage-stats",
+    )
     assert head.returncode == 0, head.stderr
     try:
-        second = ray_cli("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                         "--disable-usage-stats")
+        second = ray_cli(
+            "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"
+        )
         assert second.returncode == 0, second.stderr
         out = tmp_path / "two-nodes"
-        ok(run(stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", "scaling.placement_strategy=STRICT_SPREAD",
-                         "train.val_batches=0", "data.loader_workers=2"),
-               env={**ray_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}))
+        ok(
+            run(
+                stage_cmd(
+                    1,
+                    out,
+                    small_world,
+                    f"model.init_from={stage0_export}",
+                    "scaling.placement_strategy=STRICT_SPREAD",
+                    "train.val_batches=0",
+                    "data.loader_workers=2",
+                ),
+                env={**ray_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"},
+            )
+        )
         info = [json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert info[0]["node_id"] != info[1]["node_id"]
         assert info[0]["shards_read"] and info[1]["shards_read"]
@@ -295,18 +402,22 @@ def test_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
         ray_cli("stop", "--force")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["scaling.cpus_per_worker=8"], "the Ray cluster has"),
-    (["data.train_shards=/nowhere/*.tar"], "match no file"),
-    (["model.init_from=/nowhere/export"], "model.init_from '/nowhere/export' is not a vaemo export"),
-    (["model.vlm=/nowhere/qwen"], "model.vlm '/nowhere/qwen' is not a checkpoint folder"),
-    (["deepspeed.config=/nowhere.json"], "deepspeed.config '/nowhere.json' does not exist"),
-    (["deepspeed.config=ACCUMULATE"], "gradient_accumulation_steps=2 is not supported"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["scaling.cpus_per_worker=8"], "the Ray cluster has"),
+        (["data.train_shards=/nowhere/*.tar"], "match no file"),
+        (["model.init_from=/nowhere/export"], "model.init_from '/nowhere/export' is not a vaemo export"),
+        (["model.vlm=/nowhere/qwen"], "model.vlm '/nowhere/qwen' is not a checkpoint folder"),
+        (["deepspeed.config=/nowhere.json"], "deepspeed.config '/nowhere.json' does not exist"),
+        (["deepspeed.config=ACCUMULATE"], "gradient_accumulation_steps=2 is not supported"),
+    ],
+)
 def test_preflight_errors_are_one_line_before_any_weight_loads(small_world, tmp_path, args, message):
     accumulate = tmp_path / "accumulate.json"
-    accumulate.write_text(json.dumps({**json.loads((ROOT / "ds_configs/zero3.json").read_text()),
-                                      "gradient_accumulation_steps": 2}))
+    accumulate.write_text(
+        json.dumps({**json.loads((ROOT / "ds_configs/zero3.json").read_text()), "gradient_accumulation_steps": 2})
+    )
     args = [a.replace("ACCUMULATE", str(accumulate)) for a in args]
     result = run(stage_cmd(1, tmp_path / "x", small_world, *args), timeout=180)
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
@@ -327,13 +438,36 @@ def test_relative_paths_reach_the_workers_and_actors(small_world, stage0_export,
     """Users type paths relative to where they run; Ray workers and actors run in other directories."""
     here = Path(os.path.commonpath([small_world, stage0_export, tmp_path]))
     rel = lambda path: os.path.relpath(path, here)  # noqa: E731
-    stage = [sys.executable, str(ROOT / "jobs/stage1.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--out",
-             rel(tmp_path / "run"), f"data.train_shards={rel(small_world)}/train/*.tar",
-             f"data.val_shards={rel(small_world)}/val/*.tar", f"model.init_from={rel(stage0_export)}",
-             "data.batch_size=4", "train.max_steps=2", "train.checkpoint_every=2", "train.val_batches=0"]
-    scoring = [sys.executable, str(ROOT / "jobs/eval.py"), "--model", rel(tmp_path / "run/export"), "--bench",
-               rel(small_world / "bench"), "--out", rel(tmp_path / "eval"), "--actors", "1", "--max-items", "4",
-               "--no-deaf-check"]
+    stage = [
+        sys.executable,
+        str(ROOT / "jobs/stage1.py"),
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--out",
+        rel(tmp_path / "run"),
+        f"data.train_shards={rel(small_world)}/train/*.tar",
+        f"data.val_shards={rel(small_world)}/val/*.tar",
+        f"model.init_from={rel(stage0_export)}",
+        "data.batch_size=4",
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        "train.val_batches=0",
+    ]
+    scoring = [
+        sys.executable,
+        str(ROOT / "jobs/eval.py"),
+        "--model",
+        rel(tmp_path / "run/export"),
+        "--bench",
+        rel(small_world / "bench"),
+        "--out",
+        rel(tmp_path / "eval"),
+        "--actors",
+        "1",
+        "--max-items",
+        "4",
+        "--no-deaf-check",
+    ]
     for cmd in (stage, scoring):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=here)
         assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])

@@ -28,9 +28,26 @@ def rewrite_shards(src: Path, dst: Path, keep_json: bool = False, strip_audio: b
                 if member.name.endswith(".json") and not keep_json:
                     continue
                 if not member.name.endswith(".json") and strip_audio:  # any container: the film alone, as mp4
-                    data = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", "pipe:0", "-an", "-c:v", "libx264",
-                                           "-f", "mp4", "-movflags", "frag_keyframe+empty_moov", "pipe:1"],
-                                          input=data, capture_output=True, check=True).stdout
+                    data = subprocess.run(
+                        [
+                            "ffmpeg",
+                            "-loglevel",
+                            "error",
+                            "-i",
+                            "pipe:0",
+                            "-an",
+                            "-c:v",
+                            "libx264",
+                            "-f",
+                            "mp4",
+                            "-movflags",
+                            "frag_keyframe+empty_moov",
+                            "pipe:1",
+                        ],
+                        input=data,
+                        capture_output=True,
+                        check=True,
+                    ).stdout
                     member.name = member.name.rsplit(".", 1)[0] + ".mp4"
                 info = tarfile.TarInfo(member.name)
                 info.size = len(data)
@@ -51,22 +68,23 @@ def test_a_stream_that_cannot_fill_a_batch_gives_up_with_the_counts(unlabeled):
     from vaemo.train.trainer import named_stream
 
     spec = DecodeSpec(num_frames=2, height=28, width=28, need_fields=("emotion",))
-    stream = TrainStream(expand_shards(str(unlabeled / "train" / "*.tar")), spec, 2, seed=0, shuffle_buffer=4,
-                         give_up_after=30)
+    stream = TrainStream(expand_shards(str(unlabeled / "train" / "*.tar")), spec, 2, seed=0, shuffle_buffer=4, give_up_after=30)
     with pytest.raises(NoUsableData) as err:
         next(named_stream(iter(make_loader(stream, 1)), "stage 2: data.train_shards"))
     assert NoUsableData.line_in(str(err.value)) == "stage 2: data.train_shards: 0 usable of 30 samples read: missing_field 30"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,world,expected", [
-    (0, "unlabeled", "stage 0: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
-    (2, "unlabeled", "stage 2: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
-    (1, "silent", "stage 1: data.train_shards: 0 usable of 48 samples read: no_audio_stream 48"),
-    (2, "unlabeled-val", "stage 2: data.val_shards: 0 usable of 16 samples read: missing_field 16"),
-])
-def test_each_stage_stops_with_one_line_on_data_it_cannot_use(small_world, unlabeled, tmp_path, stage, world,
-                                                             expected):
+@pytest.mark.parametrize(
+    "stage,world,expected",
+    [
+        (0, "unlabeled", "stage 0: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
+        (2, "unlabeled", "stage 2: data.train_shards: 0 usable of 48 samples read: missing_field 48"),
+        (1, "silent", "stage 1: data.train_shards: 0 usable of 48 samples read: no_audio_stream 48"),
+        (2, "unlabeled-val", "stage 2: data.val_shards: 0 usable of 16 samples read: missing_field 16"),
+    ],
+)
+def test_each_stage_stops_with_one_line_on_data_it_cannot_use(small_world, unlabeled, tmp_path, stage, world, expected):
     if world == "silent":
         shards = [f"data.train_shards={rewrite_shards(small_world / 'train', tmp_path / 'silent', True, True)}/*.tar"]
     elif world == "unlabeled":
@@ -82,9 +100,14 @@ def test_each_stage_stops_with_one_line_on_data_it_cannot_use(small_world, unlab
 @pytest.mark.slow
 def test_stage1_trains_on_clips_without_any_label_online_and_from_the_cache(unlabeled, stage0_export, tmp_path):
     """The teacher writes each response from the frames (stage1.responses=auto, no caption anywhere)."""
-    common = [f"model.init_from={stage0_export}", f"data.train_shards={unlabeled}/train/*.tar",
-              f"data.val_shards={unlabeled}/val/*.tar", "data.batch_size=4", "stage1.topk=8",
-              "stage1.teacher_response_tokens=8"]
+    common = [
+        f"model.init_from={stage0_export}",
+        f"data.train_shards={unlabeled}/train/*.tar",
+        f"data.val_shards={unlabeled}/val/*.tar",
+        "data.batch_size=4",
+        "stage1.topk=8",
+        "stage1.teacher_response_tokens=8",
+    ]
     online = tmp_path / "online"
     ok(run(stage_cmd(1, online, unlabeled, *common)))
     records = [json.loads(line) for line in (online / "metrics.jsonl").read_text().splitlines()]
@@ -92,8 +115,21 @@ def test_stage1_trains_on_clips_without_any_label_online_and_from_the_cache(unla
     assert not any(k.startswith("skip/") for k in records[-1])
 
     cache = tmp_path / "cache"
-    ok(run([sys.executable, str(ROOT / "jobs/teacher_cache.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-            "--out", str(cache), "--actors", "2", *common]))
+    ok(
+        run(
+            [
+                sys.executable,
+                str(ROOT / "jobs/teacher_cache.py"),
+                "--config",
+                str(ROOT / "configs/tiny.yaml"),
+                "--out",
+                str(cache),
+                "--actors",
+                "2",
+                *common,
+            ]
+        )
+    )
     manifest = json.loads((cache / "teacher-cache.json").read_text())
     assert manifest["cached"] == 48 + 16
     with tarfile.open(sorted(cache.glob("*.tar"))[0]) as tar:

@@ -51,16 +51,32 @@ def fingerprint_parts(cfg: Config) -> dict:
         model = {"tiny_vlm": asdict(m.tiny_vlm), "tiny_audio": asdict(m.tiny_audio), "seed": cfg.seed}
     else:
         model = {"vlm": folder_digest(m.vlm)}
-    prompts = {"template": hashlib.sha256(inspect.getsource(PromptBuilder).encode()).hexdigest(),
-               "system_prompt": m.system_prompt, "max_response_tokens": m.max_response_tokens,
-               "describe": list(cfg.prompts.describe), "questions": s.questions,
-               "sets": cfg.prompts.questions, "responses": s.responses,
-               "teacher_response_tokens": s.teacher_response_tokens}
-    frames = {"num_frames": d.num_frames, "frame_height": d.frame_height, "frame_width": d.frame_width,
-              "frame_sampling": d.frame_sampling, "pair_seconds": d.pair_seconds,
-              "frame_fit": d.frame_fit}
-    return {"version": FINGERPRINT_VERSION, "model": model, "prompts": prompts, "frames": frames, "topk": s.topk,
-            "temperature": s.temperature}
+    prompts = {
+        "template": hashlib.sha256(inspect.getsource(PromptBuilder).encode()).hexdigest(),
+        "system_prompt": m.system_prompt,
+        "max_response_tokens": m.max_response_tokens,
+        "describe": list(cfg.prompts.describe),
+        "questions": s.questions,
+        "sets": cfg.prompts.questions,
+        "responses": s.responses,
+        "teacher_response_tokens": s.teacher_response_tokens,
+    }
+    frames = {
+        "num_frames": d.num_frames,
+        "frame_height": d.frame_height,
+        "frame_width": d.frame_width,
+        "frame_sampling": d.frame_sampling,
+        "pair_seconds": d.pair_seconds,
+        "frame_fit": d.frame_fit,
+    }
+    return {
+        "version": FINGERPRINT_VERSION,
+        "model": model,
+        "prompts": prompts,
+        "frames": frames,
+        "topk": s.topk,
+        "temperature": s.temperature,
+    }
 
 
 def fingerprint(cfg: Config) -> tuple[str, dict]:
@@ -82,16 +98,22 @@ def check_cache(cfg: Config, shard_urls: list[str]) -> None:
     cache = Path(cfg.stage1.teacher.cache_dir)
     manifest_path = cache / MANIFEST
     if not manifest_path.is_file():
-        raise UserError(f"stage1.teacher.cache_dir '{cache}' holds no {MANIFEST}: write it with "
-                        f"`vaemo teacher-cache` (or jobs/teacher_cache.py) first")
+        raise UserError(
+            f"stage1.teacher.cache_dir '{cache}' holds no {MANIFEST}: write it with "
+            f"`vaemo teacher-cache` (or jobs/teacher_cache.py) first"
+        )
     manifest = json.loads(manifest_path.read_text())
     wanted, parts = fingerprint(cfg)
     if manifest.get("fingerprint") != wanted:
         old, new = _flat(manifest.get("parts", {})), _flat(parts)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise UserError(f"stale teacher cache '{cache}': made for another {', '.join(changed[:4]) or 'fingerprint'} "
-                        f"than this run uses; rebuild it with `vaemo teacher-cache`")
+        raise UserError(
+            f"stale teacher cache '{cache}': made for another {', '.join(changed[:4]) or 'fingerprint'} "
+            f"than this run uses; rebuild it with `vaemo teacher-cache`"
+        )
     missing = [u for u in shard_urls if not os.path.exists(cache_shard_for(u, str(cache)))]
     if missing:
-        raise UserError(f"teacher cache '{cache}' does not cover shard '{missing[0]}' ({len(missing)} missing); "
-                        f"run `vaemo teacher-cache` over it")
+        raise UserError(
+            f"teacher cache '{cache}' does not cover shard '{missing[0]}' ({len(missing)} missing); "
+            f"run `vaemo teacher-cache` over it"
+        )

@@ -1,10 +1,10 @@
 """The `vaemo` console script: the same operations as jobs/*.py, calling the same functions.
 
-    vaemo data synth --out runs/data --clips 2400
-    vaemo data synth --out runs/other --clips 192 synth.fps=[24,24] synth.formats=[mkv] synth.min_duration=5
-    vaemo data pack my_clips/ --out shards/ --manifest labels.jsonl
-    vaemo data inspect 'shards/*.tar' --json
-    vaemo config show --config configs/tiny.yaml --stage 1 train.max_steps=10
+vaemo data synth --out runs/data --clips 2400
+vaemo data synth --out runs/other --clips 192 synth.fps=[24,24] synth.formats=[mkv] synth.min_duration=5
+vaemo data pack my_clips/ --out shards/ --manifest labels.jsonl
+vaemo data inspect 'shards/*.tar' --json
+vaemo config show --config configs/tiny.yaml --stage 1 train.max_steps=10
 """
 
 from __future__ import annotations
@@ -31,16 +31,28 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a preset whose `synth` section gives sizes (optional)")
     p.add_argument("--shard-size", type=positive_int, default=None, help="clips per shard")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
-    p.add_argument("overrides", nargs="*", metavar="synth.FIELD=VALUE",
-                   help="other settings inside the spec, e.g. synth.fps=[24,24] synth.formats=[mkv]")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="synth.FIELD=VALUE",
+        help="other settings inside the spec, e.g. synth.fps=[24,24] synth.formats=[mkv]",
+    )
 
 
 def run_synth(args: argparse.Namespace) -> dict:
     from vaemo.config import load_config
     from vaemo.data.synth import write_world
 
-    return write_world(args.out, load_config(args.config, args.overrides).synth, args.seed, train=args.clips, val=args.val_clips,
-                       bench=args.bench_clips, shard_size=args.shard_size, workers=args.workers)
+    return write_world(
+        args.out,
+        load_config(args.config, args.overrides).synth,
+        args.seed,
+        train=args.clips,
+        val=args.val_clips,
+        bench=args.bench_clips,
+        shard_size=args.shard_size,
+        workers=args.workers,
+    )
 
 
 def run_pack(args: argparse.Namespace) -> None:
@@ -49,16 +61,21 @@ def run_pack(args: argparse.Namespace) -> None:
 
     r = pack(args.src, args.out, args.manifest, args.shard_size, args.val_fraction, args.workers)
     for split in ("train", "val"):
-        progress.log(f"{split}: {r.split_clips.get(split, 0)} clips in {r.shards.get(split, 0)} shard(s) "
-                     f"({args.out}/{split}-*.tar)")
+        progress.log(
+            f"{split}: {r.split_clips.get(split, 0)} clips in {r.shards.get(split, 0)} shard(s) ({args.out}/{split}-*.tar)"
+        )
     progress.log(f"packed {r.clips} clips ({r.labelled} labelled); ignored {r.ignored_files} non-clip file(s)")
     val_shards = r.shards.get("val", 0)
     if val_shards < args.workers:
-        progress.log(f"only {val_shards} validation shard(s): a run needs one per training worker; use "
-                     f"scaling.num_workers<={max(val_shards, 1)}, or train.val_batches=0, or more clips in val")
-    for what, names in (("without an audio stream (stage 1 and 2 skip them)", r.without_audio),
-                        ("without a video stream (every stage skips them)", r.without_video),
-                        ("that FFmpeg cannot open (skipped)", r.unreadable)):
+        progress.log(
+            f"only {val_shards} validation shard(s): a run needs one per training worker; use "
+            f"scaling.num_workers<={max(val_shards, 1)}, or train.val_batches=0, or more clips in val"
+        )
+    for what, names in (
+        ("without an audio stream (stage 1 and 2 skip them)", r.without_audio),
+        ("without a video stream (every stage skips them)", r.without_video),
+        ("that FFmpeg cannot open (skipped)", r.unreadable),
+    ):
         if names:
             progress.log(f"{len(names)} clip(s) {what}, e.g. {names[0]}")
     if r.unmatched_manifest:
@@ -103,8 +120,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         for reason in sorted(set(report["skipped"]) | set(report.get("stage", {}).get("skipped", {}))):
             console.print(f"  {reason}: {SKIP_REASONS[reason]}")
     if args.json:
-        summary = {"samples": report["samples"], "ok": report["ok"], "skipped": report["skipped"],
-                   "modalities": report["modalities"], "shards": report["shards"]}
+        summary = {
+            "samples": report["samples"],
+            "ok": report["ok"],
+            "skipped": report["skipped"],
+            "modalities": report["modalities"],
+            "shards": report["shards"],
+        }
         if "stage" in report:
             summary["stage"] = {"stage": args.stage, **report["stage"]}
         print(json.dumps(summary))
@@ -137,19 +159,32 @@ def build_parser() -> ArgParser:
     p = data_cmds.add_parser("pack", help="pack a folder of clips (+ labels) into webdataset shards")
     p.add_argument("src", help="folder of clips (mp4/mkv/webm/mov), searched recursively")
     p.add_argument("--out", required=True, help="output folder for train-NNNNNN.tar and val-NNNNNN.tar")
-    p.add_argument("--manifest", default=None, help="labels.jsonl: {\"clip\": relative path, ...fields}")
+    p.add_argument("--manifest", default=None, help='labels.jsonl: {"clip": relative path, ...fields}')
     p.add_argument("--shard-size", type=positive_int, default=100, help="clips per shard (at most)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="share of the clips without a `split` field that go to val-*.tar (default 0.05)")
-    p.add_argument("--workers", type=positive_int, default=2,
-                   help="training workers the shards must serve: each split gets at least this many shards")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of the clips without a `split` field that go to val-*.tar (default 0.05)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="training workers the shards must serve: each split gets at least this many shards",
+    )
     p.set_defaults(func=run_pack)
     p = data_cmds.add_parser("inspect", help="count samples, decodable ones, modalities, and skips by reason")
     p.add_argument("shards", nargs="+", help="shard paths, globs or brace patterns")
     p.add_argument("--json", action="store_true", help="end with one JSON line of counts")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
-    p.add_argument("--stage", type=int, choices=[0, 1, 2], default=None,
-                   help="also count the samples this stage can use, and why it would skip the others")
+    p.add_argument(
+        "--stage",
+        type=int,
+        choices=[0, 1, 2],
+        default=None,
+        help="also count the samples this stage can use, and why it would skip the others",
+    )
     p.add_argument("--config", default=None, help="with --stage: the preset the stage runs (default: built-ins)")
     p.set_defaults(func=run_inspect)
 
@@ -204,8 +239,13 @@ def _register_ask(groups) -> None:
     p.set_defaults(func=run_ask)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_train, _register_eval, _register_sweep,
-                                                                _register_teacher_cache, _register_ask]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_train,
+    _register_eval,
+    _register_sweep,
+    _register_teacher_cache,
+    _register_ask,
+]
 
 
 @exit_on_user_error

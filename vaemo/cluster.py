@@ -59,13 +59,13 @@ def forwarded_env() -> dict[str, str]:
     """The driver's variables that Ray workers and actors must see: vaemo's, the hub switches, and NCCL/CUDA
     tuning (a cluster's NCCL_SOCKET_IFNAME, NCCL_IB_*...). CUDA_VISIBLE_DEVICES is Ray's to set per worker."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.update({k: v for k, v in os.environ.items()
-                if k.startswith(FORWARDED_PREFIXES) and k != "CUDA_VISIBLE_DEVICES"})
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and k != "CUDA_VISIBLE_DEVICES"})
     return env
 
 
-def map_on_actors(cls: type, init_args: tuple, method: str, items: list, actors: int, cpus: float = 1.0,
-                  gpus: float | None = None) -> Iterator[Any]:
+def map_on_actors(
+    cls: type, init_args: tuple, method: str, items: list, actors: int, cpus: float = 1.0, gpus: float | None = None
+) -> Iterator[Any]:
     """Yield `cls(*init_args).<method>(item)` for every item, in completion order, from
     min(actors, len(items)) Ray actors of `cpus` CPUs and `gpus` GPUs each (None: one GPU when the
     cluster has any). Joins RAY_ADDRESS's cluster or starts a local Ray; kills the actors afterwards."""
@@ -75,8 +75,13 @@ def map_on_actors(cls: type, init_args: tuple, method: str, items: list, actors:
     connect_ray()
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **forwarded_env(),
-           "PYTHONPATH": str(project_root())}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **forwarded_env(),
+        "PYTHONPATH": str(project_root()),
+    }
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env})(cls)
     handles = [remote.remote(*init_args) for _ in range(min(actors, len(items)))]
     try:

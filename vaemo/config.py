@@ -82,20 +82,30 @@ class SynthConfig:
     def check(self, path: str) -> None:
         def pair(name: str, low: float, high: float) -> None:
             value = getattr(self, name)
-            _require(len(value) == 2 and low <= value[0] <= value[1] <= high, f"{path}.{name}",
-                     f"must be [low, high] within {low}-{high}")
+            _require(
+                len(value) == 2 and low <= value[0] <= value[1] <= high,
+                f"{path}.{name}",
+                f"must be [low, high] within {low}-{high}",
+            )
 
         pair("short_side", 64, 4096)
         pair("aspect_ratio", 0.1, 10.0)
         pair("fps", 10, 60)
-        _require(2.0 <= self.min_duration <= self.max_duration <= 8.0, f"{path}.min_duration",
-                 "and max_duration must satisfy 2 <= min_duration <= max_duration <= 8")
-        _require(bool(self.sample_rates) and all(16000 <= r <= 48000 for r in self.sample_rates),
-                 f"{path}.sample_rates", "must be a non-empty list of rates within 16000-48000")
+        _require(
+            2.0 <= self.min_duration <= self.max_duration <= 8.0,
+            f"{path}.min_duration",
+            "and max_duration must satisfy 2 <= min_duration <= max_duration <= 8",
+        )
+        _require(
+            bool(self.sample_rates) and all(16000 <= r <= 48000 for r in self.sample_rates),
+            f"{path}.sample_rates",
+            "must be a non-empty list of rates within 16000-48000",
+        )
         _require(bool(self.channels) and set(self.channels) <= {1, 2}, f"{path}.channels", "must list 1 and/or 2")
         known = ("mp4", "mkv", "webm", "mov")
-        _require(bool(self.formats) and set(self.formats) <= set(known), f"{path}.formats",
-                 f"must list some of {', '.join(known)}")
+        _require(
+            bool(self.formats) and set(self.formats) <= set(known), f"{path}.formats", f"must list some of {', '.join(known)}"
+        )
         for name in ("train_clips", "val_clips", "bench_clips", "clips_per_shard"):
             _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
 
@@ -141,8 +151,7 @@ class DataConfig:
 
     def check(self, path: str) -> None:
         _require(self.num_frames >= 2, f"{path}.num_frames", "must be >= 2")
-        _require(self.frame_height >= 28 and self.frame_width >= 28, f"{path}.frame_height",
-                 "and frame_width must be >= 28")
+        _require(self.frame_height >= 28 and self.frame_width >= 28, f"{path}.frame_height", "and frame_width must be >= 28")
         _require(0.5 <= self.audio_seconds <= 30.0, f"{path}.audio_seconds", "must be within 0.5-30 s")
         _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
         _require(self.loader_workers >= 0, f"{path}.loader_workers", "must be >= 0")
@@ -391,8 +400,13 @@ class PromptsConfig:
     """What the stages ask about a clip. The defaults are generic; the tiny preset names the synthetic
     world's words (its tokenizer knows only those)."""
 
-    describe: list[str] = field(default_factory=lambda: ["Describe this clip.", "What happens in this clip?",
-                                                         "Describe the scene and the mood of this clip."])
+    describe: list[str] = field(
+        default_factory=lambda: [
+            "Describe this clip.",
+            "What happens in this clip?",
+            "Describe the scene and the mood of this clip.",
+        ]
+    )
     """Description prompts (stage 1, and stage 2's KD term); the response is the clip's caption or the
     frozen teacher's own answer (stage1.responses)."""
     questions: dict[str, Any] = field(default_factory=dict)
@@ -400,20 +414,33 @@ class PromptsConfig:
     stage 1 (stage1.questions) and stage 2's KD term (stage2.kd_questions) distil, answered with a random
     option: no label is used. With the optional `answer_field` (the clip's JSON field holding the right
     option, e.g. `object`), stage 2's validation also scores the set (`val_<task>_acc`)."""
-    emotion_questions: list[str] = field(default_factory=lambda: ["Which emotion does this clip convey?",
-                                                                  "What feeling does this clip express?"])
+    emotion_questions: list[str] = field(
+        default_factory=lambda: ["Which emotion does this clip convey?", "What feeling does this clip express?"]
+    )
     """How stage 2 asks for a clip's emotion (options: stage2.emotions); validation asks the first."""
 
     def check(self, path: str) -> None:
-        _require(bool(self.describe) and all(isinstance(p, str) and p for p in self.describe), f"{path}.describe",
-                 "must be a non-empty list of prompts")
+        _require(
+            bool(self.describe) and all(isinstance(p, str) and p for p in self.describe),
+            f"{path}.describe",
+            "must be a non-empty list of prompts",
+        )
         _require(bool(self.emotion_questions), f"{path}.emotion_questions", "must name at least one question")
         for task, spec in self.questions.items():
-            ok = (isinstance(spec, dict) and {"ask", "options"} <= set(spec) <= {"ask", "options", "answer_field"}
-                  and isinstance(spec["ask"], list) and spec["ask"] and isinstance(spec["options"], list)
-                  and len(spec["options"]) >= 2 and isinstance(spec.get("answer_field", ""), str))
-            _require(ok, f"{path}.questions.{task}",
-                     "must be {ask: [questions...], options: [at least 2], answer_field: FIELD (optional)}")
+            ok = (
+                isinstance(spec, dict)
+                and {"ask", "options"} <= set(spec) <= {"ask", "options", "answer_field"}
+                and isinstance(spec["ask"], list)
+                and spec["ask"]
+                and isinstance(spec["options"], list)
+                and len(spec["options"]) >= 2
+                and isinstance(spec.get("answer_field", ""), str)
+            )
+            _require(
+                ok,
+                f"{path}.questions.{task}",
+                "must be {ask: [questions...], options: [at least 2], answer_field: FIELD (optional)}",
+            )
 
 
 @dataclass
@@ -477,8 +504,9 @@ class Stage2Config:
     """0: full-vocabulary KL in stage 2's KD term; k > 0: the teacher's top-k tokens plus a tail bucket."""
     va_loss: Literal["mse", "ccc"] = "mse"
     """Valence/arousal loss: mean squared error or 1 - concordance correlation."""
-    emotions: list[str] = field(default_factory=lambda: ["amusement", "awe", "contentment", "excitement", "anger",
-                                                         "disgust", "fear", "sadness"])
+    emotions: list[str] = field(
+        default_factory=lambda: ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
+    )
     """Emotion categories (default: ArtEmis's eight): the options of emotion questions and the categorical
     head's classes. A training clip whose `emotion` is not one of them is skipped (`unknown_emotion`)."""
 
@@ -576,8 +604,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 # Fields naming local files or folders. A relative one means "from where the command runs"; Ray workers
 # and actors run in other working directories, so they receive it made absolute.
-PATH_FIELDS = ("data.train_shards", "data.val_shards", "data.bench_dir", "model.init_from", "model.vlm",
-               "model.audio_encoder", "stage1.teacher.cache_dir")
+PATH_FIELDS = (
+    "data.train_shards",
+    "data.val_shards",
+    "data.bench_dir",
+    "model.init_from",
+    "model.vlm",
+    "model.audio_encoder",
+    "stage1.teacher.cache_dir",
+)
 
 
 def _make_paths_absolute(cfg: "Config") -> None:
@@ -790,7 +825,19 @@ def resolve_path(path: str | Path) -> Path:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "ScalingConfig", "SynthConfig",
-    "MODALITIES", "load_config", "dump_config", "render_config", "field_docs", "config_to_dict",
-    "project_root", "resolve_path",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "ScalingConfig",
+    "SynthConfig",
+    "MODALITIES",
+    "load_config",
+    "dump_config",
+    "render_config",
+    "field_docs",
+    "config_to_dict",
+    "project_root",
+    "resolve_path",
 ]

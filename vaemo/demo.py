@@ -20,8 +20,11 @@ from vaemo.errors import UserError
 from vaemo.eval.report import chance_report, chart, deaf_cell, position_report, table
 from vaemo.eval.run import evaluate, write_outputs
 
-ABLATIONS = {"no-enhancer": ["stage2.use_enhancer=false"], "no-supervisor": ["stage2.use_supervisor=false"],
-             "no-adapter": ["stage2.use_enhancer=false", "stage2.use_supervisor=false"]}
+ABLATIONS = {
+    "no-enhancer": ["stage2.use_enhancer=false"],
+    "no-supervisor": ["stage2.use_supervisor=false"],
+    "no-adapter": ["stage2.use_enhancer=false", "stage2.use_supervisor=false"],
+}
 
 
 @dataclass
@@ -86,34 +89,60 @@ MARGIN = 0.05
 def targets(reports: dict[str, dict]) -> list[Target]:
     s0, s1, s2 = reports["after stage 0"], reports["after stage 1"], reports["after stage 2"]
     acc = lambda r, m, t: r["accuracy"][m][t]  # noqa: E731
-    out = [Target(f"after stage 0, visual {t} >= {0.9 - MARGIN:.2f}", acc(s0, "visual", t), acc(s0, "visual", t) >= 0.9 - MARGIN)
-           for t in ("content", "emotion")]
+    out = [
+        Target(f"after stage 0, visual {t} >= {0.9 - MARGIN:.2f}", acc(s0, "visual", t), acc(s0, "visual", t) >= 0.9 - MARGIN)
+        for t in ("content", "emotion")
+    ]
     for task in ("content", "emotion"):  # chance: within ~2 standard errors of 0.25 on these item counts
         n = s0["counts"]["audio"][task]
         value = acc(s0, "audio", task)
-        out.append(Target(f"before stage 1, audio {task} at chance (0.25 +- {2 * (0.1875 / n) ** 0.5:.2f})", value,
-                          abs(value - 0.25) <= 2 * (0.1875 / n) ** 0.5))
+        out.append(
+            Target(
+                f"before stage 1, audio {task} at chance (0.25 +- {2 * (0.1875 / n) ** 0.5:.2f})",
+                value,
+                abs(value - 0.25) <= 2 * (0.1875 / n) ** 0.5,
+            )
+        )
     for task in ("content", "emotion"):
-        out.append(Target(f"after stage 1 (no audio labels), audio {task} >= {0.85 - MARGIN:.2f}", acc(s1, "audio", task),
-                          acc(s1, "audio", task) >= 0.85 - MARGIN))
+        out.append(
+            Target(
+                f"after stage 1 (no audio labels), audio {task} >= {0.85 - MARGIN:.2f}",
+                acc(s1, "audio", task),
+                acc(s1, "audio", task) >= 0.85 - MARGIN,
+            )
+        )
     deaf = s1.get("deaf_check", {})
-    out.append(Target("after stage 1, deaf check (shuffled soundtracks) <= 0.35", deaf.get("accuracy", float("nan")),
-                      deaf.get("accuracy", 1.0) <= 0.35))
+    out.append(
+        Target(
+            "after stage 1, deaf check (shuffled soundtracks) <= 0.35",
+            deaf.get("accuracy", float("nan")),
+            deaf.get("accuracy", 1.0) <= 0.35,
+        )
+    )
     gap = deaf.get("donor_accuracy", float("nan")) - acc(s1, "audio", "all")
-    out.append(Target(f"after stage 1, deaf check against the donor's answer within {0.05 + MARGIN:.2f} of audio accuracy",
-                      gap, abs(gap) <= 0.05 + MARGIN))
+    out.append(
+        Target(
+            f"after stage 1, deaf check against the donor's answer within {0.05 + MARGIN:.2f} of audio accuracy",
+            gap,
+            abs(gap) <= 0.05 + MARGIN,
+        )
+    )
     change = emotion(s2, "audio") - emotion(s1, "audio")
     out.append(Target(f"stage 2 audio emotion change >= {-MARGIN:.2f}", change, change >= -MARGIN))
     cost = acc(s2, "audio", "content") - acc(s1, "audio", "content")
-    out.append(Target(f"stage 2 audio content change >= {-0.02 - MARGIN:.2f} (keeps what stage 1 taught)", cost,
-                      cost >= -0.02 - MARGIN))
+    out.append(
+        Target(f"stage 2 audio content change >= {-0.02 - MARGIN:.2f} (keeps what stage 1 taught)", cost, cost >= -0.02 - MARGIN)
+    )
     # Only a trained Emotion Supervisor predicts valence and arousal: this fails when stage 2 does nothing.
     arousal = s2.get("va", {}).get("audio", {}).get("arousal_mae", float("nan"))
     out.append(Target("after stage 2, audio arousal error (the Supervisor's) <= 0.3", arousal, arousal <= 0.3))
     best_single = max(emotion(s2, "audio"), emotion(s2, "visual"))
     margin = emotion(s2, "audio_visual") - best_single
-    out.append(Target(f"after stage 2, audio-visual emotion minus the better single modality >= {-MARGIN:.2f}", margin,
-                      margin >= -MARGIN))
+    out.append(
+        Target(
+            f"after stage 2, audio-visual emotion minus the better single modality >= {-MARGIN:.2f}", margin, margin >= -MARGIN
+        )
+    )
     return out
 
 
@@ -129,40 +158,57 @@ def write_data(data: Path, config: str, seed: int, fresh: bool, dev_and_shifted:
     if dev_and_shifted and (fresh or not (data / "val-bench" / "items.jsonl").is_file()):
         bench_from_shards(sorted((data / "val").glob("*.tar")), data / "val-bench", seed)
     if dev_and_shifted and (fresh or not (data / "shifted" / "bench" / "items.jsonl").is_file()):
-        shifted = Ranges(short_side=tuple(synth.short_side), aspect_ratio=tuple(synth.aspect_ratio), fps=tuple(synth.fps),
-                         duration=(4.0, 8.0), jitter=False)
-        synthesize(data / "shifted", train_clips=0, val_clips=0, bench_clips=synth.bench_clips, seed=seed + 1000,
-                   ranges=shifted, workers=synth.workers)
+        shifted = Ranges(
+            short_side=tuple(synth.short_side),
+            aspect_ratio=tuple(synth.aspect_ratio),
+            fps=tuple(synth.fps),
+            duration=(4.0, 8.0),
+            jitter=False,
+        )
+        synthesize(
+            data / "shifted",
+            train_clips=0,
+            val_clips=0,
+            bench_clips=synth.bench_clips,
+            seed=seed + 1000,
+            ranges=shifted,
+            workers=synth.workers,
+        )
 
 
-def run_pipeline(out: Path, config: str, seed: int | None, ablations: tuple[str, ...], fresh: bool, actors: int,
-                 dev_and_shifted: bool = False) -> dict[str, dict]:
+def run_pipeline(
+    out: Path, config: str, seed: int | None, ablations: tuple[str, ...], fresh: bool, actors: int, dev_and_shifted: bool = False
+) -> dict[str, dict]:
     """data -> stage 0 -> eval -> stage 1 -> eval -> stage 2 -> eval [-> the named ABLATIONS]; returns the
     reports. `seed`: world and training seed (None: the preset's)."""
     out = out.resolve()
     seed_overrides = [] if seed is None else [f"seed={seed}"]
     data = out / "data"
     write_data(data, config, load_config(config, seed_overrides).seed, fresh, dev_and_shifted)
-    data_overrides = [*seed_overrides, f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
-                      f"data.bench_dir={data}/bench"]
+    data_overrides = [
+        *seed_overrides,
+        f"data.train_shards={data}/train/*.tar",
+        f"data.val_shards={data}/val/*.tar",
+        f"data.bench_dir={data}/bench",
+    ]
     bench = data / "bench"
     reports: dict[str, dict] = {}
     exports: dict[int, Path] = {}
     for stage in STAGES:
         start = [f"model.init_from={exports[stage - 1]}"] if stage else []
         exports[stage] = train(stage, out / f"stage{stage}", config, [*data_overrides, *start], fresh)
-        reports[f"after stage {stage}"] = score(exports[stage], bench, out / f"eval-stage{stage}", f"after stage {stage}",
-                                                actors)
+        reports[f"after stage {stage}"] = score(exports[stage], bench, out / f"eval-stage{stage}", f"after stage {stage}", actors)
         if dev_and_shifted:
-            reports[f"after stage {stage}, val split"] = score(exports[stage], data / "val-bench",
-                                                               out / f"eval-stage{stage}-val", "val split", actors)
+            reports[f"after stage {stage}, val split"] = score(
+                exports[stage], data / "val-bench", out / f"eval-stage{stage}-val", "val split", actors
+            )
     if dev_and_shifted:
-        reports["after stage 2, shifted bench"] = score(exports[2], data / "shifted" / "bench",
-                                                        out / "eval-stage2-shifted", "shifted bench", actors)
+        reports["after stage 2, shifted bench"] = score(
+            exports[2], data / "shifted" / "bench", out / "eval-stage2-shifted", "shifted bench", actors
+        )
     for name in ablations:
         switches = ABLATIONS[name]
-        export = train(2, out / f"stage2-{name}", config, [*data_overrides, f"model.init_from={exports[1]}", *switches],
-                       fresh)
+        export = train(2, out / f"stage2-{name}", config, [*data_overrides, f"model.init_from={exports[1]}", *switches], fresh)
         reports[f"stage 2 {name}"] = score(export, bench, out / f"eval-stage2-{name}", name, actors)
     return reports
 
@@ -174,27 +220,42 @@ def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int) 
 
 
 def report(out: Path, reports: dict[str, dict], seconds: float) -> int:
-    rows = {"chance": chance_report(reports["after stage 2"]),
-            "always one option": position_report(reports["after stage 2"]), **reports}
+    rows = {
+        "chance": chance_report(reports["after stage 2"]),
+        "always one option": position_report(reports["after stage 2"]),
+        **reports,
+    }
     progress.console.print(table(rows, title="ArtEmoBench accuracy per stage (4 options; chance 0.25)"))
     chart(rows, out / "report.png", title="VAEmotionLLM on ArtEmo-Synth: what each stage adds")
     checks = targets(reports)
     for check in checks:
         progress.log(check.line())
-    lines = ["# vaemo demo report", "", f"Wall time of this run: {seconds / 60:.1f} min.", "",
-             "| model | " + " | ".join(f"{m} {t}" for m in ("audio", "visual", "audio_visual")
-                                       for t in ("content", "emotion")) + " | deaf check (vs donor) |",
-             "|---|" + "---|" * 7]
+    lines = [
+        "# vaemo demo report",
+        "",
+        f"Wall time of this run: {seconds / 60:.1f} min.",
+        "",
+        "| model | "
+        + " | ".join(f"{m} {t}" for m in ("audio", "visual", "audio_visual") for t in ("content", "emotion"))
+        + " | deaf check (vs donor) |",
+        "|---|" + "---|" * 7,
+    ]
     for name, r in rows.items():
-        cells = [f"{r['accuracy'].get(m, {}).get(t, float('nan')):.3f}" for m in ("audio", "visual", "audio_visual")
-                 for t in ("content", "emotion")]
+        cells = [
+            f"{r['accuracy'].get(m, {}).get(t, float('nan')):.3f}"
+            for m in ("audio", "visual", "audio_visual")
+            for t in ("content", "emotion")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {deaf_cell(r)} |")
     lines += ["", "Targets:", "", *[f"- {c.line()}" for c in checks], ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps({"reports": reports, "wall_seconds": seconds,
-                                                 "targets": [c.__dict__ for c in checks]}, indent=2))
-    progress.log(f"demo finished in {seconds / 60:.1f} min: {sum(c.passed for c in checks)}/{len(checks)} targets met; "
-                 f"{out / 'report.md'}, {out / 'report.png'}, final evaluation {out / 'eval-stage2' / 'results.json'}")
+    (out / "report.json").write_text(
+        json.dumps({"reports": reports, "wall_seconds": seconds, "targets": [c.__dict__ for c in checks]}, indent=2)
+    )
+    progress.log(
+        f"demo finished in {seconds / 60:.1f} min: {sum(c.passed for c in checks)}/{len(checks)} targets met; "
+        f"{out / 'report.md'}, {out / 'report.png'}, final evaluation {out / 'eval-stage2' / 'results.json'}"
+    )
     return 0
 
 

@@ -39,8 +39,9 @@ class TopKTargets:
     @classmethod
     def joined(cls, records) -> "TopKTargets":
         """The targets of cached teacher records (vaemo/data/teacher_records.py), one after another."""
-        parts = {name: torch.from_numpy(np.concatenate([getattr(r, name) for r in records]))
-                 for name in ("ids", "logprobs", "tail")}
+        parts = {
+            name: torch.from_numpy(np.concatenate([getattr(r, name) for r in records])) for name in ("ids", "logprobs", "tail")
+        }
         return cls(parts["ids"].long(), parts["logprobs"], parts["tail"])
 
 
@@ -87,8 +88,14 @@ def _full_kl(lm_head: Callable, tau: float, student: torch.Tensor, teacher: torc
     return kl * tau * tau, agree
 
 
-def _topk_kl(lm_head: Callable, tau: float, student: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
-             teacher_tail: torch.Tensor):
+def _topk_kl(
+    lm_head: Callable,
+    tau: float,
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_tail: torch.Tensor,
+):
     student_logp = F.log_softmax(lm_head(student).float() / tau, -1)
     top = student_logp.gather(-1, ids)
     tail = log1mexp(torch.logsumexp(top, -1)).clamp(min=TAIL_FLOOR)
@@ -99,8 +106,14 @@ def _topk_kl(lm_head: Callable, tau: float, student: torch.Tensor, ids: torch.Te
     return (t.exp() * (t - s)).sum() * tau * tau, agree
 
 
-def distill(student_hidden: torch.Tensor, lm_head: Callable, teacher: torch.Tensor | TopKTargets,
-            temperature: float = 1.0, chunk_size: int = 256, min_chunks: int = 0) -> KDResult:
+def distill(
+    student_hidden: torch.Tensor,
+    lm_head: Callable,
+    teacher: torch.Tensor | TopKTargets,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    min_chunks: int = 0,
+) -> KDResult:
     """tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau)), summed over response positions.
 
     `teacher` is either the teacher's hidden states at the same positions (full-vocabulary KL) or
@@ -112,20 +125,29 @@ def distill(student_hidden: torch.Tensor, lm_head: Callable, teacher: torch.Tens
     for start, stop in _chunks(n, chunk_size, min_chunks):
         if isinstance(teacher, TopKTargets):
             part = teacher.slice(start, stop)
-            kl, hits = checkpoint(_topk_kl, lm_head, temperature, student_hidden[start:stop], part.ids.to(student_hidden.device),
-                                  part.logprobs.to(student_hidden.device), part.tail.to(student_hidden.device),
-                                  use_reentrant=False)
+            kl, hits = checkpoint(
+                _topk_kl,
+                lm_head,
+                temperature,
+                student_hidden[start:stop],
+                part.ids.to(student_hidden.device),
+                part.logprobs.to(student_hidden.device),
+                part.tail.to(student_hidden.device),
+                use_reentrant=False,
+            )
         else:
-            kl, hits = checkpoint(_full_kl, lm_head, temperature, student_hidden[start:stop],
-                                  teacher[start:stop].detach(), use_reentrant=False)
+            kl, hits = checkpoint(
+                _full_kl, lm_head, temperature, student_hidden[start:stop], teacher[start:stop].detach(), use_reentrant=False
+            )
         total = total + kl
         agree += int(hits)
     return KDResult(total, n, agree)
 
 
 @torch.no_grad()
-def teacher_topk(teacher_hidden: torch.Tensor, lm_head: Callable, k: int, temperature: float = 1.0,
-                 chunk_size: int = 256, min_chunks: int = 0) -> TopKTargets:
+def teacher_topk(
+    teacher_hidden: torch.Tensor, lm_head: Callable, k: int, temperature: float = 1.0, chunk_size: int = 256, min_chunks: int = 0
+) -> TopKTargets:
     """The teacher's top-k log-probabilities (at the distillation temperature) and tail mass, chunked."""
     ids, logps, tails = [], [], []
     for start, stop in _chunks(teacher_hidden.shape[0], chunk_size, min_chunks):
@@ -146,24 +168,34 @@ def _ce(lm_head: Callable, hidden: torch.Tensor, targets: torch.Tensor, weights:
 
 
 @torch.no_grad()
-def sequence_logprobs(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, lengths: list[int],
-                      chunk_size: int = 256, min_chunks: int = 0) -> list[float]:
+def sequence_logprobs(
+    hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, lengths: list[int], chunk_size: int = 256, min_chunks: int = 0
+) -> list[float]:
     """Mean log-probability of each sequence's response tokens (hidden/targets concatenated in order)."""
-    parts = [F.log_softmax(lm_head(hidden[a:b]).float(), -1).gather(-1, targets[a:b, None].to(hidden.device))[:, 0]
-             for a, b in _chunks(hidden.shape[0], chunk_size, min_chunks)]
+    parts = [
+        F.log_softmax(lm_head(hidden[a:b]).float(), -1).gather(-1, targets[a:b, None].to(hidden.device))[:, 0]
+        for a, b in _chunks(hidden.shape[0], chunk_size, min_chunks)
+    ]
     token_logp = torch.cat(parts) if parts else hidden.new_zeros(0)
     return [float(s.mean()) if len(s) else float("-inf") for s in torch.split(token_logp, lengths)]
 
 
-def language_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_size: int = 256,
-                  min_chunks: int = 0, weights: torch.Tensor | None = None) -> torch.Tensor:
+def language_loss(
+    hidden: torch.Tensor,
+    lm_head: Callable,
+    targets: torch.Tensor,
+    chunk_size: int = 256,
+    min_chunks: int = 0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Summed next-token cross-entropy at response positions (optionally weighted per position),
     chunked like `distill`."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for start, stop in _chunks(hidden.shape[0], chunk_size, min_chunks):
         part = weights[start:stop].to(hidden.device) if weights is not None else None
-        total = total + checkpoint(_ce, lm_head, hidden[start:stop], targets[start:stop].to(hidden.device), part,
-                                   use_reentrant=False)
+        total = total + checkpoint(
+            _ce, lm_head, hidden[start:stop], targets[start:stop].to(hidden.device), part, use_reentrant=False
+        )
     return total
 
 

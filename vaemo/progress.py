@@ -11,8 +11,7 @@ from rich.console import Console
 from rich.text import Text
 
 # Off a terminal (logs, `ray job submit`): no wrapping, no source paths, lines as they are.
-console = Console(highlight=False, log_path=False, soft_wrap=not sys.stdout.isatty(),
-                  width=None if sys.stdout.isatty() else 160)
+console = Console(highlight=False, log_path=False, soft_wrap=not sys.stdout.isatty(), width=None if sys.stdout.isatty() else 160)
 
 
 def is_terminal() -> bool:
@@ -34,8 +33,15 @@ def task(description: str, total: int, every_fraction: float = 0.1) -> Iterator[
     if is_terminal():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-        with Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console, transient=False) as bar:
+        with Progress(
+            "[bold]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
             handle = bar.add_task(description, total=total)
             yield lambda done: bar.update(handle, completed=done)
     else:

@@ -49,8 +49,7 @@ class Spread:
         return f"{self.mean:.3f} ± {self.half_width:.3f} ({seeds})"
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "ci95": [self.mean - self.half_width, self.mean + self.half_width],
-                "seeds": self.values}
+        return {"mean": self.mean, "ci95": [self.mean - self.half_width, self.mean + self.half_width], "seeds": self.values}
 
 
 def accuracy(report: dict, modality: str, task: str) -> float:
@@ -94,31 +93,71 @@ def targets(per_seed: dict[int, dict[str, dict]]) -> list[Target]:
     """The science targets, judged on means over seeds (intervals and seed values shown)."""
     table = aggregate(per_seed)
     s0, s1 = table["after stage 0"], table["after stage 1"]
-    out = [Target(f"after stage 0, visual {t} mean >= 0.9", s0[f"visual {t}"].cell(), s0[f"visual {t}"].mean >= 0.9)
-           for t in TASKS]
+    out = [
+        Target(f"after stage 0, visual {t} mean >= 0.9", s0[f"visual {t}"].cell(), s0[f"visual {t}"].mean >= 0.9) for t in TASKS
+    ]
     for t in TASKS:
         spread = s1[f"audio {t}"]
-        out.append(Target(f"after stage 1 (no audio labels), audio {t} mean >= 0.85 and every seed >= 0.8",
-                          spread.cell(), spread.mean >= 0.85 and min(spread.values) >= 0.8))
+        out.append(
+            Target(
+                f"after stage 1 (no audio labels), audio {t} mean >= 0.85 and every seed >= 0.8",
+                spread.cell(),
+                spread.mean >= 0.85 and min(spread.values) >= 0.8,
+            )
+        )
     out.append(Target("after stage 1, deaf check mean <= 0.35", s1["deaf check"].cell(), s1["deaf check"].mean <= 0.35))
-    gap = Spread([cells(r["after stage 1"])["deaf check vs donor"]
-                  - np.mean([cells(r["after stage 1"])[f"audio {t}"] for t in TASKS]) for r in per_seed.values()])
-    out.append(Target("after stage 1, deaf check against the donor's answer minus audio accuracy within 0.05",
-                      gap.cell(), abs(gap.mean) <= 0.05))
+    gap = Spread(
+        [
+            cells(r["after stage 1"])["deaf check vs donor"] - np.mean([cells(r["after stage 1"])[f"audio {t}"] for t in TASKS])
+            for r in per_seed.values()
+        ]
+    )
+    out.append(
+        Target(
+            "after stage 1, deaf check against the donor's answer minus audio accuracy within 0.05",
+            gap.cell(),
+            abs(gap.mean) <= 0.05,
+        )
+    )
     gain = differences(per_seed, "after stage 2", "after stage 1", "audio emotion")
     out.append(Target("stage 2 raises audio emotion (mean change > 0)", gain.cell(), gain.mean > 0))
     cost = differences(per_seed, "after stage 2", "after stage 1", "audio content")
     out.append(Target("stage 2 costs at most 0.02 audio content (mean change >= -0.02)", cost.cell(), cost.mean >= -0.02))
-    margin = Spread([cells(r["after stage 2"])["audio_visual emotion"]
-                     - max(cells(r["after stage 2"])["audio emotion"], cells(r["after stage 2"])["visual emotion"])
-                     for r in per_seed.values()])
-    out.append(Target("after stage 2, audio-visual emotion >= the better single modality (mean margin >= 0)",
-                      margin.cell(), margin.mean >= 0))
+    margin = Spread(
+        [
+            cells(r["after stage 2"])["audio_visual emotion"]
+            - max(cells(r["after stage 2"])["audio emotion"], cells(r["after stage 2"])["visual emotion"])
+            for r in per_seed.values()
+        ]
+    )
+    out.append(
+        Target(
+            "after stage 2, audio-visual emotion >= the better single modality (mean margin >= 0)",
+            margin.cell(),
+            margin.mean >= 0,
+        )
+    )
     if "after stage 2, shifted bench" in table:
-        shift = Spread([np.mean([cells(r["after stage 2, shifted bench"])[f"{m} {t}"] - cells(r["after stage 2"])[f"{m} {t}"]
-                                 for m in MODALITIES for t in TASKS]) for r in per_seed.values()])
-        out.append(Target("the final model on a bench written with other settings (4-8 s, no domain randomisation) "
-                          "within 0.05 of the bench split (mean over cells)", shift.cell(), abs(shift.mean) <= 0.05))
+        shift = Spread(
+            [
+                np.mean(
+                    [
+                        cells(r["after stage 2, shifted bench"])[f"{m} {t}"] - cells(r["after stage 2"])[f"{m} {t}"]
+                        for m in MODALITIES
+                        for t in TASKS
+                    ]
+                )
+                for r in per_seed.values()
+            ]
+        )
+        out.append(
+            Target(
+                "the final model on a bench written with other settings (4-8 s, no domain randomisation) "
+                "within 0.05 of the bench split (mean over cells)",
+                shift.cell(),
+                abs(shift.mean) <= 0.05,
+            )
+        )
     return out
 
 
@@ -136,8 +175,14 @@ def chart(table: dict[str, dict[str, Spread]], png: Path, models: list[str]) -> 
     for k, model in enumerate(models):
         spreads = [table[model][name] for name in names]
         offset = x + (k - (len(models) - 1) / 2) * width
-        ax.bar(offset, [s.mean for s in spreads], width, label=model,
-               yerr=[0 if math.isnan(s.half_width) else s.half_width for s in spreads], capsize=2)
+        ax.bar(
+            offset,
+            [s.mean for s in spreads],
+            width,
+            label=model,
+            yerr=[0 if math.isnan(s.half_width) else s.half_width for s in spreads],
+            capsize=2,
+        )
         for xi, spread in zip(offset, spreads):
             ax.scatter([xi] * len(spread.values), spread.values, s=8, color="black", zorder=3)
     ax.axhline(0.25, color="black", linestyle="--", linewidth=1, label="chance (0.25)")
@@ -156,22 +201,39 @@ def write_report(out: Path, per_seed: dict[int, dict[str, dict]], seconds: float
     table = aggregate(per_seed)
     checks = targets(per_seed) if len(table) and "after stage 2" in table else []
     columns = [f"{m} {t}" for m in MODALITIES for t in TASKS] + ["deaf check", "deaf check vs donor"]
-    lines = ["# vaemo science report", "",
-             f"Seeds {sorted(per_seed)} (world and training); wall time {seconds / 60:.1f} min. Each cell: mean ± "
-             "half the 95% interval (Student's t over seeds), then each seed's value.", "",
-             "| model | " + " | ".join(c.replace("audio_visual", "audio-visual") for c in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = [
+        "# vaemo science report",
+        "",
+        f"Seeds {sorted(per_seed)} (world and training); wall time {seconds / 60:.1f} min. Each cell: mean ± "
+        "half the 95% interval (Student's t over seeds), then each seed's value.",
+        "",
+        "| model | " + " | ".join(c.replace("audio_visual", "audio-visual") for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for model, spreads in table.items():
         lines.append(f"| {model} | " + " | ".join(spreads[c].cell() for c in columns) + " |")
-    lines += ["", "Best \"always answer option k\" per cell (a position bias the model must beat):", ""]
+    lines += ["", 'Best "always answer option k" per cell (a position bias the model must beat):', ""]
     first = table.get("after stage 2", next(iter(table.values())))
-    lines += [f"- {name.removeprefix('always one option, ')}: {spread.cell()}" for name, spread in first.items()
-              if name.startswith("always one option")]
+    lines += [
+        f"- {name.removeprefix('always one option, ')}: {spread.cell()}"
+        for name, spread in first.items()
+        if name.startswith("always one option")
+    ]
     lines += ["", "Targets (judged on the means):", "", *[f"- {c.line()}" for c in checks], ""]
     (out / "report.md").write_text("\n".join(lines))
     summary = {model: {name: s.to_dict() for name, s in spreads.items()} for model, spreads in table.items()}
-    (out / "report.json").write_text(json.dumps({"seeds": sorted(per_seed), "wall_seconds": seconds, "summary": summary,
-                                                 "targets": [asdict(c) for c in checks], "per_seed": per_seed}, indent=2))
+    (out / "report.json").write_text(
+        json.dumps(
+            {
+                "seeds": sorted(per_seed),
+                "wall_seconds": seconds,
+                "summary": summary,
+                "targets": [asdict(c) for c in checks],
+                "per_seed": per_seed,
+            },
+            indent=2,
+        )
+    )
     shown = [m for m in ("after stage 0", "after stage 1", "after stage 2", "stage 2 no-adapter") if m in table]
     if shown:
         chart(table, out / "report.png", shown)
@@ -180,12 +242,14 @@ def write_report(out: Path, per_seed: dict[int, dict[str, dict]], seconds: float
 
 # Stage-2 ablations per seed. "adapter" (the default, for the 60-minute budget) compares stage 2 with and
 # without the EmoAdapter (the latter fine-tunes the audio projector on the same data and losses).
-ABLATION_SETS: dict[str, tuple[str, ...]] = {"none": (), "adapter": ("no-adapter",),
-                                             "all": ("no-enhancer", "no-supervisor", "no-adapter")}
+ABLATION_SETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "adapter": ("no-adapter",),
+    "all": ("no-enhancer", "no-supervisor", "no-adapter"),
+}
 
 
-def run_science(out: Path, config: str, seeds: list[int], ablations: tuple[str, ...], fresh: bool,
-                actors: int) -> int:
+def run_science(out: Path, config: str, seeds: list[int], ablations: tuple[str, ...], fresh: bool, actors: int) -> int:
     from vaemo.demo import run_pipeline
 
     start = time.time()
@@ -198,6 +262,8 @@ def run_science(out: Path, config: str, seeds: list[int], ablations: tuple[str, 
         write_report(out, per_seed, time.time() - start)  # a partial report survives an interrupted run
     checks = write_report(out, per_seed, time.time() - start)
     progress.console.print((out / "report.md").read_text())
-    progress.log(f"science finished in {(time.time() - start) / 60:.1f} min: {sum(c.passed for c in checks)}/"
-                 f"{len(checks)} targets met; {out / 'report.md'}, {out / 'report.png'}")
+    progress.log(
+        f"science finished in {(time.time() - start) / 60:.1f} min: {sum(c.passed for c in checks)}/"
+        f"{len(checks)} targets met; {out / 'report.md'}, {out / 'report.png'}"
+    )
     return 0

@@ -50,8 +50,11 @@ def teacher_records(model, cfg: Config, batch, key: str) -> list[TeacherRecord]:
     from vaemo.train.objectives import align_sequences, write_teacher_responses
 
     s = cfg.stage1
-    asked = [(p, r, i) for i, (clip, meta) in enumerate(zip(batch.keys, batch.meta))
-             for p, r in align_sequences(meta, key_rng(clip), cfg.prompts, s.questions, s.responses)]
+    asked = [
+        (p, r, i)
+        for i, (clip, meta) in enumerate(zip(batch.keys, batch.meta))
+        for p, r in align_sequences(meta, key_rng(clip), cfg.prompts, s.questions, s.responses)
+    ]
     asked = write_teacher_responses(model, batch, asked, s.teacher_response_tokens, lockstep=False)
     plans = [[(p, r) for p, r, i in asked if i == clip] for clip in range(len(batch))]
     items = [PromptItem("visual", p, r, i) for p, r, i in asked]
@@ -64,8 +67,16 @@ def teacher_records(model, cfg: Config, batch, key: str) -> list[TeacherRecord]:
     out, row = [], 0
     for plan in plans:
         start, stop = bounds[row], bounds[row + len(plan)]
-        out.append(TeacherRecord(key, plan, lengths[row : row + len(plan)], targets.ids[start:stop].cpu().numpy(),
-                                 targets.logprobs[start:stop].cpu().numpy(), targets.tail[start:stop].cpu().numpy()))
+        out.append(
+            TeacherRecord(
+                key,
+                plan,
+                lengths[row : row + len(plan)],
+                targets.ids[start:stop].cpu().numpy(),
+                targets.logprobs[start:stop].cpu().numpy(),
+                targets.tail[start:stop].cpu().numpy(),
+            )
+        )
         row += len(plan)
     return out
 
@@ -86,8 +97,12 @@ class TeacherCacheWriter:
         self.model = build_model(self.cfg.model, self.cfg.data, seed=self.cfg.seed).to(self.device).eval()
         self.fingerprint = fingerprint(self.cfg)[0]
         d = self.cfg.data
-        self.spec = DecodeSpec.for_data(d, need_video=True, need_audio=False,  # the teacher sees frames
-                                        need_fields=("caption",) if self.cfg.stage1.responses == "caption" else ())
+        self.spec = DecodeSpec.for_data(
+            d,
+            need_video=True,
+            need_audio=False,  # the teacher sees frames
+            need_fields=("caption",) if self.cfg.stage1.responses == "caption" else (),
+        )
 
     def write_shard(self, url: str) -> dict:
         """Cache one source shard (atomically: a half-written cache shard never has the final name)."""
@@ -96,8 +111,7 @@ class TeacherCacheWriter:
 
         skips: Counter = Counter()
         with ShardWriter(cache_shard_for(url, self.out_dir)) as shard:
-            for batch in _decode_into_batches(read_shard(url), self.spec, self.cfg.data.batch_size, 0, skips,
-                                              final_partial=True):
+            for batch in _decode_into_batches(read_shard(url), self.spec, self.cfg.data.batch_size, 0, skips, final_partial=True):
                 if not len(batch):
                     continue
                 for key, record in zip(batch.keys, teacher_records(self.model, self.cfg, batch, self.fingerprint)):
@@ -119,8 +133,10 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
     manifest_path = out / MANIFEST
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if previous and previous.get("fingerprint") != key:
-        raise UserError(f"--out '{out}' holds a teacher cache for another fingerprint ({previous.get('fingerprint')}); "
-                        f"choose another --out or delete it")
+        raise UserError(
+            f"--out '{out}' holds a teacher cache for another fingerprint ({previous.get('fingerprint')}); "
+            f"choose another --out or delete it"
+        )
     manifest_path.unlink(missing_ok=True)  # absent while shards are (re)written: an interrupted cache is refused
     started = time.time()
     config = config_to_dict(cfg)
@@ -135,21 +151,31 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
             from vaemo.cluster import map_on_actors
 
             gpus = None if cfg.scaling.use_gpu else 0.0
-            work = map_on_actors(TeacherCacheWriter, (config, str(out), int(cpus_per_actor)), "write_shard", urls,
-                                 actors, cpus_per_actor, gpus)
+            work = map_on_actors(
+                TeacherCacheWriter, (config, str(out), int(cpus_per_actor)), "write_shard", urls, actors, cpus_per_actor, gpus
+            )
             for done, report in enumerate(work, 1):
                 reports.append(report)
                 update(done)
     skipped: Counter = Counter()
     for r in reports:
         skipped.update(r["skipped"])
-    shards_done = {**previous.get("shards", {}), **{r["shard"]: {"cached": r["cached"], "skipped": r["skipped"]}
-                                                    for r in reports}}
-    manifest = {"fingerprint": key, "parts": parts, "shards": dict(sorted(shards_done.items())),
-                "cached": sum(v["cached"] for v in shards_done.values()), "seconds": round(time.time() - started, 1)}
+    shards_done = {
+        **previous.get("shards", {}),
+        **{r["shard"]: {"cached": r["cached"], "skipped": r["skipped"]} for r in reports},
+    }
+    manifest = {
+        "fingerprint": key,
+        "parts": parts,
+        "shards": dict(sorted(shards_done.items())),
+        "cached": sum(v["cached"] for v in shards_done.values()),
+        "seconds": round(time.time() - started, 1),
+    }
     manifest_path.write_text(json.dumps(manifest, indent=1))
-    progress.log(f"cached the teacher for {sum(r['cached'] for r in reports)} clips in {out} "
-                 f"(fingerprint {key}; skipped {dict(skipped) or 'none'})")
+    progress.log(
+        f"cached the teacher for {sum(r['cached'] for r in reports)} clips in {out} "
+        f"(fingerprint {key}; skipped {dict(skipped) or 'none'})"
+    )
     return manifest
 
 
@@ -161,8 +187,12 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
 def add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the stage-1 preset (model, frames, stage1.topk/temperature)")
     p.add_argument("--out", required=True, help="cache folder: one shard per source shard + teacher-cache.json")
-    p.add_argument("--shards", action="append", default=[],
-                   help="source shards (brace/glob; repeatable); default: data.train_shards and data.val_shards")
+    p.add_argument(
+        "--shards",
+        action="append",
+        default=[],
+        help="source shards (brace/glob; repeatable); default: data.train_shards and data.val_shards",
+    )
     p.add_argument("--actors", type=int, default=2, help="Ray actors, one frozen teacher each (0: in-process)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (as for jobs/stage1.py)")

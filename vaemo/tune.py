@@ -86,7 +86,7 @@ def load_sweep(path: str | Path, config_path: str | Path) -> SweepSpec:
     check_tree(spec)
     for key, sampler in spec.space.items():  # every searched field must exist and accept the values
         name, values = next(iter(sampler.items()))
-        for value in (values if name == "choice" else values[:1]):
+        for value in values if name == "choice" else values[:1]:
             load_config(config_path, [*spec.trial_overrides, f"{key}={value}"], stage=2)
     return spec
 
@@ -97,10 +97,12 @@ def tune_space(space: dict) -> dict[str, Any]:
     out = {}
     for key, sampler in space.items():
         name, values = next(iter(sampler.items()))
-        out[key] = {"loguniform": lambda v: tune.loguniform(float(v[0]), float(v[1])),
-                    "uniform": lambda v: tune.uniform(float(v[0]), float(v[1])),
-                    "randint": lambda v: tune.randint(int(v[0]), int(v[1])),
-                    "choice": tune.choice}[name](values)
+        out[key] = {
+            "loguniform": lambda v: tune.loguniform(float(v[0]), float(v[1])),
+            "uniform": lambda v: tune.uniform(float(v[0]), float(v[1])),
+            "randint": lambda v: tune.randint(int(v[0]), int(v[1])),
+            "choice": tune.choice,
+        }[name](values)
     return out
 
 
@@ -112,12 +114,19 @@ def run_trial(params: dict, config_path: str, overrides: list[str], out_root: st
     from vaemo.train.launch import run_stage
 
     trial_id = tune.get_context().get_trial_id()
-    run_stage(2, config_path, Path(out_root) / "trials" / trial_id, [*overrides, *(f"{k}={v}" for k, v in params.items())],
-              overwrite=True, tune_callbacks=[TuneReportCallback()])
+    run_stage(
+        2,
+        config_path,
+        Path(out_root) / "trials" / trial_id,
+        [*overrides, *(f"{k}={v}" for k, v in params.items())],
+        overwrite=True,
+        tune_callbacks=[TuneReportCallback()],
+    )
 
 
-def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None = None,
-          overrides: list[str] | None = None) -> dict:
+def sweep(
+    config_path: str, space_path: str, out: str | Path, trials: int | None = None, overrides: list[str] | None = None
+) -> dict:
     """Run the sweep; returns {"best": params, "metric": value, "trials": rows}."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -126,9 +135,13 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path)
-    per_trial = [*spec.trial_overrides, f"train.val_every={spec.validate_every}",
-                 f"train.checkpoint_every={spec.validate_every}",
-                 *([f"train.val_batches={spec.val_batches}"] if spec.val_batches else []), *(overrides or [])]
+    per_trial = [
+        *spec.trial_overrides,
+        f"train.val_every={spec.validate_every}",
+        f"train.checkpoint_every={spec.validate_every}",
+        *([f"train.val_batches={spec.val_batches}"] if spec.val_batches else []),
+        *(overrides or []),
+    ]
     base = load_config(config_path, per_trial, stage=2)  # relative paths resolve here, where the command runs
     if base.train.val_batches < 1:
         raise UserError("a sweep needs validation: set train.val_batches >= 1")
@@ -139,22 +152,45 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
     dump_config(base, trial_config)
     connect_ray()
     reports = math.ceil(base.train.max_steps / spec.validate_every)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=spec.scheduler.grace_period,
-                               reduction_factor=spec.scheduler.reduction_factor)
-                 if spec.scheduler.type == "asha" else FIFOScheduler())
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=reports,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+        if spec.scheduler.type == "asha"
+        else FIFOScheduler()
+    )
     trainable = tune.with_parameters(run_trial, config_path=str(trial_config), overrides=[], out_root=str(out))
-    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": spec.trial_cpus}), param_space=tune_space(spec.space),
-                       tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=trials or spec.trials,
-                                                   max_concurrent_trials=spec.max_concurrent, scheduler=scheduler),
-                       run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": spec.trial_cpus}),
+        param_space=tune_space(spec.space),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=trials or spec.trials,
+            max_concurrent_trials=spec.max_concurrent,
+            scheduler=scheduler,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+    )
     grid = tuner.fit()
     rows = []
     for result in grid:
         params = {k: result.config.get(k) for k in spec.space}
         metrics = result.metrics or {}
         per_task = {k: v for k, v in sorted(metrics.items()) if re.fullmatch(r"val_[a-z]+_acc", k)}  # what the objective averages
-        rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **params, spec.metric: metrics.get(spec.metric),
-                     **per_task, "steps": metrics.get("step"), "error": raised_message(result.error) if result.error else ""})
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", Path(result.path).name),
+                **params,
+                spec.metric: metrics.get(spec.metric),
+                **per_task,
+                "steps": metrics.get("step"),
+                "error": raised_message(result.error) if result.error else "",
+            }
+        )
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -167,13 +203,16 @@ def sweep(config_path: str, space_path: str, out: str | Path, trials: int | None
     ranked = [r for r in rows if r[spec.metric] is not None and r["steps"] == base.train.max_steps]
     if not ranked:
         reason = next((r["error"] for r in rows if r["error"]), "none trained all its steps")
-        raise UserError(f"no trial reported {spec.metric} after {base.train.max_steps} steps: {reason} "
-                        f"(all trials: {out / 'trials.csv'})")
+        raise UserError(
+            f"no trial reported {spec.metric} after {base.train.max_steps} steps: {reason} (all trials: {out / 'trials.csv'})"
+        )
     best = (max if spec.mode == "max" else min)(ranked, key=lambda r: r[spec.metric])
     best_params = {k: best[k] for k in spec.space}
     best_cfg = load_config(config_path, [*(overrides or []), *(f"{k}={v}" for k, v in best_params.items())], stage=2)
-    header = (f"# Best of {len(rows)} trials by {spec.metric} ({spec.mode}): {best[spec.metric]:.4f}, trial "
-              f"{best['trial']}\n# Train stage 2 with it: python jobs/stage2.py --config {out / 'best.yaml'} --out RUN\n")
+    header = (
+        f"# Best of {len(rows)} trials by {spec.metric} ({spec.mode}): {best[spec.metric]:.4f}, trial "
+        f"{best['trial']}\n# Train stage 2 with it: python jobs/stage2.py --config {out / 'best.yaml'} --out RUN\n"
+    )
     (out / "best.yaml").write_text(header + render_config(best_cfg))
     return {"best": best_params, "metric": best[spec.metric], "trials": rows}
 
@@ -202,6 +241,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.trials is not None and args.trials < 1:
         raise UserError("--trials must be >= 1")
     result = sweep(args.config, args.space, args.out, args.trials, args.overrides)
-    progress.log(f"best {result['metric']:.4f} with {result['best']}; wrote {Path(args.out) / 'trials.csv'} and "
-                 f"{Path(args.out) / 'best.yaml'}")
+    progress.log(
+        f"best {result['metric']:.4f} with {result['best']}; wrote {Path(args.out) / 'trials.csv'} and "
+        f"{Path(args.out) / 'best.yaml'}"
+    )
     return 0

@@ -51,13 +51,20 @@ def parse_item(entry: object, folder: Path, where: str) -> BenchItem:
     va = {}
     for name in ("valence", "arousal"):
         value = entry.get(name)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                  or not -1.0 <= value <= 1.0):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not -1.0 <= value <= 1.0):
             raise bad(f"field '{name}' must be a number in [-1, 1], got {value!r}")
         va[name] = None if value is None else float(value)
-    return BenchItem(id=entry["id"], media=(folder / entry["media"]).resolve(), modality=entry["modality"],
-                     task=entry["task"], question=entry["question"], options=list(options), answer=answer,
-                     extra={k: v for k, v in entry.items() if k not in _KNOWN}, **va)
+    return BenchItem(
+        id=entry["id"],
+        media=(folder / entry["media"]).resolve(),
+        modality=entry["modality"],
+        task=entry["task"],
+        question=entry["question"],
+        options=list(options),
+        answer=answer,
+        extra={k: v for k, v in entry.items() if k not in _KNOWN},
+        **va,
+    )
 
 
 def read_bench(folder: str | Path) -> list[BenchItem]:

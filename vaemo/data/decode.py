@@ -87,8 +87,16 @@ class DecodeSpec:
     @classmethod
     def for_data(cls, d: "DataConfig", **needs) -> "DecodeSpec":
         """The frames and soundtrack a config's `data` section asks for, plus what the consumer needs."""
-        return cls(d.num_frames, d.frame_height, d.frame_width, d.audio_seconds, sampling=d.frame_sampling,
-                   pair_seconds=d.pair_seconds, fit=d.frame_fit, **needs)
+        return cls(
+            d.num_frames,
+            d.frame_height,
+            d.frame_width,
+            d.audio_seconds,
+            sampling=d.frame_sampling,
+            pair_seconds=d.pair_seconds,
+            fit=d.frame_fit,
+            **needs,
+        )
 
 
 @dataclass
@@ -154,8 +162,9 @@ def rescale_va(value: float, scale) -> float:
     """A rating on a declared [low, high] scale -> [-1, 1]; without a scale, the value as it is."""
     if scale is None:
         return value
-    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(x, (int, float)) for x in scale)
-            and scale[1] > scale[0]):
+    if not (
+        isinstance(scale, list) and len(scale) == 2 and all(isinstance(x, (int, float)) for x in scale) and scale[1] > scale[0]
+    ):
         raise SkipSample("bad_field", f"va_scale={scale!r}")
     low, high = scale
     return 2.0 * (value - low) / (high - low) - 1.0
@@ -265,8 +274,9 @@ def fit_frames(frames: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
     return F.pad(frames, (left, spec.width - w - left, top, spec.height - h - top))
 
 
-def decode_audio(raw: bytes, spec: DecodeSpec, start: float | None = None,
-                 key: str = "") -> tuple[torch.Tensor | None, int, float]:
+def decode_audio(
+    raw: bytes, spec: DecodeSpec, start: float | None = None, key: str = ""
+) -> tuple[torch.Tensor | None, int, float]:
     """16 kHz mono samples of the clip's window (from `start`, else the window `clip_window` picks from the
     audio's own length), padded to spec.audio_seconds; valid length; seconds decoded (the whole clip when
     it fits the window). None without audio."""
@@ -311,8 +321,16 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     if audio is not None and seconds > 0 and audio_seconds < 0.8 * seconds:
         raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {seconds:.2f}s")
     duration = seconds or min(audio_seconds, spec.audio_seconds)
-    return Clip(key=key, video=video, audio=audio, audio_len=audio_len, duration=duration,
-                meta=meta, source=sample.get("__url__", ""), teacher=teacher)
+    return Clip(
+        key=key,
+        video=video,
+        audio=audio,
+        audio_len=audio_len,
+        duration=duration,
+        meta=meta,
+        source=sample.get("__url__", ""),
+        teacher=teacher,
+    )
 
 
 def cached_teacher(sample: dict, fingerprint: str) -> TeacherRecord:

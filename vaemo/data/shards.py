@@ -103,8 +103,14 @@ def streams_of(raw: bytes) -> tuple[bool, bool]:
     return opens(VideoDecoder), opens(AudioDecoder)
 
 
-def pack(src: str | Path, out: str | Path, manifest: str | Path | None = None, shard_size: int = 100,
-         val_fraction: float = 0.05, workers: int = 2) -> PackReport:
+def pack(
+    src: str | Path,
+    out: str | Path,
+    manifest: str | Path | None = None,
+    shard_size: int = 100,
+    val_fraction: float = 0.05,
+    workers: int = 2,
+) -> PackReport:
     """Pack SRC's clips (any depth) with their labels into OUT/train-NNNNNN.tar and OUT/val-NNNNNN.tar.
 
     Labels come from the manifest, else from a sidecar `clip.json` next to the clip; every field is kept
@@ -204,8 +210,15 @@ def inspect_sample(sample: dict) -> str:
 
 
 def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
-    counts = {"samples": 0, "ok": 0, "skipped": Counter(), "modalities": Counter(), "read": False,
-              "usable": 0, "unusable": Counter()}
+    counts = {
+        "samples": 0,
+        "ok": 0,
+        "skipped": Counter(),
+        "modalities": Counter(),
+        "read": False,
+        "usable": 0,
+        "unusable": Counter(),
+    }
     for item in read_shard(url):
         if isinstance(item, ShardError):
             counts["skipped"]["unreadable_shard"] += 1
@@ -247,8 +260,14 @@ def inspect_shards(shards: list[str], workers: int = 0, stage_spec: DecodeSpec |
         for name in ("skipped", "modalities", "unusable"):
             total[name].update(part[name])
         readable += part["read"]
-    report = {"samples": total["samples"], "ok": total["ok"], "skipped": dict(total["skipped"]),
-              "modalities": dict(total["modalities"]), "shards": len(urls), "readable_shards": readable}
+    report = {
+        "samples": total["samples"],
+        "ok": total["ok"],
+        "skipped": dict(total["skipped"]),
+        "modalities": dict(total["modalities"]),
+        "shards": len(urls),
+        "readable_shards": readable,
+    }
     if stage_spec is not None:
         report["stage"] = {"usable": total["usable"], "skipped": dict(total["unusable"])}
     return report

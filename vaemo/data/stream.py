@@ -130,9 +130,17 @@ class NoUsableData(UserError):
         return match.group(1).strip().rstrip("'\")") if match else None
 
 
-def _decode_into_batches(raw: Iterable[dict | ShardError], spec: DecodeSpec, batch_size: int, worker: int,
-                         skips: Counter, start_position: int = 0, final_partial: bool = False,
-                         keep: Callable[[int], bool] | None = None, give_up_after: int = 0) -> Iterator[Batch]:
+def _decode_into_batches(
+    raw: Iterable[dict | ShardError],
+    spec: DecodeSpec,
+    batch_size: int,
+    worker: int,
+    skips: Counter,
+    start_position: int = 0,
+    final_partial: bool = False,
+    keep: Callable[[int], bool] | None = None,
+    give_up_after: int = 0,
+) -> Iterator[Batch]:
     """Decode samples into batches, counting skips; with `give_up_after`, that many unusable samples in a
     row raise NoUsableData (a stream that can never fill a batch must not loop forever)."""
     position = start_position
@@ -173,16 +181,29 @@ def train_shard_subset(urls: list[str], rank: int, world_size: int, worker: int,
         return urls[rank * workers + worker :: world_size * workers]
     if len(urls) >= world_size:
         return urls[rank::world_size]
-    raise UserError(f"{len(urls)} training shard(s) cannot be split over {world_size} workers: write at "
-                    f"least {world_size} shards (e.g. smaller `--shard-size` / clips_per_shard)")
+    raise UserError(
+        f"{len(urls)} training shard(s) cannot be split over {world_size} workers: write at "
+        f"least {world_size} shards (e.g. smaller `--shard-size` / clips_per_shard)"
+    )
 
 
 class TrainStream(IterableDataset):
     """Infinite batches for one rank; see the module docstring for the ordering and resume contract."""
 
-    def __init__(self, urls: list[str], spec: DecodeSpec, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 64, resume: StreamState | None = None,
-                 teacher_cache: str = "", give_up_after: int = 0):
+    def __init__(
+        self,
+        urls: list[str],
+        spec: DecodeSpec,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        resume: StreamState | None = None,
+        teacher_cache: str = "",
+        give_up_after: int = 0,
+    ):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
         self.give_up_after = give_up_after  # unusable samples in a row before NoUsableData (0: never)
         self.teacher_cache = teacher_cache  # a teacher-cache folder whose shards are merged into the samples
@@ -218,8 +239,9 @@ class TrainStream(IterableDataset):
                 yield item
             failures_in_a_row = 0 if got_any else failures_in_a_row + 1
             if failures_in_a_row > 4 * len(shards):
-                raise NoUsableData(f"{NoUsableData.MARKER}no readable sample in any of the {len(shards)} shards "
-                                   f"of this worker, e.g. {shards[0]}")
+                raise NoUsableData(
+                    f"{NoUsableData.MARKER}no readable sample in any of the {len(shards)} shards of this worker, e.g. {shards[0]}"
+                )
 
     def __iter__(self) -> Iterator[Batch]:
         loader_worker, workers = _worker_slot()
@@ -230,8 +252,9 @@ class TrainStream(IterableDataset):
         while drawn < start:  # fast-forward: read, don't decode
             if not isinstance(next(raw), ShardError):
                 drawn += 1
-        yield from _decode_into_batches(raw, self.spec, self.batch_size, worker, Counter(), start_position=start,
-                                        give_up_after=self.give_up_after)
+        yield from _decode_into_batches(
+            raw, self.spec, self.batch_size, worker, Counter(), start_position=start, give_up_after=self.give_up_after
+        )
 
 
 @dataclass
@@ -260,17 +283,27 @@ class StreamState:
         return dict(total)
 
     def state_dict(self) -> dict:
-        return {"num_workers": self.num_workers, "positions": dict(self.positions), "batches": self.batches,
-                "skips": self.skips()}
+        return {
+            "num_workers": self.num_workers,
+            "positions": dict(self.positions),
+            "batches": self.batches,
+            "skips": self.skips(),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict, num_workers: int) -> StreamState:
         if int(state["num_workers"]) != num_workers:
-            raise UserError(f"the checkpoint was written with data.loader_workers={state['num_workers']}; "
-                            f"resume with the same value for an exact continuation (got {num_workers})")
+            raise UserError(
+                f"the checkpoint was written with data.loader_workers={state['num_workers']}; "
+                f"resume with the same value for an exact continuation (got {num_workers})"
+            )
         positions = {int(k): int(v) for k, v in state["positions"].items()}
-        return cls(num_workers=num_workers, positions=positions, batches=int(state.get("batches", 0)),
-                   base_skips=Counter(state.get("skips", {})))
+        return cls(
+            num_workers=num_workers,
+            positions=positions,
+            batches=int(state.get("batches", 0)),
+            base_skips=Counter(state.get("skips", {})),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +331,7 @@ class EvalStream(IterableDataset):
         else:
             shards, keep = self.urls, (lambda index: index % slots == slot)
         raw = (item for url in shards for item in read_shard(url))
-        yield from _decode_into_batches(raw, self.spec, self.batch_size, worker, Counter(), final_partial=True,
-                                        keep=keep)
+        yield from _decode_into_batches(raw, self.spec, self.batch_size, worker, Counter(), final_partial=True, keep=keep)
 
 
 def _quiet_worker(_: int) -> None:
@@ -308,9 +340,13 @@ def _quiet_worker(_: int) -> None:
 
 def make_loader(dataset: IterableDataset, workers: int, prefetch_batches: int = 2) -> DataLoader:
     """A DataLoader over a stream that already yields whole batches (decoding runs in the workers)."""
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      prefetch_factor=prefetch_batches if workers > 0 else None,
-                      worker_init_fn=_quiet_worker if workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=prefetch_batches if workers > 0 else None,
+        worker_init_fn=_quiet_worker if workers > 0 else None,
+    )
 
 
 def probe_usable(urls: list[str], spec: DecodeSpec, limit: int, teacher_cache: str = "") -> None:

@@ -78,16 +78,24 @@ class Ranges:
     jitter: bool = True  # domain randomisation of the rendering choices the spec leaves open
 
     @classmethod
-    def corner(cls, size: int = 128, fps: int = 12, duration: tuple[float, float] = (2.0, 3.0),
-               sample_rate: int = 16000) -> "Ranges":
+    def corner(
+        cls, size: int = 128, fps: int = 12, duration: tuple[float, float] = (2.0, 3.0), sample_rate: int = 16000
+    ) -> "Ranges":
         """One point of the spec: square frames, one rate, mono mp4, no rendering jitter."""
         return cls((size, size), (1.0, 1.0), (fps, fps), duration, (sample_rate,), (1,), ("mp4",), False)
 
     @classmethod
     def of(cls, synth: "SynthConfig") -> "Ranges":
-        return cls(tuple(synth.short_side), tuple(synth.aspect_ratio), tuple(synth.fps),
-                   (synth.min_duration, synth.max_duration), tuple(synth.sample_rates), tuple(synth.channels),
-                   tuple(synth.formats), synth.domain_randomization)
+        return cls(
+            tuple(synth.short_side),
+            tuple(synth.aspect_ratio),
+            tuple(synth.fps),
+            (synth.min_duration, synth.max_duration),
+            tuple(synth.sample_rates),
+            tuple(synth.channels),
+            tuple(synth.formats),
+            synth.domain_randomization,
+        )
 
 
 @dataclass
@@ -109,12 +117,20 @@ class Look:
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "Look":
-        return cls(edge_blur=float(rng.uniform(0.0, 1.2)), outline=float(rng.choice([0.0, 0.0, 1.0, 2.0])),
-                   outline_value=float(rng.uniform(0.1, 0.5)), star_inner=float(rng.uniform(0.36, 0.5)),
-                   background_noise=float(rng.uniform(0.0, 0.02)), band_limit=float(rng.uniform(0.35, 1.0)),
-                   pluck_pole=float(rng.uniform(0.25, 0.5)), pluck_loss=float(rng.uniform(0.994, 0.998)),
-                   attack=float(rng.uniform(0.008, 0.012)), decay_scale=float(rng.uniform(0.93, 1.07)),
-                   onset_jitter=float(rng.uniform(0.0, 0.006)), grain_seed=int(rng.integers(2**31)))
+        return cls(
+            edge_blur=float(rng.uniform(0.0, 1.2)),
+            outline=float(rng.choice([0.0, 0.0, 1.0, 2.0])),
+            outline_value=float(rng.uniform(0.1, 0.5)),
+            star_inner=float(rng.uniform(0.36, 0.5)),
+            background_noise=float(rng.uniform(0.0, 0.02)),
+            band_limit=float(rng.uniform(0.35, 1.0)),
+            pluck_pole=float(rng.uniform(0.25, 0.5)),
+            pluck_loss=float(rng.uniform(0.994, 0.998)),
+            attack=float(rng.uniform(0.008, 0.012)),
+            decay_scale=float(rng.uniform(0.93, 1.07)),
+            onset_jitter=float(rng.uniform(0.0, 0.006)),
+            grain_seed=int(rng.integers(2**31)),
+        )
 
 
 @dataclass
@@ -176,8 +192,7 @@ def frame_shape(rng: np.random.Generator, ranges: Ranges) -> tuple[int, int]:
     return _even(short), _even(short / aspect)
 
 
-def sample_clip(rng: np.random.Generator, ranges: Ranges, emotion: str | None = None,
-                obj: str | None = None) -> ClipSpec:
+def sample_clip(rng: np.random.Generator, ranges: Ranges, emotion: str | None = None, obj: str | None = None) -> ClipSpec:
     """Draw one clip's factors following the spec's numbers; everything the spec leaves open is random."""
     emotion = emotion or vocab.EMOTIONS[int(rng.integers(4))]
     obj = obj or vocab.OBJECTS[int(rng.integers(4))]
@@ -214,11 +229,32 @@ def sample_clip(rng: np.random.Generator, ranges: Ranges, emotion: str | None = 
     starts = [[float(rng.uniform(r / 2, width - r / 2)), float(rng.uniform(r / 2, height - r / 2))] for r in sizes]
     directions = [float(rng.uniform(0, 2 * math.pi)) for _ in range(count)]
     spec = ClipSpec(
-        emotion=emotion, valence=valence, arousal=arousal, object=obj, count=count, duration=duration, fps=fps,
-        width=width, height=height, sample_rate=sample_rate, channels=channels, container=container, hue=hue,
-        saturation=0.35 + 0.3 * abs(arousal), value_top=value_top, root_midi=root, mode=mode, notes=notes,
-        tempo_bpm=tempo_bpm, onsets=onsets, noise_amplitude=float(rng.uniform(0.005, 0.02)),
-        peak_amplitude=0.25 + 0.5 * s, sizes=sizes, starts=starts, directions=directions, look=look,
+        emotion=emotion,
+        valence=valence,
+        arousal=arousal,
+        object=obj,
+        count=count,
+        duration=duration,
+        fps=fps,
+        width=width,
+        height=height,
+        sample_rate=sample_rate,
+        channels=channels,
+        container=container,
+        hue=hue,
+        saturation=0.35 + 0.3 * abs(arousal),
+        value_top=value_top,
+        root_midi=root,
+        mode=mode,
+        notes=notes,
+        tempo_bpm=tempo_bpm,
+        onsets=onsets,
+        noise_amplitude=float(rng.uniform(0.005, 0.02)),
+        peak_amplitude=0.25 + 0.5 * s,
+        sizes=sizes,
+        starts=starts,
+        directions=directions,
+        look=look,
     )
     spec.caption = vocab.caption(vocab.Cues(obj, count, emotion, valence, arousal), rng)
     return spec
@@ -333,8 +369,7 @@ def render_frames(spec: ClipSpec) -> np.ndarray:
         layers = [(inner, fill)]
         if look.outline:  # drawn first, the fill over it: a ring of `outline` px around the shape
             grown = radius * (1 + look.outline / np.maximum(radius, 1.0))
-            layers.insert(0, (_coverage(shape_mask(spec.object, dx, dy, grown, look.star_inner), look.edge_blur),
-                              edge))
+            layers.insert(0, (_coverage(shape_mask(spec.object, dx, dy, grown, look.star_inner), look.edge_blur), edge))
         for t in range(spec.n_frames):
             ya, xa = max(y0[t], 0), max(x0[t], 0)
             yb, xb = min(y0[t] + 2 * reach + 1, height), min(x0[t] + 2 * reach + 1, width)
@@ -357,8 +392,7 @@ def midi_to_hz(note: float) -> float:
     return 440.0 * 2.0 ** ((note - 69) / 12.0)
 
 
-def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np.random.Generator,
-                look: Look) -> np.ndarray:
+def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np.random.Generator, look: Look) -> np.ndarray:
     """One note's waveform with peak 1: band-limited additive synthesis, or a Karplus-Strong string."""
     nyquist = sample_rate / 2
     if kind == "circle":
@@ -489,19 +523,27 @@ def encode_clips(clips: list[Media]) -> list[bytes]:
         return [out.read_bytes() for _, out in outputs]
 
 
-def encode_clip(frames: np.ndarray | None, audio: np.ndarray | None, fps: int, sample_rate: int,
-                codec: Codec = Codec()) -> bytes:
+def encode_clip(frames: np.ndarray | None, audio: np.ndarray | None, fps: int, sample_rate: int, codec: Codec = Codec()) -> bytes:
     return encode_clips([Media(frames, audio, fps, sample_rate, codec)])[0]
 
 
-def render_clip(seed: int, split: str, index: int, ranges: Ranges, emotion: str | None = None,
-                obj: str | None = None) -> tuple[Media, dict]:
+def render_clip(
+    seed: int, split: str, index: int, ranges: Ranges, emotion: str | None = None, obj: str | None = None
+) -> tuple[Media, dict]:
     """Render one clip (not yet encoded); returns its streams and its JSON labels."""
     rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
     spec = sample_clip(rng, ranges, emotion=emotion, obj=obj)
-    meta = {"caption": spec.caption, "emotion": spec.emotion, "valence": round(spec.valence, 4),
-            "arousal": round(spec.arousal, 4), "object": spec.object, "count": spec.count, "split": split,
-            "source": "artemo-synth", "synth": {k: v for k, v in asdict(spec).items() if k != "caption"}}
+    meta = {
+        "caption": spec.caption,
+        "emotion": spec.emotion,
+        "valence": round(spec.valence, 4),
+        "arousal": round(spec.arousal, 4),
+        "object": spec.object,
+        "count": spec.count,
+        "split": split,
+        "source": "artemo-synth",
+        "synth": {k: v for k, v in asdict(spec).items() if k != "caption"},
+    }
     codec = replace(FORMATS[spec.container], channels=spec.channels)
     return Media(render_frames(spec), render_audio(spec, rng), spec.fps, spec.sample_rate, codec), meta
 
@@ -564,11 +606,19 @@ def write_bench_items(bench_dir: Path, clips: int, seed: int) -> int:
             for task in vocab.TASKS:
                 options = vocab.shuffled_options(task, rng)
                 truth = meta["object"] if task == "content" else meta["emotion"]
-                items.append({
-                    "id": f"q-{len(items) + 1:06d}", "media": media, "modality": modality,
-                    "task": task, "question": vocab.QUESTIONS[task], "options": options,
-                    "answer": options.index(truth), "valence": meta["valence"], "arousal": meta["arousal"],
-                })
+                items.append(
+                    {
+                        "id": f"q-{len(items) + 1:06d}",
+                        "media": media,
+                        "modality": modality,
+                        "task": task,
+                        "question": vocab.QUESTIONS[task],
+                        "options": options,
+                        "answer": options.index(truth),
+                        "valence": meta["valence"],
+                        "arousal": meta["arousal"],
+                    }
+                )
     with open(bench_dir / "items.jsonl", "w") as f:
         for item in items:
             f.write(json.dumps(item) + "\n")
@@ -589,16 +639,24 @@ def bench_from_shards(shards: list[Path], out: Path, seed: int) -> int:
             for name in sorted(n for n in members if n.endswith(".json")):
                 meta = json.loads(tar.extractfile(members[name]).read())
                 clip = f"{name[: -len('.json')]}.{meta['synth']['container']}"
-                (media / f"clip-{count:05d}.{meta['synth']['container']}").write_bytes(
-                    tar.extractfile(members[clip]).read())
+                (media / f"clip-{count:05d}.{meta['synth']['container']}").write_bytes(tar.extractfile(members[clip]).read())
                 (media / f"clip-{count:05d}.json").write_text(json.dumps(meta))
                 count += 1
     return write_bench_items(out, count, seed)
 
 
-def synthesize(out: str | Path, *, train_clips: int, val_clips: int, bench_clips: int, seed: int = 0,
-               clips_per_shard: int = 100, ranges: Ranges = Ranges(), workers: int = 0,
-               progress=None) -> dict[str, int]:
+def synthesize(
+    out: str | Path,
+    *,
+    train_clips: int,
+    val_clips: int,
+    bench_clips: int,
+    seed: int = 0,
+    clips_per_shard: int = 100,
+    ranges: Ranges = Ranges(),
+    workers: int = 0,
+    progress=None,
+) -> dict[str, int]:
     """Write OUT/train/*.tar, OUT/val/*.tar and OUT/bench/ (items.jsonl + media/). Deterministic per seed."""
     out = Path(out)
     jobs: list[SynthJob] = []
@@ -628,9 +686,16 @@ def synthesize(out: str | Path, *, train_clips: int, val_clips: int, bench_clips
     return {"train": train_clips, "val": val_clips, "bench_clips": bench_clips, "bench_items": items}
 
 
-def write_world(out: str | Path, synth: "SynthConfig", seed: int = 0, train: int | None = None,
-                val: int | None = None, bench: int | None = None, shard_size: int | None = None,
-                workers: int | None = None) -> dict[str, int]:
+def write_world(
+    out: str | Path,
+    synth: "SynthConfig",
+    seed: int = 0,
+    train: int | None = None,
+    val: int | None = None,
+    bench: int | None = None,
+    shard_size: int | None = None,
+    workers: int | None = None,
+) -> dict[str, int]:
     """`vaemo data synth`: the world a preset's `synth` section describes, with progress; explicit counts
     win, and with only `train` given val and bench are derived from it (balanced blocks of 16)."""
     from vaemo import progress
@@ -640,8 +705,16 @@ def write_world(out: str | Path, synth: "SynthConfig", seed: int = 0, train: int
     val_clips = val or (synth.val_clips if train is None else derived)
     bench_clips = bench or (synth.bench_clips if train is None else derived)
     with progress.task("synthesizing clips", train_clips + val_clips + bench_clips) as update:
-        counts = synthesize(out, train_clips=train_clips, val_clips=val_clips, bench_clips=bench_clips, seed=seed,
-                            clips_per_shard=shard_size or synth.clips_per_shard, ranges=Ranges.of(synth),
-                            workers=synth.workers if workers is None else workers, progress=update)
+        counts = synthesize(
+            out,
+            train_clips=train_clips,
+            val_clips=val_clips,
+            bench_clips=bench_clips,
+            seed=seed,
+            clips_per_shard=shard_size or synth.clips_per_shard,
+            ranges=Ranges.of(synth),
+            workers=synth.workers if workers is None else workers,
+            progress=update,
+        )
     progress.log(f"wrote {out}: {counts}")
     return counts

@@ -58,8 +58,11 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
         if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
             raise ValueError("bad tar header checksum")
         size_field = header[124:136]
-        size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
-                else int(size_field.replace(b"\0", b" ").strip() or b"0", 8))
+        size = (
+            int.from_bytes(size_field[1:], "big")
+            if size_field[0] & 0x80
+            else int(size_field.replace(b"\0", b" ").strip() or b"0", 8)
+        )
         data = _read_exact(stream, size)
         if len(data) < size:
             raise ValueError("the archive ends inside a member")

@@ -42,10 +42,10 @@ class TeacherRecord:
 def encode_record(record: TeacherRecord) -> dict[str, bytes]:
     """The two files of one cached sample, by extension."""
     buffer = io.BytesIO()
-    np.savez(buffer, ids=record.ids.astype(np.int32), logprobs=record.logprobs.astype(np.float32),
-             tail=record.tail.astype(np.float32))
-    meta = {"fingerprint": record.fingerprint, "sequences": [list(s) for s in record.sequences],
-            "lengths": list(record.lengths)}
+    np.savez(
+        buffer, ids=record.ids.astype(np.int32), logprobs=record.logprobs.astype(np.float32), tail=record.tail.astype(np.float32)
+    )
+    meta = {"fingerprint": record.fingerprint, "sequences": [list(s) for s in record.sequences], "lengths": list(record.lengths)}
     return {TEACHER_JSON: json.dumps(meta).encode(), TEACHER_NPZ: buffer.getvalue()}
 
 
@@ -53,9 +53,14 @@ def decode_record(files: dict) -> TeacherRecord:
     """Parse a sample's teacher files; ValueError/KeyError when they are damaged."""
     meta = json.loads(files[TEACHER_JSON])
     arrays = np.load(io.BytesIO(files[TEACHER_NPZ]))
-    record = TeacherRecord(fingerprint=str(meta["fingerprint"]), sequences=[tuple(s) for s in meta["sequences"]],
-                           lengths=[int(n) for n in meta["lengths"]], ids=arrays["ids"], logprobs=arrays["logprobs"],
-                           tail=arrays["tail"])
+    record = TeacherRecord(
+        fingerprint=str(meta["fingerprint"]),
+        sequences=[tuple(s) for s in meta["sequences"]],
+        lengths=[int(n) for n in meta["lengths"]],
+        ids=arrays["ids"],
+        logprobs=arrays["logprobs"],
+        tail=arrays["tail"],
+    )
     n = sum(record.lengths)
     if len(record.sequences) != len(record.lengths) or record.ids.shape[0] != n or record.tail.shape != (n,):
         raise ValueError("teacher record sizes disagree")

@@ -14,8 +14,12 @@ EMOTIONS: tuple[str, ...] = ("joy", "calm", "anger", "sadness")
 OBJECTS: tuple[str, ...] = ("circle", "square", "triangle", "star")
 # (sign of valence, sign of arousal) per emotion, from the spec's table.
 EMOTION_SIGNS: dict[str, tuple[int, int]] = {"joy": (1, 1), "calm": (1, -1), "anger": (-1, 1), "sadness": (-1, -1)}
-TIMBRE_WORDS: dict[str, str] = {"circle": "pure sine", "square": "hollow square", "triangle": "buzzy sawtooth",
-                                "star": "plucked string"}
+TIMBRE_WORDS: dict[str, str] = {
+    "circle": "pure sine",
+    "square": "hollow square",
+    "triangle": "buzzy sawtooth",
+    "star": "plucked string",
+}
 PLURALS: dict[str, str] = {o: o + "s" for o in OBJECTS}
 COUNT_WORDS = {1: "one", 2: "two"}
 
@@ -63,8 +67,7 @@ class Cues:
 _TEMPLATES = (
     "{count} {things} {drift} {speed} over a {bright}, {warm} background while {timbre} notes play a {speed} "
     "{mode} arpeggio. It feels {emotion}.",
-    "A {emotion} artwork: {count} {things} on a {warm}, {bright} gradient, moving {speed}, with {speed} {mode} "
-    "{timbre} tones.",
+    "A {emotion} artwork: {count} {things} on a {warm}, {bright} gradient, moving {speed}, with {speed} {mode} {timbre} tones.",
     "{emotion} mood. {count} {things}, {warm} and {bright} colours, {speed} motion, and a {speed} {mode} melody of "
     "{timbre} notes.",
     "The artwork shows {count} {things} moving {speed} across {bright} {warm} colours; {timbre} sounds form a {mode} "
@@ -77,9 +80,15 @@ def caption(cues: Cues, rng: np.random.Generator) -> str:
     template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
     things = cues.object if cues.count == 1 else PLURALS[cues.object]
     text = template.format(
-        count=COUNT_WORDS[cues.count], things=things, drift="drifts" if cues.count == 1 else "drift",
-        speed=cues.speed, bright=cues.bright, warm=cues.warm, timbre=TIMBRE_WORDS[cues.object],
-        mode=cues.mode, emotion=cues.emotion,
+        count=COUNT_WORDS[cues.count],
+        things=things,
+        drift="drifts" if cues.count == 1 else "drift",
+        speed=cues.speed,
+        bright=cues.bright,
+        warm=cues.warm,
+        timbre=TIMBRE_WORDS[cues.object],
+        mode=cues.mode,
+        emotion=cues.emotion,
     )
     return text[0].upper() + text[1:]
 

@@ -63,8 +63,11 @@ class Asker:
             except SkipSample as err:
                 result.error = err.reason
                 continue
-            videos.append(frames if frames is not None else torch.zeros(self.spec.num_frames, 3, self.spec.height,
-                                                                          self.spec.width, dtype=torch.uint8))
+            videos.append(
+                frames
+                if frames is not None
+                else torch.zeros(self.spec.num_frames, 3, self.spec.height, self.spec.width, dtype=torch.uint8)
+            )
             audios.append(sound if sound is not None else torch.zeros(self.spec.audio_samples))
             durations.append(duration)
             items.append(PromptItem(modality, question, None, len(videos) - 1))
@@ -93,11 +96,18 @@ def find_clips(pattern: str) -> list[Path]:
     return sorted(p.resolve() for p in found)
 
 
-def ask_many(model_dir: Path, clips: list[Path], modality: str, question: str, dtype: str, actors: int,
-             max_new_tokens: int = 0, cpus_per_actor: float = 1.0) -> list[Answer]:
+def ask_many(
+    model_dir: Path,
+    clips: list[Path],
+    modality: str,
+    question: str,
+    dtype: str,
+    actors: int,
+    max_new_tokens: int = 0,
+    cpus_per_actor: float = 1.0,
+) -> list[Answer]:
     """Answer every clip, on `actors` Ray actors (0: in this process); answers in the clips' order."""
-    tasks = [[(str(c), modality, question) for c in clips[i : i + CLIPS_PER_TASK]]
-             for i in range(0, len(clips), CLIPS_PER_TASK)]
+    tasks = [[(str(c), modality, question) for c in clips[i : i + CLIPS_PER_TASK]] for i in range(0, len(clips), CLIPS_PER_TASK)]
     answers: list[Answer] = []
     with progress.task(f"answering {len(clips)} clip(s)", len(tasks)) as update:
         if actors == 0:
@@ -106,8 +116,9 @@ def ask_many(model_dir: Path, clips: list[Path], modality: str, question: str, d
         else:
             from vaemo.cluster import map_on_actors
 
-            parts = map_on_actors(Asker, (str(model_dir), dtype, int(cpus_per_actor), max_new_tokens), "answer",
-                                  tasks, actors, cpus_per_actor)
+            parts = map_on_actors(
+                Asker, (str(model_dir), dtype, int(cpus_per_actor), max_new_tokens), "answer", tasks, actors, cpus_per_actor
+            )
         for done, part in enumerate(parts, 1):
             answers.extend(part)
             update(done)
@@ -139,22 +150,24 @@ def run_ask(args: argparse.Namespace) -> int:
         if not args.out:
             raise UserError("--clips needs --out FILE.jsonl")
         clips = find_clips(args.clips)
-        answers = ask_many(model_dir, clips, args.modality, args.question, args.dtype, args.actors,
-                           args.max_new_tokens)
+        answers = ask_many(model_dir, clips, args.modality, args.question, args.dtype, args.actors, args.max_new_tokens)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             for a in answers:
                 f.write(json.dumps(asdict(a)) + "\n")
         failed = [a for a in answers if a.error]
-        progress.log(f"wrote {len(answers)} answer(s) to {out}" +
-                     (f"; {len(failed)} clip(s) could not be used (see their `error`)" if failed else ""))
+        progress.log(
+            f"wrote {len(answers)} answer(s) to {out}"
+            + (f"; {len(failed)} clip(s) could not be used (see their `error`)" if failed else "")
+        )
         return 0
     clip = Path(args.clip).expanduser()
     if not clip.is_file():
         raise UserError(f"--clip '{args.clip}' is not a file")
     result = Asker(model_dir, args.dtype, max_new_tokens=args.max_new_tokens).answer(
-        [(str(clip.resolve()), args.modality, args.question)])[0]
+        [(str(clip.resolve()), args.modality, args.question)]
+    )[0]
     if result.error:
         raise UserError(f"--clip '{args.clip}' cannot be used: {SKIP_REASONS[result.error]} ({result.error})")
     print(result.answer)

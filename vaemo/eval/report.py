@@ -35,21 +35,28 @@ def summarize(results: list[ItemResult]) -> dict:
             if r.modality == modality and r.valence_pred is not None and r.valence is not None:
                 seen.setdefault(r.media, r)
         if seen:
-            va[modality] = {"valence_mae": float(np.mean([abs(r.valence_pred - r.valence) for r in seen.values()])),
-                            "arousal_mae": float(np.mean([abs(r.arousal_pred - r.arousal) for r in seen.values()
-                                                          if r.arousal is not None])),
-                            "clips": len(seen)}
+            va[modality] = {
+                "valence_mae": float(np.mean([abs(r.valence_pred - r.valence) for r in seen.values()])),
+                "arousal_mae": float(np.mean([abs(r.arousal_pred - r.arousal) for r in seen.values() if r.arousal is not None])),
+                "clips": len(seen),
+            }
     if va:
         out["va"] = va
     deaf = [r for r in results if r.deaf and not r.skipped]
     if deaf:
         # A listening model answers for the clip it heard: donor accuracy near its normal audio accuracy.
         donors = [r.donor_correct for r in deaf if r.donor_answer >= 0]
-        out["deaf_check"] = {"accuracy": float(np.mean([r.correct for r in deaf])), "items": len(deaf),
-                             "donor_accuracy": float(np.mean(donors)) if donors else float("nan")}
+        out["deaf_check"] = {
+            "accuracy": float(np.mean([r.correct for r in deaf])),
+            "items": len(deaf),
+            "donor_accuracy": float(np.mean(donors)) if donors else float("nan"),
+        }
     out["always_option"] = always_option(scored)
-    out["chance"] = {m: float(np.mean([1.0 / r.options for r in scored if r.modality == m]))
-                     for m in MODALITIES if any(r.modality == m for r in scored)}
+    out["chance"] = {
+        m: float(np.mean([1.0 / r.options for r in scored if r.modality == m]))
+        for m in MODALITIES
+        if any(r.modality == m for r in scored)
+    }
     return out
 
 

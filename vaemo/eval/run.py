@@ -41,10 +41,19 @@ def check_model_dir(model_dir: str | Path, flag: str = "--model") -> Path:
     return path
 
 
-def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batch_items: int = 16,
-             deaf_check: bool = True, max_items: int = 0, seed: int = 0, cpus_per_actor: float = 1.0,
-             gpus_per_actor: float | None = None, label: str = "", dtype: str = "auto"
-             ) -> tuple[dict, list[ItemResult]]:
+def evaluate(
+    model_dir: str | Path,
+    bench_dir: str | Path,
+    actors: int = 2,
+    batch_items: int = 16,
+    deaf_check: bool = True,
+    max_items: int = 0,
+    seed: int = 0,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float | None = None,
+    label: str = "",
+    dtype: str = "auto",
+) -> tuple[dict, list[ItemResult]]:
     """Score every item; actors=0 scores in this process. Returns (report, item results).
 
     `dtype`: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.
@@ -65,8 +74,9 @@ def evaluate(model_dir: str | Path, bench_dir: str | Path, actors: int = 2, batc
     else:
         from vaemo.cluster import map_on_actors
 
-        parts = map_on_actors(ScorerActor, (str(model_dir), int(cpus_per_actor), dtype), "score", chunks, actors,
-                              cpus_per_actor, gpus_per_actor)
+        parts = map_on_actors(
+            ScorerActor, (str(model_dir), int(cpus_per_actor), dtype), "score", chunks, actors, cpus_per_actor, gpus_per_actor
+        )
         with progress.task(description, len(chunks)) as update:
             for done, part in enumerate(parts, 1):
                 results.extend(part)
@@ -101,8 +111,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-items", type=int, help="score only the first N items (smoke runs)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="replica precision (auto: bf16 on GPU)")
     p.add_argument("--no-deaf-check", action="store_true", help="skip the shuffled-soundtrack deaf check")
-    p.add_argument("--baseline", action="append", default=[], metavar="NAME=EXPORT",
-                   help="also score this export and show it beside the model (e.g. before-stage1=RUN0/export)")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME=EXPORT",
+        help="also score this export and show it beside the model (e.g. before-stage1=RUN0/export)",
+    )
     p.add_argument("--cpus-per-actor", type=float, help="CPUs Ray reserves per actor; default 1")
 
 
@@ -137,8 +152,14 @@ def run_eval(args: argparse.Namespace) -> int:
         named.append((name, check_model_dir(path, "--baseline")))
     check_model_dir(args.model)
     read_bench(args.bench)  # a malformed benchmark fails here, before any actor starts
-    options = dict(actors=settings.actors, batch_items=settings.batch_items, deaf_check=settings.deaf_check,
-                   max_items=settings.max_items, cpus_per_actor=settings.cpus_per_actor, dtype=settings.dtype)
+    options = dict(
+        actors=settings.actors,
+        batch_items=settings.batch_items,
+        deaf_check=settings.deaf_check,
+        max_items=settings.max_items,
+        cpus_per_actor=settings.cpus_per_actor,
+        dtype=settings.dtype,
+    )
     report, results = evaluate(args.model, args.bench, label="model", **options)
     baselines = {"chance": chance_report(report), "always one option": position_report(report)}
     for name, path in named:

@@ -105,16 +105,25 @@ def load_replica(model_dir: str | Path, device: str = "auto", dtype: str = "auto
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return VAEmotionLLM.from_pretrained(model_dir, attn_implementation=choose_attention("auto"),
-                                        dtype=choose_dtype(dtype)).to(device).eval()
+    return (
+        VAEmotionLLM.from_pretrained(model_dir, attn_implementation=choose_attention("auto"), dtype=choose_dtype(dtype))
+        .to(device)
+        .eval()
+    )
 
 
 def decode_spec(model: VAEmotionLLM) -> DecodeSpec:
     """Clips decoded the way the model was trained on them."""
     v = model.spec.visual
-    return DecodeSpec(num_frames=v.num_frames, height=v.height, width=v.width,
-                      audio_seconds=model.spec.audio_seconds, sampling=v.frame_sampling, pair_seconds=v.pair_seconds,
-                      fit=v.frame_fit)
+    return DecodeSpec(
+        num_frames=v.num_frames,
+        height=v.height,
+        width=v.width,
+        audio_seconds=model.spec.audio_seconds,
+        sampling=v.frame_sampling,
+        pair_seconds=v.pair_seconds,
+        fit=v.frame_fit,
+    )
 
 
 def decode_clip(path: Path, spec: DecodeSpec, video: bool, audio: bool):
@@ -155,9 +164,19 @@ class Scorer:
             item = task.item
             needs_video = item.modality in ("visual", "audio_visual")
             needs_audio = item.modality in ("audio", "audio_visual")
-            result = ItemResult(item.id, item.modality, item.task, task.deaf, skipped=False, answer=item.answer,
-                                options=len(item.options), valence=item.valence, arousal=item.arousal,
-                                media=str(item.media), donor_answer=task.donor_answer)
+            result = ItemResult(
+                item.id,
+                item.modality,
+                item.task,
+                task.deaf,
+                skipped=False,
+                answer=item.answer,
+                options=len(item.options),
+                valence=item.valence,
+                arousal=item.arousal,
+                media=str(item.media),
+                donor_answer=task.donor_answer,
+            )
             seen = self._decode(item.media, needs_video, needs_audio and not task.deaf, cache)
             heard = self._decode(task.audio_from, False, True, cache) if task.deaf else seen
             problem = next((x for x in (seen, heard) if isinstance(x, str)), None)
@@ -168,8 +187,11 @@ class Scorer:
             frames, sound, duration = seen
             if task.deaf:
                 sound = heard[1]
-            videos.append(frames if frames is not None else torch.zeros(self.spec.num_frames, 3, self.spec.height,
-                                                                          self.spec.width, dtype=torch.uint8))
+            videos.append(
+                frames
+                if frames is not None
+                else torch.zeros(self.spec.num_frames, 3, self.spec.height, self.spec.width, dtype=torch.uint8)
+            )
             audios.append(sound if sound is not None else torch.zeros(self.spec.audio_samples))
             durations.append(duration)
             rows.append((item.modality, question_prompt(item), item.options, len(videos) - 1))

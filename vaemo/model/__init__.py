@@ -9,5 +9,15 @@ from vaemo.model.freezing import set_trainable
 from vaemo.model.prompts import IGNORE, ModelInputs, PromptBuilder, PromptItem
 from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM
 
-__all__ = ["VAEmotionLLM", "ModelSpec", "ModelInputs", "PromptBuilder", "PromptItem", "IGNORE", "build_model",
-           "choose_attention", "choose_dtype", "set_trainable"]
+__all__ = [
+    "VAEmotionLLM",
+    "ModelSpec",
+    "ModelInputs",
+    "PromptBuilder",
+    "PromptItem",
+    "IGNORE",
+    "build_model",
+    "choose_attention",
+    "choose_dtype",
+    "set_trainable",
+]

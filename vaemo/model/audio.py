@@ -69,8 +69,10 @@ def encode_short(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
     x = F.gelu(encoder.conv1(mel.to(encoder.conv1.weight.dtype)))
     x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
     if x.shape[1] > encoder.embed_positions.num_embeddings:
-        raise ValueError(f"audio of {x.shape[1] / ENCODER_FRAMES_PER_SECOND:.1f} s exceeds the encoder's "
-                         f"{encoder.embed_positions.num_embeddings / ENCODER_FRAMES_PER_SECOND:.0f} s window")
+        raise ValueError(
+            f"audio of {x.shape[1] / ENCODER_FRAMES_PER_SECOND:.1f} s exceeds the encoder's "
+            f"{encoder.embed_positions.num_embeddings / ENCODER_FRAMES_PER_SECOND:.0f} s window"
+        )
     positions = torch.arange(x.shape[1], device=x.device)
     x = x + encoder.embed_positions(positions)
     for layer in encoder.layers:

@@ -24,8 +24,10 @@ def choose_attention(requested: str = "auto") -> str:
     """FlashAttention-2 when flash-attn imports on a CUDA device, else PyTorch SDPA: decided here only."""
     if requested != "auto":
         if requested == "flash_attention_2" and not flash_attention_available():
-            raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
-                            "package (pip install 'vaemo[gpu]'); use auto or sdpa")
+            raise UserError(
+                "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                "package (pip install 'vaemo[gpu]'); use auto or sdpa"
+            )
         return requested
     return "flash_attention_2" if flash_attention_available() else "sdpa"
 
@@ -60,20 +62,38 @@ def tiny_vlm(cfg: ModelConfig, tokens: SpecialTokens, vocab_size: int, attn: str
     third = head_dim // 2 // 3
     mrope = [head_dim // 2 - 2 * third, third, third]  # sums to head_dim / 2
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-                         num_key_value_heads=t.num_kv_heads, max_position_embeddings=4096,
-                         bos_token_id=tokens.im_start, eos_token_id=tokens.im_end, pad_token_id=tokens.pad,
-                         tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}),
-        vision_config=dict(depth=t.vision_depth, hidden_size=t.vision_hidden_size,
-                           intermediate_size=t.vision_intermediate_size, num_heads=t.vision_heads,
-                           out_hidden_size=t.hidden_size, patch_size=t.patch_size,
-                           spatial_merge_size=t.spatial_merge_size, temporal_patch_size=t.temporal_patch_size,
-                           window_size=t.patch_size * t.spatial_merge_size * 4,
-                           fullatt_block_indexes=list(range(t.vision_depth))),
-        vision_start_token_id=tokens.vision_start, vision_end_token_id=tokens.vision_end,
-        image_token_id=tokens.image_pad, video_token_id=tokens.video_pad, tie_word_embeddings=False)
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=tokens.im_start,
+            eos_token_id=tokens.im_end,
+            pad_token_id=tokens.pad,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        ),
+        vision_config=dict(
+            depth=t.vision_depth,
+            hidden_size=t.vision_hidden_size,
+            intermediate_size=t.vision_intermediate_size,
+            num_heads=t.vision_heads,
+            out_hidden_size=t.hidden_size,
+            patch_size=t.patch_size,
+            spatial_merge_size=t.spatial_merge_size,
+            temporal_patch_size=t.temporal_patch_size,
+            window_size=t.patch_size * t.spatial_merge_size * 4,
+            fullatt_block_indexes=list(range(t.vision_depth)),
+        ),
+        vision_start_token_id=tokens.vision_start,
+        vision_end_token_id=tokens.vision_end,
+        image_token_id=tokens.image_pad,
+        video_token_id=tokens.video_pad,
+        tie_word_embeddings=False,
+    )
     return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
 
 
@@ -83,11 +103,23 @@ def tiny_audio_encoder(cfg: ModelConfig, audio_seconds: float, attn: str, dtype:
 
     a = cfg.tiny_audio
     positions = int(audio_seconds * ENCODER_FRAMES_PER_SECOND) + 1
-    config = WhisperConfig(vocab_size=64, num_mel_bins=a.num_mel_bins, d_model=a.d_model, encoder_layers=a.num_layers,
-                           encoder_attention_heads=a.num_heads, encoder_ffn_dim=a.ffn_dim, decoder_layers=1,
-                           decoder_attention_heads=a.num_heads, decoder_ffn_dim=a.ffn_dim,
-                           max_source_positions=positions, max_target_positions=64, pad_token_id=0,
-                           bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    config = WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=a.num_mel_bins,
+        d_model=a.d_model,
+        encoder_layers=a.num_layers,
+        encoder_attention_heads=a.num_heads,
+        encoder_ffn_dim=a.ffn_dim,
+        decoder_layers=1,
+        decoder_attention_heads=a.num_heads,
+        decoder_ffn_dim=a.ffn_dim,
+        max_source_positions=positions,
+        max_target_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
     config._attn_implementation = attn
     return WhisperEncoder(config).to(dtype)
 
@@ -106,8 +138,9 @@ def load_vlm(path: Path, attn: str, dtype: torch.dtype):
     a weight that is missing, unexpected or mis-sized is an error, never a silent random init."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=dtype,
-                                                                   output_loading_info=True)
+    vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, attn_implementation=attn, dtype=dtype, output_loading_info=True
+    )
     check_loading(path, info)
     return vlm
 
@@ -133,7 +166,7 @@ def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype):
             for key in f.keys():
                 for prefix in ("model.encoder.", "encoder."):
                     if key.startswith(prefix):
-                        state[key[len(prefix):]] = f.get_tensor(key).to(dtype)
+                        state[key[len(prefix) :]] = f.get_tensor(key).to(dtype)
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -169,8 +202,9 @@ def check_feature_extractor(path: Path) -> None:
     expected = {"sampling_rate": 16000, "hop_length": HOP, "n_fft": N_FFT}
     for key, value in expected.items():
         if key in data and data[key] != value:
-            raise UserError(f"model.audio_encoder '{path}': preprocessor_config.json has {key}={data[key]}, "
-                            f"vaemo's log-mel needs {value}")
+            raise UserError(
+                f"model.audio_encoder '{path}': preprocessor_config.json has {key}={data[key]}, vaemo's log-mel needs {value}"
+            )
 
 
 def preprocessor_stats(path: Path) -> tuple[tuple, tuple]:
@@ -218,24 +252,37 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAE
         audio_encoder = load_whisper_encoder(Path(model_cfg.audio_encoder), attn, dtype)
 
     vision = vlm.config.vision_config
-    visual = VisualSpec(num_frames=data_cfg.num_frames, height=data_cfg.frame_height, width=data_cfg.frame_width,
-                        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                        merge_size=vision.spatial_merge_size, image_mean=mean, image_std=std,
-                        frame_sampling=data_cfg.frame_sampling, pair_seconds=data_cfg.pair_seconds,
-                        frame_fit=data_cfg.frame_fit)
+    visual = VisualSpec(
+        num_frames=data_cfg.num_frames,
+        height=data_cfg.frame_height,
+        width=data_cfg.frame_width,
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        image_mean=mean,
+        image_std=std,
+        frame_sampling=data_cfg.frame_sampling,
+        pair_seconds=data_cfg.pair_seconds,
+        frame_fit=data_cfg.frame_fit,
+    )
     try:
         visual.check()
     except ValueError as err:
         raise UserError(str(err)) from None
     hidden = vlm.config.text_config.hidden_size
     projector_hidden = model_cfg.projector.hidden_size or 2 * hidden
-    projector = AudioProjector(audio_encoder.config.d_model, hidden, projector_hidden,
-                               model_cfg.projector.pool_stride).to(dtype)
-    spec = ModelSpec(visual=visual, audio_seconds=data_cfg.audio_seconds, n_mels=audio_encoder.config.num_mel_bins,
-                     projector_stride=model_cfg.projector.pool_stride, projector_hidden=projector_hidden,
-                     tokens=tokens.to_dict(), system_prompt=model_cfg.system_prompt,
-                     max_response_tokens=model_cfg.max_response_tokens,
-                     audio_window=resolve_audio_window(model_cfg))
+    projector = AudioProjector(audio_encoder.config.d_model, hidden, projector_hidden, model_cfg.projector.pool_stride).to(dtype)
+    spec = ModelSpec(
+        visual=visual,
+        audio_seconds=data_cfg.audio_seconds,
+        n_mels=audio_encoder.config.num_mel_bins,
+        projector_stride=model_cfg.projector.pool_stride,
+        projector_hidden=projector_hidden,
+        tokens=tokens.to_dict(),
+        system_prompt=model_cfg.system_prompt,
+        max_response_tokens=model_cfg.max_response_tokens,
+        audio_window=resolve_audio_window(model_cfg),
+    )
     return VAEmotionLLM(vlm, audio_encoder, projector, tokenizer, spec)
 
 
@@ -247,11 +294,17 @@ def resolve_audio_window(model_cfg: ModelConfig) -> str:
 
 def check_data_matches(spec: ModelSpec, data_cfg: DataConfig, path: Path) -> None:
     """A model must be fed clips decoded the way it was trained on."""
-    pairs = [("num_frames", spec.visual.num_frames), ("frame_height", spec.visual.height),
-             ("frame_width", spec.visual.width), ("frame_sampling", spec.visual.frame_sampling),
-             ("pair_seconds", spec.visual.pair_seconds), ("frame_fit", spec.visual.frame_fit),
-             ("audio_seconds", spec.audio_seconds)]
+    pairs = [
+        ("num_frames", spec.visual.num_frames),
+        ("frame_height", spec.visual.height),
+        ("frame_width", spec.visual.width),
+        ("frame_sampling", spec.visual.frame_sampling),
+        ("pair_seconds", spec.visual.pair_seconds),
+        ("frame_fit", spec.visual.frame_fit),
+        ("audio_seconds", spec.audio_seconds),
+    ]
     for name, value in pairs:
         if getattr(data_cfg, name) != value:
-            raise UserError(f"data.{name}={getattr(data_cfg, name)} differs from the model in '{path}' "
-                            f"({value}); set data.{name}={value}")
+            raise UserError(
+                f"data.{name}={getattr(data_cfg, name)} differs from the model in '{path}' ({value}); set data.{name}={value}"
+            )

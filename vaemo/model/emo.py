@@ -33,8 +33,11 @@ class EmotionSupervisor(nn.Module):
         super().__init__()
         self.classes = list(classes or [])
         self.va = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2))
-        self.category = (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
-                                       nn.Linear(hidden, len(self.classes))) if self.classes else None)
+        self.category = (
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, len(self.classes)))
+            if self.classes
+            else None
+        )
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, dim) -> valence/arousal (B, 2) in [-1, 1], category logits (B, C) or None."""

@@ -67,8 +67,15 @@ class ModelInputs:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, tokens: SpecialTokens, video_tokens: int, audio_tokens: int,
-                 system_prompt: str = "", max_response_tokens: int = 64):
+    def __init__(
+        self,
+        tokenizer,
+        tokens: SpecialTokens,
+        video_tokens: int,
+        audio_tokens: int,
+        system_prompt: str = "",
+        max_response_tokens: int = 64,
+    ):
         self.tokenizer = tokenizer
         self.tokens = tokens
         self.video_tokens = video_tokens
@@ -109,8 +116,9 @@ class PromptBuilder:
     def templated(self, modality: str, instruction: str) -> tuple[int, ...]:
         """The checkpoint's own chat template, with its one video/audio placeholder expanded to the
         number of modality tokens (as Qwen2.5-VL's processor expands <|video_pad|>)."""
-        text = self.tokenizer.apply_chat_template(self.conversation(modality, instruction), tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            self.conversation(modality, instruction), tokenize=False, add_generation_prompt=True
+        )
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         expanded: list[int] = []
         for token in ids:
@@ -140,8 +148,14 @@ class PromptBuilder:
         ids += [*self.text(instruction), t.im_end, *self.text("\n"), t.im_start, *self.text("assistant\n")]
         return ids
 
-    def batch(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
-              duration: list[float], left_pad: bool = False) -> ModelInputs:
+    def batch(
+        self,
+        items: list[PromptItem],
+        video: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        duration: list[float],
+        left_pad: bool = False,
+    ) -> ModelInputs:
         """Pad to the longest sequence (right by default; left for generation)."""
         encoded = [self.sequence(item) for item in items]
         length = max(len(ids) for ids, _ in encoded)
@@ -155,6 +169,14 @@ class PromptBuilder:
             attention[row, offset : offset + len(ids)] = 1
             targets[row, offset + start : offset + len(ids)] = torch.tensor(ids[start:], dtype=torch.long)
         types = (input_ids == self.tokens.video_pad).long() * 2
-        return ModelInputs(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=types, targets=targets,
-                           modalities=[i.modality for i in items], clips=[i.clip for i in items], video=video,
-                           audio=audio, duration=list(duration))
+        return ModelInputs(
+            input_ids=input_ids,
+            attention_mask=attention,
+            mm_token_type_ids=types,
+            targets=targets,
+            modalities=[i.modality for i in items],
+            clips=[i.clip for i in items],
+            video=video,
+            audio=audio,
+            duration=list(duration),
+        )

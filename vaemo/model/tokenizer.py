@@ -33,11 +33,17 @@ class SpecialTokens:
     @classmethod
     def of(cls, tokenizer) -> "SpecialTokens":
         ids = {}
-        for name, text in [("im_start", "<|im_start|>"), ("im_end", "<|im_end|>"),
-                           ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>"),
-                           ("image_pad", "<|image_pad|>"), ("video_pad", "<|video_pad|>"),
-                           ("audio_start", "<|audio_start|>"), ("audio_end", "<|audio_end|>"),
-                           ("audio_pad", "<|audio_pad|>")]:
+        for name, text in [
+            ("im_start", "<|im_start|>"),
+            ("im_end", "<|im_end|>"),
+            ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>"),
+            ("image_pad", "<|image_pad|>"),
+            ("video_pad", "<|video_pad|>"),
+            ("audio_start", "<|audio_start|>"),
+            ("audio_end", "<|audio_end|>"),
+            ("audio_pad", "<|audio_pad|>"),
+        ]:
             token_id = tokenizer.convert_tokens_to_ids(text)
             if token_id is None or token_id == tokenizer.unk_token_id:
                 raise UserError(f"the tokenizer lacks the special token {text}")
@@ -56,8 +62,12 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrained
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_TOKENS + VISION_TOKENS + AUDIO_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHAT_TOKENS + VISION_TOKENS + AUDIO_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 

@@ -37,8 +37,7 @@ from vaemo.model.vision import VisualSpec, video_inputs
 warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 CONFIG_NAME = "vaemo_config.json"
-PARTS = {"projector": "audio_projector.safetensors", "adapter": "emo_adapter.safetensors",
-         "lora": "lora.safetensors"}
+PARTS = {"projector": "audio_projector.safetensors", "adapter": "emo_adapter.safetensors", "lora": "lora.safetensors"}
 
 
 @dataclass
@@ -117,8 +116,7 @@ def best_option(scores: list[float]) -> int:
 
 
 class VAEmotionLLM(nn.Module):
-    def __init__(self, vlm: nn.Module, audio_encoder: nn.Module, projector: AudioProjector, tokenizer,
-                 spec: ModelSpec):
+    def __init__(self, vlm: nn.Module, audio_encoder: nn.Module, projector: AudioProjector, tokenizer, spec: ModelSpec):
         super().__init__()
         self.vlm = vlm
         self.audio_encoder = audio_encoder
@@ -134,8 +132,14 @@ class VAEmotionLLM(nn.Module):
             # Swapping the class keeps the parameter (and its ZeRO-3 partitioning) and the state-dict keys.
             vlm.lm_head.__class__ = FP32Logits
         self.tokens = SpecialTokens(**spec.tokens)
-        self.prompts = PromptBuilder(tokenizer, self.tokens, spec.visual.tokens_per_clip, self.audio_tokens_per_clip,
-                                     spec.system_prompt, spec.max_response_tokens)
+        self.prompts = PromptBuilder(
+            tokenizer,
+            self.tokens,
+            spec.visual.tokens_per_clip,
+            self.audio_tokens_per_clip,
+            spec.system_prompt,
+            spec.max_response_tokens,
+        )
         if spec.enhancer is not None:
             self.add_enhancer(**spec.enhancer)
         if spec.supervisor is not None:
@@ -274,11 +278,16 @@ class VAEmotionLLM(nn.Module):
         if visual_rows:
             v = self.spec.visual
             grid = torch.tensor([v.grid] * len(visual_rows), dtype=torch.long, device=device)
-            seconds_per_grid = torch.tensor([v.temporal_patch_size * inputs.duration[inputs.clips[i]] / v.num_frames
-                                             for i in visual_rows], device=device)
-            positions, _ = self.vlm.model.get_rope_index(ids, inputs.mm_token_type_ids.to(device),
-                                                         video_grid_thw=grid, second_per_grid_ts=seconds_per_grid,
-                                                         attention_mask=attention)
+            seconds_per_grid = torch.tensor(
+                [v.temporal_patch_size * inputs.duration[inputs.clips[i]] / v.num_frames for i in visual_rows], device=device
+            )
+            positions, _ = self.vlm.model.get_rope_index(
+                ids,
+                inputs.mm_token_type_ids.to(device),
+                video_grid_thw=grid,
+                second_per_grid_ts=seconds_per_grid,
+                attention_mask=attention,
+            )
         else:  # text-like positions only; padding-aware for left-padded generation batches
             positions = (attention.cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
         embeds = embeds + zero.to(embeds.dtype)
@@ -311,12 +320,19 @@ class VAEmotionLLM(nn.Module):
         lm = self.vlm.model.language_model
         packing = self.packing_for(inputs)
         if packing is None:
-            hidden = lm(inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions,
-                        use_cache=False).last_hidden_state  # one pass, no generation: a KV cache is dead weight
+            hidden = lm(
+                inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions, use_cache=False
+            ).last_hidden_state  # one pass, no generation: a KV cache is dead weight
         else:
             device = e.embeds.device
-            hidden = packing.unpack(lm(inputs_embeds=packing.pack(e.embeds), attention_mask=packing.mask.to(device),
-                                       position_ids=packing.pack_positions(e.positions), use_cache=False).last_hidden_state)
+            hidden = packing.unpack(
+                lm(
+                    inputs_embeds=packing.pack(e.embeds),
+                    attention_mask=packing.mask.to(device),
+                    position_ids=packing.pack_positions(e.positions),
+                    use_cache=False,
+                ).last_hidden_state
+            )
         return ModelOutput(hidden=hidden, pooled=e.pooled, pooled_max=e.pooled_max)
 
     def packing_for(self, inputs: ModelInputs) -> PrefixPacking | None:
@@ -335,9 +351,14 @@ class VAEmotionLLM(nn.Module):
     # -- inference -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score_options(self, items: list[tuple[str, str, list[str], int]], video: torch.Tensor | None,
-                      audio: torch.Tensor | None, duration: list[float], chunk: int = 256
-                      ) -> tuple[list[list[float]], torch.Tensor]:
+    def score_options(
+        self,
+        items: list[tuple[str, str, list[str], int]],
+        video: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        duration: list[float],
+        chunk: int = 256,
+    ) -> tuple[list[list[float]], torch.Tensor]:
         """Length-normalised log-likelihood of every option, all options of all items in one batch.
 
         items: (modality, question text, options, clip row). Returns per-item option scores and the
@@ -349,19 +370,20 @@ class VAEmotionLLM(nn.Module):
         counts = [len(options) for _, _, options, _ in items]
         return per_item(means, counts), out.pooled[option_starts(counts)]
 
-    def option_means(self, inputs: ModelInputs, chunk: int = 256, chunks: int = 0,
-                     run_all_pathways: bool = False) -> tuple[list[float], ModelOutput]:
+    def option_means(
+        self, inputs: ModelInputs, chunk: int = 256, chunks: int = 0, run_all_pathways: bool = False
+    ) -> tuple[list[float], ModelOutput]:
         """Each sequence's mean log-likelihood of its response (an option, when sequences ask a multiple-choice
         question once per option), and the forward's output. `chunks`/`run_all_pathways`: as under ZeRO-3,
         where every rank must run the same chunks and pathways (validation inside training)."""
         out = self.forward(inputs, run_all_pathways)
         hidden = out.hidden[inputs.pred_mask.to(out.hidden.device)]
-        return sequence_logprobs(hidden, self.logits, inputs.response_targets, inputs.response_lengths(), chunk,
-                                 chunks), out
+        return sequence_logprobs(hidden, self.logits, inputs.response_targets, inputs.response_lengths(), chunk, chunks), out
 
     @torch.no_grad()
-    def emotion(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
-                duration: list[float]) -> torch.Tensor | None:
+    def emotion(
+        self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None, duration: list[float]
+    ) -> torch.Tensor | None:
         """(B, 2) valence/arousal the Emotion Supervisor reads from each prompt's modality tokens (None without one)."""
         if self.supervisor is None:
             return None
@@ -370,8 +392,15 @@ class VAEmotionLLM(nn.Module):
         return self.supervisor(pooled)[0].float().cpu()
 
     @torch.no_grad()
-    def generate(self, items: list[PromptItem], video: torch.Tensor | None, audio: torch.Tensor | None,
-                 duration: list[float], max_new_tokens: int = 48, lockstep: bool = False) -> list[str]:
+    def generate(
+        self,
+        items: list[PromptItem],
+        video: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        duration: list[float],
+        max_new_tokens: int = 48,
+        lockstep: bool = False,
+    ) -> list[str]:
         """Greedy decoding with a KV cache, prompts left-padded. `lockstep` runs all `max_new_tokens` steps
         even when every sequence has ended (under ZeRO-3, ranks must make the same calls)."""
         from transformers import DynamicCache
@@ -380,8 +409,9 @@ class VAEmotionLLM(nn.Module):
         e = self.embed(self.prompts.batch(prompts, video, audio, duration, left_pad=True))
         lm = self.vlm.model.language_model
         cache = DynamicCache(config=lm.config)
-        hidden = lm(inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions, cache=cache,
-                    use_cache=True).last_hidden_state
+        hidden = lm(
+            inputs_embeds=e.embeds, attention_mask=e.attention, position_ids=e.positions, cache=cache, use_cache=True
+        ).last_hidden_state
         attention, position = e.attention, e.positions[..., -1]  # (3, B): the last prompt token's position
         finished = [False] * len(items)
         generated: list[list[int]] = [[] for _ in items]
@@ -396,8 +426,13 @@ class VAEmotionLLM(nn.Module):
                 break
             attention = torch.cat([attention, attention.new_ones(len(items), 1)], 1)
             position = position + 1
-            hidden = lm(inputs_embeds=self.vlm.get_input_embeddings()(token[:, None]), attention_mask=attention,
-                        position_ids=position[..., None], cache=cache, use_cache=True).last_hidden_state
+            hidden = lm(
+                inputs_embeds=self.vlm.get_input_embeddings()(token[:, None]),
+                attention_mask=attention,
+                position_ids=position[..., None],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
 
     # -- save / load -----------------------------------------------------------------------------
@@ -427,7 +462,7 @@ class VAEmotionLLM(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
 
         vlm_state = part("vlm.")
         if self.spec.lora:
@@ -437,16 +472,19 @@ class VAEmotionLLM(nn.Module):
         self.audio_encoder.save_pretrained(out / "audio_encoder", state_dict=part("audio_encoder."))
         save_file(part("projector."), str(out / PARTS["projector"]))
         if self.enhancer is not None or self.supervisor is not None:
-            save_file({k: v.contiguous() for k, v in state.items() if k.startswith(("enhancer.", "supervisor."))},
-                      str(out / PARTS["adapter"]))
+            save_file(
+                {k: v.contiguous() for k, v in state.items() if k.startswith(("enhancer.", "supervisor."))},
+                str(out / PARTS["adapter"]),
+            )
         self.tokenizer.save_pretrained(out / "tokenizer")
         spec = self.spec.to_dict()
         spec["lora_merged"] = bool(self.spec.lora)
         (out / CONFIG_NAME).write_text(json.dumps(spec, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, attn_implementation: str = "sdpa",
-                        dtype: torch.dtype = torch.float32) -> "VAEmotionLLM":
+    def from_pretrained(
+        cls, path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    ) -> "VAEmotionLLM":
         """Load a saved VAEmotionLLM; any missing, unexpected or mis-sized weight is an error."""
         from safetensors.torch import load_file
         from transformers import Qwen2_5_VLForConditionalGeneration
@@ -460,20 +498,23 @@ class VAEmotionLLM(nn.Module):
         spec = ModelSpec.from_dict(raw)
         spec.lora = None  # merged into the LLM's weights at export
         vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True)
+            path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True
+        )
         check_loading(path / "vlm", info)
         audio_encoder, info = WhisperEncoder.from_pretrained(
-            path / "audio_encoder", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True)
+            path / "audio_encoder", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True
+        )
         check_loading(path / "audio_encoder", info)
         tokenizer = load_tokenizer(path / "tokenizer")
-        projector = AudioProjector(audio_encoder.config.d_model, vlm.config.text_config.hidden_size,
-                                   spec.projector_hidden, spec.projector_stride).to(dtype)
+        projector = AudioProjector(
+            audio_encoder.config.d_model, vlm.config.text_config.hidden_size, spec.projector_hidden, spec.projector_stride
+        ).to(dtype)
         model = cls(vlm, audio_encoder, projector, tokenizer, spec)
         _load_part(model.projector, load_file(str(path / PARTS["projector"])), path / PARTS["projector"])
         if spec.enhancer is not None or spec.supervisor is not None:
             adapter = load_file(str(path / PARTS["adapter"]))
             for name in ("enhancer", "supervisor"):
-                part = {k[len(name) + 1:]: v for k, v in adapter.items() if k.startswith(f"{name}.")}
+                part = {k[len(name) + 1 :]: v for k, v in adapter.items() if k.startswith(f"{name}.")}
                 if getattr(model, name) is not None:
                     _load_part(getattr(model, name), part, path / PARTS["adapter"])
                 elif part:
@@ -496,8 +537,9 @@ def _load_part(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != expected[k])
     if missing or unexpected or wrong:
-        raise UserError(f"'{where}' does not match the model: missing {missing[:3]} unexpected {unexpected[:3]} "
-                        f"mis-sized {wrong[:3]}")
+        raise UserError(
+            f"'{where}' does not match the model: missing {missing[:3]} unexpected {unexpected[:3]} mis-sized {wrong[:3]}"
+        )
     module.load_state_dict(state)
 
 

@@ -34,22 +34,24 @@ class VisualSpec:
     def check(self) -> None:
         unit = self.patch_size * self.merge_size
         if self.height % unit or self.width % unit:
-            raise ValueError(f"frame size {self.height}x{self.width} must be a multiple of patch_size x "
-                             f"spatial_merge_size = {unit} (data.frame_height / data.frame_width)")
+            raise ValueError(
+                f"frame size {self.height}x{self.width} must be a multiple of patch_size x "
+                f"spatial_merge_size = {unit} (data.frame_height / data.frame_width)"
+            )
         if self.num_frames % self.temporal_patch_size:
-            raise ValueError(f"data.num_frames={self.num_frames} must be a multiple of the temporal patch "
-                             f"size {self.temporal_patch_size}")
+            raise ValueError(
+                f"data.num_frames={self.num_frames} must be a multiple of the temporal patch size {self.temporal_patch_size}"
+            )
 
     @property
     def grid(self) -> tuple[int, int, int]:
         """(t, h, w) patches per clip."""
-        return (self.num_frames // self.temporal_patch_size, self.height // self.patch_size,
-                self.width // self.patch_size)
+        return (self.num_frames // self.temporal_patch_size, self.height // self.patch_size, self.width // self.patch_size)
 
     @property
     def tokens_per_clip(self) -> int:
         t, h, w = self.grid
-        return t * h * w // (self.merge_size ** 2)
+        return t * h * w // (self.merge_size**2)
 
     def to_dict(self) -> dict:
         return asdict(self)

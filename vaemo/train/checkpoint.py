@@ -45,9 +45,11 @@ def missing_parts(folder: Path) -> list[str]:
     for rank in range(int(meta["world_size"])):
         if not (folder / f"trainer_state_rank{rank}.pt").is_file():
             missing.append(f"trainer_state_rank{rank}.pt")
-        if not list((folder / TAG).glob(f"*zero_pp_rank_{rank}_*model_states.pt")) and \
-                not list((folder / TAG).glob(f"*rank_{rank:02d}_model_states.pt")) and \
-                not list((folder / TAG).glob("mp_rank_00_model_states.pt")):
+        if (
+            not list((folder / TAG).glob(f"*zero_pp_rank_{rank}_*model_states.pt"))
+            and not list((folder / TAG).glob(f"*rank_{rank:02d}_model_states.pt"))
+            and not list((folder / TAG).glob("mp_rank_00_model_states.pt"))
+        ):
             missing.append(f"{TAG}/ shard of rank {rank}")
         if sharded_optimizer and not list((folder / TAG).glob(f"*zero_pp_rank_{rank}_*optim_states.pt")):
             missing.append(f"{TAG}/ optimizer shard of rank {rank}")
@@ -62,8 +64,10 @@ def find_checkpoint(path: str | Path) -> Path:
     if (path / "meta.json").is_file():
         problems = missing_parts(path)
         if problems:
-            raise UserError(f"checkpoint '{path}' is incomplete (missing {', '.join(problems[:3])}); "
-                            f"resume from an earlier one or from the run folder to take the newest complete one")
+            raise UserError(
+                f"checkpoint '{path}' is incomplete (missing {', '.join(problems[:3])}); "
+                f"resume from an earlier one or from the run folder to take the newest complete one"
+            )
         return path
     candidates = sorted(p for p in path.rglob(f"{STEP_PREFIX}*") if p.is_dir() and (p / "meta.json").is_file())
     for candidate in sorted(candidates, key=lambda p: json.loads((p / "meta.json").read_text())["step"], reverse=True):
@@ -80,9 +84,11 @@ def rng_state() -> dict:
     """Every RNG's state as tensors and plain values only, so that loading it needs no unpickling."""
     version, mt_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -103,8 +109,9 @@ def load_trainer_state(path: Path) -> dict:
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"'{path}' holds objects other than tensors and plain values; refusing to load it "
-                        f"({str(err).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"'{path}' holds objects other than tensors and plain values; refusing to load it ({str(err).splitlines()[0][:120]})"
+        ) from None
 
 
 def check_deepspeed_files(folder: Path, rank: int) -> None:
@@ -115,13 +122,19 @@ def check_deepspeed_files(folder: Path, rank: int) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    files = [f for f in sorted((folder / TAG).glob("*.pt"))
-             if f.name == "mp_rank_00_model_states.pt" or f.name.startswith(f"zero_pp_rank_{rank}_")
-             or f"_zero_pp_rank_{rank}_" in f.name]
+    files = [
+        f
+        for f in sorted((folder / TAG).glob("*.pt"))
+        if f.name == "mp_rank_00_model_states.pt"
+        or f.name.startswith(f"zero_pp_rank_{rank}_")
+        or f"_zero_pp_rank_{rank}_" in f.name
+    ]
     with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
         for file in files:
             try:
                 torch.load(file, weights_only=True, map_location="cpu")
             except pickle.UnpicklingError as err:
-                raise UserError(f"'{file}' holds objects other than tensors, plain values and DeepSpeed's own "
-                                f"records; refusing to load it ({str(err).splitlines()[0][:120]})") from None
+                raise UserError(
+                    f"'{file}' holds objects other than tensors, plain values and DeepSpeed's own "
+                    f"records; refusing to load it ({str(err).splitlines()[0][:120]})"
+                ) from None

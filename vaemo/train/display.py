@@ -24,8 +24,14 @@ class TrainingDisplay:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._terminal = progress.is_terminal()
-        self._bar = Progress(TextColumn(f"[bold]stage {stage}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             TimeRemainingColumn(), console=progress.console)
+        self._bar = Progress(
+            TextColumn(f"[bold]stage {stage}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=progress.console,
+        )
         self._task = self._bar.add_task("train", total=max_steps)
         self._live: Live | None = None
 

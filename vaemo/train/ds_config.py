@@ -30,9 +30,11 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
     if ds["gradient_accumulation_steps"] != 1:
         # Each step's loss is normalised over that step's response tokens on all ranks (worker.py); over
         # several micro-batches the normaliser would have to cover tokens not yet seen.
-        raise UserError(f"deepspeed.config '{path}': gradient_accumulation_steps="
-                        f"{ds['gradient_accumulation_steps']} is not supported; use 1 and raise data.batch_size "
-                        f"or scaling.num_workers")
+        raise UserError(
+            f"deepspeed.config '{path}': gradient_accumulation_steps="
+            f"{ds['gradient_accumulation_steps']} is not supported; use 1 and raise data.batch_size "
+            f"or scaling.num_workers"
+        )
     ds.setdefault("bf16", {})
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = dtype == torch.bfloat16

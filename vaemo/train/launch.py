@@ -25,8 +25,11 @@ RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", "export", "curves.png", "wo
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(project_root() / "configs" / "tiny.yaml"), help="a preset YAML")
     parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, export/, curves.png")
-    parser.add_argument("--resume-from", default=None,
-                        help="a checkpoint folder (RUN/checkpoints/step-N), or a run folder: its newest complete one")
+    parser.add_argument(
+        "--resume-from",
+        default=None,
+        help="a checkpoint folder (RUN/checkpoints/step-N), or a run folder: its newest complete one",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. train.max_steps=10)")
 
@@ -39,9 +42,15 @@ class StageRun:
     metrics: dict
 
 
-def run_stage(stage: int, config: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = (),
-              resume_from: str | Path | None = None, overwrite: bool = False,
-              tune_callbacks: list | None = None) -> StageRun:
+def run_stage(
+    stage: int,
+    config: str | Path,
+    out: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume_from: str | Path | None = None,
+    overwrite: bool = False,
+    tune_callbacks: list | None = None,
+) -> StageRun:
     """Resolve the config (a preset plus dotted overrides), check everything that can be checked before
     loading weights, train into `out`; `resume_from`: a checkpoint folder or a run folder (its newest)."""
     from vaemo.train.checkpoint import find_checkpoint
@@ -53,8 +62,10 @@ def run_stage(stage: int, config: str | Path, out: str | Path, overrides: list[s
     connect_ray()
     check_cluster(cfg)
     dump_config(cfg, run_dir / "config.yaml")
-    progress.log(f"stage {stage} ({STAGE_NAMES[stage]}): {cfg.train.max_steps} steps on {cfg.scaling.num_workers} "
-                 f"worker(s) -> {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    progress.log(
+        f"stage {stage} ({STAGE_NAMES[stage]}): {cfg.train.max_steps} steps on {cfg.scaling.num_workers} "
+        f"worker(s) -> {run_dir}" + (f", resuming from {resume}" if resume else "")
+    )
     metrics = fit(cfg, run_dir, resume, tune_callbacks)
     return StageRun(cfg, run_dir, resume, metrics)
 
@@ -75,8 +86,10 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     earlier = [name for name in ("metrics.jsonl", "checkpoints", "export") if (run_dir / name).exists()]
     if earlier and resume is None:
         if not overwrite:
-            raise UserError(f"--out '{run_dir}' already holds a run ({', '.join(earlier)}); continue it with "
-                            f"--resume-from {run_dir}, or pass --overwrite, or choose another --out")
+            raise UserError(
+                f"--out '{run_dir}' already holds a run ({', '.join(earlier)}); continue it with "
+                f"--resume-from {run_dir}, or pass --overwrite, or choose another --out"
+            )
         for name in RUN_OUTPUTS:
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -86,8 +99,10 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     if cfg.train.val_batches > 0:
         val_urls = expand_shards(cfg.data.val_shards)
         if len(val_urls) < workers:
-            raise UserError(f"data.val_shards has {len(val_urls)} shard(s) for {workers} workers; write at least "
-                            f"{workers} or set train.val_batches=0")
+            raise UserError(
+                f"data.val_shards has {len(val_urls)} shard(s) for {workers} workers; write at least "
+                f"{workers} or set train.val_batches=0"
+            )
     if cfg.stage == 1 and cfg.stage1.teacher.mode == "cache":
         from vaemo.cache_fingerprint import check_cache
 
@@ -107,8 +122,10 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
 
         meta = read_meta(resume)
         if int(meta["world_size"]) != workers:
-            raise UserError(f"checkpoint '{resume}' was written by {meta['world_size']} workers; resume with "
-                            f"scaling.num_workers={meta['world_size']}")
+            raise UserError(
+                f"checkpoint '{resume}' was written by {meta['world_size']} workers; resume with "
+                f"scaling.num_workers={meta['world_size']}"
+            )
         if int(meta["stage"]) != cfg.stage:
             raise UserError(f"checkpoint '{resume}' is from stage {meta['stage']}, not stage {cfg.stage}")
 
@@ -137,11 +154,15 @@ def check_cluster(cfg: Config) -> None:
     resources = ray.cluster_resources()
     cpus_needed = s.num_workers * s.cpus_per_worker
     if resources.get("CPU", 0) < cpus_needed:
-        raise UserError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs; scaling.num_workers={s.num_workers} "
-                        f"x scaling.cpus_per_worker={s.cpus_per_worker:g} needs {cpus_needed:g}")
+        raise UserError(
+            f"the Ray cluster has {resources.get('CPU', 0):g} CPUs; scaling.num_workers={s.num_workers} "
+            f"x scaling.cpus_per_worker={s.cpus_per_worker:g} needs {cpus_needed:g}"
+        )
     if s.use_gpu and resources.get("GPU", 0) < s.num_workers:
-        raise UserError(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; scaling.use_gpu with "
-                        f"scaling.num_workers={s.num_workers} needs one per worker")
+        raise UserError(
+            f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; scaling.use_gpu with "
+            f"scaling.num_workers={s.num_workers} needs one per worker"
+        )
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
@@ -162,19 +183,29 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
 
     s = cfg.scaling
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})  # also fits inside a Tune trial's bundle
-    loop_config = {"config": config_to_dict(cfg), "run_dir": str(run_dir), "launch_id": uuid.uuid4().hex,
-                   "resume_from": str(resume) if resume else None, "queue": queue}
+    loop_config = {
+        "config": config_to_dict(cfg),
+        "run_dir": str(run_dir),
+        "launch_id": uuid.uuid4().hex,
+        "resume_from": str(resume) if resume else None,
+        "queue": queue,
+    }
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=s.placement_strategy),
-        run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
-                             failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=tune_callbacks or None),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources, placement_strategy=s.placement_strategy
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+            callbacks=tune_callbacks or None,
+        ),
     )
     with TrainingDisplay(queue, cfg.stage, cfg.train.max_steps) as display:
         try:

@@ -67,16 +67,18 @@ def mcq(variants: Sequence[str], options: Sequence[str], rng: np.random.Generato
     return vocab.mcq_prompt(question, shuffled)
 
 
-def align_sequences(meta: dict, rng: np.random.Generator, prompts: PromptsConfig, questions: bool,
-                    responses: str) -> list[tuple[str, str | None]]:
+def align_sequences(
+    meta: dict, rng: np.random.Generator, prompts: PromptsConfig, questions: bool, responses: str
+) -> list[tuple[str, str | None]]:
     """Stage 1's (prompt, response) pairs for one clip: a description, answered with the clip's caption or
     left None for the teacher to write (stage1.responses), and, with `questions`, one multiple-choice
     question per set of prompts.questions answered with a random option (the teacher's distribution at the
     answer is then its own answer; no label is used)."""
     caption = meta.get("caption")
     has_caption = isinstance(caption, str) and bool(caption.strip())
-    pairs: list[tuple[str, str | None]] = [(pick(prompts.describe, rng),
-                                            caption if has_caption and responses != "teacher" else None)]
+    pairs: list[tuple[str, str | None]] = [
+        (pick(prompts.describe, rng), caption if has_caption and responses != "teacher" else None)
+    ]
     if questions:
         for spec in prompts.questions.values():
             options = list(spec["options"])
@@ -84,8 +86,9 @@ def align_sequences(meta: dict, rng: np.random.Generator, prompts: PromptsConfig
     return pairs
 
 
-def write_teacher_responses(model: VAEmotionLLM, batch: Batch, asked: list[tuple[str, str | None, int]],
-                            tokens: int, lockstep: bool) -> list[tuple[str, str, int]]:
+def write_teacher_responses(
+    model: VAEmotionLLM, batch: Batch, asked: list[tuple[str, str | None, int]], tokens: int, lockstep: bool
+) -> list[tuple[str, str, int]]:
     """Fill every missing response with the frozen teacher's own greedy answer from the clip's frames.
 
     `lockstep` (training under ZeRO-3): every rank generates, exactly `tokens` tokens, when any rank has a
@@ -174,8 +177,14 @@ class StageObjective(ABC):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Report values from summed statistics."""
         out = {}
-        for term, count in (("lm", "lm_tokens"), ("lm", "lm_sequences"), ("kd", "kd_tokens"), ("aux", "samples"),
-                            ("va", "va_rows"), ("cat", "cat_rows")):
+        for term, count in (
+            ("lm", "lm_tokens"),
+            ("lm", "lm_sequences"),
+            ("kd", "kd_tokens"),
+            ("aux", "samples"),
+            ("va", "va_rows"),
+            ("cat", "cat_rows"),
+        ):
             if sums.get(count):
                 out[term] = sums.get(f"{term}_sum", 0.0) / sums[count]
         if sums.get("kd_tokens"):
@@ -208,8 +217,9 @@ class SeeObjective(StageObjective):
 
     def extra_modules(self, model: VAEmotionLLM) -> nn.Module:
         sizes = {"object": len(vocab.OBJECTS), "emotion": len(vocab.EMOTIONS)}
-        return nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, sizes[task])
-                              for task, pool in self.AUX_HEADS}).to(model.dtype)
+        return nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, sizes[task]) for task, pool in self.AUX_HEADS}).to(
+            model.dtype
+        )
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         items = []
@@ -221,34 +231,52 @@ class SeeObjective(StageObjective):
                     items.append(PromptItem("visual", question, answer, i))
         step = StepInputs(passes={}, clips=len(batch))
         self.note_pass(step, "lm", clip_inputs(model, items, batch))
-        step.labels = {name: torch.tensor([labels.index(m[name]) if m[name] in labels else IGNORE for m in batch.meta])
-                       for name, labels in (("object", vocab.OBJECTS), ("emotion", vocab.EMOTIONS))}
+        step.labels = {
+            name: torch.tensor([labels.index(m[name]) if m[name] in labels else IGNORE for m in batch.meta])
+            for name, labels in (("object", vocab.OBJECTS), ("emotion", vocab.EMOTIONS))
+        }
         # Each sequence weighs the same: 2-token answers count as much as 45-token captions.
         step.counts = {"lm_sequences": len(items), "samples": len(batch)}
         return step
 
     def aux_loss(self, extra: nn.Module, step: StepInputs, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(F.cross_entropy(extra[f"{task}_{pool}"](pooled[pool]).float(),
-                                   step.labels[task].to(pooled[pool].device), ignore_index=IGNORE, reduction="sum")
-                   for task, pool in self.AUX_HEADS) / 2
+        return (
+            sum(
+                F.cross_entropy(
+                    extra[f"{task}_{pool}"](pooled[pool]).float(),
+                    step.labels[task].to(pooled[pool].device),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+                for task, pool in self.AUX_HEADS
+            )
+            / 2
+        )
 
     def loss(self, model: VAEmotionLLM, extra: nn.Module, step: StepInputs) -> StepResult:
         aux_weight = self.cfg.stage0.aux_weight
         if step.step <= self.cfg.stage0.vision_warmup_steps:  # every rank alike: ZeRO-3 stays in step
             tokens = model.video_tokens(step.passes["lm"].video)
             aux_sum = self.aux_loss(extra, step, {"max": tokens.amax(1), "mean": tokens.mean(1)})
-            return StepResult(aux_weight * normalised(aux_sum, step, "samples"),
-                              {"aux_sum": float(aux_sum.detach()), "samples": step.clips})
+            return StepResult(
+                aux_weight * normalised(aux_sum, step, "samples"), {"aux_sum": float(aux_sum.detach()), "samples": step.clips}
+            )
         inputs = step.passes["lm"]
         out, hidden = self.response_hidden(model, inputs)
         weights = per_sequence_weights(inputs.response_lengths())
-        lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0),
-                               weights)
+        lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0), weights)
         every = self.sequences_per_clip  # a clip's sequences share its visual tokens
         aux_sum = self.aux_loss(extra, step, {"max": out.pooled_max[::every], "mean": out.pooled[::every]})
         loss = normalised(lm_sum, step, "lm_sequences") + aux_weight * normalised(aux_sum, step, "samples")
-        return StepResult(loss, {"lm_sum": float(lm_sum.detach()), "lm_sequences": every * step.clips,
-                                 "aux_sum": float(aux_sum.detach()), "samples": step.clips})
+        return StepResult(
+            loss,
+            {
+                "lm_sum": float(lm_sum.detach()),
+                "lm_sequences": every * step.clips,
+                "aux_sum": float(aux_sum.detach()),
+                "samples": step.clips,
+            },
+        )
 
 
 class AlignObjective(StageObjective):
@@ -261,17 +289,18 @@ class AlignObjective(StageObjective):
         if self.cached:  # the teacher's answers are in the cache: no frames to decode
             from vaemo.cache_fingerprint import fingerprint
 
-            return DecodeSpec.for_data(d, need_video=False, need_audio=True,
-                                       teacher_fingerprint=fingerprint(self.cfg)[0])
+            return DecodeSpec.for_data(d, need_video=False, need_audio=True, teacher_fingerprint=fingerprint(self.cfg)[0])
         needs = ("caption",) if self.cfg.stage1.responses == "caption" else ()
         return DecodeSpec.for_data(d, need_video=True, need_audio=True, need_fields=needs)
 
-    def stage1_pairs(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator, clips: list[int],
-                     questions: bool) -> list[tuple[str, str, int]]:
+    def stage1_pairs(
+        self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator, clips: list[int], questions: bool
+    ) -> list[tuple[str, str, int]]:
         """(prompt, response, clip) for the KD passes, responses the teacher writes filled in."""
         s = self.cfg.stage1
-        asked = [(p, r, i) for i in clips for p, r in align_sequences(batch.meta[i], rng, self.cfg.prompts, questions,
-                                                                      s.responses)]
+        asked = [
+            (p, r, i) for i in clips for p, r in align_sequences(batch.meta[i], rng, self.cfg.prompts, questions, s.responses)
+        ]
         with self.teacher_view(model):  # the responses the teacher writes come from the same teacher
             return write_teacher_responses(model, batch, asked, s.teacher_response_tokens, lockstep=True)
 
@@ -285,8 +314,7 @@ class AlignObjective(StageObjective):
             step.labels = {"ids": targets.ids, "logprobs": targets.logprobs, "tail": targets.tail}
         else:
             asked = self.stage1_pairs(model, batch, rng, list(range(len(batch))), self.cfg.stage1.questions)
-            self.note_pass(step, "teacher", clip_inputs(model, [PromptItem("visual", p, r, i) for p, r, i in asked],
-                                                        batch))
+            self.note_pass(step, "teacher", clip_inputs(model, [PromptItem("visual", p, r, i) for p, r, i in asked], batch))
         self.note_pass(step, "student", clip_inputs(model, [PromptItem("audio", p, r, i) for p, r, i in asked], batch))
         step.counts = {"kd_tokens": step.positions["student"]}
         return step
@@ -305,14 +333,18 @@ class AlignObjective(StageObjective):
             target = TopKTargets(step.labels["ids"], step.labels["logprobs"], step.labels["tail"])
             out, student_hidden = self.response_hidden(model, step.passes[student], **student_kwargs)
             if len(target) != student_hidden.shape[0]:
-                raise RuntimeError(f"{len(target)} cached teacher positions for {student_hidden.shape[0]} student "
-                                   "positions: the cache was written with another tokenizer or prompt template")
-            return out, distill(student_hidden, model.logits, target, temperature, self.chunk,
-                                step.chunks.get(student, 0))
+                raise RuntimeError(
+                    f"{len(target)} cached teacher positions for {student_hidden.shape[0]} student "
+                    "positions: the cache was written with another tokenizer or prompt template"
+                )
+            return out, distill(student_hidden, model.logits, target, temperature, self.chunk, step.chunks.get(student, 0))
         with torch.no_grad(), self.teacher_view(model):
             _, teacher_hidden = self.response_hidden(model, step.passes[teacher])
-            target = (teacher_topk(teacher_hidden, model.logits, topk, temperature, self.chunk,
-                                   step.chunks.get(teacher, 0)) if topk else teacher_hidden)
+            target = (
+                teacher_topk(teacher_hidden, model.logits, topk, temperature, self.chunk, step.chunks.get(teacher, 0))
+                if topk
+                else teacher_hidden
+            )
         out, student_hidden = self.response_hidden(model, step.passes[student], **student_kwargs)
         return out, distill(student_hidden, model.logits, target, temperature, self.chunk, step.chunks.get(student, 0))
 
@@ -338,9 +370,14 @@ class EmoAdapterObjective(AlignObjective):
 
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec.for_data(d, need_video=True, need_audio=True, allow_missing_audio=True,
-                                   need_fields=("emotion", "valence", "arousal"),
-                                   emotions=tuple(self.cfg.stage2.emotions))
+        return DecodeSpec.for_data(
+            d,
+            need_video=True,
+            need_audio=True,
+            allow_missing_audio=True,
+            need_fields=("emotion", "valence", "arousal"),
+            emotions=tuple(self.cfg.stage2.emotions),
+        )
 
     def prepare_model(self, model: VAEmotionLLM) -> None:
         s, m = self.cfg.stage2, self.cfg.model
@@ -379,8 +416,11 @@ class EmoAdapterObjective(AlignObjective):
             kd_items = [PromptItem(modality, p, r, i) for p, r, i in pairs]
             self.note_pass(step, name, model.prompts.batch(kd_items, batch.video, audio, batch.duration))
         step.labels["kd_weight"] = torch.tensor(weight)
-        step.counts = {"lm_tokens": step.positions["lm"], "va_rows": float(len(va)),
-                       "kd_tokens": step.positions["student"] * weight}
+        step.counts = {
+            "lm_tokens": step.positions["lm"],
+            "va_rows": float(len(va)),
+            "kd_tokens": step.positions["student"] * weight,
+        }
         return step
 
     def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
@@ -401,8 +441,9 @@ class EmoAdapterObjective(AlignObjective):
                 loss = loss + s.lambda_sup * va_loss(va_pred, target, "ccc")
             sums.update(va_sum=float(va_sum.detach()), va_rows=len(target))
             if logits is not None:
-                cat_sum = F.cross_entropy(logits.float(), step.labels["category"].to(logits.device),
-                                          ignore_index=IGNORE, reduction="sum")
+                cat_sum = F.cross_entropy(
+                    logits.float(), step.labels["category"].to(logits.device), ignore_index=IGNORE, reduction="sum"
+                )
                 loss = loss + s.lambda_cat * normalised(cat_sum, step, "va_rows")
                 sums.update(cat_sum=float(cat_sum.detach()), cat_rows=len(target))
         student_out, kd = self.kd(model, step, "teacher", "student")
@@ -414,9 +455,11 @@ class EmoAdapterObjective(AlignObjective):
     def scored_tasks(self) -> list[tuple[str, list[str], list[str], str]]:
         """(name, paraphrases, options, the clip field holding the answer) of each validation task."""
         tasks = [("emotion", self.cfg.prompts.emotion_questions, list(self.cfg.stage2.emotions), "emotion")]
-        return tasks + [(name, spec["ask"], list(spec["options"]), spec["answer_field"])
-                        for name, spec in self.cfg.prompts.questions.items()
-                        if spec.get("answer_field") and spec["answer_field"] != "emotion"]
+        return tasks + [
+            (name, spec["ask"], list(spec["options"]), spec["answer_field"])
+            for name, spec in self.cfg.prompts.questions.items()
+            if spec.get("answer_field") and spec["answer_field"] != "emotion"
+        ]
 
     def scoring_inputs(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         """Validation questions with every option as a response: the emotion question, and each question set

@@ -36,19 +36,25 @@ class Accumulator:
         self.sums.clear()
 
 
-def interval_record(step: int, totals: dict[str, float], terms: dict[str, float], world_size: int, lr: float,
-                    wall: float, elapsed: float) -> dict:
+def interval_record(
+    step: int, totals: dict[str, float], terms: dict[str, float], world_size: int, lr: float, wall: float, elapsed: float
+) -> dict:
     """One metrics record from an interval's summed statistics."""
     steps = max(totals.get("steps", 0.0) / world_size, 1.0)
     busy = totals.get("data_wait_s", 0.0) + totals.get("compute_s", 0.0)
-    record = {"step": step, "loss": totals.get("loss", 0.0) / world_size / steps, "lr": lr, **terms,
-              "samples_per_s": totals.get("clips", 0.0) / max(wall, 1e-9),
-              "tokens_per_s": totals.get("tokens", 0.0) / max(wall, 1e-9),
-              "data_wait_s": totals.get("data_wait_s", 0.0) / world_size / steps,
-              "compute_s": totals.get("compute_s", 0.0) / world_size / steps,
-              "data_wait_frac": totals.get("data_wait_s", 0.0) / busy if busy else 0.0,
-              "elapsed_s": elapsed}
-    skips = {k[len("skip/"):]: int(v) for k, v in totals.items() if k.startswith("skip/") and v}
+    record = {
+        "step": step,
+        "loss": totals.get("loss", 0.0) / world_size / steps,
+        "lr": lr,
+        **terms,
+        "samples_per_s": totals.get("clips", 0.0) / max(wall, 1e-9),
+        "tokens_per_s": totals.get("tokens", 0.0) / max(wall, 1e-9),
+        "data_wait_s": totals.get("data_wait_s", 0.0) / world_size / steps,
+        "compute_s": totals.get("compute_s", 0.0) / world_size / steps,
+        "data_wait_frac": totals.get("data_wait_s", 0.0) / busy if busy else 0.0,
+        "elapsed_s": elapsed,
+    }
+    skips = {k[len("skip/") :]: int(v) for k, v in totals.items() if k.startswith("skip/") and v}
     if skips:
         record["skips"] = skips
     return record
@@ -80,9 +86,18 @@ class MetricsWriter:
         self.tb.close()
 
 
-LINE_KEYS = (("loss", "loss {:.4f}"), ("lm", "lm {:.3f}"), ("kd", "kd {:.4f}"), ("agreement", "agree {:.2f}"),
-             ("aux", "aux {:.3f}"), ("va", "va {:.3f}"), ("cat", "cat {:.3f}"), ("val_loss", "val {:.4f}"),
-             ("val_emotion_acc", "val-emo {:.2f}"), ("val_content_acc", "val-content {:.2f}"))
+LINE_KEYS = (
+    ("loss", "loss {:.4f}"),
+    ("lm", "lm {:.3f}"),
+    ("kd", "kd {:.4f}"),
+    ("agreement", "agree {:.2f}"),
+    ("aux", "aux {:.3f}"),
+    ("va", "va {:.3f}"),
+    ("cat", "cat {:.3f}"),
+    ("val_loss", "val {:.4f}"),
+    ("val_emotion_acc", "val-emo {:.2f}"),
+    ("val_content_acc", "val-content {:.2f}"),
+)
 
 
 def format_line(record: dict, max_steps: int, stage: int | None = None) -> str:
@@ -117,10 +132,13 @@ def plot_curves(metrics_file: Path, png: Path, title: str = "") -> None:
             if isinstance(value, (int, float)) and key not in ("step", "elapsed_s"):
                 series[key].append((r["step"], value))
     accuracy = [k for k in series if k.endswith("_acc") or k.endswith("agreement")]
-    panels = [("loss terms", [k for k in ("loss", "lm", "kd", "aux", "va", "cat") if k in series]),
-              ("validation loss", [k for k in series if k.startswith("val_") and k not in accuracy]),
-              ("accuracy / agreement", accuracy),
-              ("throughput (clips/s)", ["samples_per_s"]), ("data wait fraction", ["data_wait_frac"])]
+    panels = [
+        ("loss terms", [k for k in ("loss", "lm", "kd", "aux", "va", "cat") if k in series]),
+        ("validation loss", [k for k in series if k.startswith("val_") and k not in accuracy]),
+        ("accuracy / agreement", accuracy),
+        ("throughput (clips/s)", ["samples_per_s"]),
+        ("data wait fraction", ["data_wait_frac"]),
+    ]
     panels = [(name, keys) for name, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (name, keys) in zip(axes[0], panels):

@@ -121,10 +121,10 @@ def train_loop(loop_config: dict) -> None:
     if use_gpu:
         module = module.cuda()
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
-                                           config=ds_config)
+    optimizer = (
+        None if "optimizer" in ds_config else torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer, config=ds_config)
 
     # -- resume --------------------------------------------------------------------------------
     start_step, stream_state = 0, StreamState(num_workers=cfg.data.loader_workers)
@@ -137,11 +137,21 @@ def train_loop(loop_config: dict) -> None:
     # window the cache's teacher saw (the middle one).
     spec = dataclasses.replace(objective.decode_spec(), window="middle" if objective.cached else "random")
     urls = expand_shards(cfg.data.train_shards)
-    stream = TrainStream(urls, spec, cfg.data.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                         shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state if source else None,
-                         teacher_cache=teacher_cache(cfg, objective), give_up_after=cfg.data.max_unusable_samples)
-    batches = named_stream(iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)),
-                           f"stage {cfg.stage}: data.train_shards")
+    stream = TrainStream(
+        urls,
+        spec,
+        cfg.data.batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        resume=stream_state if source else None,
+        teacher_cache=teacher_cache(cfg, objective),
+        give_up_after=cfg.data.max_unusable_samples,
+    )
+    batches = named_stream(
+        iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)), f"stage {cfg.stage}: data.train_shards"
+    )
     writer = MetricsWriter(run_dir, loop_config.get("queue")) if rank == 0 else None
 
     # -- loop ----------------------------------------------------------------------------------
@@ -166,17 +176,26 @@ def train_loop(loop_config: dict) -> None:
         loss = engine(inputs)
         engine.backward(loss)
         engine.step()
-        accumulator.add({**module.last_sums, "loss": float(loss.detach()), "clips": inputs.clips,
-                         "tokens": inputs.tokens, "data_wait_s": data_wait, "steps": 1,
-                         "compute_s": time.perf_counter() - computed})
+        accumulator.add(
+            {
+                **module.last_sums,
+                "loss": float(loss.detach()),
+                "clips": inputs.clips,
+                "tokens": inputs.tokens,
+                "data_wait_s": data_wait,
+                "steps": 1,
+                "compute_s": time.perf_counter() - computed,
+            }
+        )
 
         last = step == final_step
         validate_now = cfg.train.val_batches > 0 and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
         if step % cfg.train.report_every == 0 or last or validate_now:
             accumulator.add({f"skip/{k}": v for k, v in stream_state.skips().items()} if rank == 0 else {})
             totals = accumulator.reduce()
-            record = interval_record(step, totals, objective.metrics(totals), world_size, lr, interval.lap(),
-                                     time.perf_counter() - started)
+            record = interval_record(
+                step, totals, objective.metrics(totals), world_size, lr, interval.lap(), time.perf_counter() - started
+            )
             record["stage"] = cfg.stage
             if validate_now:
                 latest_validation = validate(engine, module, objective, cfg, rank, world_size)
@@ -215,8 +234,13 @@ def record_worker(run_dir: Path, rank: int, shards_read: set[str]) -> None:
 
     import ray
 
-    info = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-            "pid": os.getpid(), "shards_read": sorted(shards_read)}
+    info = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "shards_read": sorted(shards_read),
+    }
     (run_dir / "workers" / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
 
@@ -233,8 +257,10 @@ def resume_source(ray_checkpoint, loop_config: dict) -> Path | None:
 def load_checkpoint(engine, folder: Path, rank: int, world_size: int, cfg: Config) -> tuple[int, StreamState]:
     meta = ckpt.read_meta(folder)
     if int(meta["world_size"]) != world_size:
-        raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} workers; resume with "
-                         f"scaling.num_workers={meta['world_size']}")
+        raise ValueError(
+            f"checkpoint {folder} was written by {meta['world_size']} workers; resume with "
+            f"scaling.num_workers={meta['world_size']}"
+        )
     ckpt.check_deepspeed_files(folder, rank)
     load_path, _ = engine.load_checkpoint(str(folder), tag=ckpt.TAG, load_module_strict=False)
     if load_path is None:
@@ -244,8 +270,9 @@ def load_checkpoint(engine, folder: Path, rank: int, world_size: int, cfg: Confi
     return int(state["step"]), StreamState.from_state_dict(state["stream"], cfg.data.loader_workers)
 
 
-def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, rank: int, world_size: int,
-                    loop_config: dict, metrics: dict) -> None:
+def save_checkpoint(
+    engine, step: int, stream_state: StreamState, cfg: Config, rank: int, world_size: int, loop_config: dict, metrics: dict
+) -> None:
     """Every rank writes its shard into a local folder; Ray merges and persists them as step-N."""
     import ray.train
 
@@ -255,11 +282,20 @@ def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, r
         ckpt.save_trainer_state(local / f"trainer_state_rank{rank}.pt", step, stream_state.state_dict())
         if rank == 0:
             (local / "config.yaml").write_text(render_config(cfg))
-            meta = {"step": step, "world_size": world_size, "stage": cfg.stage, "loader_workers": cfg.data.loader_workers,
-                    "zero_stage": engine.zero_optimization_stage(), "launch_id": loop_config["launch_id"]}
+            meta = {
+                "step": step,
+                "world_size": world_size,
+                "stage": cfg.stage,
+                "loader_workers": cfg.data.loader_workers,
+                "zero_stage": engine.zero_optimization_stage(),
+                "launch_id": loop_config["launch_id"],
+            }
             (local / "meta.json").write_text(json.dumps(meta))
-        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=ckpt.step_dir_name(step))
+        ray.train.report(
+            {**metrics, "step": step},
+            checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+            checkpoint_dir_name=ckpt.step_dir_name(step),
+        )
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -268,9 +304,17 @@ def save_checkpoint(engine, step: int, stream_state: StreamState, cfg: Config, r
 def validate(engine, module: StageModule, objective: StageObjective, cfg: Config, rank: int, world_size: int) -> dict:
     """Validation loss (and, where the objective scores, accuracies) on the same batches every time: a
     fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
-    stream = TrainStream(expand_shards(cfg.data.val_shards), objective.decode_spec(), cfg.data.batch_size,
-                         seed=cfg.seed + 1, rank=rank, world_size=world_size, shuffle_buffer=1,
-                         teacher_cache=teacher_cache(cfg, objective), give_up_after=cfg.data.max_unusable_samples)
+    stream = TrainStream(
+        expand_shards(cfg.data.val_shards),
+        objective.decode_spec(),
+        cfg.data.batch_size,
+        seed=cfg.seed + 1,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=1,
+        teacher_cache=teacher_cache(cfg, objective),
+        give_up_after=cfg.data.max_unusable_samples,
+    )
     batches = named_stream(iter(make_loader(stream, 0)), f"stage {cfg.stage}: data.val_shards")
     engine.eval()
     accumulator = Accumulator()
@@ -291,8 +335,9 @@ def validate(engine, module: StageModule, objective: StageObjective, cfg: Config
     return out
 
 
-def export(engine, model: VAEmotionLLM, out_dir: Path, rank: int, ds_config: dict,
-           held: dict[str, torch.Tensor] | None = None) -> None:
+def export(
+    engine, model: VAEmotionLLM, out_dir: Path, rank: int, ds_config: dict, held: dict[str, torch.Tensor] | None = None
+) -> None:
     """Gather the full weights on rank 0 and write a folder `VAEmotionLLM.from_pretrained` loads
     (`held`: frozen weights kept outside the engine, e.g. a vision tower detached for a teacher cache)."""
     if zero_stage(ds_config) == 3:
@@ -300,7 +345,7 @@ def export(engine, model: VAEmotionLLM, out_dir: Path, rank: int, ds_config: dic
     else:
         state = engine.module.state_dict() if rank == 0 else None
     if rank == 0:
-        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         model_state.update(held or {})
         model.save_pretrained(out_dir, state_dict=model_state)
     if dist.is_initialized():
