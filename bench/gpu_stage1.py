@@ -61,21 +61,11 @@ SMOKE = dict(
 )
 
 
-def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, device: str):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    from vaemo.data import vocab
-    from vaemo.model.audio import AudioProjector
-    from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer
-    from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM
-    from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
+def model_configs(dims: dict, tokens):
+    """The transformers configs of the VLM and the Whisper encoder at `dims` (SEVEN_B or SMOKE)."""
+    from transformers import Qwen2_5_VLConfig, WhisperConfig
 
     d = dims
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = build_tiny_tokenizer(vocab.corpus())  # ids fit in the 152k vocabulary; the text is short anyway
-    tokens = SpecialTokens.of(tokenizer)
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=d["vocab"],
@@ -120,6 +110,25 @@ def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, d
         decoder_ffn_dim=d["audio_ffn"],
         max_source_positions=1500,
     )
+    return config, whisper
+
+
+def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, device: str):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from vaemo.data import vocab
+    from vaemo.model.audio import AudioProjector
+    from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer
+    from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM
+    from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
+
+    d = dims
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = build_tiny_tokenizer(vocab.corpus())  # ids fit in the 152k vocabulary; the text is short anyway
+    tokens = SpecialTokens.of(tokenizer)
+    config, whisper = model_configs(dims, tokens)
     whisper._attn_implementation = "sdpa" if attn == "flash_attention_2" else attn
     with torch.device(device):  # initialised where it runs: 8B parameters on a CPU would take minutes
         vlm = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)

@@ -54,3 +54,41 @@ def test_stage1_step_benchmark_times_both_teacher_modes():
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("tiny: online ") and "ratio cache/online" in last
+
+
+def test_comm_bytes_sizes_the_real_7b_and_replicating_frozen_weights_removes_their_gathers():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/comm_bytes.py"), "--nodes", "1", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    # Qwen2.5-VL-7B's language model above the persistence threshold (norms and biases are below it): 28 blocks
+    # of 3584 wide (GQA 28/4 heads of 128, MLP 18944) and both 152,064-row tables
+    h, kv, ffn, vocab = 3584, 4 * 128, 18944, 152064
+    llm = 28 * (2 * h * h + 2 * h * kv + 3 * h * ffn) + 2 * vocab * h
+    llm_rows = [line for line in lines if line.strip().startswith("llm ")]
+    assert len(llm_rows) == 2 and all(f"frozen {llm / 1e6:9.1f} M" in row for row in llm_rows)
+    summary = [line for line in lines if line.startswith("stage ")][-2:]
+    for stage, line in zip((1, 2), summary):
+        partitioned, replicated = (float(x) for x in line.split(": ")[1].split(" GB")[0:1] + [line.split(" vs ")[1].split()[0]])
+        assert line.startswith(f"stage {stage}:") and replicated < partitioned / 100
+
+
+def test_memory_estimate_of_the_7b_fits_and_matches_a_measured_peak_on_the_tiny_model():
+    sized = subprocess.run([sys.executable, str(ROOT / "bench/memory.py")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert sized.returncode == 0, sized.stderr[-3000:]
+    summary = [line for line in sized.stdout.splitlines() if line.startswith("stage ") and "estimated peak" in line]
+    assert [line.split(":")[0] for line in summary] == ["stage 1", "stage 2"]
+    for line in summary:
+        peak, without = float(line.split("estimated peak ")[1].split()[0]), float(line.split("; ")[1].split()[0])
+        assert peak < 80 and without > peak  # checkpointing is what lets stage 2 fit
+    checked = subprocess.run(
+        [sys.executable, str(ROOT / "bench/memory.py"), "--check", "tiny"], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    ratios = [float(line.rsplit("ratio ", 1)[1]) for line in checked.stdout.splitlines() if "ratio " in line]
+    assert len(ratios) == 2 and all(0.8 <= r <= 1.2 for r in ratios), checked.stdout

@@ -18,6 +18,7 @@ from conftest import ROOT
 
 from vaemo.config import load_config
 from vaemo.data.stream import Batch
+from vaemo.model.freezing import replicate_frozen
 from vaemo.train.objectives import build_stage_model, objective_for
 from vaemo.train.trainer import StageModule, learning_rate, synchronize
 
@@ -50,13 +51,21 @@ def first_loss(stage: int, overrides: tuple[str, ...] = ()) -> tuple[float, list
     return first_step(stage, overrides)[:2]
 
 
-def first_step(stage: int, overrides: tuple[str, ...] = ()) -> tuple[float, list[str], dict[str, torch.Tensor], int]:
+def first_step(
+    stage: int, overrides: tuple[str, ...] = (), replicate_above: int | None = None
+) -> tuple[float, list[str], dict[str, torch.Tensor], int]:
     """The first loss, the parameters that got a gradient, those gradients, and how many times the LLM's
-    first block ran (forward and any recomputation)."""
+    first block ran (forward and any recomputation). `replicate_above`: frozen tensors of more than that many
+    elements are taken out of the parameters first (deepspeed.frozen_weights=replicated)."""
     cfg = load_config(ROOT / "configs/tiny.yaml", list(overrides), stage=stage)
     objective = objective_for(cfg)
     parts = build_stage_model(cfg, objective)
     model, extra, trainable = parts.model, parts.extra, parts.trainable
+    if replicate_above is not None:
+        taken = replicate_frozen(model, replicate_above)
+        assert taken and all(not p.requires_grad for p in taken.values())
+        assert not any(not p.requires_grad and p.numel() > replicate_above for p in model.parameters())
+        assert not set(taken) & set(model.state_dict())  # not saved in checkpoints: the export adds them back
     block_runs = []
     mlp = model.vlm.model.language_model.layers[0].mlp  # inside the block: a recomputation runs it again
     mlp_forward = mlp.forward  # (module hooks do not fire during the recomputation: count the calls)
@@ -99,6 +108,17 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_no_number(stage)
     assert loss_ckpt == pytest.approx(loss, rel=1e-6) and names_ckpt == names
     for name in names:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_frozen_weights_taken_out_of_the_parameters_change_no_number(stage):
+    """deepspeed.frozen_weights=replicated: the frozen tensors become unsaved buffers (out of ZeRO-3's
+    reach), small frozen tensors and the trainable ones stay parameters, and the step computes the same."""
+    loss, names, grads, _ = first_step(stage)
+    loss_r, names_r, grads_r, _ = first_step(stage, replicate_above=1000)
+    assert loss_r == loss and names_r == names
+    for name in names:
+        torch.testing.assert_close(grads_r[name], grads[name], rtol=0, atol=0)
 
 
 def batch_for_step(cfg, step: int) -> Batch:

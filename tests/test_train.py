@@ -86,6 +86,31 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_replicated_frozen_weights_leave_zero3_and_train_the_same(small_world, stage0_export, tmp_path):
+    """deepspeed.frozen_weights=replicated under ZeRO-3 on 2 workers: ZeRO-3 partitions only what trains
+    (and small tensors it keeps whole anyway), the frozen VLM sits outside it, and the losses and the
+    exported model are those of the partitioned run."""
+    common = [f"model.init_from={stage0_export}", "train.max_steps=3", "train.val_batches=0"]
+    placements, losses, exports = {}, {}, {}
+    for mode in ("partitioned", "replicated"):
+        out = tmp_path / mode
+        ok(run(stage_cmd(1, out, small_world, *common, f"deepspeed.frozen_weights={mode}")))
+        placements[mode] = json.loads((out / "workers" / "rank0.json").read_text())
+        losses[mode] = [r["loss"] for r in metrics(out)]
+        exports[mode] = weights(out / "export")
+    partitioned, replicated = placements["partitioned"], placements["replicated"]
+    assert partitioned["replicated_frozen_numel"] == 0 and replicated["replicated_frozen_numel"] > 0
+    # what ZeRO-3 gathers shrinks by exactly the frozen tensors taken out of it
+    moved = partitioned["zero3_partitioned_numel"] - replicated["zero3_partitioned_numel"]
+    assert moved == replicated["replicated_frozen_numel"]
+    assert replicated["zero3_partitioned_numel"] < partitioned["zero3_partitioned_numel"] / 10
+    assert losses["replicated"] == pytest.approx(losses["partitioned"], rel=1e-6, abs=1e-7)
+    a, b = exports["partitioned"], exports["replicated"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
 def test_resume_is_exact(small_world, stage0_export, tmp_path):
     """6 steps straight == 3 steps, then --resume-from, then 3 more: same losses, same final weights."""
     common = [

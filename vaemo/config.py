@@ -369,6 +369,12 @@ class DeepSpeedConfig:
 
     config: str = "ds_configs/zero3.json"
     """A DeepSpeed JSON (relative paths resolve against the project root)."""
+    frozen_weights: Literal["partitioned", "replicated"] = "partitioned"
+    """Under ZeRO-3, where the frozen weights live. `partitioned`: ZeRO-3 shards them like the rest and
+    all-gathers them in every forward and backward pass. `replicated`: every rank keeps a whole copy
+    (they must fit on one GPU beside the activations) and ZeRO-3 never gathers them, so a step moves
+    only the trainable parts. Frozen tensors below the JSON's `stage3_param_persistence_threshold` stay
+    with ZeRO-3, which keeps small tensors whole anyway. Ignored under ZeRO-0/1/2."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from vaemo.config import DataConfig, ModelConfig
 from vaemo.data import vocab
@@ -250,7 +251,22 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAE
         audio_encoder = tiny_audio_encoder(model_cfg, data_cfg.audio_seconds, attn, dtype)
     else:
         audio_encoder = load_whisper_encoder(Path(model_cfg.audio_encoder), attn, dtype)
+    return assemble_model(vlm, audio_encoder, tokenizer, tokens, (mean, std), model_cfg, data_cfg, dtype)
 
+
+def assemble_model(
+    vlm: nn.Module,
+    audio_encoder: nn.Module,
+    tokenizer,
+    tokens: SpecialTokens,
+    image_stats: tuple[tuple[float, ...], tuple[float, ...]],
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    dtype: torch.dtype,
+) -> VAEmotionLLM:
+    """A VAEmotionLLM around a built VLM and audio encoder: the new audio projector and the specs the data
+    must match. (bench/comm_bytes.py assembles the 7B preset's model here on the meta device.)"""
+    mean, std = image_stats
     vision = vlm.config.vision_config
     visual = VisualSpec(
         num_frames=data_cfg.num_frames,

@@ -8,6 +8,7 @@ Stage 2 (EmoAdapter): the Emotion Enhancer and Supervisor, and LoRA adapters whe
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 TRAINABLE_PREFIXES: dict[int, tuple[str, ...]] = {
@@ -42,3 +43,24 @@ def set_trainable(model: nn.Module, stage: int, extra: nn.Module | None = None, 
             param.requires_grad_(True)
             names.append(f"extra.{name}")
     return names
+
+
+def replicate_frozen(model: nn.Module, above_numel: int) -> dict[str, torch.Tensor]:
+    """Turn the frozen parameters of more than `above_numel` elements into buffers that are not saved with the
+    module, and return them by their state-dict names (an export writes them back).
+
+    ZeRO-3 partitions and all-gathers parameters only: these stay whole on every rank and cost no
+    communication, while the trainable parameters and the small frozen ones stay ZeRO-3's (pass its
+    persistence threshold: it keeps tensors up to that size whole anyway). The small frozen tensors also
+    keep every transformers submodule's `dtype`/`device` properties working: those look at parameters.
+    Tied weights become separate copies on the device (they are frozen, so they stay equal).
+    """
+    taken: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.requires_grad or param.numel() <= above_numel:
+                continue
+            del module._parameters[name]
+            module.register_buffer(name, param.detach(), persistent=False)
+            taken[f"{module_name}.{name}" if module_name else name] = module._buffers[name]
+    return taken

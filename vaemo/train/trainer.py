@@ -27,6 +27,7 @@ from vaemo.config import Config, config_from_dict, render_config
 from vaemo.data.stream import NoUsableData, StreamState, TrainStream, expand_shards, make_loader
 from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, choose_dtype
+from vaemo.model.freezing import replicate_frozen
 from vaemo.train import checkpoint as ckpt
 from vaemo.train.ds_config import deepspeed_config, zero_stage
 from vaemo.train.objectives import StageObjective, StepInputs, build_stage_model, objective_for
@@ -117,6 +118,10 @@ def train_loop(loop_config: dict) -> None:
     parts = build_stage_model(cfg, objective, drop_vision=objective.cached)
     model, extra = parts.model, parts.extra
     held_vision = parts.held_vision if rank == 0 else {}
+    replicated = {}
+    if zero_stage(ds_config) == 3 and cfg.deepspeed.frozen_weights == "replicated":
+        threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 100_000)
+        replicated = replicate_frozen(model, above_numel=int(threshold))
     module = StageModule(model, extra, objective)
     if use_gpu:
         module = module.cuda()
@@ -209,11 +214,12 @@ def train_loop(loop_config: dict) -> None:
         elif validate_now:
             ray.train.report(last_metrics)
 
-    record_worker(run_dir, rank, shards_read)
+    record_worker(run_dir, rank, shards_read, weight_placement(engine, replicated))
 
     # -- export --------------------------------------------------------------------------------
     if cfg.train.export:
-        export(engine, model, run_dir / "export", rank, ds_config, held_vision)
+        held = held_vision | ({name: t.detach().cpu() for name, t in replicated.items()} if rank == 0 else {})
+        export(engine, model, run_dir / "export", rank, ds_config, held)
     if writer:
         writer.close()
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"stage {cfg.stage}")
@@ -228,8 +234,20 @@ def named_stream(batches: Iterator, name: str) -> Iterator:
         raise NoUsableData(f"{NoUsableData.MARKER}{name}: {NoUsableData.line_in(str(err)) or err}") from None
 
 
-def record_worker(run_dir: Path, rank: int, shards_read: set[str]) -> None:
-    """RUN_DIR/workers/rankR.json: where the rank ran and which shards it read (data-plan debugging)."""
+def weight_placement(engine, replicated: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Elements ZeRO-3 partitions (and so gathers every pass), elements it keeps whole, and frozen elements
+    replicated outside it (deepspeed.frozen_weights): what a step's communication grows with."""
+    zero3 = [p for p in engine.module.parameters() if hasattr(p, "ds_numel")]
+    return {
+        "zero3_partitioned_numel": sum(p.ds_numel for p in zero3 if not p.ds_persist),
+        "zero3_persistent_numel": sum(p.ds_numel for p in zero3 if p.ds_persist),
+        "replicated_frozen_numel": sum(t.numel() for t in replicated.values()),
+    }
+
+
+def record_worker(run_dir: Path, rank: int, shards_read: set[str], placement: dict[str, int]) -> None:
+    """RUN_DIR/workers/rankR.json: where the rank ran, which shards it read (data-plan debugging), and where
+    its weights lived."""
     import socket
 
     import ray
@@ -240,6 +258,7 @@ def record_worker(run_dir: Path, rank: int, shards_read: set[str]) -> None:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "shards_read": sorted(shards_read),
+        **placement,
     }
     (run_dir / "workers" / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
