@@ -469,6 +469,17 @@ def test_hub_layout_checkpoints_load_with_their_weights_and_vaemos_audio_tokens(
     assert model.spec.visual.image_mean == (0.48145466, 0.4578275, 0.40821073)
 
 
+def test_hub_layout_checkpoints_read_onto_a_device_give_the_same_model(hf_checkpoints, real_format):
+    """A training rank reads checkpoint shards straight onto its device (device_map; here the CPU device, on a
+    GPU the rank's own): the same weights as the default host load."""
+    cfg = real_format_config(hf_checkpoints, "model.dtype=bfloat16")
+    placed = build_model(cfg.model, cfg.data, seed=0, device=torch.device("cpu"))
+    expected = real_format.state_dict()
+    got = placed.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(t.dtype == torch.bfloat16 for t in placed.vlm.parameters())
+
+
 def test_prompt_ids_equal_the_checkpoints_chat_template(real_format):
     """The Qwen2.5-VL template renders one <|video_pad|> (and passes the audio placeholder through as text);
     the processor then repeats each placeholder once per modality token. vaemo's prompt must equal that."""

@@ -17,7 +17,7 @@ from vaemo.data import vocab
 from vaemo.errors import UserError
 from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, HOP, N_FFT, AudioProjector
 from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer, load_tokenizer
-from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM, check_loading
+from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM, check_loading, device_map
 from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
 
 
@@ -134,19 +134,20 @@ def check_checkpoint_folders(model_cfg: ModelConfig) -> None:
         raise UserError(f"model.init_from '{model_cfg.init_from}' is not a vaemo export (no vaemo_config.json)")
 
 
-def load_vlm(path: Path, attn: str, dtype: torch.dtype):
+def load_vlm(path: Path, attn: str, dtype: torch.dtype, device: torch.device | None = None):
     """A Qwen2.5-VL checkpoint in the hub's layout (transformers maps its v4 names) or saved by transformers 5;
-    a weight that is missing, unexpected or mis-sized is an error, never a silent random init."""
+    a weight that is missing, unexpected or mis-sized is an error, never a silent random init. `device`:
+    load the shards straight onto it (see `build_model`)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, attn_implementation=attn, dtype=dtype, output_loading_info=True
+        path, attn_implementation=attn, dtype=dtype, output_loading_info=True, **device_map(device)
     )
     check_loading(path, info)
     return vlm
 
 
-def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype):
+def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype, device: torch.device | None = None):
     """The encoder of a Whisper checkpoint (WhisperForConditionalGeneration or WhisperModel layout).
 
     Only the encoder's tensors are read, once: the decoder is never built, and of a folder that holds
@@ -163,7 +164,7 @@ def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype):
         encoder = WhisperEncoder(config)
     state = {}
     for file in weight_files(path, "model.audio_encoder"):
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(file), framework="pt", device=str(device or "cpu")) as f:
             for key in f.keys():
                 for prefix in ("model.encoder.", "encoder."):
                     if key.startswith(prefix):
@@ -216,19 +217,24 @@ def preprocessor_stats(path: Path) -> tuple[tuple, tuple]:
     return CLIP_MEAN, CLIP_STD
 
 
-def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0) -> VAEmotionLLM:
-    """The starting model of a stage: the previous stage's export, or fresh from the base checkpoints."""
-    model = _build_model(model_cfg, data_cfg, seed)
+def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0, device: torch.device | None = None) -> VAEmotionLLM:
+    """The starting model of a stage: the previous stage's export, or fresh from the base checkpoints.
+
+    `device` (a training rank's GPU): checkpoint weights are read from their safetensors files straight
+    onto it, so the ranks of a node share the files' page cache instead of each holding a host copy of
+    the model (8 x 16 GB at 7B); the rest is small and is moved after. The tiny model is built on the host.
+    """
+    model = _build_model(model_cfg, data_cfg, seed, device)
     model.pack_prefixes = model_cfg.pack_prefixes
     return model
 
 
-def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAEmotionLLM:
+def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, device: torch.device | None) -> VAEmotionLLM:
     check_checkpoint_folders(model_cfg)
     attn, dtype = choose_attention(model_cfg.attn_implementation), choose_dtype(model_cfg.dtype)
     if model_cfg.init_from:
         path = Path(model_cfg.init_from)
-        model = VAEmotionLLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+        model = VAEmotionLLM.from_pretrained(path, attn_implementation=attn, dtype=dtype, device=device)
         check_data_matches(model.spec, data_cfg, path)
         return model
 
@@ -243,14 +249,14 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> VAE
         vlm_path = Path(model_cfg.vlm)
         tokenizer = load_tokenizer(vlm_path)
         tokens = SpecialTokens.of(tokenizer)
-        vlm = load_vlm(vlm_path, attn, dtype)
+        vlm = load_vlm(vlm_path, attn, dtype, device)
         if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
             vlm.resize_token_embeddings(len(tokenizer))
         mean, std = preprocessor_stats(vlm_path)
     if model_cfg.audio_encoder == "tiny":
         audio_encoder = tiny_audio_encoder(model_cfg, data_cfg.audio_seconds, attn, dtype)
     else:
-        audio_encoder = load_whisper_encoder(Path(model_cfg.audio_encoder), attn, dtype)
+        audio_encoder = load_whisper_encoder(Path(model_cfg.audio_encoder), attn, dtype, device)
     return assemble_model(vlm, audio_encoder, tokenizer, tokens, (mean, std), model_cfg, data_cfg, dtype)
 
 

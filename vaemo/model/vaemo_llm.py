@@ -483,9 +483,14 @@ class VAEmotionLLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        attn_implementation: str = "sdpa",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
     ) -> "VAEmotionLLM":
-        """Load a saved VAEmotionLLM; any missing, unexpected or mis-sized weight is an error."""
+        """Load a saved VAEmotionLLM; any missing, unexpected or mis-sized weight is an error. `device`: the
+        VLM and the audio encoder are read straight onto it (the small parts are built on the host)."""
         from safetensors.torch import load_file
         from transformers import Qwen2_5_VLForConditionalGeneration
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -498,11 +503,15 @@ class VAEmotionLLM(nn.Module):
         spec = ModelSpec.from_dict(raw)
         spec.lora = None  # merged into the LLM's weights at export
         vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True
+            path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True, **device_map(device)
         )
         check_loading(path / "vlm", info)
         audio_encoder, info = WhisperEncoder.from_pretrained(
-            path / "audio_encoder", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True
+            path / "audio_encoder",
+            attn_implementation=attn_implementation,
+            dtype=dtype,
+            output_loading_info=True,
+            **device_map(device),
         )
         check_loading(path / "audio_encoder", info)
         tokenizer = load_tokenizer(path / "tokenizer")
@@ -522,6 +531,11 @@ class VAEmotionLLM(nn.Module):
         # No model.to(dtype): that would also cast the buffers that must stay fp32 (the log-mel filters
         # and window, the RoPE frequencies); every part was built or loaded in `dtype` already.
         return model
+
+
+def device_map(device: torch.device | None) -> dict:
+    """from_pretrained's arguments that read the weights straight onto `device` (none: the host)."""
+    return {"device_map": {"": device}} if device is not None else {}
 
 
 def check_loading(where: Path, info: dict) -> None:

@@ -520,13 +520,18 @@ class StageModel:
 
 
 def build_stage_model(
-    cfg: Config, objective: StageObjective, drop_vision: bool = False, model: VAEmotionLLM | None = None
+    cfg: Config,
+    objective: StageObjective,
+    drop_vision: bool = False,
+    model: VAEmotionLLM | None = None,
+    device: torch.device | None = None,
 ) -> StageModel:
     """The one way a stage's model and trainable set are built: by the training workers, the export and the
     benchmarks alike, so that they all train (and compare) the same thing. `drop_vision`: for a run that
     reads its teacher from a cache (`objective.cached`), which never runs the vision tower. `model`: a
-    starting model built elsewhere (the sizing benchmarks' 7B model on the meta device)."""
-    model = model if model is not None else build_model(cfg.model, cfg.data, seed=cfg.seed)
+    starting model built elsewhere (the sizing benchmarks' 7B model on the meta device). `device`: where
+    checkpoint weights are read to (`build_model`)."""
+    model = model if model is not None else build_model(cfg.model, cfg.data, seed=cfg.seed, device=device)
     held_vision = model.detach_vision() if drop_vision else {}
     objective.prepare_model(model)
     torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model

@@ -115,7 +115,8 @@ def train_loop(loop_config: dict) -> None:
     ds_config = deepspeed_config(cfg, dtype)
     # From a teacher cache no rank runs the vision tower: it is dropped before ZeRO-3 partitions the model;
     # rank 0 keeps its weights on the host for the export.
-    parts = build_stage_model(cfg, objective, drop_vision=objective.cached)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else None
+    parts = build_stage_model(cfg, objective, drop_vision=objective.cached, device=device)
     model, extra = parts.model, parts.extra
     held_vision = parts.held_vision if rank == 0 else {}
     replicated = {}
