@@ -50,6 +50,31 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: f
     )
 
 
+# The 7B preset shrunk to a two-step bf16 run of two CPU workers (with tiny checkpoints in the hub's layout).
+SEVEN_B_ON_CPU = [
+    "data.num_frames=4",
+    "data.frame_height=56",
+    "data.batch_size=2",
+    "data.loader_workers=1",
+    "scaling.num_workers=2",
+    "scaling.use_gpu=false",
+    "scaling.cpus_per_worker=1",
+    "train.max_steps=2",
+    "train.checkpoint_every=2",
+    "train.val_every=2",
+    "train.val_batches=1",
+    "train.report_every=1",
+    "train.warmup_steps=1",
+    "model.dtype=bfloat16",
+]
+
+
+def teacher_cache_cmd(cache: Path, *overrides: str) -> list[str]:
+    """jobs/teacher_cache.py on the tiny preset with 2 actors, writing CACHE."""
+    job, tiny = str(ROOT / "jobs/teacher_cache.py"), str(ROOT / "configs/tiny.yaml")
+    return [sys.executable, job, "--config", tiny, "--out", str(cache), "--actors", "2", *overrides]
+
+
 def stage_cmd(stage: int, out: Path, world: Path, *overrides: str) -> list[str]:
     """jobs/stageN.py on the small world with a few steps, under ZeRO-3 (the cluster's setting, whatever the
     tiny preset uses); overrides come last and win."""

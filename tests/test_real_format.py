@@ -11,7 +11,7 @@ import math
 import sys
 
 import pytest
-from conftest import ROOT, bench_clip, cli, ok, run
+from conftest import ROOT, SEVEN_B_ON_CPU, bench_clip, cli, ok, run
 
 pytestmark = pytest.mark.slow
 PRESET = str(ROOT / "configs/qwen2.5-vl-7b.yaml")
@@ -24,22 +24,9 @@ def test_the_7b_preset_runs_end_to_end_on_hub_layout_checkpoints_in_bf16(small_w
         f"data.train_shards={small_world}/train/*.tar",
         f"data.val_shards={small_world}/val/*.tar",
         f"data.bench_dir={small_world}/bench",
-        "data.num_frames=4",
-        "data.frame_height=56",
+        *SEVEN_B_ON_CPU,
         "data.frame_width=56",
-        "data.batch_size=2",
-        "data.loader_workers=1",
         "data.shuffle_buffer=8",
-        "scaling.num_workers=2",
-        "scaling.use_gpu=false",
-        "scaling.cpus_per_worker=1",
-        "train.max_steps=2",
-        "train.checkpoint_every=2",
-        "train.val_every=2",
-        "train.val_batches=1",
-        "train.report_every=1",
-        "train.warmup_steps=1",
-        "model.dtype=bfloat16",
     ]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     ok(run([sys.executable, str(ROOT / "jobs/stage1.py"), "--config", PRESET, "--out", str(stage1), *sizes], timeout=900))

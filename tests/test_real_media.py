@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, ok, run
+from conftest import ROOT, SEVEN_B_ON_CPU, cli, ok, run
 
 pytestmark = pytest.mark.slow
 SPEECH = Path("/usr/share/pocketsphinx/test/data/librivox")
@@ -86,22 +86,9 @@ def test_real_clips_pack_train_stage1_on_the_7b_path_and_answer(real_clips, hf_c
                 f"model.audio_encoder={hf_checkpoints['audio']}",
                 f"data.train_shards={shards}/train-*.tar",
                 f"data.val_shards={shards}/val-*.tar",  # the preset's names
-                "data.num_frames=4",
-                "data.frame_height=56",
+                *SEVEN_B_ON_CPU,
                 "data.frame_width=84",
-                "data.batch_size=2",
-                "data.loader_workers=1",
                 "data.shuffle_buffer=2",
-                "scaling.num_workers=2",
-                "scaling.use_gpu=false",
-                "scaling.cpus_per_worker=1",
-                "train.max_steps=2",
-                "train.checkpoint_every=2",
-                "train.val_every=2",
-                "train.val_batches=1",
-                "train.report_every=1",
-                "train.warmup_steps=1",
-                "model.dtype=bfloat16",
                 "stage1.teacher_response_tokens=6",
             ],
             timeout=900,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, ok, run, stage_cmd
+from conftest import ROOT, ok, run, stage_cmd, teacher_cache_cmd
 
 from vaemo.cache_fingerprint import fingerprint
 from vaemo.config import load_config
@@ -118,21 +117,7 @@ def test_stage1_trains_from_a_cache_written_by_the_actor_pool(small_world, stage
         "data.batch_size=4",
         f"stage1.topk={TOPK}",
     ]
-    ok(
-        run(
-            [
-                sys.executable,
-                str(ROOT / "jobs/teacher_cache.py"),
-                "--config",
-                str(ROOT / "configs/tiny.yaml"),
-                "--out",
-                str(cache),
-                "--actors",
-                "2",
-                *common,
-            ]
-        )
-    )
+    ok(run(teacher_cache_cmd(cache, *common)))
     manifest = json.loads((cache / MANIFEST).read_text())
     assert manifest["cached"] == 48 + 16  # every train and val clip
 

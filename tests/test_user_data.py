@@ -6,12 +6,11 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ok, run, stage_cmd
+from conftest import ok, run, stage_cmd, teacher_cache_cmd
 
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import NoUsableData, TrainStream, expand_shards, make_loader
@@ -115,21 +114,7 @@ def test_stage1_trains_on_clips_without_any_label_online_and_from_the_cache(unla
     assert not any(k.startswith("skip/") for k in records[-1])
 
     cache = tmp_path / "cache"
-    ok(
-        run(
-            [
-                sys.executable,
-                str(ROOT / "jobs/teacher_cache.py"),
-                "--config",
-                str(ROOT / "configs/tiny.yaml"),
-                "--out",
-                str(cache),
-                "--actors",
-                "2",
-                *common,
-            ]
-        )
-    )
+    ok(run(teacher_cache_cmd(cache, *common)))
     manifest = json.loads((cache / "teacher-cache.json").read_text())
     assert manifest["cached"] == 48 + 16
     with tarfile.open(sorted(cache.glob("*.tar"))[0]) as tar:
