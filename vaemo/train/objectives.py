@@ -533,8 +533,10 @@ def build_stage_model(
     checkpoint weights are read to (`build_model`)."""
     model = model if model is not None else build_model(cfg.model, cfg.data, seed=cfg.seed, device=device)
     held_vision = model.detach_vision() if drop_vision else {}
+    # What the stage adds (stage 2's Enhancer, Supervisor and LoRA, stage 0's heads) is seeded here, apart
+    # from the model: a model loaded from a folder leaves the RNG wherever loading and imports left it.
+    torch.manual_seed(cfg.seed + 1)
     objective.prepare_model(model)
-    torch.manual_seed(cfg.seed + 1)  # the stage's own heads: seeded apart from the model
     extra = objective.extra_modules(model)
     trainable = set_trainable(model, cfg.stage, extra, objective.also_trainable())
     if cfg.model.activation_checkpointing:
