@@ -222,13 +222,9 @@ def estimate(cfg, parts, ranks: int, replicated: bool, plain: bool, attention: s
     return e
 
 
-def seven_b(stage: int):
-    from comm_bytes import seven_b_stage
-
-    return seven_b_stage(stage)
-
-
 def main() -> None:
+    from comm_bytes import seven_b_stage  # the 7B preset's stage model on the meta device
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-gb", type=float, default=80.0)
@@ -245,7 +241,7 @@ def main() -> None:
         return
     lines = []
     for stage in (1, 2):
-        cfg, parts = seven_b(stage)
+        cfg, parts = seven_b_stage(stage)
         replicated = cfg.deepspeed.frozen_weights == "replicated"
         with_ckpt = estimate(cfg, parts, args.gpus, replicated, plain=False, attention="flash")
         other = estimate(cfg, parts, args.gpus, not replicated, plain=False, attention="flash").parts["weights"]
