@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-PRESET = ROOT / "configs/qwen2.5-vl-7b.yaml"
 BF16 = 2
 GB = 1e9
 
@@ -58,33 +57,6 @@ class Part:
     with_gradient: int = 0
 
 
-def seven_b_stage(stage: int):
-    """The 7B preset's stage model on the meta device: (config, model, trainable names)."""
-    import torch
-    from gpu_stage1 import SEVEN_B, model_configs
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    from vaemo.config import load_config
-    from vaemo.data import vocab
-    from vaemo.model.build import assemble_model
-    from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer
-    from vaemo.model.vision import CLIP_MEAN, CLIP_STD
-    from vaemo.train.objectives import build_stage_model, objective_for
-
-    cfg = load_config(PRESET, stage=stage)
-    tokenizer = build_tiny_tokenizer(vocab.corpus())  # only the embedding's size matters here: 152,064 rows
-    tokens = SpecialTokens.of(tokenizer)
-    vlm_config, whisper_config = model_configs(SEVEN_B, tokens)
-    whisper_config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        vlm = Qwen2_5_VLForConditionalGeneration._from_config(vlm_config, attn_implementation="sdpa", dtype=torch.bfloat16)
-        encoder = WhisperEncoder(whisper_config).to(torch.bfloat16)
-        model = assemble_model(vlm, encoder, tokenizer, tokens, (CLIP_MEAN, CLIP_STD), cfg.model, cfg.data, torch.bfloat16)
-        parts = build_stage_model(cfg, objective_for(cfg), model=model)
-    return cfg, parts
-
-
 def part_of(name: str) -> str:
     if name.startswith("vlm.model.visual."):
         return "vision"
@@ -96,6 +68,8 @@ def part_of(name: str) -> str:
 
 
 def stage_parts(stage: int) -> tuple[list[Part], dict]:
+    from gpu_stage1 import seven_b_stage  # the 7B preset's stage model on the meta device
+
     cfg, built = seven_b_stage(stage)
     threshold = json.loads((ROOT / cfg.deepspeed.config).read_text())["zero_optimization"].get(
         "stage3_param_persistence_threshold", 100_000

@@ -1,11 +1,17 @@
-"""One stage-1 step of a Qwen2.5-VL-7B-shaped VAEmotionLLM on one GPU: tokens/s, MFU, peak memory.
+"""Training steps of a Qwen2.5-VL-7B-shaped VAEmotionLLM on one GPU: tokens/s, MFU, peak memory.
 
 No weights are needed: the VLM (Qwen2.5-VL-7B's config: LLM 3584 x 28 layers, vocab 152,064; vision
 tower 1280 x 32 blocks) and the audio encoder (Whisper-large-v3's encoder) are randomly initialised on
-the GPU in bf16. The step is stage 1's: the frozen teacher's video pass on 8 clips x 16 frames (three
-prompts per clip: a description and two questions), the student's audio pass, the chunked top-k KL and
-AdamW on the projector. It needs torch and transformers only (vaemo.model imports neither Ray nor
-DeepSpeed, and this file avoids the data stack), so `vaemo/` and `bench/` are all it needs to carry.
+the GPU in bf16. Two measurements:
+- stage 1's step, hand-built for MFU: the frozen teacher's video pass on 8 clips x 16 frames (three
+  prompts per clip: a description and two questions), the student's audio pass, the chunked top-k KL and
+  AdamW on the projector; SDPA with and without prefix packing, and FlashAttention-2 when it imports;
+- the 7B preset's stage-1 and stage-2 steps through vaemo's own objectives at the preset's shapes (stage 2:
+  the EmoAdapter's Enhancer, Supervisor and LoRA, KD against the stage-1 model, activation
+  checkpointing), plain AdamW on one GPU: step time, and the peak memory against bench/memory.py's
+  estimate for the same step.
+It needs torch, transformers and PyYAML only (vaemo's model and objectives import neither Ray, DeepSpeed
+nor torchcodec), so `vaemo/`, `bench/` and `configs/` are all it needs to carry.
 Run through bench/gpu_stage1.sh; the last line is the summary.
 """
 
@@ -18,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+PRESET = ROOT / "configs/qwen2.5-vl-7b.yaml"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 # Qwen2.5-VL-7B and Whisper-large-v3's encoder; --smoke shrinks every width and depth (a CPU check of
 # this script's code path, run by the test suite).
@@ -111,6 +120,35 @@ def model_configs(dims: dict, tokens):
         max_source_positions=1500,
     )
     return config, whisper
+
+
+def seven_b_stage(stage: int, dims: dict = SEVEN_B, device: str = "meta", attn: str = "sdpa", overrides: tuple[str, ...] = ()):
+    """The 7B preset's stage model, (config, StageModel): the VLM and Whisper encoder at `dims` built on
+    `device` (meta: shapes only, for the sizing benchmarks; a GPU: random bf16 weights, for timing), with
+    the stage's trainable parts added by vaemo's own stage builder."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from vaemo.config import load_config
+    from vaemo.data import vocab
+    from vaemo.model.build import assemble_model
+    from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer
+    from vaemo.model.vision import CLIP_MEAN, CLIP_STD
+    from vaemo.train.objectives import build_stage_model, objective_for
+
+    cfg = load_config(PRESET, list(overrides), stage=stage)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tokenizer = build_tiny_tokenizer(vocab.corpus())  # only the embedding's size matters here: 152,064 rows
+    tokens = SpecialTokens.of(tokenizer)
+    vlm_config, whisper_config = model_configs(dims, tokens)
+    whisper_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        vlm = Qwen2_5_VLForConditionalGeneration._from_config(vlm_config, attn_implementation=attn, dtype=dtype)
+        encoder = WhisperEncoder(whisper_config).to(dtype)
+        model = assemble_model(vlm, encoder, tokenizer, tokens, (CLIP_MEAN, CLIP_STD), cfg.model, cfg.data, dtype)
+        parts = build_stage_model(cfg, objective_for(cfg), model=model)
+    return cfg, parts
 
 
 def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, device: str):
@@ -279,6 +317,85 @@ def run_once(attn: str, args) -> list[dict]:
     return results
 
 
+def size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def preset_steps(args) -> list[dict]:
+    """Stage 1's and stage 2's training steps as the 7B preset runs them, through vaemo's own objectives
+    (its prompts, KD against the stage-1 model, the EmoAdapter's Enhancer, Supervisor and LoRA, activation
+    checkpointing) on one GPU with plain AdamW: step time, and peak memory against bench/memory.py's
+    estimate of the same step (one GPU, everything whole). The clips are captioned, so the teacher writes no
+    responses of its own."""
+    import torch
+    from memory import AllocationPeak, estimate, plain_training
+
+    from vaemo.model.build import flash_attention_available
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    attn = "flash_attention_2" if cuda and flash_attention_available() else "sdpa"
+    dims = SMOKE if args.smoke else SEVEN_B
+    shapes = (
+        (
+            f"data.batch_size={args.clips}",
+            f"data.num_frames={args.frames}",
+            f"data.frame_height={args.size}",
+            f"data.frame_width={args.size}",
+            f"data.audio_seconds={args.audio_seconds}",
+        )
+        if args.smoke
+        else ()
+    )
+    results = []
+    for stage in (1, 2):
+        cfg, meta_parts = seven_b_stage(stage, dims, "meta", attn, shapes)
+        # CUDA's attention kernels keep what FlashAttention-2 keeps; the CPU's masked SDPA keeps probabilities
+        guess = estimate(cfg, meta_parts, ranks=1, replicated=True, plain=True, attention="flash" if cuda else "eager")
+        del meta_parts
+        started = time.perf_counter()
+        cfg, parts = seven_b_stage(stage, dims, device, attn, shapes)
+        build_s = time.perf_counter() - started
+        one_step, lasting = plain_training(cfg, parts)
+        one_step(0)  # creates AdamW's state
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, tracker = [], None
+        for index in range(1, args.steps + 1):
+            last = index == args.steps
+            sync()
+            t0 = time.perf_counter()
+            if last and not cuda:  # on the CPU, the dispatch-mode tracker of bench/memory.py --check
+                with AllocationPeak(lasting()) as tracker:
+                    one_step(index)
+            else:
+                one_step(index)
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
+        result = {
+            "stage": stage,
+            "step_s": statistics.median(times),
+            "peak_gb": peak / 1e9,
+            "estimate_gb": guess.total / 1e9,
+            "build_s": build_s,
+        }
+        parts_text = ", ".join(f"{k} {size(v)}" for k, v in guess.parts.items())
+        print(
+            f"  stage {stage} ({attn}, {cfg.data.batch_size} clips x {cfg.data.num_frames} frames "
+            f"{cfg.data.frame_height}px, {cfg.data.audio_seconds:g} s audio): step {result['step_s']:.2f} s, "
+            f"peak {size(peak)} vs estimate {size(guess.total)} ({parts_text}): "
+            f"estimate/peak {guess.total / peak:.2f}; built in {build_s:.0f} s",
+            flush=True,
+        )
+        results.append(result)
+        parts = one_step = lasting = None  # frees the device before the next stage builds
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
 def main() -> int:
     import torch
 
@@ -290,19 +407,32 @@ def main() -> int:
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--smoke", action="store_true", help="a shrunken model (runs on a CPU): checks the code path")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a shrunken model (runs on a CPU): checks the code path; the preset steps then take their shapes "
+        "from --clips/--frames/--size/--audio-seconds too",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         print("GPU_STAGE1 skipped: no CUDA device (--smoke runs a shrunken model on the CPU)", flush=True)
         return 1
     from vaemo.model.build import flash_attention_available
 
+    print("stage-1 step, hand-built (8 clips x 16 frames 224 px unless told otherwise):", flush=True)
     results = run_once("sdpa", args)
     if flash_attention_available():
         results += run_once("flash_attention_2", args)
+    print("the 7B preset's steps through vaemo's objectives (its shapes), peak memory vs bench/memory.py:", flush=True)
+    stages = preset_steps(args)
     parts = [
         f"{r['attn']} {r['tokens_per_s']:.0f} tok/s MFU {r['mfu']:.1%} peak {r['peak_gib']:.1f} GiB step {r['step_s']:.2f} s"
         for r in results
+    ]
+    parts += [
+        f"preset stage {r['stage']} step {r['step_s']:.2f} s peak {size(r['peak_gb'] * 1e9)} "
+        f"est {size(r['estimate_gb'] * 1e9)} ({r['estimate_gb'] / r['peak_gb']:.2f})"
+        for r in stages
     ]
     smoke = " (smoke: shrunken model)" if args.smoke else ""
     print(

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One stage-1 step of a Qwen2.5-VL-7B-shaped model on one GPU (bench/gpu_stage1.py): tokens/s, MFU, peak memory.
+# Stage-1 and stage-2 steps of a Qwen2.5-VL-7B-shaped model on one GPU (bench/gpu_stage1.py): tokens/s, MFU,
+# peak memory against bench/memory.py's estimate.
 #
-# What to carry to the GPU machine: the repository's `vaemo/` and `bench/` folders (nothing else, no weights).
+# What to carry to the GPU machine: the repository's `vaemo/`, `bench/` and `configs/` folders (no weights).
 # What it needs there: python with torch (CUDA) and transformers >= 5; flash-attn is optional (when it imports,
 # FlashAttention-2 is measured beside SDPA). Neither Ray, DeepSpeed, torchcodec nor internet access is needed.
-#     bash bench/gpu_stage1.sh            # about 2-4 minutes on an H100, well under 8 including set-up
+#     bash bench/gpu_stage1.sh            # not yet run on a GPU; it stops itself at 7.5 minutes
 # The last line printed is the summary (GPU_STAGE1 ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."

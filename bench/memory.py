@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 GB = 1e9
-SEVEN_B_PRESET = ROOT / "configs/qwen2.5-vl-7b.yaml"
 # A mid-size model for the check: 8 blocks of 512 over a 4-block vision tower of 256.
 MID = [
     "model.tiny_vlm.hidden_size=512",
@@ -223,7 +222,7 @@ def estimate(cfg, parts, ranks: int, replicated: bool, plain: bool, attention: s
 
 
 def main() -> None:
-    from comm_bytes import seven_b_stage  # the 7B preset's stage model on the meta device
+    from gpu_stage1 import seven_b_stage  # the 7B preset's stage model on the meta device
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=8)
@@ -296,9 +295,9 @@ class AllocationPeak(TorchDispatchMode):
         return out
 
 
-def measured_peak(cfg, parts) -> float:
-    """Peak bytes of tensor storage during the second of two plain-PyTorch steps (the first creates AdamW's
-    state): weights, optimizer state, activations, gradients and every temporary."""
+def plain_training(cfg, parts):
+    """A plain-PyTorch training step of a StageModel (the stage's objective, AdamW) on dummy clips of the
+    preset's shape: (one_step(index), lasting() -> the tensors that live across steps)."""
     from vaemo.train.objectives import objective_for
     from vaemo.train.trainer import StageModule, synchronize
 
@@ -314,10 +313,19 @@ def measured_peak(cfg, parts) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def lasting() -> list[torch.Tensor]:
+        state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return [*module.parameters(), *module.buffers(), *state]
+
+    return one_step, lasting
+
+
+def measured_peak(cfg, parts) -> float:
+    """Peak bytes of tensor storage during the second of two plain-PyTorch steps (the first creates AdamW's
+    state): weights, optimizer state, activations, gradients and every temporary."""
+    one_step, lasting = plain_training(cfg, parts)
     one_step(0)
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    known = [*module.parameters(), *module.buffers(), *state]
-    with AllocationPeak(known) as tracker:
+    with AllocationPeak(lasting()) as tracker:
         one_step(1)
     return tracker.peak
 

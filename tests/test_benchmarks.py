@@ -19,6 +19,11 @@ def test_gpu_stage1_benchmark_runs_and_prints_one_summary_line():
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("GPU_STAGE1 cpu (smoke") and "tok/s" in last and "MFU" in last
     assert "| sdpa packed " in last and "| sdpa " in last  # SDPA timed with and without prefix packing
+    # the 7B preset's stage-1 and stage-2 steps through vaemo's objectives, their peak against the estimate
+    for stage in (1, 2):
+        part = last.split(f"| preset stage {stage} step ")[1].split(" |")[0]
+        peak, estimate = (float(part.split(word)[1].split()[0]) for word in (" peak ", " est "))
+        assert peak > 0 and estimate > 0, part
 
 
 def test_the_gpu_benchmark_needs_neither_ray_deepspeed_nor_the_data_stack():

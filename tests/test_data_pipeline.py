@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from conftest import ROOT, cli
 
@@ -76,6 +77,26 @@ def test_frame_fit_keeps_what_each_mode_promises_of_a_wide_picture():
     assert crop[:, :, :4].mean() < 80 and crop[:, :4].mean() > 50  # the edges gone; no bars
     assert stretch[:, :, :4].mean() > 230 and stretch[:, :4, 24:32].mean() > 50  # the edges kept; no bars
     assert all(v.shape == (3, 56, 56) for v in fitted.values())
+
+
+@pytest.mark.parametrize("fit", ["letterbox", "crop", "stretch"])
+def test_one_open_per_clip_decodes_what_a_probe_then_open_decodes(fit, monkeypatch):
+    """open_video sizes its resize while the decoder opens (no probe open first); the frames must be the
+    ones the probing path gives, for wide, tall and square pictures in every container."""
+    from vaemo.data import decode
+
+    assert decode._fitted_resize_type() is not None  # the pinned torchcodec has the hook
+    spec = dataclasses.replace(SPEC, need_audio=False, fit=fit)
+    clips = [
+        ramp_clip(24, 12, 128, 72, 16000, Codec("mp4", "libx264", "aac", 1)),
+        ramp_clip(30, 30, 72, 128, 16000, Codec("webm", "libvpx-vp9", "libopus", 1)),
+        ramp_clip(20, 10, 96, 96, 16000, Codec("mkv", "mpeg4", "libvorbis", 1)),
+    ]
+    one_open = [decode.decode_video(raw, spec)[0] for raw in clips]
+    monkeypatch.setattr(decode, "_fitted_resize_type", lambda: None)
+    probed = [decode.decode_video(raw, spec)[0] for raw in clips]
+    for a, b in zip(one_open, probed):
+        assert a.shape == (8, 3, 56, 56) and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("fps", [10, 12, 15, 24, 30, 60])

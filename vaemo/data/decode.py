@@ -6,6 +6,7 @@ carry on. Reasons are stable names (they appear in `vaemo data inspect --json` a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -15,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torchcodec.decoders import AudioDecoder, VideoDecoder
-from torchcodec.transforms import Resize
 
 from vaemo.data.teacher_records import TEACHER_JSON, TeacherRecord, decode_record
 
 if TYPE_CHECKING:
+    from torchcodec.decoders import VideoDecoder
+
     from vaemo.config import DataConfig
 
 CLIP_EXTENSIONS: tuple[str, ...] = ("mp4", "mkv", "webm", "mov")
@@ -211,15 +212,50 @@ def fitted_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
     return max(1, min(spec.height, round(height * scale))), max(1, min(spec.width, round(width * scale)))
 
 
+@functools.cache
+def _fitted_resize_type() -> type | None:
+    """torchcodec's Resize with its size worked out from the stream's own (height, width) while the
+    decoder opens, so a clip is opened once, not probed first (a probe costs ~10% of a clip's decode).
+    It uses the hook through which torchcodec (0.11-0.13) turns a transform into its spec string, after
+    reading the stream's size; where that hook is absent, None (open_video probes, as it always can)."""
+    from torchcodec.transforms import Resize
+
+    if not all(hasattr(Resize, hook) for hook in ("_make_transform_spec", "_get_output_dims")):
+        return None
+
+    class FittedResize(Resize):
+        def __init__(self, spec: DecodeSpec):
+            super().__init__((spec.height, spec.width))
+            self.spec = spec
+
+        def _get_output_dims(self):
+            return None  # known only once the stream's size is; no transform follows this one
+
+        def _make_transform_spec(self, input_dims) -> str:
+            height, width = input_dims
+            if height and width:
+                self.size = fitted_size(height, width, self.spec)
+            return super()._make_transform_spec(input_dims)
+
+    return FittedResize
+
+
 def open_video(raw: bytes, spec: DecodeSpec, seek_mode: str = "approximate"):
     """A VideoDecoder resizing to fit spec's size with the aspect ratio kept, and the clip's seconds and
     frame count; None without a video stream. `approximate` reads the counts from the header (fast);
     `exact` scans the packets (for containers whose header only estimates them, e.g. WebM)."""
+    from torchcodec.decoders import VideoDecoder
+    from torchcodec.transforms import Resize
+
+    fitted = _fitted_resize_type()
     try:
-        probe = VideoDecoder(raw, seek_mode=seek_mode)
-        md = probe.metadata
-        size = fitted_size(md.height, md.width, spec) if md.height and md.width else (spec.height, spec.width)
-        decoder = VideoDecoder(raw, seek_mode=seek_mode, transforms=[Resize(size)])
+        if fitted is not None:
+            decoder = VideoDecoder(raw, seek_mode=seek_mode, transforms=[fitted(spec)])
+            md = decoder.metadata
+        else:
+            md = VideoDecoder(raw, seek_mode=seek_mode).metadata
+            size = fitted_size(md.height, md.width, spec) if md.height and md.width else (spec.height, spec.width)
+            decoder = VideoDecoder(raw, seek_mode=seek_mode, transforms=[Resize(size)])
     except ValueError as err:
         if "video stream" in str(err):
             return None
@@ -280,6 +316,8 @@ def decode_audio(
     """16 kHz mono samples of the clip's window (from `start`, else the window `clip_window` picks from the
     audio's own length), padded to spec.audio_seconds; valid length; seconds decoded (the whole clip when
     it fits the window). None without audio."""
+    from torchcodec.decoders import AudioDecoder
+
     try:
         decoder = AudioDecoder(raw, sample_rate=SAMPLE_RATE, num_channels=1)
         if start is None:
