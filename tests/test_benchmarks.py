@@ -3,9 +3,11 @@ GPU machine has; the stage-1 step benchmark on one tiny step (its figures are in
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 SMOKE = ["--smoke", "--clips", "2", "--frames", "4", "--size", "56", "--audio-seconds", "2", "--steps", "1", "--topk", "8"]
@@ -97,3 +99,44 @@ def test_memory_estimate_of_the_7b_fits_and_matches_a_measured_peak_on_the_tiny_
     assert checked.returncode == 0, checked.stderr[-3000:]
     ratios = [float(line.rsplit("ratio ", 1)[1]) for line in checked.stdout.splitlines() if "ratio " in line]
     assert len(ratios) == 2 and all(0.8 <= r <= 1.2 for r in ratios), checked.stdout
+
+
+@pytest.mark.slow
+def test_val_curve_scores_every_checkpoint_on_the_val_clips(small_world, tmp_path):
+    """bench/val_curve.py: one short stage-0 run, each checkpoint exported and scored on a bench made of the
+    val clips (not the bench split), one row per checkpoint."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/val_curve.py"),
+            "--stage",
+            "0",
+            "--world",
+            str(small_world),
+            "--steps",
+            "4",
+            "--every",
+            "2",
+            "--actors",
+            "0",
+            "--max-items",
+            "24",
+            "--out",
+            str(tmp_path),
+            "data.batch_size=4",
+            "train.report_every=1",
+            "train.val_batches=1",
+            "train.warmup_steps=1",
+            "stage0.vision_warmup_steps=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert [row["step"] for row in curve] == [2, 4]
+    assert all(0.0 <= row["visual/content"] <= 1.0 for row in curve)
+    val_media = sorted(p.name for p in (tmp_path / "val-bench" / "media").glob("*.json"))
+    assert len(val_media) == 16  # the 16 val clips, not the bench split's
