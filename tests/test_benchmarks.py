@@ -10,6 +10,16 @@ import sys
 import pytest
 from conftest import ROOT
 
+
+def run_bench(script: str, *args: str, timeout: float = 300) -> str:
+    """Run bench/SCRIPT with this venv's python from the repository root; its stdout (it must succeed)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 SMOKE = ["--smoke", "--clips", "2", "--frames", "4", "--size", "56", "--audio-seconds", "2", "--steps", "1", "--topk", "8"]
 
 
@@ -40,26 +50,8 @@ def test_the_gpu_benchmark_needs_neither_ray_deepspeed_nor_the_data_stack():
 
 
 def test_stage1_step_benchmark_times_both_teacher_modes():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench/stage1_step.py"),
-            "--presets",
-            "tiny",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--batch",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    last = result.stdout.strip().splitlines()[-1]
+    stdout = run_bench("stage1_step.py", "--presets", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2")
+    last = stdout.strip().splitlines()[-1]
     assert last.startswith("tiny: online ") and "ratio cache/online" in last
 
 
@@ -105,36 +97,14 @@ def test_memory_estimate_of_the_7b_fits_and_matches_a_measured_peak_on_the_tiny_
 def test_val_curve_scores_every_checkpoint_on_the_val_clips(small_world, tmp_path):
     """bench/val_curve.py: one short stage-0 run, each checkpoint exported and scored on a bench made of the
     val clips (not the bench split), one row per checkpoint."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench/val_curve.py"),
-            "--stage",
-            "0",
-            "--world",
-            str(small_world),
-            "--steps",
-            "4",
-            "--every",
-            "2",
-            "--actors",
-            "0",
-            "--max-items",
-            "24",
-            "--out",
-            str(tmp_path),
-            "data.batch_size=4",
-            "train.report_every=1",
-            "train.val_batches=1",
-            "train.warmup_steps=1",
-            "stage0.vision_warmup_steps=1",
-        ],
-        capture_output=True,
-        text=True,
+    run_bench(
+        "val_curve.py",
+        *("--stage", "0", "--world", str(small_world), "--steps", "4", "--every", "2", "--actors", "0"),
+        *("--max-items", "24", "--out", str(tmp_path)),
+        *("data.batch_size=4", "train.report_every=1", "train.val_batches=1", "train.warmup_steps=1"),
+        "stage0.vision_warmup_steps=1",
         timeout=600,
-        cwd=ROOT,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "curve.json").read_text())
     assert [row["step"] for row in curve] == [2, 4]
     assert all(0.0 <= row["visual/content"] <= 1.0 for row in curve)
