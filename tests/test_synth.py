@@ -161,6 +161,19 @@ def test_peak_loudness_follows_arousal():
         assert 0.005 <= spec.noise_amplitude <= 0.02
 
 
+def test_a_note_cut_to_one_sample_at_the_clip_end_stays_finite():
+    # An onset on a clip's last sample leaves a note of length 1, whose waveform is sin(0) = 0: it must
+    # render as silence, not 0/0 (NaN audio makes FFmpeg's encoder refuse the whole clip).
+    for kind in vocab.OBJECTS:
+        wave = synth._oscillator(kind, 440.0, np.zeros(1), SR, np.random.default_rng(0), synth.Look())
+        assert wave.shape == (1,) and np.isfinite(wave).all(), kind
+    rng = np.random.default_rng(3)
+    spec = synth.sample_clip(rng, SPREAD, obj="square")
+    last = (spec.n_frames / spec.fps * spec.sample_rate - 1) / spec.sample_rate
+    spec.onsets = [*spec.onsets, last]
+    assert np.isfinite(synth.render_audio(spec, rng)).all()
+
+
 def test_captions_name_object_count_emotion_and_cues():
     for i in range(40):
         rng = np.random.default_rng(i)

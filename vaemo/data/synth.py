@@ -406,7 +406,8 @@ def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np
         else:  # triangle's voice is the sawtooth
             amps = ((-1.0) ** (ks + 1)) / ks
         wave = amps @ np.sin(2 * np.pi * freq * np.outer(ks, t))
-        return wave / np.max(np.abs(wave))
+        # A note cut to a sample or two at the clip's end can be all zeros (sin 0).
+        return wave / max(np.max(np.abs(wave)), 1e-9)
     if kind == "star":
         # The string runs at 48 kHz whatever the clip's rate: its loop filter acts per sample, so at 16 kHz
         # a high note would lose its harmonics within a few loop passes and sound like a sine.
