@@ -110,3 +110,13 @@ def test_val_curve_scores_every_checkpoint_on_the_val_clips(small_world, tmp_pat
     assert all(0.0 <= row["visual/content"] <= 1.0 for row in curve)
     val_media = sorted(p.name for p in (tmp_path / "val-bench" / "media").glob("*.json"))
     assert len(val_media) == 16  # the 16 val clips, not the bench split's
+
+
+def test_the_audio_tail_benchmark_scores_the_audio_items_both_ways(adapter_export, small_world):
+    out = run_bench("audio_tail.py", "--model", str(adapter_export), "--bench", str(small_world / "bench"), "--sound", "1")
+    decoded, cut, gain = out.strip().splitlines()[-3:]
+    assert decoded.startswith("soundtracks as decoded") and cut.startswith("first 1 s, then silence")
+    for line in (decoded, cut):
+        scores = [float(line.split(word)[1].split()[0]) for word in ("content", "emotion", "arousal error")]
+        assert all(0.0 <= score <= 2.0 for score in scores), line
+    assert gain.startswith("audio emotion gained from a silent tail: ")
