@@ -392,6 +392,11 @@ def midi_to_hz(note: float) -> float:
     return 440.0 * 2.0 ** ((note - 69) / 12.0)
 
 
+def _peak_one(wave: np.ndarray) -> np.ndarray:
+    """The wave scaled to peak 1; all zeros stay zeros (a note cut to one sample at a clip's end is sin 0)."""
+    return wave / max(np.max(np.abs(wave)), 1e-9)
+
+
 def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np.random.Generator, look: Look) -> np.ndarray:
     """One note's waveform with peak 1: band-limited additive synthesis, or a Karplus-Strong string."""
     nyquist = sample_rate / 2
@@ -406,8 +411,7 @@ def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np
         else:  # triangle's voice is the sawtooth
             amps = ((-1.0) ** (ks + 1)) / ks
         wave = amps @ np.sin(2 * np.pi * freq * np.outer(ks, t))
-        # A note cut to a sample or two at the clip's end can be all zeros (sin 0).
-        return wave / max(np.max(np.abs(wave)), 1e-9)
+        return _peak_one(wave)
     if kind == "star":
         # The string runs at 48 kHz whatever the clip's rate: its loop filter acts per sample, so at 16 kHz
         # a high note would lose its harmonics within a few loop passes and sound like a sine.
@@ -427,7 +431,7 @@ def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np
         if rate != sample_rate:
             wave = resample_poly(wave, sample_rate, rate)[: len(t)]
             wave = np.pad(wave, (0, len(t) - len(wave)))
-        return wave / max(np.max(np.abs(wave)), 1e-9)
+        return _peak_one(wave)
     raise ValueError(f"unknown object {kind}")
 
 
