@@ -21,7 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vaemo.data.decode as decode  # noqa: E402
-from vaemo.eval.run import evaluate  # noqa: E402
+from vaemo.data.bench import read_bench  # noqa: E402
+from vaemo.errors import exit_on_user_error  # noqa: E402
+from vaemo.eval.run import check_model_dir, evaluate  # noqa: E402
 
 
 def audio_only_bench(bench: Path, into: Path) -> Path:
@@ -56,12 +58,15 @@ def row(name: str, report: dict) -> str:
     )
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a vaemo export")
     parser.add_argument("--bench", required=True, help="an ArtEmoBench folder (items.jsonl, media/)")
     parser.add_argument("--sound", type=float, default=2.5, help="seconds of each soundtrack kept before the silence")
     args = parser.parse_args()
+    check_model_dir(args.model)  # a wrong path is one line (exit 2), before anything is scored
+    read_bench(args.bench)
     with tempfile.TemporaryDirectory(prefix="vaemo-tail-") as tmp:
         bench = audio_only_bench(Path(args.bench), Path(tmp))
         as_decoded, _ = evaluate(args.model, bench, actors=0, deaf_check=False, label="as decoded")
