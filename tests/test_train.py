@@ -269,6 +269,32 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_e
     assert int((out / "workers" / "rank1.pid").read_text()) != victim
 
 
+STALE_BATON_SCRIPT = """
+import importlib
+from pathlib import Path
+from torch.utils.cpp_extension import _get_build_directory
+from vaemo.train.cpu_comm import load_cpu_comm_op
+
+baton = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+baton.touch()  # what a process killed inside torch's build lock leaves behind
+try:
+    assert load_cpu_comm_op()
+    print("baton left:", baton.exists())
+    baton.touch()  # init_distributed must now find the op loaded and never look at the baton again
+    print("init_distributed's load:", importlib.import_module("deepspeed.comm.torch").build_shm_op() is not None)
+finally:
+    baton.unlink(missing_ok=True)
+"""
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run():
+    # Without the flock and the clean-up, DeepSpeed's JIT load waits on the baton forever (a CI run hung so).
+    result = run([PYTHON, "-c", STALE_BATON_SCRIPT], timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "baton left: False" in result.stdout
+    assert "init_distributed's load: True" in result.stdout
+
+
 def strict_zero3(tmp_path: Path) -> Path:
     """ZeRO-3 with every parameter partitioned: a rank that skipped a module would hang the others."""
     config = json.loads((ROOT / "ds_configs/zero3.json").read_text())

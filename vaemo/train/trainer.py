@@ -29,6 +29,7 @@ from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, choose_dtype
 from vaemo.model.freezing import replicate_frozen
 from vaemo.train import checkpoint as ckpt
+from vaemo.train.cpu_comm import load_cpu_comm_op
 from vaemo.train.ds_config import deepspeed_config, zero_stage
 from vaemo.train.objectives import StageObjective, StepInputs, build_stage_model, objective_for
 from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
@@ -101,6 +102,8 @@ def train_loop(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     import deepspeed
 
+    if not use_gpu:
+        load_cpu_comm_op()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
