@@ -115,8 +115,9 @@ def test_val_curve_scores_every_checkpoint_on_the_val_clips(small_world, tmp_pat
 def test_the_audio_tail_benchmark_scores_the_audio_items_both_ways(adapter_export, small_world):
     out = run_bench("audio_tail.py", "--model", str(adapter_export), "--bench", str(small_world / "bench"), "--sound", "1")
     decoded, cut, gain = out.strip().splitlines()[-3:]
-    assert decoded.startswith("soundtracks as decoded") and cut.startswith("first 1 s, then silence")
+    fill = json.loads((adapter_export / "vaemo_config.json").read_text())["audio_fill"]
+    assert decoded.startswith("soundtracks as decoded") and cut.startswith(f"first 1 s, then {fill}")
     for line in (decoded, cut):
         scores = [float(line.split(word)[1].split()[0]) for word in ("content", "emotion", "arousal error")]
         assert all(0.0 <= score <= 2.0 for score in scores), line
-    assert gain.startswith("audio emotion gained from a silent tail: ")
+    assert gain.startswith(f"audio emotion gained from a cut and filled soundtrack ({fill}): ")

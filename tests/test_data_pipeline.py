@@ -140,6 +140,22 @@ def test_decoded_pairs_at_60_fps_show_a_tenth_of_a_second():
     assert np.allclose(levels[1::2] - levels[0::2], 6 * step, atol=1.5), levels  # 0.1 s = 6 frames at 60 fps
 
 
+@pytest.mark.parametrize("codec", [Codec("mp4", "libx264", "aac", 1), Codec("webm", "libvpx-vp9", "libopus", 2)])
+def test_a_clip_shorter_than_the_window_is_repeated_or_followed_by_silence(codec):
+    """A 1.25 s clip in a 3 s window: `repeat` plays it again from its start, `silence` leaves a silent tail
+    (whose log-mel would carry the clip's loudness; see data.audio_fill)."""
+    raw = ramp_clip(15, 12, 64, 64, 44100, codec, freq=300.0)
+    repeated = decode_sample({"__key__": "k", codec.container: raw}, SPEC)  # the default fill
+    silent = decode_sample({"__key__": "k", codec.container: raw}, dataclasses.replace(SPEC, audio_fill="silence"))
+    n = repeated.audio_len
+    assert abs(n - 1.25 * 16000) < 0.05 * 16000 and silent.audio_len == n
+    assert torch.equal(repeated.audio[:n], silent.audio[:n])
+    assert torch.equal(repeated.audio[n : 2 * n], repeated.audio[:n])  # the clip again, from its first sample
+    assert torch.equal(repeated.audio[2 * n :], repeated.audio[: 3 * 16000 - 2 * n])
+    assert float(silent.audio[n:].abs().max()) == 0.0
+    assert float(repeated.audio[2 * n :].abs().mean()) > 0.1
+
+
 def test_a_clip_longer_than_the_window_gives_frames_and_audio_of_one_window():
     """8 s clip, 3 s window: evaluation takes the middle 3 s, training a window drawn per clip key; frames
     and audio come from the same stretch."""

@@ -348,6 +348,23 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, clips):
         assert torch.equal(plain.logits(plain(inputs).hidden), reloaded.logits(reloaded(inputs).hidden))
 
 
+def test_the_export_records_how_short_soundtracks_were_filled_and_evaluation_decodes_alike(tmp_path):
+    from vaemo.eval.scoring import decode_spec
+
+    cfg = tiny_config("data.audio_fill=silence")
+    build_model(cfg.model, cfg.data, seed=0).save_pretrained(tmp_path / "silence")
+    assert decode_spec(VAEmotionLLM.from_pretrained(tmp_path / "silence")).audio_fill == "silence"
+    # A later stage from that export trains with its own config's fill, and its export says so.
+    repeat = tiny_config(f"model.init_from={tmp_path / 'silence'}")
+    assert repeat.data.audio_fill == "repeat"  # the default
+    assert build_model(repeat.model, repeat.data, seed=0).spec.audio_fill == "repeat"
+    # Exports written before the field existed were trained on silent tails.
+    written = json.loads((tmp_path / "silence" / "vaemo_config.json").read_text())
+    del written["audio_fill"]
+    (tmp_path / "silence" / "vaemo_config.json").write_text(json.dumps(written))
+    assert VAEmotionLLM.from_pretrained(tmp_path / "silence").spec.audio_fill == "silence"
+
+
 def test_loading_fails_loudly_on_a_missing_or_mis_sized_weight(tmp_path):
     from safetensors.torch import load_file, save_file
 

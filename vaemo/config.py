@@ -136,7 +136,14 @@ class DataConfig:
     (black bars), `crop` keeps its centre at the scale of the shorter side, `stretch` keeps all of the
     picture without bars, its shapes squeezed by the aspect ratios' quotient."""
     audio_seconds: float = 4.0
-    """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones zero-padded."""
+    """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones filled (audio_fill)."""
+    audio_fill: Literal["repeat", "silence"] = "repeat"
+    """How a soundtrack shorter than audio_seconds fills the window: `repeat` it (as LAION-CLAP's
+    "repeatpad"), or pad it with `silence` (as WhisperFeatureExtractor does). Whisper's log-mel floors every
+    frame at the clip's peak minus 80 dB, so a silent tail carries the clip's peak loudness and, by its
+    length, its duration: a model trained on clips shorter than the window learns to read them there and
+    then misjudges clips that fill it. The export records the fill its last stage used; evaluation and
+    `vaemo ask` decode alike."""
     batch_size: int = 8
     """Clips per micro-batch on each training worker."""
     loader_workers: int = 1

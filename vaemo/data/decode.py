@@ -68,6 +68,7 @@ class DecodeSpec:
     height: int = 112
     width: int = 112
     audio_seconds: float = 4.0
+    audio_fill: str = "repeat"  # a soundtrack shorter than audio_seconds: "repeat" it, or pad with "silence"
     need_video: bool = True
     need_audio: bool = True
     need_fields: tuple[str, ...] = ()
@@ -93,6 +94,7 @@ class DecodeSpec:
             d.frame_height,
             d.frame_width,
             d.audio_seconds,
+            audio_fill=d.audio_fill,
             sampling=d.frame_sampling,
             pair_seconds=d.pair_seconds,
             fit=d.frame_fit,
@@ -106,8 +108,8 @@ class Clip:
 
     key: str
     video: torch.Tensor | None  # (F, 3, H, W) uint8
-    audio: torch.Tensor | None  # (audio_samples,) float32, zero-padded
-    audio_len: int  # valid samples in `audio`
+    audio: torch.Tensor | None  # (audio_samples,) float32, filled as spec.audio_fill says
+    audio_len: int  # samples of the clip's own sound in `audio` (the rest repeats them, or is silence)
     duration: float  # seconds, from the container
     meta: dict = field(default_factory=dict)
     source: str = ""  # the shard the sample came from
@@ -314,8 +316,8 @@ def decode_audio(
     raw: bytes, spec: DecodeSpec, start: float | None = None, key: str = ""
 ) -> tuple[torch.Tensor | None, int, float]:
     """16 kHz mono samples of the clip's window (from `start`, else the window `clip_window` picks from the
-    audio's own length), padded to spec.audio_seconds; valid length; seconds decoded (the whole clip when
-    it fits the window). None without audio."""
+    audio's own length), filled to spec.audio_seconds (`fill_window`); the clip's own samples in it; seconds
+    decoded (the whole clip when it fits the window). None without audio."""
     from torchcodec.decoders import AudioDecoder
 
     try:
@@ -335,7 +337,16 @@ def decode_audio(
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
     seconds = samples.numel() / SAMPLE_RATE
     n = min(samples.numel(), spec.audio_samples)
-    return F.pad(samples[:n], (0, spec.audio_samples - n)), n, seconds
+    return fill_window(samples[:n], spec.audio_samples, spec.audio_fill), n, seconds
+
+
+def fill_window(samples: torch.Tensor, length: int, fill: str) -> torch.Tensor:
+    """`samples` (at most `length`) brought to `length`: repeated end to end, or followed by silence."""
+    if fill == "repeat" and 0 < samples.numel() < length:
+        return samples.repeat(-(-length // samples.numel()))[:length]
+    if fill not in ("repeat", "silence"):
+        raise ValueError(f"unknown audio fill {fill!r}")
+    return F.pad(samples, (0, length - samples.numel()))
 
 
 def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:

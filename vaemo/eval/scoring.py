@@ -120,6 +120,7 @@ def decode_spec(model: VAEmotionLLM) -> DecodeSpec:
         height=v.height,
         width=v.width,
         audio_seconds=model.spec.audio_seconds,
+        audio_fill=model.spec.audio_fill,
         sampling=v.frame_sampling,
         pair_seconds=v.pair_seconds,
         fit=v.frame_fit,

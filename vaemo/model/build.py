@@ -236,6 +236,8 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, device
         path = Path(model_cfg.init_from)
         model = VAEmotionLLM.from_pretrained(path, attn_implementation=attn, dtype=dtype, device=device)
         check_data_matches(model.spec, data_cfg, path)
+        # Not checked: a stage may change how short soundtracks are filled; its export then records its own.
+        model.spec.audio_fill = data_cfg.audio_fill
         return model
 
     torch.manual_seed(seed)
@@ -304,6 +306,7 @@ def assemble_model(
         system_prompt=model_cfg.system_prompt,
         max_response_tokens=model_cfg.max_response_tokens,
         audio_window=resolve_audio_window(model_cfg),
+        audio_fill=data_cfg.audio_fill,
     )
     return VAEmotionLLM(vlm, audio_encoder, projector, tokenizer, spec)
 

@@ -57,6 +57,7 @@ class ModelSpec:
     lora: dict | None = None  # {"rank", "alpha", "targets"}: recorded; weights are merged at export
     history: list = field(default_factory=list)  # which stages produced this model
     audio_window: str = "clip"  # "full" or "clip" (vaemo/model/audio.py `encode`); exports before it: clip
+    audio_fill: str = "silence"  # data.audio_fill of the last stage that trained it; exports before it: silence
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
@@ -66,6 +67,15 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def read(cls, export: Path) -> "ModelSpec":
+        """The spec an export folder was saved with (its LoRA merged into the LLM's weights at export)."""
+        raw = json.loads((Path(export) / CONFIG_NAME).read_text())
+        raw.pop("lora_merged", None)
+        spec = cls.from_dict(raw)
+        spec.lora = None
+        return spec
 
 
 @dataclass
@@ -498,10 +508,7 @@ class VAEmotionLLM(nn.Module):
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise UserError(f"'{path}' is not a vaemo model folder (no {CONFIG_NAME})")
-        raw = json.loads((path / CONFIG_NAME).read_text())
-        raw.pop("lora_merged", None)
-        spec = ModelSpec.from_dict(raw)
-        spec.lora = None  # merged into the LLM's weights at export
+        spec = ModelSpec.read(path)
         vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True, **device_map(device)
         )
