@@ -121,3 +121,12 @@ def test_the_audio_tail_benchmark_scores_the_audio_items_both_ways(adapter_expor
         scores = [float(line.split(word)[1].split()[0]) for word in ("content", "emotion", "arousal error")]
         assert all(0.0 <= score <= 2.0 for score in scores), line
     assert gain.startswith(f"audio emotion gained from a cut and filled soundtrack ({fill}): ")
+
+
+def test_data_throughput_benchmark_alternates_pipeline_and_ceiling_legs(small_world):
+    shards = str(small_world / "train" / "*.tar")
+    stdout = run_bench("data_throughput.py", "--shards", shards, "--legs", "2", "--batches", "2", "--batch-size", "4")
+    ratio_line = next(line for line in stdout.splitlines() if line.startswith("ratio"))
+    assert float(ratio_line.split()[2]) > 0 and "over 2 alternating legs, 16 clips each side" in ratio_line
+    split = next(line for line in stdout.splitlines() if line.startswith("where the time goes"))
+    assert "decoding alone" in split and "loader workers" in split

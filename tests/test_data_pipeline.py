@@ -99,6 +99,36 @@ def test_one_open_per_clip_decodes_what_a_probe_then_open_decodes(fit, monkeypat
         assert a.shape == (8, 3, 56, 56) and torch.equal(a, b)
 
 
+def test_an_absent_torchvision_is_searched_for_once_per_process_not_once_per_clip():
+    """torchcodec imports torchvision whenever a decoder with a resize opens; without torchvision, Python
+    searched sys.path for it again on every clip."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here: there is no failed import to avoid")
+    probe = (
+        "import sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_data_pipeline import Codec, ramp_clip, SPEC\n"
+        "from vaemo.data.decode import decode_video\n"
+        "raw = ramp_clip(12, 12, 64, 48, 16000, Codec('mp4', 'libx264', 'aac', 1))\n"
+        "decode_video(raw, SPEC)\n"
+        "searches = []\n"
+        "class Count:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        searches.append(name)\n"
+        "sys.meta_path.insert(0, Count())\n"
+        "for _ in range(3):\n"
+        "    assert decode_video(raw, SPEC)[0].shape[0] == SPEC.num_frames\n"
+        "print(searches.count('torchvision'), sys.modules.get('torchvision', 'absent'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "None"]
+
+
 @pytest.mark.parametrize("fps", [10, 12, 15, 24, 30, 60])
 def test_frame_pairs_are_a_fixed_time_apart_whatever_the_frame_rate(fps):
     """The motion a pair shows (an arousal cue) must not depend on the frame rate: pairs are pair_seconds

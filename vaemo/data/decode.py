@@ -214,6 +214,18 @@ def fitted_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
     return max(1, min(spec.height, round(height * scale))), max(1, min(spec.width, round(width * scale)))
 
 
+def _skip_absent_torchvision() -> None:
+    """torchcodec tries `import torchvision` each time a decoder with transforms opens; Python does not
+    remember a failed import, so without torchvision (vaemo does not install it) every clip paid a search
+    of sys.path (~0.3 ms, 2% of a small clip's decode). A None entry in sys.modules makes that import fail
+    at once, as it would anyway; with torchvision installed nothing changes."""
+    import importlib.util
+    import sys
+
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        sys.modules["torchvision"] = None  # type: ignore[assignment]
+
+
 @functools.cache
 def _fitted_resize_type() -> type | None:
     """torchcodec's Resize with its size worked out from the stream's own (height, width) while the
@@ -222,6 +234,7 @@ def _fitted_resize_type() -> type | None:
     reading the stream's size; where that hook is absent, None (open_video probes, as it always can)."""
     from torchcodec.transforms import Resize
 
+    _skip_absent_torchvision()
     if not all(hasattr(Resize, hook) for hook in ("_make_transform_spec", "_get_output_dims")):
         return None
 
