@@ -355,10 +355,10 @@ def decode_audio(
 
 def fill_window(samples: torch.Tensor, length: int, fill: str) -> torch.Tensor:
     """`samples` (at most `length`) brought to `length`: repeated end to end, or followed by silence."""
-    if fill == "repeat" and 0 < samples.numel() < length:
-        return samples.repeat(-(-length // samples.numel()))[:length]
     if fill not in ("repeat", "silence"):
         raise ValueError(f"unknown audio fill {fill!r}")
+    if fill == "repeat" and 0 < samples.numel() < length:
+        return samples.repeat(-(-length // samples.numel()))[:length]
     return F.pad(samples, (0, length - samples.numel()))
 
 
