@@ -100,21 +100,24 @@ def main() -> None:
     clip_bytes = {s["__key__"]: split_sample(s)[1] for u in urls for s in read_shard(u)}
     workers = max(1, args.workers)
 
-    stream = TrainStream(urls, SPEC, args.batch_size, seed=0, shuffle_buffer=32)
+    stream = TrainStream(urls, SPEC, args.batch_size, seed=0, shuffle_buffer=32, recycle_buffers=args.prefetch + 2)
     loader = iter(make_loader(stream, args.workers, prefetch_batches=args.prefetch))
     with get_context("fork").Pool(workers) as pool:
         pool.map(_decode_only, list(clip_bytes.values())[: workers * 2])  # load FFmpeg in each process
         for _ in range(workers * 2):  # worker start, shuffle buffers filling
-            next(loader)
+            stream.release(next(loader))
         loader_pids = [w.pid for w in getattr(loader, "_workers", [])]
         pool_pids = [p.pid for p in getattr(pool, "_pool", [])]
         legs, cpu = [], {"loader": 0.0, "main": 0.0, "pool": 0.0}
         for _ in range(args.legs):
             wait_until_idle(loader_pids)
             for _ in range(workers * args.prefetch):  # drain what the workers prepared while waiting
-                next(loader)
+                stream.release(next(loader))
             start, loader_cpu, main_cpu = time.perf_counter(), _cpu_of(loader_pids), time.process_time()
-            keys = [key for batch in itertools.islice(loader, args.batches) for key in batch.keys]
+            keys = []
+            for batch in itertools.islice(loader, args.batches):
+                keys += batch.keys
+                stream.release(batch)  # as the trainer does after its step
             pipeline_seconds = time.perf_counter() - start
             cpu["loader"] += _cpu_of(loader_pids) - loader_cpu
             cpu["main"] += time.process_time() - main_cpu

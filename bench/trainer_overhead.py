@@ -45,9 +45,14 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     stream = TrainStream(
-        expand_shards(f"{data}/train/*.tar"), objective.decode_spec(), batch, seed=0, shuffle_buffer=cfg.data.shuffle_buffer
+        expand_shards(f"{data}/train/*.tar"),
+        objective.decode_spec(),
+        batch,
+        seed=0,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        recycle_buffers=cfg.data.prefetch_batches + 2,  # as the trainer
     )
-    batches = iter(make_loader(stream, loader_workers))
+    batches = iter(make_loader(stream, loader_workers, cfg.data.prefetch_batches))
     times = {"data": [], "forward": [], "backward+step": []}
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -60,6 +65,7 @@ def plain(data: Path, steps: int, warmup: int, batch: int, loader_workers: int, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        stream.release(b)
         t3 = time.perf_counter()
         if step >= warmup:
             times["data"].append(t1 - t0)

@@ -315,6 +315,33 @@ def test_training_stream_is_deterministic_per_seed_disjoint_per_rank_and_resumes
     assert {shard_of[k] for k in from_rank1} <= rank1
 
 
+def test_recycled_batch_buffers_give_the_same_batches_and_never_overwrite_an_unreleased_one(small_world):
+    """Loader workers reuse a batch's shared memory only after the consumer releases it."""
+    urls = expand_shards(str(small_world / "train" / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, audio_seconds=1.0)
+
+    def batches(recycle, release, n=12):
+        stream = TrainStream(urls, spec, 3, seed=1, shuffle_buffer=8, recycle_buffers=recycle)
+        out = []
+        for batch in itertools.islice(iter(make_loader(stream, workers=2, prefetch_batches=1)), n):
+            out.append((batch.slot, batch.video.clone(), batch.audio.clone(), batch))  # copies, then the batch itself
+            if release:
+                stream.release(batch)
+        return out
+
+    fresh = batches(0, release=False)
+    recycled = batches(3, release=True)
+    kept = batches(3, release=False)
+    for (_, video, audio, _), (_, r_video, r_audio, _), (_, k_video, k_audio, k_batch) in zip(fresh, recycled, kept):
+        assert torch.equal(video, r_video) and torch.equal(audio, r_audio)
+        # never released: each batch still holds what it held when it arrived
+        assert torch.equal(video, k_video) and torch.equal(k_batch.video, k_video) and torch.equal(k_batch.audio, k_audio)
+    assert all(slot is None for slot, *_ in fresh)
+    assert [slot for slot, *_ in recycled] == [(w, s % 3) for s in range(6) for w in (0, 1)]  # reused, in turn
+    assert [slot for slot, *_ in kept][:6] == [(w, s) for s in range(3) for w in (0, 1)]
+    assert all(slot is None for slot, *_ in kept[6:])  # no buffer came back: fresh memory, as without recycling
+
+
 def test_resuming_with_other_loader_workers_is_refused():
     with pytest.raises(UserError, match="loader_workers"):
         StreamState.from_state_dict({"num_workers": 2, "positions": {}, "skips": {}}, num_workers=1)

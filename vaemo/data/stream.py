@@ -73,28 +73,82 @@ class Batch:
     position: int = 0  # raw samples this worker had drawn when the batch was complete
     skips: dict[str, int] = field(default_factory=dict)  # this worker's skip counts so far
     data_wait: float = 0.0  # filled by the consumer: seconds spent waiting for this batch
+    slot: tuple[int, int] | None = None  # (loader worker, buffer) of recycled shared memory; see BatchBuffers
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack; inside a loader worker, straight into shared memory (saves a copy on the way out)."""
+def _stack(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.stack; inside a loader worker, straight into shared memory (saves a copy on the way out): into
+    `out` when given (a recycled buffer of the right shape), else into a fresh segment."""
     if get_worker_info() is None:
         return torch.stack(tensors)
     first = tensors[0]
-    out = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
+    shape = (len(tensors), *first.shape)
+    if out is None or out.shape != shape or out.dtype != first.dtype:
+        out = torch.empty(shape, dtype=first.dtype).share_memory_()
     return torch.stack(tensors, out=out)
 
 
-def collate(clips: list[Clip], worker: int, position: int, skips: Counter) -> Batch:
+class BatchBuffers:
+    """Shared-memory batch buffers that loader workers reuse once the consumer has released them.
+
+    A fresh shared-memory segment costs its pages' first-touch faults (about 1,000 per batch of 8 small
+    clips, 3-4 us each: 5% of the pipeline's CPU, `bench/data_throughput.py`). Each worker keeps `slots`
+    pairs of (video, audio) buffers; a flag per buffer, in shared memory made before the workers fork, says
+    whether the consumer is done with it. A worker writes only into a buffer whose flag says so, else into
+    a fresh segment as before, so a consumer that never releases (evaluation, `list(loader)`) gets exactly
+    what it got without recycling. The consumer releases a batch (`release`) only once nothing reads its
+    tensors any more: the trainer after its optimizer step.
+    """
+
+    MAX_WORKERS = 64  # loader workers per consumer that can recycle (more simply allocate fresh)
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.free = torch.ones((self.MAX_WORKERS, max(1, slots)), dtype=torch.uint8).share_memory_()
+        self.buffers: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # per worker process
+        self.next_slot = 0
+
+    def take(self, loader_worker: int) -> tuple[int, tuple[torch.Tensor | None, torch.Tensor | None]] | None:
+        """A buffer the consumer has released (or never used), marked taken; None when none is."""
+        if self.slots <= 0 or loader_worker >= self.MAX_WORKERS:
+            return None
+        for offset in range(self.slots):
+            slot = (self.next_slot + offset) % self.slots
+            if self.free[loader_worker, slot]:
+                self.free[loader_worker, slot] = 0
+                self.next_slot = slot + 1
+                return slot, self.buffers.get(slot, (None, None))
+        return None
+
+    def keep(self, slot: int, video: torch.Tensor | None, audio: torch.Tensor | None) -> None:
+        self.buffers[slot] = (video, audio)
+
+    def release(self, batch: Batch) -> None:
+        """The consumer is done with `batch`'s tensors: its worker may overwrite them."""
+        if batch.slot is not None:
+            worker, slot = batch.slot
+            self.free[worker, slot] = 1
+
+
+def collate(clips: list[Clip], worker: int, position: int, skips: Counter, buffers: BatchBuffers | None = None) -> Batch:
     has_video = bool(clips) and clips[0].video is not None
     with_audio = [c.audio for c in clips if c.audio is not None]
     silence = torch.zeros_like(with_audio[0]) if with_audio else None
+    info = get_worker_info()
+    taken = buffers.take(info.id) if buffers is not None and info is not None and clips else None
+    video_out, audio_out = taken[1] if taken else (None, None)
+    video = _stack([c.video for c in clips], video_out) if has_video else None
+    audio = _stack([c.audio if c.audio is not None else silence for c in clips], audio_out) if with_audio else None
+    if taken:
+        buffers.keep(taken[0], video, audio)
     return Batch(
         keys=[c.key for c in clips],
-        video=_stack([c.video for c in clips]) if has_video else None,
-        audio=_stack([c.audio if c.audio is not None else silence for c in clips]) if with_audio else None,
+        video=video,
+        audio=audio,
+        slot=(info.id, taken[0]) if taken else None,
         has_audio=[c.audio is not None for c in clips],
         sources=[c.source for c in clips],
         teacher=[c.teacher for c in clips] if any(c.teacher is not None for c in clips) else [],
@@ -140,6 +194,7 @@ def _decode_into_batches(
     final_partial: bool = False,
     keep: Callable[[int], bool] | None = None,
     give_up_after: int = 0,
+    buffers: BatchBuffers | None = None,
 ) -> Iterator[Batch]:
     """Decode samples into batches, counting skips; with `give_up_after`, that many unusable samples in a
     row raise NoUsableData (a stream that can never fill a batch must not loop forever)."""
@@ -163,7 +218,7 @@ def _decode_into_batches(
                 raise NoUsableData.after(unusable_run) from None
             continue
         if len(clips) == batch_size:
-            yield collate(clips, worker, position, skips)
+            yield collate(clips, worker, position, skips, buffers)
             clips = []
     if final_partial:
         # The last batch may be short or empty; it always comes, so its skip counts arrive too.
@@ -203,8 +258,12 @@ class TrainStream(IterableDataset):
         resume: StreamState | None = None,
         teacher_cache: str = "",
         give_up_after: int = 0,
+        recycle_buffers: int = 0,
     ):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
+        # Shared-memory buffers per loader worker that are reused once the consumer calls `release(batch)`
+        # (at least prefetch_batches + 2 to recycle in the steady state); 0: a fresh segment per batch.
+        self.buffers = BatchBuffers(recycle_buffers) if recycle_buffers > 0 else None
         self.give_up_after = give_up_after  # unusable samples in a row before NoUsableData (0: never)
         self.teacher_cache = teacher_cache  # a teacher-cache folder whose shards are merged into the samples
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -253,8 +312,20 @@ class TrainStream(IterableDataset):
             if not isinstance(next(raw), ShardError):
                 drawn += 1
         yield from _decode_into_batches(
-            raw, self.spec, self.batch_size, worker, Counter(), start_position=start, give_up_after=self.give_up_after
+            raw,
+            self.spec,
+            self.batch_size,
+            worker,
+            Counter(),
+            start_position=start,
+            give_up_after=self.give_up_after,
+            buffers=self.buffers,
         )
+
+    def release(self, batch: Batch) -> None:
+        """Nothing reads `batch`'s tensors any more: its loader worker may reuse their memory."""
+        if self.buffers is not None:
+            self.buffers.release(batch)
 
 
 @dataclass

@@ -157,6 +157,7 @@ def train_loop(loop_config: dict) -> None:
         resume=stream_state if source else None,
         teacher_cache=teacher_cache(cfg, objective),
         give_up_after=cfg.data.max_unusable_samples,
+        recycle_buffers=cfg.data.prefetch_batches + 2,
     )
     batches = named_stream(
         iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)), f"stage {cfg.stage}: data.train_shards"
@@ -185,6 +186,7 @@ def train_loop(loop_config: dict) -> None:
         loss = engine(inputs)
         engine.backward(loss)
         engine.step()
+        stream.release(batch)  # its tensors were consumed by the step: the loader worker may reuse them
         accumulator.add(
             {
                 **module.last_sums,
