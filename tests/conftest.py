@@ -35,6 +35,84 @@ def small_world(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SharedRayHead:
+    """One `ray start --head` that the slow tests' runs join through RAY_ADDRESS, as jobs on a cluster do.
+
+    Starting and stopping a local Ray costs each run 5-9 s on 2 cores, and the slow tests make about forty
+    runs. The quick tests keep starting a local Ray of their own, so that path stays tested. A test that
+    runs `ray stop --force` (it stops every Ray on the machine) takes this head down; the next slow test
+    starts it again.
+    """
+
+    address: str | None = None
+    tmp: str | None = None
+
+    def alive(self) -> bool:
+        import socket
+
+        if self.address is None:
+            return False
+        host, port = self.address.split(":")
+        with socket.socket() as s:
+            return s.connect_ex((host, int(port))) == 0
+
+    def ensure(self) -> str:
+        import subprocess
+        import tempfile
+
+        if not self.alive():
+            port = free_port()
+            # Private (Ray helpers that look clusters up find this one) and short (Ray's sockets live in it)
+            tmp = tempfile.mkdtemp(prefix="vaemo-ray-head-")
+            started = subprocess.run(
+                [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--num-cpus={os.cpu_count()}"]
+                + [f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
+                + [f"--dashboard-port={free_port()}", "--disable-usage-stats"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "RAY_TMPDIR": tmp},
+            )
+            assert started.returncode == 0, started.stderr[-3000:]
+            self.address, self.tmp = f"127.0.0.1:{port}", tmp
+        return self.address
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.alive():  # `ray stop` has no address: it stops every Ray on the machine
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def shared_ray_head():
+    head = SharedRayHead()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(autouse=True)
+def slow_tests_join_one_ray_head(request, monkeypatch):
+    """Slow tests (end-to-end runs) join the session's Ray head; see SharedRayHead. A test that starts a
+    cluster of its own gets the machine to itself (two heads' dashboard agents would want one port)."""
+    if request.node.get_closest_marker("slow") is None:
+        return
+    head = request.getfixturevalue("shared_ray_head")
+    if request.node.get_closest_marker("own_ray_cluster"):
+        head.stop()
+        return
+    monkeypatch.setenv("RAY_ADDRESS", head.ensure())
+    monkeypatch.setenv("RAY_TMPDIR", head.tmp)
+
+
 def bench_clip(world: Path, index: int) -> Path:
     """The media file of bench clip `index` (its container varies: the world spans the spec's)."""
     return next(p for p in sorted((world / "bench" / "media").glob(f"clip-{index:05d}.*")) if p.suffix != ".json")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import ROOT, ok, run, stage_cmd
+from conftest import ROOT, free_port, ok, run, stage_cmd
 from safetensors.torch import load_file
 
 from vaemo.model import VAEmotionLLM
@@ -340,12 +339,6 @@ def test_zero3_ranks_stay_in_step_when_one_ranks_batch_lacks_audio(stage0_export
     assert metrics(out)[-1]["step"] == 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ray_env() -> dict:
     return {
         **os.environ,
@@ -361,6 +354,7 @@ def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.own_ray_cluster
 def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_export, tmp_path):
     port, dashboard = free_port(), free_port()
     started = ray_cli(
@@ -412,6 +406,7 @@ def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_expor
         ray_cli("stop", "--force")
 
 
+@pytest.mark.own_ray_cluster
 def test_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
     port = free_port()
     head = ray_cli(
