@@ -6,10 +6,11 @@ on the same global batch (2 x data.batch_size), reading the same shards. The pla
 for torch and decodes in DataLoader workers like the trainer does. The Ray run goes three ways: ZeRO-3
 (frozen weights partitioned, the default), ZeRO-3 with deepspeed.frozen_weights=replicated (the 7B
 preset's setting), and ZeRO-2. Prints the rates, the ratios (target >= 0.75 for ZeRO-3) and where each
-step's time goes.
+step's time goes. This machine's speed drifts by 10-15% over minutes, so every configuration runs once per
+round, back to back, and each ratio compares runs of one round; the median and range over rounds are printed.
 
     .venv/bin/python bench/trainer_overhead.py                       # synthesizes 384 clips if needed
-    .venv/bin/python bench/trainer_overhead.py --data runs/data --steps 60
+    .venv/bin/python bench/trainer_overhead.py --data runs/data --steps 60 --rounds 5
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker; the plain process takes 2x")
     parser.add_argument("--loader-workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all configurations; ratios within a round")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="vaemo-overhead-")
     data = Path(args.data) if args.data else Path(tmp.name) / "world"
@@ -142,39 +144,54 @@ def main() -> None:
         synthesize(
             data, train_clips=384, val_clips=32, bench_clips=16, clips_per_shard=24, seed=0, ranges=Ranges(duration=(2.0, 3.0))
         )
-    ray_run = distributed(data, args.steps, args.warmup, args.batch_size, args.loader_workers, Path(tmp.name) / "run")
-    replicated = distributed(
-        data,
-        args.steps,
-        args.warmup,
-        args.batch_size,
-        args.loader_workers,
-        Path(tmp.name) / "run-replicated",
-        extra=("deepspeed.frozen_weights=replicated",),
-    )
-    zero2 = distributed(
-        data, args.steps, args.warmup, args.batch_size, args.loader_workers, Path(tmp.name) / "run2", "ds_configs/zero2.json"
-    )
     cores = os.cpu_count() or 1
-    one = plain(data, args.steps, args.warmup, 2 * args.batch_size, max(1, args.loader_workers), cores)
-    # What each Ray worker could reach alone: its share of the batch on one thread, no collectives.
-    share = plain(data, args.steps, args.warmup, args.batch_size, max(1, args.loader_workers), 1)
-    print(f"global batch {2 * args.batch_size} clips, {args.steps} measured steps after {args.warmup} warm-up, {cores} cores")
-    rows = (
-        ("plain PyTorch, 1 process", one),
-        ("Ray Train + ZeRO-3, 2 workers", ray_run),
-        ("(same, frozen weights replicated)", replicated),
-        ("(same with ZeRO-2)", zero2),
-        ("(one worker's share, 1 thread)", share),
-    )
-    for name, r in rows:
-        parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r["breakdown_s"].items())
-        print(f"{name:34s}: {r['samples_per_s']:6.1f} samples/s  ({r['per_step_s'] * 1000:.0f} ms/step: {parts})")
+    runs = []  # one dict of results per round; each round runs every configuration once, back to back
+    for index in range(args.rounds):
+        common = (data, args.steps, args.warmup, args.batch_size, args.loader_workers)
+        run = Path(tmp.name) / f"round{index}"
+        runs.append(
+            {
+                "zero3": distributed(*common, run / "zero3"),
+                "replicated": distributed(*common, run / "replicated", extra=("deepspeed.frozen_weights=replicated",)),
+                "zero2": distributed(*common, run / "zero2", "ds_configs/zero2.json"),
+                "plain": plain(data, args.steps, args.warmup, 2 * args.batch_size, max(1, args.loader_workers), cores),
+                # What each Ray worker could reach alone: its share of the batch on one thread, no collectives.
+                "share": plain(data, args.steps, args.warmup, args.batch_size, max(1, args.loader_workers), 1),
+            }
+        )
+
+    def median(name: str) -> dict:
+        """The round whose rate is the median one for `name` (its breakdown comes with it)."""
+        ordered = sorted((r[name] for r in runs), key=lambda result: result["samples_per_s"])
+        return ordered[len(ordered) // 2]
+
+    def ratios(name: str) -> list[float]:
+        return sorted(r[name]["samples_per_s"] / r["plain"]["samples_per_s"] for r in runs)
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}" + (f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else "")
+
     print(
-        f"ratio (Ray Train + ZeRO-3 / plain): {ray_run['samples_per_s'] / one['samples_per_s']:.2f} frozen partitioned, "
-        f"{replicated['samples_per_s'] / one['samples_per_s']:.2f} frozen replicated, "
-        f"{zero2['samples_per_s'] / one['samples_per_s']:.2f} ZeRO-2  (target >= 0.75 for ZeRO-3)"
+        f"global batch {2 * args.batch_size} clips, {args.steps} measured steps after {args.warmup} warm-up, {cores} cores, "
+        f"{args.rounds} round(s); rates are medians over rounds"
     )
+    rows = (
+        ("plain PyTorch, 1 process", "plain"),
+        ("Ray Train + ZeRO-3, 2 workers", "zero3"),
+        ("(same, frozen weights replicated)", "replicated"),
+        ("(same with ZeRO-2)", "zero2"),
+        ("(one worker's share, 1 thread)", "share"),
+    )
+    for label, name in rows:
+        r = median(name)
+        parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r["breakdown_s"].items())
+        print(f"{label:34s}: {r['samples_per_s']:6.1f} samples/s  ({r['per_step_s'] * 1000:.0f} ms/step: {parts})")
+    # Each ratio compares runs of the same round (minutes apart, not tens of minutes: the machine drifts).
+    print(
+        f"ratio (Ray Train + ZeRO-3 / plain, median (range) over rounds): {spread(ratios('zero3'))} frozen partitioned, "
+        f"{spread(ratios('replicated'))} frozen replicated, {spread(ratios('zero2'))} ZeRO-2  (target >= 0.75 for ZeRO-3)"
+    )
+    one, share, ray_run, zero2 = median("plain"), median("share"), median("zero3"), median("zero2")
     ideal = 2 * share["samples_per_s"]
     print(
         f"where the time goes: two 1-thread workers could reach {ideal:.1f} samples/s together "
