@@ -106,14 +106,16 @@ class BatchBuffers:
     MAX_WORKERS = 64  # loader workers per consumer that can recycle (more simply allocate fresh)
 
     def __init__(self, slots: int):
+        if slots < 1:
+            raise ValueError(f"BatchBuffers needs at least one slot per worker, got {slots}")
         self.slots = slots
-        self.free = torch.ones((self.MAX_WORKERS, max(1, slots)), dtype=torch.uint8).share_memory_()
+        self.free = torch.ones((self.MAX_WORKERS, slots), dtype=torch.uint8).share_memory_()
         self.buffers: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # per worker process
         self.next_slot = 0
 
     def take(self, loader_worker: int) -> tuple[int, tuple[torch.Tensor | None, torch.Tensor | None]] | None:
         """A buffer the consumer has released (or never used), marked taken; None when none is."""
-        if self.slots <= 0 or loader_worker >= self.MAX_WORKERS:
+        if loader_worker >= self.MAX_WORKERS:
             return None
         for offset in range(self.slots):
             slot = (self.next_slot + offset) % self.slots
