@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     from vaemo.train.launch import TrainingFailed
 
     try:
-        return run_demo(Path(args.out), args.config, args.ablations, args.fresh, args.actors)
+        return run_demo(Path(args.out), args.config, args.ablations, args.fresh, args.actors, args.stage1_teacher)
     except TrainingFailed as err:
         print(f"demo stopped: {err}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vaemo.args import ArgParser  # noqa: E402
 from vaemo.config import project_root  # noqa: E402
+from vaemo.demo import add_pipeline_args  # noqa: E402
 from vaemo.errors import UserError, exit_on_user_error  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
         "without the Enhancer and without the Supervisor (all), or none",
     )
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
-    parser.add_argument("--actors", type=int, default=2, help="evaluation actors")
+    add_pipeline_args(parser)
     args = parser.parse_args(argv)
     if len(set(args.seeds)) < 2:
         raise UserError("--seeds needs at least 2 different seeds for an interval")
@@ -37,7 +38,13 @@ def main(argv=None) -> int:
 
     try:
         return run_science(
-            Path(args.out), args.config, sorted(set(args.seeds)), ABLATION_SETS[args.ablations], args.fresh, args.actors
+            Path(args.out),
+            args.config,
+            sorted(set(args.seeds)),
+            ABLATION_SETS[args.ablations],
+            args.fresh,
+            args.actors,
+            args.stage1_teacher,
         )
     except TrainingFailed as err:
         print(f"science stopped: {err}", file=sys.stderr)

@@ -134,3 +134,30 @@ def test_stage1_trains_from_a_cache_written_by_the_actor_pool(small_world, stage
     trained = load_file(str(out / "export" / "audio_projector.safetensors"))
     before = start.projector.state_dict()
     assert any(not torch.equal(trained[k], before[k]) for k in trained)
+
+
+def test_the_demo_writes_its_teacher_cache_once_and_again_only_for_another_teacher(small_world, tmp_path):
+    from vaemo.demo import stage1_teacher_cache
+
+    preset = str(ROOT / "configs/tiny.yaml")
+    common = [
+        f"data.train_shards={small_world}/train/*.tar",
+        f"data.val_shards={small_world}/val/*.tar",
+        "data.batch_size=4",
+        f"stage1.topk={TOPK}",
+    ]
+    switches = stage1_teacher_cache(tmp_path, preset, common, fresh=False, actors=0)
+    manifest = tmp_path / "teacher-cache" / MANIFEST
+    first = json.loads(manifest.read_text())
+    assert first["cached"] == 48 + 16  # every train and val clip
+    cfg = load_config(preset, [*common, *switches], stage=1)  # what stage 1 then runs with
+    assert cfg.stage1.teacher.mode == "cache" and Path(cfg.stage1.teacher.cache_dir) == tmp_path / "teacher-cache"
+    assert first["fingerprint"] == fingerprint(cfg)[0]
+
+    written = manifest.stat().st_mtime_ns
+    assert stage1_teacher_cache(tmp_path, preset, common, fresh=False, actors=0) == switches
+    assert manifest.stat().st_mtime_ns == written  # the same teacher: reused, not rewritten
+
+    stage1_teacher_cache(tmp_path, preset, [*common, "stage1.temperature=2.0"], fresh=False, actors=0)
+    second = json.loads(manifest.read_text())
+    assert second["fingerprint"] != first["fingerprint"] and second["cached"] == 48 + 16

@@ -249,7 +249,15 @@ ABLATION_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def run_science(out: Path, config: str, seeds: list[int], ablations: tuple[str, ...], fresh: bool, actors: int) -> int:
+def run_science(
+    out: Path,
+    config: str,
+    seeds: list[int],
+    ablations: tuple[str, ...],
+    fresh: bool,
+    actors: int,
+    stage1_teacher: str = "cache",
+) -> int:
     from vaemo.demo import run_pipeline
 
     start = time.time()
@@ -258,7 +266,9 @@ def run_science(out: Path, config: str, seeds: list[int], ablations: tuple[str, 
     per_seed: dict[int, dict[str, dict]] = {}
     for seed in seeds:
         progress.log(f"science: seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
-        per_seed[seed] = run_pipeline(out / f"seed{seed}", config, seed, ablations, fresh, actors, dev_and_shifted=True)
+        per_seed[seed] = run_pipeline(
+            out / f"seed{seed}", config, seed, ablations, fresh, actors, dev_and_shifted=True, stage1_teacher=stage1_teacher
+        )
         write_report(out, per_seed, time.time() - start)  # a partial report survives an interrupted run
     checks = write_report(out, per_seed, time.time() - start)
     progress.console.print((out / "report.md").read_text())

@@ -397,6 +397,21 @@ def _peak_one(wave: np.ndarray) -> np.ndarray:
     return wave / max(np.max(np.abs(wave)), 1e-9)
 
 
+# Samples per period of a tabulated band-limited wave: a linearly interpolated partial k is off by about
+# (pi k / N)^2 / 8 of its amplitude, under 1e-3 for the highest partial this world draws (~250 at 48 kHz).
+WAVE_TABLE = 16384
+
+
+def _periodic_wave(ks: np.ndarray, amps: np.ndarray, freq: float, t: np.ndarray) -> np.ndarray:
+    """sum_k amps[k] sin(2 pi k freq t), read off one period built by an inverse FFT: the direct sum costs a
+    sine per partial and sample (half of a clip's rendering time)."""
+    spectrum = np.zeros(WAVE_TABLE // 2 + 1, dtype=complex)
+    spectrum[ks] = -0.5j * WAVE_TABLE * amps  # the inverse FFT of -i N a / 2 at bin k is a sin(2 pi k n / N)
+    period = np.fft.irfft(spectrum, WAVE_TABLE)
+    phase = (freq * t) % 1.0 * WAVE_TABLE
+    return np.interp(phase, np.arange(WAVE_TABLE + 1), np.append(period, period[0]))
+
+
 def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np.random.Generator, look: Look) -> np.ndarray:
     """One note's waveform with peak 1: band-limited additive synthesis, or a Karplus-Strong string."""
     nyquist = sample_rate / 2
@@ -410,8 +425,7 @@ def _oscillator(kind: str, freq: float, t: np.ndarray, sample_rate: int, rng: np
             ks, amps = ks[ks % 2 == 1], 1.0 / ks[ks % 2 == 1]
         else:  # triangle's voice is the sawtooth
             amps = ((-1.0) ** (ks + 1)) / ks
-        wave = amps @ np.sin(2 * np.pi * freq * np.outer(ks, t))
-        return _peak_one(wave)
+        return _peak_one(_periodic_wave(ks, amps, freq, t))
     if kind == "star":
         # The string runs at 48 kHz whatever the clip's rate: its loop filter acts per sample, so at 16 kHz
         # a high note would lose its harmonics within a few loop passes and sound like a sine.
