@@ -19,6 +19,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
+RAY_CLI = str(Path(sys.executable).parent / "ray")  # the venv's, beside the interpreter running the tests
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/signal_checks.py and friends
 
 # The spec's whole range of sizes, rates and containers, with the tiny preset's 2-3 s durations.
@@ -73,7 +74,7 @@ class SharedRayHead:
             # Private (Ray helpers that look clusters up find this one) and short (Ray's sockets live in it)
             tmp = tempfile.mkdtemp(prefix="vaemo-ray-head-")
             started = subprocess.run(
-                [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--num-cpus={os.cpu_count()}"]
+                [RAY_CLI, "start", "--head", f"--num-cpus={os.cpu_count()}"]
                 + [f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
                 + [f"--dashboard-port={free_port()}", "--disable-usage-stats"],
                 capture_output=True,
@@ -89,7 +90,7 @@ class SharedRayHead:
         import subprocess
 
         if self.alive():  # `ray stop` has no address: it stops every Ray on the machine
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+            subprocess.run([RAY_CLI, "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

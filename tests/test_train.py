@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import ROOT, free_port, ok, run, stage_cmd
+from conftest import RAY_CLI, ROOT, free_port, ok, run, stage_cmd
 from safetensors.torch import load_file
 
 from vaemo.model import VAEmotionLLM
@@ -349,9 +349,7 @@ def ray_env() -> dict:
 
 
 def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(PYTHON).parent / "ray"), *args], capture_output=True, text=True, env=ray_env(), timeout=timeout, cwd=ROOT
-    )
+    return subprocess.run([RAY_CLI, *args], capture_output=True, text=True, env=ray_env(), timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.own_ray_cluster

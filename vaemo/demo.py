@@ -1,7 +1,7 @@
 """The whole story on the synthetic world: see (stage 0), hear by seeing (stage 1), feel (stage 2).
 
-data -> stage 0 -> eval -> stage 1 -> eval -> stage 2 -> eval [-> stage-2 ablations -> eval], then a
-report: accuracy per modality x task after each stage (a table, report.md, report.png) and the
+data -> stage 0 -> eval -> teacher cache -> stage 1 -> eval -> stage 2 -> eval [-> stage-2 ablations -> eval],
+then a report: accuracy per modality x task after each stage (a table, report.md, report.png) and the
 targets the story must show, each marked PASS or MISS with its measured number. One Ray instance
 serves every stage and evaluation. Stages already finished in OUT are reused (pass --fresh to redo).
 """
