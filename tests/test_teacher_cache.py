@@ -161,3 +161,12 @@ def test_the_demo_writes_its_teacher_cache_once_and_again_only_for_another_teach
     stage1_teacher_cache(tmp_path, preset, [*common, "stage1.temperature=2.0"], fresh=False, actors=0)
     second = json.loads(manifest.read_text())
     assert second["fingerprint"] != first["fingerprint"] and second["cached"] == 48 + 16
+
+
+def test_the_demo_asks_for_a_top_k_before_writing_a_cache(tmp_path):
+    from vaemo.demo import stage1_teacher_cache
+    from vaemo.errors import UserError
+
+    with pytest.raises(UserError, match=r"stage1.topk.*--stage1-teacher online"):
+        stage1_teacher_cache(tmp_path, str(ROOT / "configs/tiny.yaml"), ["stage1.topk=0"], fresh=False, actors=0)
+    assert not (tmp_path / "teacher-cache").exists()

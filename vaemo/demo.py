@@ -188,6 +188,8 @@ def stage1_teacher_cache(out: Path, config: str, overrides: list[str], fresh: bo
 
     cache = out / "teacher-cache"
     cfg = load_config(config, overrides, stage=1)
+    if cfg.stage1.topk <= 0:
+        raise UserError(f"config field 'stage1.topk' of {config} must be > 0 for a teacher cache (or --stage1-teacher online)")
     manifest = cache / MANIFEST
     if not fresh and manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint(cfg)[0]:
         progress.log(f"stage 1: reusing the teacher cache {cache}")
