@@ -186,6 +186,25 @@ def test_a_clip_shorter_than_the_window_is_repeated_or_followed_by_silence(codec
     assert float(repeated.audio[2 * n :].abs().mean()) > 0.1
 
 
+def test_training_starts_a_short_soundtrack_at_a_phase_drawn_from_the_clip_key():
+    """A window cut from a longer clip starts anywhere in a note; training shows short clips that way too: the
+    clip's own samples rotated by a key-drawn offset, then repeated. Evaluation keeps the clip's start."""
+    raw = ramp_clip(15, 12, 64, 64, 16000, Codec(), freq=300.0)
+    spec = dataclasses.replace(SPEC, audio_phase="random")
+    start = decode_sample({"__key__": "k", "mp4": raw}, SPEC)
+    phased = [decode_sample({"__key__": key, "mp4": raw}, spec) for key in ("k", "k", "other")]
+    n = start.audio_len
+    assert torch.equal(phased[0].audio, phased[1].audio)  # a resumed run draws the same phase
+    assert not torch.equal(phased[0].audio, phased[2].audio)
+    for clip in phased:
+        assert clip.audio_len == n and not torch.equal(clip.audio, start.audio)
+        shift = next(s for s in range(n) if torch.equal(start.audio[:n].roll(-s), clip.audio[:n]))
+        assert 0 < shift < n
+        assert torch.equal(clip.audio[n : 2 * n], clip.audio[:n])  # then repeated as before
+    silent = decode_sample({"__key__": "k", "mp4": raw}, dataclasses.replace(spec, audio_fill="silence"))
+    assert torch.equal(silent.audio[:n], start.audio[:n])  # a silent tail keeps the clip's length and start
+
+
 def test_a_clip_longer_than_the_window_gives_frames_and_audio_of_one_window():
     """8 s clip, 3 s window: evaluation takes the middle 3 s, training a window drawn per clip key; frames
     and audio come from the same stretch."""
@@ -340,6 +359,33 @@ def test_recycled_batch_buffers_give_the_same_batches_and_never_overwrite_an_unr
     assert [slot for slot, *_ in recycled] == [(w, s % 3) for s in range(6) for w in (0, 1)]  # reused, in turn
     assert [slot for slot, *_ in kept][:6] == [(w, s) for s in range(3) for w in (0, 1)]
     assert all(slot is None for slot, *_ in kept[6:])  # no buffer came back: fresh memory, as without recycling
+
+
+def test_kept_decoded_clips_give_the_same_batches_and_spare_the_second_epoch_its_decoding(small_world):
+    """48 training clips over 2 loader workers: 40 batches of 3 (2.5 epochs) equal with and without kept
+    clips; in process, a budget for all of them decodes each clip once, a budget under one clip keeps none."""
+    urls = expand_shards(str(small_world / "train" / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, audio_seconds=1.0, audio_phase="random")
+
+    def batches(budget, workers=2):
+        stream = TrainStream(urls, spec, 3, seed=1, shuffle_buffer=8, decoded_cache_bytes=budget)
+        return [(b.keys, b.video.clone(), b.audio.clone()) for b in itertools.islice(iter(make_loader(stream, workers)), 40)]
+
+    fresh, kept = batches(0), batches(2**30)
+    assert [k for k, *_ in fresh] == [k for k, *_ in kept]
+    assert all(torch.equal(v, kv) and torch.equal(a, ka) for (_, v, a), (_, kv, ka) in zip(fresh, kept))
+
+    from vaemo.data.stream import DecodedClips, _decode_into_batches
+    from vaemo.data.tars import read_shard
+
+    samples = [s for url in urls for s in read_shard(url)]
+    for budget, kept_clips in ((2**30, len(samples)), (1000, 0)):
+        decoded = DecodedClips(budget)
+        twice = list(_decode_into_batches(samples * 2, spec, 4, 0, Counter(), decoded=decoded))
+        assert len(decoded.clips) == kept_clips and decoded.hits == kept_clips
+        assert decoded.used_bytes <= budget
+        half = len(twice) // 2
+        assert all(torch.equal(x.video, y.video) and torch.equal(x.audio, y.audio) for x, y in zip(twice[:half], twice[half:]))
 
 
 def test_resuming_with_other_loader_workers_is_refused():

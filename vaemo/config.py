@@ -144,6 +144,12 @@ class DataConfig:
     length, its duration: a model trained on clips shorter than the window learns to read them there and
     then misjudges clips that fill it. The export records the fill its last stage used; evaluation and
     `vaemo ask` decode alike."""
+    audio_phase: Literal["start", "random"] = "start"
+    """Where, in training, a soundtrack shorter than audio_seconds starts before it repeats: at its `start`,
+    or at a `random` phase drawn per clip (its samples rotated), as a window cut from the middle of a longer
+    clip starts anywhere in a note. Evaluation always starts at the clip's start. With `repeat` fill only.
+    The tiny preset keeps `start`: `random` narrowed the gap to 4-8 s clips but cost audio emotion on its own
+    split at its step budget (README, "Shaping the tiny preset")."""
     batch_size: int = 8
     """Clips per micro-batch on each training worker."""
     loader_workers: int = 1
@@ -155,6 +161,11 @@ class DataConfig:
     worker whose batch happens to be slow (clips differ 10x in decode cost) stalls the others once they
     hold this many; 4 keeps the workers busy (`bench/data_throughput.py`: 1.93 of 2 cores, vs 1.87 at 2).
     Each held batch is num_frames x frame size x batch_size bytes of shared memory."""
+    decoded_cache_mb: int = 0
+    """MiB of decoded clips each training loader worker keeps in memory and reuses when its stream draws the
+    same clip again (each rank's loader workers read fixed shards, so a dataset read for several epochs
+    decodes each clip once; clips past the budget are decoded on every draw). Host memory per rank is up to
+    loader_workers x this. 0: off, as for a data set too large to read twice."""
     max_unusable_samples: int = 400
     """Samples a stream may read in a row without one the stage can use before the run stops (exit 2) with
     the counts by reason; the preflight probes the shards the same way before any weight loads."""
@@ -167,6 +178,7 @@ class DataConfig:
         _require(self.loader_workers >= 0, f"{path}.loader_workers", "must be >= 0")
         _require(self.shuffle_buffer >= 1, f"{path}.shuffle_buffer", "must be >= 1")
         _require(self.prefetch_batches >= 1, f"{path}.prefetch_batches", "must be >= 1")
+        _require(self.decoded_cache_mb >= 0, f"{path}.decoded_cache_mb", "must be >= 0")
         _require(self.max_unusable_samples >= 1, f"{path}.max_unusable_samples", "must be >= 1")
 
 

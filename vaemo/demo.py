@@ -184,18 +184,16 @@ def stage1_teacher_cache(out: Path, config: str, overrides: list[str], fresh: bo
     temperature) still matches is reused."""
     from vaemo.cache_fingerprint import fingerprint
     from vaemo.data.teacher_records import MANIFEST
-    from vaemo.teacher_cache import build_cache
+    from vaemo.teacher_cache import build_cache, cache_config, default_shards
 
     cache = out / "teacher-cache"
-    cfg = load_config(config, overrides, stage=1)
-    if cfg.stage1.topk <= 0:
-        raise UserError(f"config field 'stage1.topk' of {config} must be > 0 for a teacher cache (or --stage1-teacher online)")
+    cfg = cache_config(config, overrides)
     manifest = cache / MANIFEST
     if not fresh and manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint(cfg)[0]:
         progress.log(f"stage 1: reusing the teacher cache {cache}")
     else:
         shutil.rmtree(cache, ignore_errors=True)
-        build_cache(cfg, [s for s in (cfg.data.train_shards, cfg.data.val_shards) if s], cache, actors)
+        build_cache(cfg, default_shards(cfg), cache, actors)
     return ["stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}"]
 
 

@@ -198,17 +198,30 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides (as for jobs/stage1.py)")
 
 
+def cache_config(config: str, overrides: list[str]) -> Config:
+    """The stage-1 config a cache is written for; one line naming the field when it stores nothing."""
+    cfg = load_config(config, overrides, stage=1)
+    if cfg.stage1.topk <= 0:
+        raise UserError(
+            f"config field 'stage1.topk' of {config} must be > 0 for a teacher cache (it stores the top-k; "
+            "or run stage 1's teacher online: stage1.teacher.mode=online, or jobs/demo.py --stage1-teacher online)"
+        )
+    return cfg
+
+
+def default_shards(cfg: Config) -> list[str]:
+    """The clips a stage-1 run reads: its train shards, and its val shards when it has them."""
+    return [s for s in (cfg.data.train_shards, cfg.data.val_shards) if s]
+
+
 def run_cache(args: argparse.Namespace) -> int:
     if args.actors < 0:
         raise UserError("--actors must be >= 0")
-    cfg = load_config(args.config, args.overrides, stage=1)
-    if cfg.stage1.topk <= 0:
-        raise UserError("config field 'stage1.topk' must be > 0 for a teacher cache (it stores the top-k)")
+    cfg = cache_config(args.config, args.overrides)
     from vaemo.model.build import check_checkpoint_folders
 
     check_checkpoint_folders(cfg.model)
-    shards = args.shards or [cfg.data.train_shards] + ([cfg.data.val_shards] if cfg.data.val_shards else [])
-    build_cache(cfg, shards, args.out, args.actors, args.cpus_per_actor)
+    build_cache(cfg, args.shards or default_shards(cfg), args.out, args.actors, args.cpus_per_actor)
     return 0
 
 

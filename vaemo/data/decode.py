@@ -81,6 +81,9 @@ class DecodeSpec:
     # A clip longer than audio_seconds is cut to one window of that length, which frames and audio share:
     # "random" (training: a start drawn per clip), or "middle" (validation, evaluation, inference).
     window: str = "middle"
+    # Where a soundtrack shorter than the window starts before it repeats: "start", or "random" (a phase
+    # drawn from the clip's key; training with data.audio_phase=random).
+    audio_phase: str = "start"
 
     @property
     def audio_samples(self) -> int:
@@ -189,16 +192,20 @@ def frame_indices(n: int, fps: float, start: float, seconds: float, spec: Decode
     return torch.linspace(first, last, spec.num_frames).round().long().tolist()
 
 
+def key_fraction(key: str, salt: str = "") -> float:
+    """A number in [0, 1) drawn from a clip's key, so that a resumed run draws the same."""
+    return int.from_bytes(hashlib.sha256((salt + key).encode()).digest()[:8], "little") / 2**64
+
+
 def clip_window(total: float, spec: DecodeSpec, key: str = "") -> tuple[float, float]:
     """(start, seconds) of the stretch of a `total`-second clip that frames and audio are taken from: the
     whole clip when it fits in audio_seconds, else one window of that length (its start drawn from the
-    clip's key for `random`, so a resumed run cuts the same window)."""
+    clip's key for `random`)."""
     if total <= spec.audio_seconds or total <= 0:
         return 0.0, max(total, 0.0)
     slack = total - spec.audio_seconds
     if spec.window == "random":
-        fraction = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
-        return slack * fraction, spec.audio_seconds
+        return slack * key_fraction(key), spec.audio_seconds
     return slack / 2, spec.audio_seconds
 
 
@@ -350,7 +357,10 @@ def decode_audio(
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
     seconds = samples.numel() / SAMPLE_RATE
     n = min(samples.numel(), spec.audio_samples)
-    return fill_window(samples[:n], spec.audio_samples, spec.audio_fill), n, seconds
+    samples = samples[:n]
+    if spec.audio_phase == "random" and spec.audio_fill == "repeat" and 0 < n < spec.audio_samples:
+        samples = samples.roll(-int(key_fraction(key, "audio-phase") * n))
+    return fill_window(samples, spec.audio_samples, spec.audio_fill), n, seconds
 
 
 def fill_window(samples: torch.Tensor, length: int, fill: str) -> torch.Tensor:

@@ -186,6 +186,31 @@ class NoUsableData(UserError):
         return match.group(1).strip().rstrip("'\")") if match else None
 
 
+class DecodedClips:
+    """Decoded clips kept in memory, up to a byte budget, and handed out again when the stream draws the same
+    sample (shard and key) again: a dataset read for many epochs decodes each clip once. Clips are kept in
+    the order they are first decoded until the budget is full, and never evicted: a training stream cycles
+    over the same clips, so evicting would only trade one clip for another. Decoding is deterministic
+    (frames by time, windows and audio phases by key), so a kept clip equals a fresh decode."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes, self.used_bytes, self.hits = budget_bytes, 0, 0
+        self.clips: dict[tuple[str, str], Clip] = {}
+
+    def decode(self, sample: dict, spec: DecodeSpec) -> Clip:
+        key = (sample.get("__url__", ""), sample.get("__key__", ""))
+        clip = self.clips.get(key)
+        if clip is not None:
+            self.hits += 1
+            return clip
+        clip = decode_sample(sample, spec)
+        size = sum(t.numel() * t.element_size() for t in (clip.video, clip.audio) if t is not None)
+        if self.used_bytes + size <= self.budget_bytes:
+            self.clips[key] = clip
+            self.used_bytes += size
+        return clip
+
+
 def _decode_into_batches(
     raw: Iterable[dict | ShardError],
     spec: DecodeSpec,
@@ -197,9 +222,11 @@ def _decode_into_batches(
     keep: Callable[[int], bool] | None = None,
     give_up_after: int = 0,
     buffers: BatchBuffers | None = None,
+    decoded: DecodedClips | None = None,
 ) -> Iterator[Batch]:
     """Decode samples into batches, counting skips; with `give_up_after`, that many unusable samples in a
-    row raise NoUsableData (a stream that can never fill a batch must not loop forever)."""
+    row raise NoUsableData (a stream that can never fill a batch must not loop forever); with `decoded`,
+    clips decoded before come from memory."""
     position = start_position
     clips: list[Clip] = []
     unusable_run: Counter = Counter()
@@ -211,7 +238,7 @@ def _decode_into_batches(
         if keep is not None and not keep(position - 1):
             continue
         try:
-            clips.append(decode_sample(item, spec))
+            clips.append(decoded.decode(item, spec) if decoded is not None else decode_sample(item, spec))
             unusable_run.clear()
         except SkipSample as skip:
             skips[skip.reason] += 1
@@ -261,8 +288,10 @@ class TrainStream(IterableDataset):
         teacher_cache: str = "",
         give_up_after: int = 0,
         recycle_buffers: int = 0,
+        decoded_cache_bytes: int = 0,
     ):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
+        self.decoded_cache_bytes = decoded_cache_bytes  # per loader worker (DecodedClips); 0: decode every draw
         # Shared-memory buffers per loader worker that are reused once the consumer calls `release(batch)`
         # (at least prefetch_batches + 2 to recycle in the steady state); 0: a fresh segment per batch.
         self.buffers = BatchBuffers(recycle_buffers) if recycle_buffers > 0 else None
@@ -322,6 +351,7 @@ class TrainStream(IterableDataset):
             start_position=start,
             give_up_after=self.give_up_after,
             buffers=self.buffers,
+            decoded=DecodedClips(self.decoded_cache_bytes) if self.decoded_cache_bytes > 0 else None,
         )
 
     def release(self, batch: Batch) -> None:

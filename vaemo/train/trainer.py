@@ -143,8 +143,11 @@ def train_loop(loop_config: dict) -> None:
 
     # -- data ----------------------------------------------------------------------------------
     # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
-    # window the cache's teacher saw (the middle one).
-    spec = dataclasses.replace(objective.decode_spec(), window="middle" if objective.cached else "random")
+    # window the cache's teacher saw (the middle one). data.audio_phase applies either way: the teacher sees
+    # frames only.
+    spec = dataclasses.replace(
+        objective.decode_spec(), window="middle" if objective.cached else "random", audio_phase=cfg.data.audio_phase
+    )
     urls = expand_shards(cfg.data.train_shards)
     stream = TrainStream(
         urls,
@@ -158,6 +161,7 @@ def train_loop(loop_config: dict) -> None:
         teacher_cache=teacher_cache(cfg, objective),
         give_up_after=cfg.data.max_unusable_samples,
         recycle_buffers=cfg.data.prefetch_batches + 2,
+        decoded_cache_bytes=cfg.data.decoded_cache_mb * 2**20,
     )
     batches = named_stream(
         iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)), f"stage {cfg.stage}: data.train_shards"
