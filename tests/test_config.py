@@ -112,3 +112,18 @@ def test_every_config_field_is_read_outside_the_config_module():
     assert unread_fields(source) == []
     planted = re.sub(r"\.bench_dir\b|['\"]bench_dir['\"]", ".somewhere_else", source)
     assert "data.bench_dir" in unread_fields(planted)
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_zero3_overlaps_and_prefetches_on_gpus_only(on_gpu, monkeypatch):
+    """ds_configs/zero3.json leaves overlap_comm and the prefetch bucket "auto": on (streams overlap the
+    collectives) where the workers have a GPU, off on CPU, where they only cost bookkeeping."""
+    import torch
+
+    from vaemo.train.ds_config import deepspeed_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: on_gpu)
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["deepspeed.config=ds_configs/zero3.json"], stage=1)
+    zero = deepspeed_config(cfg, torch.float32)["zero_optimization"]
+    assert zero["overlap_comm"] is on_gpu
+    assert (zero["stage3_prefetch_bucket_size"] > 0) is on_gpu

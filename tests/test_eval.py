@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import ROOT, bench_clip, ok, run
 
 from vaemo.data.bench import read_bench
 from vaemo.eval.run import evaluate
-from vaemo.eval.scoring import deaf_sources, plan, question_prompt
+from vaemo.eval.scoring import Scorer, deaf_sources, plan, question_prompt
 
 
 def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world):
@@ -97,6 +98,40 @@ def test_the_actor_pool_gives_the_same_numbers_as_one_process(small_world, adapt
     for a, b in zip(pooled_items, single_items):
         assert (a.id, a.deaf, a.predicted) == (b.id, b.deaf, b.predicted)
         assert a.scores == pytest.approx(b.scores, abs=1e-6)
+
+
+def test_a_chunk_passes_each_clip_through_the_towers_once_and_scores_as_one_question_at_a_time(
+    small_world, adapter_export, tmp_path
+):
+    bench = tmp_path / "bench"
+    shutil.copytree(small_world / "bench", bench)
+    silent = bench_clip(bench.parent, 2)  # loses its soundtrack: its visual questions still count
+    stripped = silent.with_name("stripped" + silent.suffix)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(silent), "-an", "-c", "copy", str(stripped)], check=True)
+    stripped.replace(silent)
+    scorer = Scorer(adapter_export)
+    rows = {"video": 0, "audio": 0}
+    for pathway in ("video", "audio"):
+        tower = getattr(scorer.model, f"{pathway}_tokens")
+
+        def counted(x, tower=tower, pathway=pathway):
+            rows[pathway] += len(x)
+            return tower(x)
+
+        setattr(scorer.model, f"{pathway}_tokens", counted)
+    chunk = plan(read_bench(bench), deaf_check=True, chunk_items=10**6)[0]
+    together = scorer.score(chunk)
+    scored = [r for r in together if not r.skipped]
+    assert rows["video"] == len({r.media for r in scored if r.modality != "audio"}) == len({t.item.media for t in chunk})
+    assert rows["audio"] == len({(r.media, r.deaf) for r in scored if r.modality != "visual"})
+    assert {(r.modality, r.reason) for r in together if r.media == str(silent) and r.skipped} == {
+        ("audio", "no_audio_stream"),
+        ("audio_visual", "no_audio_stream"),
+    }
+    for task, result in zip(chunk, together):
+        if task.item.modality != "audio" and not result.skipped:
+            (alone,) = scorer.score([task])
+            assert alone.scores == pytest.approx(result.scores, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from vaemo.config import MODALITIES
 from vaemo.data.decode import CLIP_EXTENSIONS, SKIP_REASONS, SkipSample
 from vaemo.errors import UserError
 from vaemo.eval.run import check_model_dir
-from vaemo.eval.scoring import decode_clip, decode_spec, load_replica
+from vaemo.eval.scoring import decode_clip, decode_spec, load_replica, model_row
 from vaemo.model.prompts import PromptItem
 
 DEFAULT_QUESTION = "Describe this artwork."
@@ -63,12 +63,9 @@ class Asker:
             except SkipSample as err:
                 result.error = err.reason
                 continue
-            videos.append(
-                frames
-                if frames is not None
-                else torch.zeros(self.spec.num_frames, 3, self.spec.height, self.spec.width, dtype=torch.uint8)
-            )
-            audios.append(sound if sound is not None else torch.zeros(self.spec.audio_samples))
+            video, audio = model_row(self.spec, frames, sound)
+            videos.append(video)
+            audios.append(audio)
             durations.append(duration)
             items.append(PromptItem(modality, question, None, len(videos) - 1))
         if not items:

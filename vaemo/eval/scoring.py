@@ -1,8 +1,9 @@
 """Score ArtEmoBench items with one model replica (what each evaluation actor runs).
 
 Items are scored by the length-normalised log-likelihood of each option, all options of a batch of
-items in one forward pass. Items come in chunks grouped by clip, so a clip is decoded once for all the
-questions asked about it. An item whose media cannot be decoded is skipped and counted.
+items in one forward pass. Items come in chunks grouped by clip, so a clip is decoded once, and passes the
+vision tower and the audio encoder once, for all the questions asked about it (an audio question hears
+the same window as the audio-visual one). An item whose media cannot be decoded is skipped and counted.
 
 The deaf check asks the audio items again with the soundtrack of another clip (a seeded derangement):
 a model that really listens answers for the other clip, so it falls to chance against the item's own
@@ -141,6 +142,13 @@ def decode_clip(path: Path, spec: DecodeSpec, video: bool, audio: bool):
     return clip.video, clip.audio, clip.duration
 
 
+def model_row(spec: DecodeSpec, frames: torch.Tensor | None, sound: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A clip's frames and soundtrack as one row of the model's inputs, a stream it lacks left blank (the
+    questions asked of the row do not read it)."""
+    video = frames if frames is not None else torch.zeros(spec.num_frames, 3, spec.height, spec.width, dtype=torch.uint8)
+    return video, sound if sound is not None else torch.zeros(spec.audio_samples)
+
+
 class Scorer:
     """One model replica on one device (never under ZeRO-3)."""
 
@@ -148,18 +156,35 @@ class Scorer:
         self.model = load_replica(model_dir, device, dtype)
         self.spec = decode_spec(self.model)
 
-    def _decode(self, path: Path, video: bool, audio: bool, cache: dict):
-        key = (path, video, audio)
-        if key not in cache:
-            try:
-                cache[key] = decode_clip(path, self.spec, video, audio)
-            except SkipSample as err:
-                cache[key] = err.reason
-        return cache[key]
+    def _decode(self, path: Path, video: bool, audio: bool, cache: dict, wants: dict[Path, tuple[bool, bool]]) -> tuple:
+        """The key in `cache` of the clip decoded with every stream the chunk asks of it (decoded once), or, if
+        that fails, with just the streams asked now: a clip whose other stream fails still serves the
+        questions that do not need it. The entry is (frames, sound, duration) or the reason for a skip."""
+        for key in ((path, *wants[path]), (path, video, audio)):
+            if key not in cache:
+                try:
+                    cache[key] = decode_clip(path, self.spec, key[1], key[2])
+                except SkipSample as err:
+                    cache[key] = err.reason
+            if not isinstance(cache[key], str):
+                return key
+        return key
 
     @torch.no_grad()
     def score(self, tasks: list[Task]) -> list[ItemResult]:
+        # One model row per clip (and per borrowed soundtrack): every question about a clip reads the same
+        # row, so its frames and sound pass the vision tower and the audio encoder once, not once per question.
+        wants: dict[Path, tuple[bool, bool]] = {}
+        for task in tasks:
+            video, audio = wants.get(task.item.media, (False, False))
+            wants[task.item.media] = (
+                video or task.item.modality in ("visual", "audio_visual"),
+                audio or (task.item.modality in ("audio", "audio_visual") and not task.deaf),
+            )
+            if task.deaf:
+                wants.setdefault(task.audio_from, (False, True))
         cache: dict = {}
+        row_of: dict[tuple, int] = {}
         rows, videos, audios, durations, results = [], [], [], [], []
         for task in tasks:
             item = task.item
@@ -178,24 +203,25 @@ class Scorer:
                 media=str(item.media),
                 donor_answer=task.donor_answer,
             )
-            seen = self._decode(item.media, needs_video, needs_audio and not task.deaf, cache)
-            heard = self._decode(task.audio_from, False, True, cache) if task.deaf else seen
+            seen_key = self._decode(item.media, needs_video, needs_audio and not task.deaf, cache, wants)
+            heard_key = self._decode(task.audio_from, False, True, cache, wants) if task.deaf else seen_key
+            seen, heard = cache[seen_key], cache[heard_key]
             problem = next((x for x in (seen, heard) if isinstance(x, str)), None)
             if problem:
                 result.skipped, result.reason = True, problem
                 results.append(result)
                 continue
-            frames, sound, duration = seen
-            if task.deaf:
-                sound = heard[1]
-            videos.append(
-                frames
-                if frames is not None
-                else torch.zeros(self.spec.num_frames, 3, self.spec.height, self.spec.width, dtype=torch.uint8)
-            )
-            audios.append(sound if sound is not None else torch.zeros(self.spec.audio_samples))
-            durations.append(duration)
-            rows.append((item.modality, question_prompt(item), item.options, len(videos) - 1))
+            key = (seen_key, heard_key)
+            if key not in row_of:
+                frames, sound, duration = seen
+                if task.deaf:
+                    sound = heard[1]
+                video, audio = model_row(self.spec, frames, sound)
+                videos.append(video)
+                audios.append(audio)
+                durations.append(duration)
+                row_of[key] = len(videos) - 1
+            rows.append((item.modality, question_prompt(item), item.options, row_of[key]))
             results.append(result)
         if rows:
             scores, pooled = self.model.score_options(rows, torch.stack(videos), torch.stack(audios), durations)

@@ -35,6 +35,14 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
             f"{ds['gradient_accumulation_steps']} is not supported; use 1 and raise data.batch_size "
             f"or scaling.num_workers"
         )
+    on_gpu = torch.cuda.is_available()
+    zero = ds.get("zero_optimization", {})
+    # On GPUs ZeRO overlaps its collectives with compute on side streams and prefetches the next modules'
+    # parameters; a CPU has no streams to overlap, and there the bookkeeping costs 10-30% of a small
+    # model's ZeRO-3 step (bench/trainer_overhead.py), so "auto" turns both off on CPU.
+    for key, gpu_value in (("overlap_comm", True), ("stage3_prefetch_bucket_size", 50_000_000)):
+        if zero.get(key) == "auto":
+            zero[key] = gpu_value if on_gpu else type(gpu_value)(0)
     ds.setdefault("bf16", {})
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = dtype == torch.bfloat16
@@ -43,13 +51,28 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
         for key, value in (("lr", cfg.train.lr), ("weight_decay", cfg.train.weight_decay)):
             if params.get(key, "auto") == "auto":
                 params[key] = value
-        if not torch.cuda.is_available():
+        if not on_gpu:
             params.setdefault("torch_adam", True)  # avoids a ~70 s JIT build of FusedAdam on CPU
     leftover = _find_auto(ds)
     if leftover:
         raise UserError(f"deepspeed.config '{path}': '{leftover}' is \"auto\" but vaemo has no value for it")
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def mark_leaf_modules(module: torch.nn.Module, names: list[str]) -> list[str]:
+    """Mark the module classes ZeRO-3 fetches whole (`deepspeed.leaf_modules`, "auto" standing for the blocks
+    the transformers models in `module` never split); returns the class names marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from transformers import PreTrainedModel
+
+    wanted = {name for name in names if name != "auto"}
+    if "auto" in names:
+        wanted |= {n for m in module.modules() if isinstance(m, PreTrainedModel) for n in m._no_split_modules or ()}
+    classes = {type(m).__name__: type(m) for m in module.modules() if type(m).__name__ in wanted}
+    if classes:
+        set_z3_leaf_modules(module, list(classes.values()))
+    return sorted(classes)
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
