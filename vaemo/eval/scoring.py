@@ -142,6 +142,12 @@ def decode_clip(path: Path, spec: DecodeSpec, video: bool, audio: bool):
     return clip.video, clip.audio, clip.duration
 
 
+def streams_needed(task: Task) -> tuple[bool, bool]:
+    """(frames, the clip's own soundtrack) that a task reads: a deaf-check task hears another clip's."""
+    modality = task.item.modality
+    return modality in ("visual", "audio_visual"), modality in ("audio", "audio_visual") and not task.deaf
+
+
 def model_row(spec: DecodeSpec, frames: torch.Tensor | None, sound: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A clip's frames and soundtrack as one row of the model's inputs, a stream it lacks left blank (the
     questions asked of the row do not read it)."""
@@ -176,11 +182,8 @@ class Scorer:
         # row, so its frames and sound pass the vision tower and the audio encoder once, not once per question.
         wants: dict[Path, tuple[bool, bool]] = {}
         for task in tasks:
-            video, audio = wants.get(task.item.media, (False, False))
-            wants[task.item.media] = (
-                video or task.item.modality in ("visual", "audio_visual"),
-                audio or (task.item.modality in ("audio", "audio_visual") and not task.deaf),
-            )
+            had, needs = wants.get(task.item.media, (False, False)), streams_needed(task)
+            wants[task.item.media] = (had[0] or needs[0], had[1] or needs[1])
             if task.deaf:
                 wants.setdefault(task.audio_from, (False, True))
         cache: dict = {}
@@ -188,8 +191,6 @@ class Scorer:
         rows, videos, audios, durations, results = [], [], [], [], []
         for task in tasks:
             item = task.item
-            needs_video = item.modality in ("visual", "audio_visual")
-            needs_audio = item.modality in ("audio", "audio_visual")
             result = ItemResult(
                 item.id,
                 item.modality,
@@ -203,7 +204,7 @@ class Scorer:
                 media=str(item.media),
                 donor_answer=task.donor_answer,
             )
-            seen_key = self._decode(item.media, needs_video, needs_audio and not task.deaf, cache, wants)
+            seen_key = self._decode(item.media, *streams_needed(task), cache, wants)
             heard_key = self._decode(task.audio_from, False, True, cache, wants) if task.deaf else seen_key
             seen, heard = cache[seen_key], cache[heard_key]
             problem = next((x for x in (seen, heard) if isinstance(x, str)), None)
