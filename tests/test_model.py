@@ -232,6 +232,31 @@ def test_stage2_without_the_emoadapter_fine_tunes_the_projector():
     assert with_adapter.also_trainable() == ()
 
 
+def test_zero3_fetches_whole_only_the_blocks_that_hold_no_trainable_weights():
+    """Stage 2 runs each decoder layer twice with gradients (LM and KD passes) and DeepSpeed reduces a leaf
+    block's gradients once per backward pass of the block: LoRA-wrapped layers must keep per-module hooks
+    (marking them crashed a 2-worker run in DeepSpeed's gradient bucket)."""
+    from deepspeed.utils import z3_leaf_module
+
+    from vaemo.train.ds_config import mark_leaf_modules
+    from vaemo.train.objectives import build_stage_model, objective_for
+    from vaemo.train.trainer import StageModule
+
+    leaves = {}
+    for name, overrides in (("stage 2", []), ("stage 2 + LoRA", ["model.lora.rank=2"])):
+        cfg = load_config(ROOT / "configs/tiny.yaml", overrides, stage=2)
+        objective = objective_for(cfg)
+        parts = build_stage_model(cfg, objective)
+        module = StageModule(parts.model, parts.extra, objective)
+        leaves[name] = mark_leaf_modules(module, ["auto"])
+        for block in module.modules():
+            if z3_leaf_module(block):
+                assert not any(p.requires_grad for p in block.parameters()), type(block).__name__
+    blocks = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "WhisperEncoderLayer"]
+    assert leaves["stage 2"] == (blocks, [])
+    assert leaves["stage 2 + LoRA"] == (["Qwen2_5_VLVisionBlock", "WhisperEncoderLayer"], ["Qwen2_5_VLDecoderLayer"])
+
+
 def test_stage2s_kd_teacher_is_the_model_as_stage1_left_it(clips):
     """Inside as_stage1 neither the Enhancer nor LoRA acts: the teacher's targets do not move while stage 2
     trains them (and outside it they act again)."""

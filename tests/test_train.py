@@ -112,8 +112,9 @@ def test_replicated_frozen_weights_leave_zero3_and_train_the_same(small_world, s
 
 def test_zero3_fetching_whole_blocks_trains_the_same_as_hooks_on_every_module(small_world, stage0_export, tmp_path):
     """deepspeed.leaf_modules (default auto: the blocks the transformers models never split) under ZeRO-3 on
-    2 workers, with activation checkpointing: each block's parameters come in one fetch, and the losses and
-    the export are those of DeepSpeed's hooks on every module. The audio encoder's blocks train."""
+    2 workers, with activation checkpointing: each frozen block's parameters come in one fetch, and the
+    losses and the export are those of DeepSpeed's hooks on every module. The audio encoder's blocks train,
+    so they keep the hooks."""
     common = [
         f"model.init_from={stage0_export}",
         "train.max_steps=3",
@@ -124,10 +125,14 @@ def test_zero3_fetching_whole_blocks_trains_the_same_as_hooks_on_every_module(sm
     for name, setting in (("every module", "[]"), ("blocks", "[auto]")):
         out = tmp_path / name.replace(" ", "-")
         ok(run(stage_cmd(1, out, small_world, *common, f"deepspeed.leaf_modules={setting}")))
-        leaves[name] = json.loads((out / "workers" / "rank0.json").read_text())["zero3_leaf_modules"]
+        placement = json.loads((out / "workers" / "rank0.json").read_text())
+        leaves[name] = (placement["zero3_leaf_modules"], placement["zero3_trainable_blocks_hooked"])
         losses[name] = [r["loss"] for r in metrics(out)]
         exports[name] = weights(out / "export")
-    assert leaves == {"every module": [], "blocks": ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "WhisperEncoderLayer"]}
+    assert leaves == {
+        "every module": ([], []),
+        "blocks": (["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"], ["WhisperEncoderLayer"]),
+    }
     assert len(losses["blocks"]) == 3 and losses["blocks"] == pytest.approx(losses["every module"], rel=1e-6, abs=1e-7)
     a, b = exports["every module"], exports["blocks"]
     assert a.keys() == b.keys()

@@ -397,15 +397,16 @@ class DeepSpeedConfig:
     (they must fit on one GPU beside the activations) and ZeRO-3 never gathers them, so a step moves
     only the trainable parts. Frozen tensors below the JSON's `stage3_param_persistence_threshold` stay
     with ZeRO-3, which keeps small tensors whole anyway. Ignored under ZeRO-0/1/2."""
-    leaf_modules: list[str] = field(default_factory=list)
+    leaf_modules: list[str] = field(default_factory=lambda: ["auto"])
     """Under ZeRO-3, module classes (by class name) fetched whole: all of a block's parameters in one gather
-    when it runs, and no DeepSpeed hooks on the modules inside it. `[auto]`: the blocks each transformers
-    model names in `_no_split_modules` (decoder layers, vision blocks, Whisper encoder layers). On a small
-    model ZeRO-3's per-module hooks, not its bytes, are what it costs (bench/trainer_overhead.py: 0.85 of
-    plain PyTorch with `[auto]`, 0.72 without); at 7B a decoder layer's gather is about 0.5 GB in bf16.
-    Not yet for stage 2 with LoRA: with LoRA inside the blocks (switched off in the KD teacher's pass) a
-    2-worker run hung. `[]` (default): DeepSpeed's hooks on every module. Names that match no module are
-    skipped: workers/rankR.json lists the classes marked. Ignored under ZeRO-0/1/2."""
+    when it runs, and no DeepSpeed hooks on the modules inside it. `auto` (default) stands for the blocks
+    each transformers model names in `_no_split_modules` (decoder layers, vision blocks, Whisper encoder
+    layers). On a small model ZeRO-3's per-module hooks, not its bytes, are what it costs
+    (bench/trainer_overhead.py); at 7B a decoder layer's gather is about 0.5 GB in bf16. Blocks that hold
+    trainable parameters (the audio encoder in stage 1, LoRA-wrapped decoder layers in stage 2) keep the
+    per-module hooks: DeepSpeed reduces a whole block's gradients each time the block's backward runs,
+    twice in a step that runs the block twice. `[]`: hooks on every module. Names that match no module are
+    skipped; workers/rankR.json lists the classes marked and those left hooked. Ignored under ZeRO-0/1/2."""
 
 
 @dataclass

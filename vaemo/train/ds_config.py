@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,19 +60,36 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
     return ds
 
 
-def mark_leaf_modules(module: torch.nn.Module, names: list[str]) -> list[str]:
-    """Mark the module classes ZeRO-3 fetches whole (`deepspeed.leaf_modules`, "auto" standing for the blocks
-    the transformers models in `module` never split); returns the class names marked."""
-    from deepspeed.utils import set_z3_leaf_modules
+class LeafBlocks(NamedTuple):
+    marked: list[str]
+    """Block classes ZeRO-3 fetches whole."""
+    trainable: list[str]
+    """Block classes asked for but left to per-module hooks because they hold trainable parameters."""
+
+
+def mark_leaf_modules(module: torch.nn.Module, names: list[str]) -> LeafBlocks:
+    """Mark the blocks ZeRO-3 fetches whole (`deepspeed.leaf_modules`, "auto" standing for the blocks the
+    transformers models in `module` never split). Call after freezing: a block that holds trainable
+    parameters keeps DeepSpeed's hooks on every module, because DeepSpeed reduces a leaf block's gradients
+    once per backward pass *of the block*, and a block that runs twice in one step (stage 2's LM and KD
+    passes through a LoRA-wrapped decoder layer) would have its gradients reduced twice."""
+    from deepspeed.utils import set_z3_leaf_module
     from transformers import PreTrainedModel
 
     wanted = {name for name in names if name != "auto"}
     if "auto" in names:
         wanted |= {n for m in module.modules() if isinstance(m, PreTrainedModel) for n in m._no_split_modules or ()}
-    classes = {type(m).__name__: type(m) for m in module.modules() if type(m).__name__ in wanted}
-    if classes:
-        set_z3_leaf_modules(module, list(classes.values()))
-    return sorted(classes)
+    marked, trainable = set(), set()
+    for block in module.modules():
+        name = type(block).__name__
+        if name not in wanted:
+            continue
+        if any(p.requires_grad for p in block.parameters()):
+            trainable.add(name)
+        else:
+            set_z3_leaf_module(block, True)
+            marked.add(name)
+    return LeafBlocks(sorted(marked), sorted(trainable))
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
