@@ -30,7 +30,7 @@ from vaemo.model import VAEmotionLLM, choose_dtype
 from vaemo.model.freezing import replicate_frozen
 from vaemo.train import checkpoint as ckpt
 from vaemo.train.cpu_comm import load_cpu_comm_op
-from vaemo.train.ds_config import LeafBlocks, deepspeed_config, mark_leaf_modules, zero_stage
+from vaemo.train.ds_config import deepspeed_config, mark_leaf_modules, zero_stage
 from vaemo.train.objectives import StageObjective, StepInputs, build_stage_model, objective_for
 from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
 
@@ -127,7 +127,7 @@ def train_loop(loop_config: dict) -> None:
         threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 100_000)
         replicated = replicate_frozen(model, above_numel=int(threshold))
     module = StageModule(model, extra, objective)
-    leaves = mark_leaf_modules(module, cfg.deepspeed.leaf_modules) if zero_stage(ds_config) == 3 else LeafBlocks([], [])
+    leaves = mark_leaf_modules(module, cfg.deepspeed.leaf_modules if zero_stage(ds_config) == 3 else [])
     if use_gpu:
         module = module.cuda()
     params = [p for p in module.parameters() if p.requires_grad]
