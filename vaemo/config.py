@@ -136,7 +136,10 @@ class DataConfig:
     (black bars), `crop` keeps its centre at the scale of the shorter side, `stretch` keeps all of the
     picture without bars, its shapes squeezed by the aspect ratios' quotient."""
     audio_seconds: float = 4.0
-    """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones filled (audio_fill)."""
+    """Soundtrack length fed to the audio pathway: longer clips are cut, shorter ones filled (audio_fill).
+    Frames come from the same window. Training draws where a longer clip's window starts, per clip;
+    evaluation cuts it from the middle. A window shorter than the training clips lets training windows open
+    anywhere in the sound, as windows cut from longer clips at evaluation do."""
     audio_fill: Literal["repeat", "silence"] = "repeat"
     """How a soundtrack shorter than audio_seconds fills the window: `repeat` it (as LAION-CLAP's
     "repeatpad"), or pad it with `silence` (as WhisperFeatureExtractor does). Whisper's log-mel floors every
@@ -148,8 +151,9 @@ class DataConfig:
     """Where, in training, a soundtrack shorter than audio_seconds starts before it repeats: at its `start`,
     or at a `random` phase drawn per clip (its samples rotated), as a window cut from the middle of a longer
     clip starts anywhere in a note. Evaluation always starts at the clip's start. With `repeat` fill only.
-    The tiny preset keeps `start`: `random` narrowed the gap to 4-8 s clips but cost audio emotion on its own
-    split at its step budget (README, "Shaping the tiny preset")."""
+    The tiny preset keeps `start` and makes its window (2 s) shorter than its clips (2-3 s) instead, so that
+    training windows open between notes without a rotated soundtrack wrapping around mid-window (README,
+    "Shaping the tiny preset")."""
     batch_size: int = 8
     """Clips per micro-batch on each training worker."""
     loader_workers: int = 1
