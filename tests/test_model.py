@@ -33,10 +33,10 @@ def model() -> VAEmotionLLM:
 
 
 @pytest.fixture(scope="module")
-def clips():
+def clips(model):
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (CLIPS, 8, 3, 112, 112), dtype=torch.uint8, generator=g)
-    audio = torch.randn(CLIPS, 48000, generator=g) * 0.1
+    audio = torch.randn(CLIPS, model.audio_samples, generator=g) * 0.1  # the preset's window
     return video, audio, [2.5, 2.0, 3.0]
 
 
@@ -293,7 +293,7 @@ def test_stage2_validation_scores_emotion_and_content_under_every_modality(model
         keys=["0", "1", "2"],
         video=video,
         audio=audio,
-        audio_len=[48000] * CLIPS,
+        audio_len=[audio.shape[1]] * CLIPS,
         duration=duration,
         meta=metas,
         has_audio=[True, True, False],
@@ -321,7 +321,7 @@ def test_stage2_kd_questions_distils_the_stage1_questions_too(model, clips):
         keys=[str(i) for i in range(CLIPS)],
         video=video,
         audio=audio,
-        audio_len=[48000] * CLIPS,
+        audio_len=[audio.shape[1]] * CLIPS,
         duration=duration,
         meta=metas,
         has_audio=[True] * CLIPS,
@@ -634,7 +634,7 @@ def test_stage1_without_captions_distils_the_teachers_own_answer(model, clips):
         keys=["a", "b", "c"],
         video=video,
         audio=audio,
-        audio_len=[48000] * CLIPS,
+        audio_len=[audio.shape[1]] * CLIPS,
         duration=duration,
         meta=metas,
         has_audio=[True] * CLIPS,

@@ -23,10 +23,10 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def clips():
+def clips(model):
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (3, 8, 3, 112, 112), dtype=torch.uint8, generator=g)
-    return video, torch.randn(3, 48000, generator=g) * 0.1, [2.5, 2.0, 3.0]
+    return video, torch.randn(3, model.audio_samples, generator=g) * 0.1, [2.5, 2.0, 3.0]
 
 
 def mixed_items() -> list[PromptItem]:
