@@ -136,8 +136,11 @@ def test_zero3_fetching_whole_blocks_trains_the_same_as_hooks_on_every_module(sm
     assert len(losses["blocks"]) == 3 and losses["blocks"] == pytest.approx(losses["every module"], rel=1e-6, abs=1e-7)
     a, b = exports["every module"], exports["blocks"]
     assert a.keys() == b.keys()
+    # Adam divides each update by the root of its squared-gradient average, so where a gradient is nearly
+    # zero the two paths' rounding moves a weight by a few 1e-6 (seen on 4 of 98,304 elements); a wrong fetch
+    # or reduction moves weights by the learning rate's order (3e-3 per step).
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
 
 
 def test_resume_is_exact(small_world, stage0_export, tmp_path):
