@@ -219,15 +219,19 @@ def test_only_the_stages_parameters_get_gradients(stage, clips):
         assert any(".lora_" in n for n in with_grad) and any(n.startswith("supervisor.") for n in with_grad)
 
 
-def test_stage2_without_the_emoadapter_fine_tunes_the_projector():
+def test_stage2_without_the_emoadapter_trains_lora_alone_or_else_the_projector():
+    """The no-adapter ablation changes only the adapter: the preset's LoRA still trains; without LoRA the
+    projector does, so that the ablation trains something on the same data and losses."""
     from vaemo.train.objectives import EmoAdapterObjective
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["stage2.use_enhancer=false", "stage2.use_supervisor=false"], stage=2)
-    objective = EmoAdapterObjective(cfg)
-    model = build_model(cfg.model, cfg.data, seed=0)
-    objective.prepare_model(model)
-    trainable = set_trainable(model, 2, None, objective.also_trainable())
-    assert trainable and all(n.startswith("projector.") for n in trainable)
+    no_adapter = ["stage2.use_enhancer=false", "stage2.use_supervisor=false"]
+    for lora_rank, expected in ((0, "projector."), (8, ".lora_")):
+        cfg = load_config(ROOT / "configs/tiny.yaml", [*no_adapter, f"model.lora.rank={lora_rank}"], stage=2)
+        objective = EmoAdapterObjective(cfg)
+        model = build_model(cfg.model, cfg.data, seed=0)
+        objective.prepare_model(model)
+        trainable = set_trainable(model, 2, None, objective.also_trainable())
+        assert trainable and all(expected in n for n in trainable), (lora_rank, sorted(trainable)[:3])
     with_adapter = EmoAdapterObjective(load_config(ROOT / "configs/tiny.yaml", stage=2))
     assert with_adapter.also_trainable() == ()
 
@@ -243,7 +247,7 @@ def test_zero3_fetches_whole_only_the_blocks_that_hold_no_trainable_weights():
     from vaemo.train.trainer import StageModule
 
     leaves = {}
-    for name, overrides in (("stage 2", []), ("stage 2 + LoRA", ["model.lora.rank=2"])):
+    for name, overrides in (("stage 2", ["model.lora.rank=0"]), ("stage 2 + LoRA", ["model.lora.rank=2"])):
         cfg = load_config(ROOT / "configs/tiny.yaml", overrides, stage=2)
         objective = objective_for(cfg)
         parts = build_stage_model(cfg, objective)

@@ -241,7 +241,8 @@ def write_report(out: Path, per_seed: dict[int, dict[str, dict]], seconds: float
 
 
 # Stage-2 ablations per seed. "adapter" (the default, for the 60-minute budget) compares stage 2 with and
-# without the EmoAdapter (the latter fine-tunes the audio projector on the same data and losses).
+# without the EmoAdapter (the latter trains the preset's LoRA alone, or, without LoRA, fine-tunes the audio
+# projector, on the same data and losses).
 ABLATION_SETS: dict[str, tuple[str, ...]] = {
     "none": (),
     "adapter": ("no-adapter",),
