@@ -30,7 +30,7 @@ def seeds(stage1_audio: list[float], stage2_audio: list[float]) -> dict[int, dic
         seed: {
             "after stage 0": report(0.25, 0.95, 0.95),
             "after stage 1": report(a1, 0.95, 0.95, donor=a1),
-            "after stage 2": report(a2, 0.95, 0.97, donor=a2),
+            "after stage 2": {**report(a2, 0.95, 0.97, donor=a2), "va": {"audio": {"valence_mae": 0.2, "arousal_mae": 0.25}}},
         }
         for seed, (a1, a2) in enumerate(zip(stage1_audio, stage2_audio))
     }
@@ -52,6 +52,11 @@ def test_targets_are_judged_on_means_and_every_seed():
     assert not bad["after stage 1 (no audio labels), audio content mean >= 0.85 and every seed >= 0.8"]
     assert not bad["stage 2 raises audio emotion (mean change > 0)"]
     assert not bad["stage 2 costs at most 0.02 audio content (mean change >= -0.02)"]
+    untrained = seeds([0.9, 0.88, 0.92], [0.93, 0.9, 0.95])
+    for reports in untrained.values():  # a stage 2 without a trained Supervisor predicts no valence/arousal
+        del reports["after stage 2"]["va"]
+    checks = {t.claim: t.passed for t in targets(untrained)}
+    assert not checks["after stage 2, audio arousal error (the Supervisor's) mean <= 0.3"]
 
 
 def test_the_report_lists_every_seed_and_the_intervals(tmp_path):
@@ -79,6 +84,6 @@ def test_the_demos_targets_fail_when_stage_2_does_nothing():
         "after stage 2": stage1,
     }
     checks = {t.claim: t.passed for t in demo_targets(unchanged)}
-    assert not checks["after stage 2, audio arousal error (the Supervisor's) <= 0.3"]
+    assert not checks["after stage 2, audio arousal error (the Supervisor's) <= 0.35"]
     trained = {**unchanged, "after stage 2": {**stage1, "va": {"audio": {"valence_mae": 0.2, "arousal_mae": 0.2}}}}
     assert all(t.passed for t in demo_targets(trained)), [t.line() for t in demo_targets(trained) if not t.passed]

@@ -85,6 +85,8 @@ def emotion(report: dict, modality: str) -> float:
 # One run is one draw: the demo's thresholds sit below `make science`'s targets (means over seeds) by about
 # the spread between seeds (README, "Science over seeds"), so a healthy run passes on any machine.
 MARGIN = 0.05
+# The science target for the Supervisor's mean absolute arousal error on audio (the demo's is this + MARGIN).
+AROUSAL_ERROR = 0.3
 
 
 def targets(reports: dict[str, dict]) -> list[Target]:
@@ -135,8 +137,10 @@ def targets(reports: dict[str, dict]) -> list[Target]:
         Target(f"stage 2 audio content change >= {-0.02 - MARGIN:.2f} (keeps what stage 1 taught)", cost, cost >= -0.02 - MARGIN)
     )
     # Only a trained Emotion Supervisor predicts valence and arousal: this fails when stage 2 does nothing.
+    # Over seeds 0-2 `make science` measured 0.21-0.31 (a constant guess: about 0.66), so one run gets MARGIN.
     arousal = s2.get("va", {}).get("audio", {}).get("arousal_mae", float("nan"))
-    out.append(Target("after stage 2, audio arousal error (the Supervisor's) <= 0.3", arousal, arousal <= 0.3))
+    limit = AROUSAL_ERROR + MARGIN
+    out.append(Target(f"after stage 2, audio arousal error (the Supervisor's) <= {limit:.2f}", arousal, arousal <= limit))
     best_single = max(emotion(s2, "audio"), emotion(s2, "visual"))
     margin = emotion(s2, "audio_visual") - best_single
     out.append(
