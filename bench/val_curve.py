@@ -5,8 +5,14 @@ only reported.
 A checkpoint at step s of a run of S steps is not a run of s steps (its learning rate has not decayed yet):
 the curve shows where accuracy stops rising, not the exact score of a shorter run.
 
+Stage 1 reads its teacher from a cache written once before it (as `make demo` and `make science` do;
+`--stage1-teacher online` runs the teacher every step). Learning rates and other settings go in as dotted
+overrides:
+
     .venv/bin/python bench/val_curve.py --stage 1 --world runs/demo/data \
         --init-from runs/demo/stage0/export --steps 600 --every 100 --out /tmp/curve-s1
+    .venv/bin/python bench/val_curve.py --stage 0 --world runs/demo/data --steps 1200 --every 400 \
+        --out /tmp/curve-s0-lr4e-3 train.lr=4e-3
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ CELLS = [(m, t) for m in ("audio", "visual", "audio_visual") for t in ("content"
 
 def main() -> None:
     from vaemo.data.synth import bench_from_shards
+    from vaemo.demo import stage1_teacher_cache
     from vaemo.eval.run import evaluate
     from vaemo.train.export import export_checkpoint
     from vaemo.train.launch import run_stage
@@ -38,6 +45,7 @@ def main() -> None:
     p.add_argument("--first", type=int, default=0, help="score checkpoints from this step on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--stage1-teacher", choices=["cache", "online"], default="cache", help="stage 1's teacher (as make demo's)")
     p.add_argument("--max-items", type=int, default=0, help="score only the first N val items (smoke runs)")
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="more dotted config overrides")
@@ -58,6 +66,8 @@ def main() -> None:
         *([f"model.init_from={args.init_from}"] if args.init_from else []),
         *args.overrides,
     ]
+    if args.stage == 1 and args.stage1_teacher == "cache":
+        overrides += stage1_teacher_cache(out, args.config, overrides, fresh=False, actors=args.actors)
     run_stage(args.stage, args.config, out / "run", overrides, overwrite=True)
     rows = []
     for checkpoint in sorted((out / "run" / "checkpoints").glob("step-*")):
