@@ -10,6 +10,10 @@ cheaper. On this 2-core machine they are not: see the README ("Precision").
 
     .venv/bin/python bench/cpu_precision_step.py
     .venv/bin/python bench/cpu_precision_step.py --steps 6 --profile
+    .venv/bin/python bench/cpu_precision_step.py --conv3d   # the patch embedding as transformers computes it
+
+It also times the vision tower's patch embedding alone, as vaemo computes it (one matrix product) and as
+a Conv3d, in each precision.
 """
 
 from __future__ import annotations
@@ -27,7 +31,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def timed_steps(config: str, overrides: list[str], dtype: str, steps: int, profile: bool) -> float:
+def patch_embedding_seconds(model, video: torch.Tensor, conv3d: bool, repeats: int = 4) -> float:
+    """Forward + backward of the vision tower's patch embedding alone on the batch's patches (the fastest of
+    `repeats`), as vaemo runs it (one matrix product) or as transformers does (Conv3d)."""
+    from vaemo.model.vision import PatchProjection, video_inputs
+
+    embed = model.vlm.model.visual.patch_embed
+    patches, _ = video_inputs(video, model.spec.visual, embed.proj.weight.dtype)
+    embed.proj.__class__ = torch.nn.Conv3d if conv3d else PatchProjection
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        embed(patches).float().sum().backward()
+        seconds.append(time.perf_counter() - start)
+    embed.proj.weight.grad = None
+    embed.proj.__class__ = PatchProjection
+    return min(seconds)
+
+
+def timed_steps(config: str, overrides: list[str], dtype: str, steps: int, profile: bool, conv3d: bool) -> float:
     from vaemo.config import load_config
     from vaemo.data import vocab
     from vaemo.data.stream import Batch
@@ -55,6 +77,11 @@ def timed_steps(config: str, overrides: list[str], dtype: str, steps: int, profi
         duration=[2.5] * d.batch_size,
         meta=meta,
     )
+
+    matmul, conv = (patch_embedding_seconds(built.model, video, c) for c in (False, True))
+    print(f"{dtype} patch embedding, forward + backward: matrix product {matmul * 1e3:.1f} ms, Conv3d {conv * 1e3:.1f} ms")
+    if conv3d:  # the step as transformers' own module computes it
+        built.model.vlm.model.visual.patch_embed.proj.__class__ = torch.nn.Conv3d
 
     def one_step() -> None:
         step = objective.prepare(built.model, batch, rng)
@@ -85,11 +112,12 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
     p.add_argument("--steps", type=int, default=5, help="timed steps per precision (after one untimed)")
     p.add_argument("--profile", action="store_true", help="also print the top operators of one step in each precision")
+    p.add_argument("--conv3d", action="store_true", help="run the patch embedding as transformers' Conv3d, not vaemo's product")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (e.g. a smaller data.frame_height)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    fp32 = timed_steps(args.config, args.overrides, "float32", args.steps, args.profile)
-    bf16 = timed_steps(args.config, args.overrides, "bfloat16", args.steps, args.profile)
+    fp32 = timed_steps(args.config, args.overrides, "float32", args.steps, args.profile, args.conv3d)
+    bf16 = timed_steps(args.config, args.overrides, "bfloat16", args.steps, args.profile, args.conv3d)
     print(f"stage-0 step, the config's batch, 1 thread: fp32 {fp32:.3f} s, bf16 {bf16:.3f} s, ratio bf16/fp32 {bf16 / fp32:.1f}")
 
 

@@ -114,7 +114,10 @@ def test_val_curve_scores_every_checkpoint_on_the_val_clips(small_world, tmp_pat
 
 def test_cpu_precision_benchmark_times_one_training_step_in_each_precision():
     small = ["data.num_frames=2", "data.frame_height=56", "data.frame_width=56", "data.batch_size=2"]
-    last = run_bench("cpu_precision_step.py", "--steps", "1", *small).strip().splitlines()[-1]
+    lines = run_bench("cpu_precision_step.py", "--steps", "1", *small).strip().splitlines()
+    embeds = [line for line in lines if " patch embedding, " in line]
+    assert [line.split()[0] for line in embeds] == ["float32", "bfloat16"] and all("Conv3d" in line for line in embeds), lines
+    last = lines[-1]
     fp32, bf16, ratio = (float(last.split(word)[1].split()[0]) for word in ("fp32 ", "bf16 ", "bf16/fp32 "))
     assert fp32 > 0 and bf16 > 0 and ratio == pytest.approx(bf16 / fp32, rel=0.05, abs=0.1), last
 

@@ -605,6 +605,43 @@ def test_a_bf16_model_keeps_fp32_buffers_and_runs_every_modality(real_format, cl
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
 
 
+@pytest.mark.parametrize("precision", ["fp32 tiny preset", "bf16 hub-layout checkpoint"])
+def test_the_patch_embedding_is_one_matrix_product_equal_to_the_checkpoints_conv3d(precision, model, real_format, hf_checkpoints):
+    from safetensors.torch import load_file
+
+    from vaemo.model.vision import PatchProjection
+
+    built = model if precision.startswith("fp32") else real_format
+    embed = built.vlm.model.visual.patch_embed
+    assert type(embed.proj) is PatchProjection
+    if precision.startswith("bf16"):  # the checkpoint's 5-D weight, under its own name
+        hub = load_file(str(hf_checkpoints["vlm"] / "model.safetensors"))
+        assert torch.equal(built.state_dict()["vlm.model.visual.patch_embed.proj.weight"], hub["visual.patch_embed.proj.weight"])
+    patch_volume = embed.in_channels * embed.temporal_patch_size * embed.patch_size**2
+    patches = torch.randn(40, patch_volume, generator=torch.Generator().manual_seed(0))
+    conv = copy.deepcopy(embed)
+    conv.proj.__class__ = torch.nn.Conv3d
+    exact = copy.deepcopy(conv).double()
+
+    def output_and_weight_grad(module):
+        module.proj.weight.grad = None
+        with torch.enable_grad():
+            out = module(patches.to(module.proj.weight.dtype))
+            out.square().sum().backward()
+        grad, module.proj.weight.grad = module.proj.weight.grad, None
+        return out.detach().double(), grad.double()
+
+    def error(got, want):
+        return float((got - want).abs().max() / want.abs().max())
+
+    reference = output_and_weight_grad(exact)
+    matmul_errors = [error(g, w) for g, w in zip(output_and_weight_grad(embed), reference)]
+    conv_errors = [error(g, w) for g, w in zip(output_and_weight_grad(conv), reference)]
+    # Both round to the model's precision: the product is as close to the exact result as the Conv3d is.
+    unit = 1e-6 if precision.startswith("fp32") else 1e-2
+    assert all(m <= max(2 * c, unit) for m, c in zip(matmul_errors, conv_errors)), (matmul_errors, conv_errors)
+
+
 def test_whisper_weights_are_read_once_from_the_index(hf_checkpoints, tmp_path):
     """whisper-large-v3 ships model.safetensors (fp16) beside fp32 shards with their own index."""
     import shutil

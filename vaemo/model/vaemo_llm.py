@@ -30,7 +30,7 @@ from vaemo.model.lora import LoRALinear, add_lora, merge_lora_state
 from vaemo.model.packing import PrefixPacking, plan_packing
 from vaemo.model.prompts import IGNORE, ModelInputs, PromptBuilder, PromptItem
 from vaemo.model.tokenizer import SpecialTokens, load_tokenizer
-from vaemo.model.vision import VisualSpec, video_inputs
+from vaemo.model.vision import VisualSpec, use_matmul_patch_embedding, video_inputs
 
 # index_reduce("amax") pools the per-row maxima of modality tokens; PyTorch flags the op as beta on
 # every call, once per worker and step. Its result is covered by the tests.
@@ -141,6 +141,7 @@ class VAEmotionLLM(nn.Module):
         if type(vlm.lm_head) is nn.Linear:
             # Swapping the class keeps the parameter (and its ZeRO-3 partitioning) and the state-dict keys.
             vlm.lm_head.__class__ = FP32Logits
+        use_matmul_patch_embedding(vlm)
         self.tokens = SpecialTokens(**spec.tokens)
         self.prompts = PromptBuilder(
             tokenizer,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 # OpenAI CLIP statistics, what Qwen2.5-VL's preprocessor_config.json ships.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -76,3 +78,33 @@ def video_inputs(video: torch.Tensor, spec: VisualSpec, dtype: torch.dtype) -> t
     patches = torch.cat([patchify(clip, spec) for clip in normalised]) if clips else normalised.new_zeros(0)
     grid = (frames // spec.temporal_patch_size, height // spec.patch_size, width // spec.patch_size)
     return patches.to(dtype), torch.tensor([grid] * clips, dtype=torch.long)
+
+
+class PatchProjection(nn.Conv3d):
+    """Qwen's patch embedding (a Conv3d whose stride is its kernel, fed one patch per row) as one matrix product.
+
+    The convolution kernels are slow for this shape: on a CPU thread the forward and backward of the tiny
+    preset's batch take 81 ms as Conv3d and 14 ms as a matrix product; in bf16 the Conv3d backward falls back
+    to a kernel that takes 8 s (bench/cpu_precision_step.py), and cuDNN has had such cliffs on GPUs too (what
+    transformers' `fusion_config={"patch_embeddings": True}` answers). Unlike that fusion this keeps the
+    Conv3d's weight, name and layout, so checkpoints, ZeRO-3 partitions and exports stay as they were; the
+    product runs inside the module's own forward, where ZeRO-3 has gathered the weight.
+    """
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if tuple(patches.shape[2:]) != tuple(self.kernel_size):
+            return super().forward(patches)
+        return F.linear(patches.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None, None]
+
+
+def use_matmul_patch_embedding(vlm: nn.Module) -> None:
+    """Swap the class of every non-overlapping Conv3d in the VLM (the vision tower's patch embedding)."""
+    for module in vlm.modules():
+        if (
+            type(module) is nn.Conv3d
+            and module.stride == module.kernel_size
+            and module.padding == (0, 0, 0)
+            and module.dilation == (1, 1, 1)
+            and module.groups == 1
+        ):
+            module.__class__ = PatchProjection
