@@ -84,8 +84,8 @@ class PatchProjection(nn.Conv3d):
     """Qwen's patch embedding (a Conv3d whose stride is its kernel, fed one patch per row) as one matrix product.
 
     The convolution kernels are slow for this shape: on a CPU thread the forward and backward of the tiny
-    preset's batch take 81 ms as Conv3d and 14 ms as a matrix product; in bf16 the Conv3d backward falls back
-    to a kernel that takes 8 s (bench/cpu_precision_step.py), and cuDNN has had such cliffs on GPUs too (what
+    preset's batch take 71 ms as Conv3d and 14 ms as a matrix product; in bf16 the Conv3d backward falls back
+    to a kernel that takes 8.9 s (bench/cpu_precision_step.py prints both), and cuDNN has had such cliffs on GPUs too (what
     transformers' `fusion_config={"patch_embeddings": True}` answers). Unlike that fusion this keeps the
     Conv3d's weight, name and layout, so checkpoints, ZeRO-3 partitions and exports stay as they were; the
     product runs inside the module's own forward, where ZeRO-3 has gathered the weight.
