@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, bench_clip, ok, run
@@ -136,28 +138,16 @@ def test_a_chunk_passes_each_clip_through_the_towers_once_and_scores_as_one_ques
 
 @pytest.mark.slow
 def test_results_follow_the_spec_and_an_unreadable_clip_is_counted(small_world, adapter_export, stage0_export, tmp_path):
+    """On the actor pool, with every path relative to where the user runs (the actors run elsewhere)."""
     bench = tmp_path / "bench"
     shutil.copytree(small_world / "bench", bench)
     bench_clip(bench.parent, 3).write_bytes(b"not a clip at all")
     out = tmp_path / "eval"
-    result = ok(
-        run(
-            [
-                sys.executable,
-                str(ROOT / "jobs/eval.py"),
-                "--model",
-                str(adapter_export),
-                "--bench",
-                str(bench),
-                "--out",
-                str(out),
-                "--actors",
-                "2",
-                "--baseline",
-                f"before={stage0_export}",
-            ]
-        )
-    )
+    here = Path(os.path.commonpath([adapter_export, stage0_export, tmp_path]))
+    rel = lambda path: os.path.relpath(path, here)  # noqa: E731
+    cmd = [sys.executable, str(ROOT / "jobs/eval.py"), "--model", rel(adapter_export), "--bench", rel(bench)]
+    cmd += ["--out", rel(out), "--actors", "2", "--baseline", f"before={rel(stage0_export)}"]
+    result = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=here))
     report = json.loads((out / "results.json").read_text())
     assert report["skipped"] == 6  # the clip is asked 6 questions
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

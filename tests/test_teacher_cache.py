@@ -1,4 +1,5 @@
-"""The offline teacher cache: same targets as the online teacher, stale caches refused, stage 1 trains from it."""
+"""The offline teacher cache: same targets as the online teacher, stale caches refused. Stage 1 trains from a
+cache the actor pool wrote in tests/test_train.py (the stage chain) and tests/test_user_data.py (unlabelled clips)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, ok, run, stage_cmd, teacher_cache_cmd
+from conftest import ROOT, run, stage_cmd
 
 from vaemo.cache_fingerprint import fingerprint
 from vaemo.config import load_config
@@ -101,39 +102,6 @@ def test_stale_or_missing_cache_is_refused(small_world, cache_dir, tmp_path):
     assert uncovered.returncode == 2 and "does not cover shard" in uncovered.stderr
     missing = run(base + [f"stage1.teacher.cache_dir={tmp_path / 'nowhere'}", f"stage1.topk={TOPK}"], timeout=120)
     assert missing.returncode == 2 and "teacher-cache.json" in missing.stderr
-
-
-@pytest.mark.slow
-def test_stage1_trains_from_a_cache_written_by_the_actor_pool(small_world, stage0_export, tmp_path):
-    from safetensors.torch import load_file
-
-    from vaemo.model import VAEmotionLLM
-
-    cache = tmp_path / "cache"
-    common = [
-        f"model.init_from={stage0_export}",
-        f"data.train_shards={small_world}/train/*.tar",
-        f"data.val_shards={small_world}/val/*.tar",
-        "data.batch_size=4",
-        f"stage1.topk={TOPK}",
-    ]
-    ok(run(teacher_cache_cmd(cache, *common)))
-    manifest = json.loads((cache / MANIFEST).read_text())
-    assert manifest["cached"] == 48 + 16  # every train and val clip
-
-    out = tmp_path / "stage1"
-    ok(run(stage_cmd(1, out, small_world, *common, "stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}")))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 4 and all(np.isfinite(r["loss"]) for r in records)
-    assert "val_loss" in records[-1]
-    # The export is whole: the vision tower, never built on the workers, comes back unchanged.
-    exported = VAEmotionLLM.from_pretrained(out / "export")
-    start = VAEmotionLLM.from_pretrained(stage0_export)
-    for name, tensor in start.vlm.model.visual.state_dict().items():
-        assert torch.equal(exported.vlm.model.visual.state_dict()[name], tensor), name
-    trained = load_file(str(out / "export" / "audio_projector.safetensors"))
-    before = start.projector.state_dict()
-    assert any(not torch.equal(trained[k], before[k]) for k in trained)
 
 
 def test_the_demo_writes_its_teacher_cache_once_and_again_only_for_another_teacher(small_world, tmp_path):
