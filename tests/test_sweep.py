@@ -82,8 +82,7 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
                 str(out / "best.yaml"),
                 "--out",
                 str(tmp_path / "with-best"),
-                "train.max_steps=2",
-                "train.val_batches=0",
+                "--check",  # every check the stage makes before it trains (tests/test_train.py)
             ]
         )
     )

@@ -530,3 +530,18 @@ def test_unwritable_output_and_an_earlier_run_are_refused(small_world, stage0_ex
     (tmp_path / "done" / "metrics.jsonl").write_text("{}\n")
     result = run(stage_cmd(1, tmp_path / "done", small_world))
     assert result.returncode == 2 and "already holds a run" in result.stderr
+
+
+def test_check_stops_before_training_and_touches_no_earlier_run(small_world, stage0_export, tmp_path):
+    """--check runs every check a stage makes (config, data, checkpoints, --out, the Ray cluster) and stops."""
+    fresh = ok(run(stage_cmd(1, tmp_path / "fresh", small_world, f"model.init_from={stage0_export}") + ["--check"]))
+    assert "ready to train" in fresh.stdout and not list((tmp_path / "fresh").iterdir())
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "metrics.jsonl").write_text("{}\n")
+    refused = run(stage_cmd(1, done, small_world, f"model.init_from={stage0_export}") + ["--check"])
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr  # as the stage itself would
+    ok(run(stage_cmd(1, done, small_world, f"model.init_from={stage0_export}") + ["--check", "--overwrite"]))
+    assert (done / "metrics.jsonl").read_text() == "{}\n"  # --overwrite replaces a run only when one trains
+    wrong = run(stage_cmd(1, tmp_path / "x", small_world, "model.init_from=/nowhere/export") + ["--check"])
+    assert wrong.returncode == 2 and "is not a vaemo export" in wrong.stderr

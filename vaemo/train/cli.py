@@ -22,7 +22,7 @@ def run_parsed(stage: int, args: argparse.Namespace) -> int:
     from vaemo.train.launch import TrainingFailed, run_stage
 
     try:
-        run_stage(stage, args.config, args.out, args.overrides, args.resume_from, args.overwrite)
+        run_stage(stage, args.config, args.out, args.overrides, args.resume_from, args.overwrite, check_only=args.check)
     except TrainingFailed as err:
         progress.log(f"[red]{err}[/red]")
         return 1

@@ -31,6 +31,12 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
         help="a checkpoint folder (RUN/checkpoints/step-N), or a run folder: its newest complete one",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, data, checkpoint folders, --out and the Ray cluster, then stop before any "
+        "weight loads (exit 0: the stage can start; 2: one line naming the problem)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. train.max_steps=10)")
 
 
@@ -50,9 +56,11 @@ def run_stage(
     resume_from: str | Path | None = None,
     overwrite: bool = False,
     tune_callbacks: list | None = None,
+    check_only: bool = False,
 ) -> StageRun:
     """Resolve the config (a preset plus dotted overrides), check everything that can be checked before
-    loading weights, train into `out`; `resume_from`: a checkpoint folder or a run folder (its newest)."""
+    loading weights, train into `out`; `resume_from`: a checkpoint folder or a run folder (its newest).
+    `check_only` stops after the checks (a week-long cluster job should not find a typo at its first step)."""
     from vaemo.train.checkpoint import find_checkpoint
 
     cfg = load_config(config, list(overrides), stage=stage)
@@ -61,6 +69,13 @@ def run_stage(
     preflight(cfg, run_dir, resume, overwrite)
     connect_ray()
     check_cluster(cfg)
+    if check_only:
+        progress.log(f"stage {stage} ({STAGE_NAMES[stage]}): config, data and cluster checked; ready to train into {run_dir}")
+        return StageRun(cfg, run_dir, resume, {})
+    if overwrite and resume is None:
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     progress.log(
         f"stage {stage} ({STAGE_NAMES[stage]}): {cfg.train.max_steps} steps on {cfg.scaling.num_workers} "
@@ -84,15 +99,11 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     except OSError as err:
         raise UserError(f"--out '{run_dir}' is not writable: {err.strerror}") from None
     earlier = [name for name in ("metrics.jsonl", "checkpoints", "export") if (run_dir / name).exists()]
-    if earlier and resume is None:
-        if not overwrite:
-            raise UserError(
-                f"--out '{run_dir}' already holds a run ({', '.join(earlier)}); continue it with "
-                f"--resume-from {run_dir}, or pass --overwrite, or choose another --out"
-            )
-        for name in RUN_OUTPUTS:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if earlier and resume is None and not overwrite:
+        raise UserError(
+            f"--out '{run_dir}' already holds a run ({', '.join(earlier)}); continue it with "
+            f"--resume-from {run_dir}, or pass --overwrite, or choose another --out"
+        )
     workers = cfg.scaling.num_workers
     train_urls = expand_shards(cfg.data.train_shards)
     train_shard_subset(train_urls, 0, workers, 0, max(1, cfg.data.loader_workers))
