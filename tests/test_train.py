@@ -31,6 +31,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def loss_by_step(*run_dirs: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for run_dir in run_dirs for r in metrics(run_dir)}
+
+
 def weights(export: Path) -> dict[str, torch.Tensor]:
     out = {}
     for file in sorted(export.rglob("*.safetensors")):
@@ -112,7 +116,7 @@ SIX_STEPS = [
 @pytest.fixture(scope="module")
 def six_step_run(small_world, stage0_export, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("six-steps") / "run"
-    ok(run(stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", *SIX_STEPS)))
+    ok(run(six_step_variant(out, small_world, stage0_export)))
     return out
 
 
@@ -177,8 +181,7 @@ def test_resume_is_exact(small_world, stage0_export, six_step_run, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     ok(run(six_step_variant(first, small_world, stage0_export, "train.stop_after=3")))
     ok(run(six_step_variant(second, small_world, stage0_export) + ["--resume-from", str(first)]))
-    straight = {r["step"]: r["loss"] for r in metrics(six_step_run)}
-    resumed = {r["step"]: r["loss"] for r in metrics(first) + metrics(second)}
+    straight, resumed = loss_by_step(six_step_run), loss_by_step(first, second)
     assert sorted(resumed) == list(range(1, 7))
     assert resumed == straight
     a, b = weights(six_step_run / "export"), weights(second / "export")
@@ -199,8 +202,8 @@ def test_a_checkpoint_missing_one_optimizer_shard_is_torn(small_world, stage0_ex
     assert find_checkpoint(out) == previous
     resumed = tmp_path / "resumed"
     ok(run(six_step_variant(resumed, small_world, stage0_export) + ["--resume-from", str(out)]))
-    straight = {r["step"]: r["loss"] for r in metrics(six_step_run)}
-    assert {r["step"]: r["loss"] for r in metrics(resumed)} == {step: straight[step] for step in (4, 5, 6)}
+    straight = loss_by_step(six_step_run)
+    assert loss_by_step(resumed) == {step: straight[step] for step in (4, 5, 6)}
 
 
 def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):
