@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 from vaemo import progress
 from vaemo.config import project_root
+from vaemo.errors import UserError
 
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
 FORWARDED_PREFIXES = ("VAEMO_", "NCCL_", "CUDA_")
@@ -22,9 +23,23 @@ def connect_ray() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # must match the `ray` CLI; see README, Ray notes
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
         start_local_ray()
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail with one line when nothing listens at RAY_ADDRESS: ray.init would retry a dead head forever."""
+    import socket
+
+    if address in ("auto", "local"):  # Ray resolves these itself and fails fast when there is none
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({err}); start one or unset RAY_ADDRESS") from None
 
 
 def start_local_ray() -> None:

@@ -29,7 +29,7 @@ from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, choose_dtype
 from vaemo.model.freezing import replicate_frozen
 from vaemo.train import checkpoint as ckpt
-from vaemo.train.cpu_comm import load_cpu_comm_op
+from vaemo.train.cpu_comm import skip_cpu_shm_op
 from vaemo.train.ds_config import deepspeed_config, mark_leaf_modules, zero_stage
 from vaemo.train.objectives import StageObjective, StepInputs, build_stage_model, objective_for
 from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
@@ -103,7 +103,7 @@ def train_loop(loop_config: dict) -> None:
     import deepspeed
 
     if not use_gpu:
-        load_cpu_comm_op()
+        skip_cpu_shm_op()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
