@@ -154,6 +154,10 @@ def teacher_cache_cmd(cache: Path, *overrides: str) -> list[str]:
     return [sys.executable, job, "--config", tiny, "--out", str(cache), "--actors", "2", *overrides]
 
 
+# For runs whose subject is not distribution: one Ray Train worker starts about 10 s sooner than two on 2 cores.
+ONE_WORKER = "scaling.num_workers=1"
+
+
 def stage_cmd(stage: int, out: Path, world: Path, *overrides: str) -> list[str]:
     """jobs/stageN.py on the small world with a few steps, under ZeRO-3 (the cluster's setting, whatever the
     tiny preset uses); overrides come last and win."""
@@ -181,6 +185,13 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 420):
     import subprocess
 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def ok(result):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ONE_WORKER, ROOT
 
 
 def run_bench(script: str, *args: str, timeout: float = 300) -> str:
@@ -103,6 +103,7 @@ def test_val_curve_scores_every_checkpoint_on_the_val_clips(small_world, tmp_pat
         *("--max-items", "24", "--out", str(tmp_path)),
         *("data.batch_size=4", "train.report_every=1", "train.val_batches=1", "train.warmup_steps=1"),
         "stage0.vision_warmup_steps=1",
+        ONE_WORKER,
         timeout=600,
     )
     curve = json.loads((tmp_path / "curve.json").read_text())

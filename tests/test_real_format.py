@@ -11,7 +11,7 @@ import math
 import sys
 
 import pytest
-from conftest import ROOT, SEVEN_B_ON_CPU, bench_clip, cli, ok, run
+from conftest import ROOT, SEVEN_B_ON_CPU, bench_clip, cli, metrics, ok, run
 
 pytestmark = pytest.mark.slow
 PRESET = str(ROOT / "configs/qwen2.5-vl-7b.yaml")
@@ -46,11 +46,7 @@ def test_the_7b_preset_runs_end_to_end_on_hub_layout_checkpoints_in_bf16(small_w
         )
     )
     for run_dir in (stage1, stage2):
-        losses = [
-            json.loads(line)["loss"]
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)
-        ]
+        losses = [record["loss"] for record in metrics(run_dir) if "loss" in record]
         assert losses and all(math.isfinite(x) for x in losses), run_dir
         assert (run_dir / "checkpoints" / "step-00000002" / "meta.json").is_file()
     spec = json.loads((stage2 / "export" / "vaemo_config.json").read_text())

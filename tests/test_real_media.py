@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SEVEN_B_ON_CPU, cli, ok, run
+from conftest import ROOT, SEVEN_B_ON_CPU, cli, metrics, ok, run
 
 pytestmark = pytest.mark.slow
 SPEECH = Path("/usr/share/pocketsphinx/test/data/librivox")
@@ -94,7 +94,7 @@ def test_real_clips_pack_train_stage1_on_the_7b_path_and_answer(real_clips, hf_c
             timeout=900,
         )
     )
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(run_dir)
     assert records[-1]["step"] == 2 and records[-1]["kd"] > 0 and "val_loss" in records[-1]
     assert not any(k.startswith("skip/") for k in records[-1]), records[-1]
 

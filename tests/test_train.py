@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import RAY_CLI, ROOT, free_port, ok, run, stage_cmd, teacher_cache_cmd
+from conftest import ONE_WORKER, RAY_CLI, ROOT, free_port, metrics, ok, run, stage_cmd, teacher_cache_cmd
 from safetensors.torch import load_file
 
 from vaemo.data.teacher_records import MANIFEST
@@ -25,10 +25,6 @@ from vaemo.train.checkpoint import find_checkpoint, missing_parts
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def loss_by_step(*run_dirs: Path) -> dict[int, float]:
@@ -434,7 +430,7 @@ def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_expor
     assert started.returncode == 0, started.stderr
     try:
         out = tmp_path / "job"
-        cmd = stage_cmd(1, out, small_world, f"model.init_from={stage0_export}")
+        cmd = stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", ONE_WORKER)
         submitted = ray_cli(
             "job",
             "submit",
