@@ -27,7 +27,7 @@ science: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q --durations=25 tests
+	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q --durations=40 tests
 
 test-fast: setup
 	$(PY) -m ruff check .
