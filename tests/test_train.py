@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -232,6 +233,19 @@ def test_nccl_and_cuda_settings_reach_the_workers_but_not_cuda_visible_devices(m
     env = worker_env(load_config(ROOT / "configs/tiny.yaml"))
     assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert env["VAEMO_TEST_FLAG"] == "1" and "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_a_ray_address_that_cannot_be_joined_is_one_line(monkeypatch):
+    from vaemo.cluster import connect_ray
+    from vaemo.errors import UserError
+
+    for address, message in [
+        (f"127.0.0.1:{free_port()}", "no Ray cluster answers there"),  # ray.init would retry it for good
+        ("http://127.0.0.1:8265", "is a dashboard (job submission) address"),  # what `ray job submit` takes
+    ]:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(UserError, match=re.escape(message)):
+            connect_ray()
 
 
 def complete(folder) -> bool:

@@ -35,6 +35,11 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
     if address in ("auto", "local"):  # Ray resolves these itself and fails fast when there is none
         return
+    if address.startswith(("http://", "https://")):
+        raise UserError(
+            f"RAY_ADDRESS={address} is a dashboard (job submission) address; drivers join the head's own "
+            "address, host:port (6379 unless `ray start --port` said otherwise)"
+        )
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
