@@ -333,20 +333,24 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_e
 
 
 STALE_BATON_SCRIPT = """
-import os, time
+import os, socket
 from pathlib import Path
 import torch.distributed
 from torch.utils.cpp_extension import _get_build_directory
 from vaemo.train.cpu_comm import skip_cpu_shm_op
 
 build_dir = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
-before = {p.name: p.stat().st_mtime_ns for p in build_dir.iterdir()}
+built = lambda: {p.name: p.stat().st_mtime_ns for p in build_dir.iterdir() if p.name != "lock"}
+before = built()
 baton = build_dir / "lock"
 baton.touch()  # what a process killed inside torch's build lock leaves behind: a build would wait forever
 try:
     skip_cpu_shm_op()
     import deepspeed
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29731", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
     from deepspeed import comm
     print("shm op:", comm.comm.cdb.shm_comm_op)
@@ -355,8 +359,7 @@ try:
     print("all_reduce:", x.tolist())
 finally:
     baton.unlink(missing_ok=True)
-after = {p.name: p.stat().st_mtime_ns for p in build_dir.iterdir() if p.name != "lock"}
-print("compiled:", after != {k: v for k, v in before.items() if k != "lock"})
+print("compiled:", built() != before)
 """
 
 
