@@ -17,12 +17,12 @@ if ! command -v ffmpeg >/dev/null 2>&1 || ! (ldconfig -p 2>/dev/null | grep -q '
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg >/dev/null
 fi
 
-# Read speech for the real-media tests (tests/test_real_media.py): Debian's pocketsphinx test recordings.
+# Read speech for the real-media tests (tests/test_real_format.py): Debian's pocketsphinx test recordings.
 if [ ! -d /usr/share/pocketsphinx/test/data/librivox ] && command -v apt-get >/dev/null 2>&1; then
   say "installing pocketsphinx-testdata (apt; speech recordings for the tests)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pocketsphinx-testdata >/dev/null) \
-    || say "pocketsphinx-testdata could not be installed; tests/test_real_media.py will fail"
+    || say "pocketsphinx-testdata could not be installed; tests/test_real_format.py will fail"
 fi
 
 # 2. Which stack.

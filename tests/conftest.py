@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,85 @@ def stage0_export(small_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stage0")
     ok(run(stage_cmd(0, out, small_world, "stage0.vision_warmup_steps=2")))
     return out / "export"
+
+
+def rewrite_shards(src: Path, dst: Path, keep_json: bool = False, strip_audio: bool = False) -> Path:
+    """Copies of `src`'s shards whose samples are the clip alone (an independent writer of the format),
+    optionally with the soundtrack removed."""
+    import io
+    import subprocess
+    import tarfile
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(src.glob("*.tar")):
+        with tarfile.open(shard) as source, tarfile.open(dst / shard.name, "w") as target:
+            for member in source.getmembers():
+                data = source.extractfile(member).read()
+                if member.name.endswith(".json") and not keep_json:
+                    continue
+                if not member.name.endswith(".json") and strip_audio:  # any container: the film alone, as mp4
+                    data = subprocess.run(
+                        [
+                            "ffmpeg",
+                            "-loglevel",
+                            "error",
+                            "-i",
+                            "pipe:0",
+                            "-an",
+                            "-c:v",
+                            "libx264",
+                            "-f",
+                            "mp4",
+                            "-movflags",
+                            "frag_keyframe+empty_moov",
+                            "pipe:1",
+                        ],
+                        input=data,
+                        capture_output=True,
+                        check=True,
+                    ).stdout
+                    member.name = member.name.rsplit(".", 1)[0] + ".mp4"
+                info = tarfile.TarInfo(member.name)
+                info.size = len(data)
+                target.addfile(info, io.BytesIO(data))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def unlabeled(small_world, tmp_path_factory) -> Path:
+    """The small world's train and val shards with every label gone: clips as a user has them."""
+    root = tmp_path_factory.mktemp("unlabeled")
+    for split in ("train", "val"):
+        rewrite_shards(small_world / split, root / split)
+    return root
+
+
+@dataclass
+class CachedStage1:
+    cache: Path  # the teacher cache jobs/teacher_cache.py wrote
+    run: Path  # the stage-1 run that read it
+    stdout: str  # the run's driver output
+
+
+@pytest.fixture(scope="session")
+def stage1_on_unlabeled_clips(unlabeled, stage0_export, tmp_path_factory) -> CachedStage1:
+    """Stage 1 as make demo runs it, on clips without any label: the frozen stage-0 teacher's answers written
+    once by the actor pool, then read back by one worker (tests/test_train.py's stage chain and
+    tests/test_user_data.py check it; one run serves both, since each run costs about 45 s of start-up)."""
+    root = tmp_path_factory.mktemp("stage1-unlabeled")
+    common = [
+        f"model.init_from={stage0_export}",
+        f"data.train_shards={unlabeled}/train/*.tar",
+        f"data.val_shards={unlabeled}/val/*.tar",
+        "data.batch_size=4",
+        "stage1.topk=8",
+        "stage1.teacher_response_tokens=8",
+    ]
+    cache, run_dir = root / "teacher-cache", root / "stage1"
+    ok(run(teacher_cache_cmd(cache, *common)))
+    cached = ["stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}"]
+    result = ok(run(stage_cmd(1, run_dir, unlabeled, *common, *cached, ONE_WORKER)))
+    return CachedStage1(cache, run_dir, result.stdout)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The offline teacher cache: same targets as the online teacher, stale caches refused. Stage 1 trains from a
-cache the actor pool wrote in tests/test_train.py (the stage chain) and tests/test_user_data.py (unlabelled clips)."""
+cache the actor pool wrote for unlabelled clips in tests/conftest.py (stage1_on_unlabeled_clips), which the stage
+chain in tests/test_train.py and tests/test_user_data.py check."""
 
 from __future__ import annotations
 

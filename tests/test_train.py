@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import ONE_WORKER, RAY_CLI, ROOT, free_port, metrics, ok, run, stage_cmd, teacher_cache_cmd
+from conftest import RAY_CLI, ROOT, free_port, metrics, ok, run, stage_cmd
 from safetensors.torch import load_file
 
-from vaemo.data.teacher_records import MANIFEST
+from vaemo.config import load_config
 from vaemo.model import VAEmotionLLM
 from vaemo.train.checkpoint import find_checkpoint, missing_parts
+from vaemo.train.trainer import learning_rate
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
@@ -39,7 +40,7 @@ def weights(export: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_stages_chain_and_write_every_promised_output(small_world, stage0_export, tmp_path):
+def test_stages_chain_and_write_every_promised_output(small_world, stage0_export, stage1_on_unlabeled_clips, tmp_path):
     run0 = stage0_export.parent
     for name in ("metrics.jsonl", "config.yaml", "curves.png", "export/vaemo_config.json"):
         assert (run0 / name).exists(), name
@@ -52,20 +53,18 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     assert "lm" not in records[0] and "lm" in records[-1]  # vision warm-up (steps 1-2), then the LLM joins
     assert "val_loss" in records[-1]
 
-    # Stage 1 as make demo runs it: the teacher's answers written once by the actor pool, then read back.
-    # (The teacher running every step, the default, is what the other tests here train with.)
-    cache, run1 = tmp_path / "teacher-cache", tmp_path / "stage1"
-    common = [f"model.init_from={stage0_export}", f"data.train_shards={small_world}/train/*.tar"]
-    common += [f"data.val_shards={small_world}/val/*.tar", "data.batch_size=4", "stage1.topk=8"]
-    ok(run(teacher_cache_cmd(cache, *common)))
-    assert json.loads((cache / MANIFEST).read_text())["cached"] == 48 + 16  # every train and val clip
-    cached = ["stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}"]
-    result = ok(run(stage_cmd(1, run1, small_world, *common, *cached)))
-    assert "stage1 step 4/4" in result.stdout  # compact progress lines off a terminal
+    # Stage 1 as make demo runs it (the teacher's answers written once by the actor pool, then read back), on
+    # clips without any label; tests/test_user_data.py checks the cache. (The teacher running every step, the
+    # default, is what the other tests here train with.)
+    run1 = stage1_on_unlabeled_clips.run
+    assert "stage1 step 4/4" in stage1_on_unlabeled_clips.stdout  # compact progress lines off a terminal
     assert "agreement" in metrics(run1)[-1]  # reported; what it counts: tests/test_losses.py
     assert "val_loss" in metrics(run1)[-1]
+    # Stage 2 on two workers, given paths relative to where the user runs (ROOT here), as users type them:
+    # Ray's workers run in other directories.
     run2 = tmp_path / "stage2"
-    ok(run(stage_cmd(2, run2, small_world, f"model.init_from={run1 / 'export'}", "model.lora.rank=2")))
+    rel = lambda path: Path(os.path.relpath(path, ROOT))  # noqa: E731
+    ok(run(stage_cmd(2, rel(run2), rel(small_world), f"model.init_from={rel(run1 / 'export')}", "model.lora.rank=2")))
     last = metrics(run2)[-1]
     for key in (
         "lm",
@@ -98,7 +97,7 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# What the four tests below compare against: one stage-1 run under ZeRO-3's defaults (frozen weights
+# What the three tests below compare against: one stage-1 run under ZeRO-3's defaults (frozen weights
 # partitioned, frozen blocks fetched whole), with activation checkpointing and checkpoints at steps 3 and 6.
 # Each run costs about 45 s of fixed start-up on 2 cores, so they share it instead of starting their own.
 SIX_STEPS = [
@@ -173,21 +172,11 @@ def test_zero3_fetching_whole_blocks_trains_the_same_as_hooks_on_every_module(sm
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
 
 
-def test_resume_is_exact(small_world, stage0_export, six_step_run, tmp_path):
-    """6 steps straight == 3 steps, then --resume-from, then 3 more: same losses, same final weights."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    ok(run(six_step_variant(first, small_world, stage0_export, "train.stop_after=3")))
-    ok(run(six_step_variant(second, small_world, stage0_export) + ["--resume-from", str(first)]))
-    straight, resumed = loss_by_step(six_step_run), loss_by_step(first, second)
-    assert sorted(resumed) == list(range(1, 7))
-    assert resumed == straight
-    a, b = weights(six_step_run / "export"), weights(second / "export")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_checkpoint_missing_one_optimizer_shard_is_torn(small_world, stage0_export, six_step_run, tmp_path):
+def test_resume_is_exact_and_a_checkpoint_missing_one_optimizer_shard_is_torn(small_world, stage0_export, six_step_run, tmp_path):
     """ZeRO-3 writes model and optimizer shards per rank; losing either makes the checkpoint unusable, and a
-    resume from the run takes the previous complete one (and repeats the steps after it exactly)."""
+    resume from the run takes the previous complete one (step 3). The resumed steps 4-6 give the losses and
+    the final weights of the straight six-step run exactly. (`train.stop_after`, the other way a run stops
+    early, is tested with the killed worker below.)"""
     out = tmp_path / "run"
     shutil.copytree(six_step_run, out)  # the shared run stays whole for the other tests
     last, previous = out / "checkpoints" / "step-00000006", out / "checkpoints" / "step-00000003"
@@ -200,7 +189,10 @@ def test_a_checkpoint_missing_one_optimizer_shard_is_torn(small_world, stage0_ex
     resumed = tmp_path / "resumed"
     ok(run(six_step_variant(resumed, small_world, stage0_export) + ["--resume-from", str(out)]))
     straight = loss_by_step(six_step_run)
+    assert sorted(straight) == list(range(1, 7))
     assert loss_by_step(resumed) == {step: straight[step] for step in (4, 5, 6)}
+    a, b = weights(six_step_run / "export"), weights(resumed / "export")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):
@@ -223,7 +215,6 @@ def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):
 
 
 def test_nccl_and_cuda_settings_reach_the_workers_but_not_cuda_visible_devices(monkeypatch):
-    from vaemo.config import load_config
     from vaemo.train.launch import worker_env
 
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
@@ -257,8 +248,9 @@ def complete(folder) -> bool:
 
 def test_a_failed_save_leaves_the_previous_checkpoint_loadable(small_world, stage0_export, tmp_path):
     """The storage refuses a checkpoint mid-run (a file stands where its folder must go, planted once step 2
-    is saved): the stage fails in one line, the checkpoints saved before stay complete, and a resume from
-    the run continues from the newest of them."""
+    is saved): the stage fails in one line, the checkpoints saved before stay complete, a resume would take
+    the newest of them, and its shards load (`vaemo export` reads every rank's; resuming from the newest
+    complete checkpoint is tested above)."""
     crashed = tmp_path / "crashed"
     cmd = stage_cmd(
         1,
@@ -286,18 +278,16 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(small_world, stag
     assert proc.returncode == 1 and "stage 1 failed" in output, output[-3000:]
     assert saved and all(not missing_parts(p) for p in saved)
     assert find_checkpoint(crashed) == saved[-1]
-    resumed = tmp_path / "resumed"
-    ok(
-        run(
-            stage_cmd(1, resumed, small_world, f"model.init_from={stage0_export}", "train.max_steps=8", "train.val_batches=0")
-            + ["--resume-from", str(crashed)]
-        )
-    )
-    first = json.loads((saved[-1] / "meta.json").read_text())["step"] + 1
-    assert [r["step"] for r in metrics(resumed)] == list(range(first, 9))
+    exported = tmp_path / "exported"
+    ok(run([str(Path(PYTHON).parent / "vaemo"), "export", "--checkpoint", str(crashed / "checkpoints"), "--out", str(exported)]))
+    before, after = weights(stage0_export), weights(exported)
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # the trained audio pathway came back
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_export, tmp_path):
+    """Rank 1 is killed after step 7 (checkpoint at 5): Ray Train restarts the group from the checkpoint and
+    the run ends where `train.stop_after` says, with its checkpoint, on the max_steps schedule."""
     out = tmp_path / "killed"
     cmd = stage_cmd(
         1,
@@ -305,6 +295,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_e
         small_world,
         f"model.init_from={stage0_export}",
         "train.max_steps=30",
+        "train.stop_after=16",
         "train.checkpoint_every=5",
         "train.report_every=1",
         "train.val_batches=0",
@@ -326,9 +317,13 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_e
     finally:
         proc.kill()
     assert proc.returncode == 0, output[-4000:]
-    steps = [r["step"] for r in metrics(out)]
-    assert steps[-1] == 30
+    records = metrics(out)
+    steps = [r["step"] for r in records]
+    assert steps[-1] == 16 and find_checkpoint(out).name == "step-00000016"
     assert len(steps) > len(set(steps))  # the steps after the last checkpoint ran twice: a restart happened
+    cfg = load_config(out / "config.yaml")
+    assert records[-1]["lr"] == pytest.approx(learning_rate(cfg, 16)) and cfg.train.max_steps == 30
+    assert learning_rate(cfg, 16) > learning_rate(cfg, 30)  # still mid-schedule: stopped, not shortened
     assert int((out / "workers" / "rank1.pid").read_text()) != victim
 
 
@@ -432,28 +427,40 @@ def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.own_ray_cluster
-def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_export, tmp_path):
+def test_ray_job_submit_runs_a_stage_whose_workers_on_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
+    """`ray job submit` to a started head with a second node joined, as on a cluster: the stage's two workers,
+    spread one per node, each read their own shards; its progress comes through the job's logs; a job with
+    bad input fails with its one line. (Paths relative to where the user runs: the stage chain above.)"""
     port, dashboard = free_port(), free_port()
-    started = ray_cli(
+    head = ray_cli(
         "start",
         "--head",
-        "--num-cpus=2",
+        "--num-cpus=1",
         f"--port={port}",
         f"--dashboard-port={dashboard}",
         "--dashboard-host=127.0.0.1",
         "--node-ip-address=127.0.0.1",
         "--disable-usage-stats",
     )
-    assert started.returncode == 0, started.stderr
+    assert head.returncode == 0, head.stderr
     try:
+        second = ray_cli(
+            "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"
+        )
+        assert second.returncode == 0, second.stderr
         out = tmp_path / "job"
-        cmd = stage_cmd(1, out, small_world, f"model.init_from={stage0_export}", ONE_WORKER)
+        cmd = stage_cmd(
+            1,
+            out,
+            small_world,
+            f"model.init_from={stage0_export}",
+            "scaling.placement_strategy=STRICT_SPREAD",
+            "train.val_batches=0",
+            "data.loader_workers=2",
+        )
+        submit = ["job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT)]
         submitted = ray_cli(
-            "job",
-            "submit",
-            f"--address=http://127.0.0.1:{dashboard}",
-            "--working-dir",
-            str(ROOT),
+            *submit,
             "--runtime-env-json",
             json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}),
             "--",
@@ -465,65 +472,13 @@ def test_ray_job_submit_runs_a_stage_on_a_started_head(small_world, stage0_expor
         assert "succeeded" in submitted.stdout
         assert "stage1 step 4/4" in submitted.stdout  # progress lines come through the job's logs
         assert (out / "export" / "vaemo_config.json").is_file() and metrics(out)[-1]["step"] == 4
-        failing = ray_cli(
-            "job",
-            "submit",
-            f"--address=http://127.0.0.1:{dashboard}",
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "jobs/stage1.py",
-            "--out",
-            str(tmp_path / "bad"),
-            "data.train_shards=/nothing/*.tar",
-        )
-        assert failing.returncode != 0 and "match no file" in failing.stdout + failing.stderr
-    finally:
-        ray_cli("stop", "--force")
-
-
-@pytest.mark.own_ray_cluster
-def test_two_nodes_read_disjoint_shards_given_relative_paths(small_world, stage0_export, tmp_path):
-    """Two Ray nodes, one worker each, spread apart: each reads its own shards. The user types paths relative
-    to where they run, as users do; Ray workers run in other directories. (Evaluation's actors get relative
-    paths in tests/test_eval.py.)"""
-    here = Path(os.path.commonpath([small_world, stage0_export, tmp_path]))
-    rel = lambda path: Path(os.path.relpath(path, here))  # noqa: E731
-    port = free_port()
-    head = ray_cli(
-        "start",
-        "--head",
-        "--num-cpus=1",
-        f"--port={port}",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={free_port()}",
-        "--disable-usage-stats",
-    )
-    assert head.returncode == 0, head.stderr
-    try:
-        second = ray_cli(
-            "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"
-        )
-        assert second.returncode == 0, second.stderr
-        out = tmp_path / "two-nodes"
-        cmd = stage_cmd(
-            1,
-            rel(out),
-            rel(small_world),
-            f"model.init_from={rel(stage0_export)}",
-            "scaling.placement_strategy=STRICT_SPREAD",
-            "train.val_batches=0",
-            "data.loader_workers=2",
-        )
-        env = {**ray_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}
-        ok(subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=here, env=env))
-        assert (out / "export" / "vaemo_config.json").is_file()
         info = [json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert info[0]["node_id"] != info[1]["node_id"]
         assert info[0]["shards_read"] and info[1]["shards_read"]
         assert set(info[0]["shards_read"]).isdisjoint(info[1]["shards_read"])
+        bad = ["jobs/stage1.py", "--out", str(tmp_path / "bad"), "data.train_shards=/nothing/*.tar"]
+        failing = ray_cli(*submit, "--", "python", *bad)
+        assert failing.returncode != 0 and "match no file" in failing.stdout + failing.stderr
     finally:
         ray_cli("stop", "--force")
 
@@ -551,17 +506,14 @@ def test_preflight_errors_are_one_line_before_any_weight_loads(small_world, tmp_
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
 
 
-def test_unwritable_output_and_an_earlier_run_are_refused(small_world, stage0_export, tmp_path):
+def test_an_unwritable_output_is_refused(small_world, tmp_path):
     result = run(stage_cmd(1, Path("/proc/vaemo-run"), small_world))
     assert result.returncode == 2 and "is not writable" in result.stderr
-    (tmp_path / "done").mkdir()
-    (tmp_path / "done" / "metrics.jsonl").write_text("{}\n")
-    result = run(stage_cmd(1, tmp_path / "done", small_world))
-    assert result.returncode == 2 and "already holds a run" in result.stderr
 
 
 def test_check_stops_before_training_and_touches_no_earlier_run(small_world, stage0_export, tmp_path):
-    """--check runs every check a stage makes (config, data, checkpoints, --out, the Ray cluster) and stops."""
+    """--check runs every check a stage makes (config, data, checkpoints, --out, the Ray cluster) and stops.
+    (Each check's own message without --check: test_preflight_errors_are_one_line_before_any_weight_loads.)"""
     fresh = ok(run(stage_cmd(1, tmp_path / "fresh", small_world, f"model.init_from={stage0_export}") + ["--check"]))
     assert "ready to train" in fresh.stdout and not list((tmp_path / "fresh").iterdir())
     done = tmp_path / "done"
@@ -569,10 +521,10 @@ def test_check_stops_before_training_and_touches_no_earlier_run(small_world, sta
     (done / "metrics.jsonl").write_text("{}\n")
     refused = run(stage_cmd(1, done, small_world, f"model.init_from={stage0_export}") + ["--check"])
     assert refused.returncode == 2 and "already holds a run" in refused.stderr  # as the stage itself would
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--resume-from" in errors[0] and "Traceback" not in refused.stderr
     ok(run(stage_cmd(1, done, small_world, f"model.init_from={stage0_export}") + ["--check", "--overwrite"]))
     assert (done / "metrics.jsonl").read_text() == "{}\n"  # --overwrite replaces a run only when one trains
     # a head that is gone: ray.init would retry it for good; one line instead
     dead = run(stage_cmd(1, tmp_path / "fresh", small_world) + ["--check"], env={"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
     assert dead.returncode == 2 and "no Ray cluster answers there" in dead.stderr.splitlines()[-1], dead.stderr[-2000:]
-    wrong = run(stage_cmd(1, tmp_path / "x", small_world, "model.init_from=/nowhere/export") + ["--check"])
-    assert wrong.returncode == 2 and "is not a vaemo export" in wrong.stderr

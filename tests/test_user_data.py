@@ -3,63 +3,14 @@ line (never a hang)."""
 
 from __future__ import annotations
 
-import io
 import json
-import subprocess
 import tarfile
-from pathlib import Path
 
 import pytest
-from conftest import ONE_WORKER, metrics, ok, run, stage_cmd, teacher_cache_cmd
+from conftest import metrics, rewrite_shards, run, stage_cmd
 
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import NoUsableData, TrainStream, expand_shards, make_loader
-
-
-def rewrite_shards(src: Path, dst: Path, keep_json: bool = False, strip_audio: bool = False) -> Path:
-    """Copies of `src`'s shards whose samples are the clip alone (an independent writer of the format),
-    optionally with the soundtrack removed."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for shard in sorted(src.glob("*.tar")):
-        with tarfile.open(shard) as source, tarfile.open(dst / shard.name, "w") as target:
-            for member in source.getmembers():
-                data = source.extractfile(member).read()
-                if member.name.endswith(".json") and not keep_json:
-                    continue
-                if not member.name.endswith(".json") and strip_audio:  # any container: the film alone, as mp4
-                    data = subprocess.run(
-                        [
-                            "ffmpeg",
-                            "-loglevel",
-                            "error",
-                            "-i",
-                            "pipe:0",
-                            "-an",
-                            "-c:v",
-                            "libx264",
-                            "-f",
-                            "mp4",
-                            "-movflags",
-                            "frag_keyframe+empty_moov",
-                            "pipe:1",
-                        ],
-                        input=data,
-                        capture_output=True,
-                        check=True,
-                    ).stdout
-                    member.name = member.name.rsplit(".", 1)[0] + ".mp4"
-                info = tarfile.TarInfo(member.name)
-                info.size = len(data)
-                target.addfile(info, io.BytesIO(data))
-    return dst
-
-
-@pytest.fixture(scope="module")
-def unlabeled(small_world, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("unlabeled")
-    for split in ("train", "val"):
-        rewrite_shards(small_world / split, root / split)
-    return root
 
 
 def test_a_stream_that_cannot_fill_a_batch_gives_up_with_the_counts(unlabeled):
@@ -97,28 +48,16 @@ def test_each_stage_stops_with_one_line_on_data_it_cannot_use(small_world, unlab
 
 
 @pytest.mark.slow
-def test_stage1_trains_from_a_teacher_cache_written_for_clips_without_any_label(unlabeled, stage0_export, tmp_path):
+def test_stage1_trains_from_a_teacher_cache_written_for_clips_without_any_label(stage1_on_unlabeled_clips):
     """The teacher writes each response from the frames (stage1.responses=auto, no caption anywhere). The online
-    teacher does the same on unlabelled real clips in tests/test_real_media.py."""
-    common = [
-        f"model.init_from={stage0_export}",
-        f"data.train_shards={unlabeled}/train/*.tar",
-        f"data.val_shards={unlabeled}/val/*.tar",
-        "data.batch_size=4",
-        "stage1.topk=8",
-        "stage1.teacher_response_tokens=8",
-    ]
-    cache = tmp_path / "cache"
-    ok(run(teacher_cache_cmd(cache, *common)))
+    teacher does the same on unlabelled real clips in tests/test_real_format.py."""
+    cache, run_dir = stage1_on_unlabeled_clips.cache, stage1_on_unlabeled_clips.run
     manifest = json.loads((cache / "teacher-cache.json").read_text())
     assert manifest["cached"] == 48 + 16
     with tarfile.open(sorted(cache.glob("*.tar"))[0]) as tar:
         record = json.loads(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".teacher.json"))).read())
     # the response the teacher wrote (a 4-step model may end it at once) is stored with its top-k positions
     assert isinstance(record["sequences"][0][1], str) and record["lengths"][0] >= 1
-    cached = tmp_path / "cached"
-    cache_mode = ["stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache}"]
-    ok(run(stage_cmd(1, cached, unlabeled, *common, *cache_mode, ONE_WORKER)))
-    records = metrics(cached)
+    records = metrics(run_dir)
     assert records[-1]["step"] == 4 and records[-1]["kd"] > 0 and "val_loss" in records[-1]
     assert not any(k.startswith("skip/") for k in records[-1])
