@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, cli
@@ -35,6 +37,26 @@ def test_stage_blocks_merge_and_command_line_overrides_win():
     assert stage1.train.max_steps != base.train.max_steps  # the stage1 block applied
     overridden = load_config(ROOT / "configs/tiny.yaml", ["train.max_steps=7", "train.lr=1e-4"], stage=1)
     assert overridden.train.max_steps == 7 and overridden.train.lr == pytest.approx(1e-4)
+
+
+def test_config_show_and_help_start_without_torch():
+    """`vaemo config show` and `vaemo --help` answer in a fraction of a second: torch and transformers (seconds
+    to import) are loaded only by the commands that run models."""
+    probe = (
+        "import contextlib, io, sys\n"
+        "from vaemo.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
+        "    main(['config', 'show', '--stage', '1'])\n"
+        "assert 'max_steps' in shown.getvalue()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+    listed = cli("--help")
+    assert listed.returncode == 0
+    for command in ("data", "config", "train", "export", "eval", "sweep", "teacher-cache", "ask"):
+        assert command in listed.stdout, command
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import RAY_CLI, ROOT, free_port, metrics, ok, run, stage_cmd
+from conftest import ONE_WORKER, RAY_CLI, ROOT, free_port, metrics, ok, run, stage_cmd
 from safetensors.torch import load_file
 
 from vaemo.config import load_config
@@ -60,11 +60,12 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     assert "stage1 step 4/4" in stage1_on_unlabeled_clips.stdout  # compact progress lines off a terminal
     assert "agreement" in metrics(run1)[-1]  # reported; what it counts: tests/test_losses.py
     assert "val_loss" in metrics(run1)[-1]
-    # Stage 2 on two workers, given paths relative to where the user runs (ROOT here), as users type them:
-    # Ray's workers run in other directories.
+    # Stage 2 given paths relative to where the user runs (ROOT here), as users type them: Ray's workers run in
+    # other directories. (Stage 2 on two ranks: test_zero3_ranks_stay_in_step...; an export of two ranks'
+    # shards: test_a_failed_save...)
     run2 = tmp_path / "stage2"
     rel = lambda path: Path(os.path.relpath(path, ROOT))  # noqa: E731
-    ok(run(stage_cmd(2, rel(run2), rel(small_world), f"model.init_from={rel(run1 / 'export')}", "model.lora.rank=2")))
+    ok(run(stage_cmd(2, rel(run2), rel(small_world), f"model.init_from={rel(run1 / 'export')}", "model.lora.rank=2", ONE_WORKER)))
     last = metrics(run2)[-1]
     for key in (
         "lm",

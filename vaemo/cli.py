@@ -147,7 +147,9 @@ def run_config_show(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_parser() -> ArgParser:
+def build_parser(command: str | None = None) -> ArgParser:
+    """The whole command line; with `command` (the first word the user typed) `data` or `config`, only those:
+    the other commands' modules import torch and transformers, seconds that `vaemo config show` should not wait."""
     parser = ArgParser(prog="vaemo", description="Train and evaluate VAEmotionLLM (learning to hear by seeing).")
     groups = parser.add_subparsers(dest="group", required=True, parser_class=ArgParser)
 
@@ -196,8 +198,9 @@ def build_parser() -> ArgParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=run_config_show)
 
-    for register in COMMANDS:
-        register(groups)
+    if command not in ("data", "config"):
+        for register in COMMANDS:
+            register(groups)
     return parser
 
 
@@ -250,7 +253,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((w for w in words if not w.startswith("-")), None)).parse_args(argv)
     result = args.func(args)
     return result if isinstance(result, int) else 0
 
