@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, cli, run
 
 from vaemo import config as config_module
 from vaemo.config import ConfigError, field_docs, load_config, render_config
@@ -50,7 +49,7 @@ def test_config_show_and_help_start_without_torch():
         "assert 'max_steps' in shown.getvalue()\n"
         "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = run([sys.executable, "-c", probe], timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
     listed = cli("--help")
