@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vaemo.cluster import connect_ray  # noqa: E402
 from vaemo.eval.run import Evaluation, evaluate, evaluate_all  # noqa: E402
 
 
@@ -28,17 +27,14 @@ def main() -> None:
     parser.add_argument("--bench", required=True, nargs="+", help="ArtEmoBench folders")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-items", type=int, default=0, help="score only the first N items of each bench (smoke runs)")
     args = parser.parse_args()
-    connect_ray()  # Ray's own start is not part of either leg
     ratios = []
     for round_ in range(1, args.rounds + 1):
         start = time.perf_counter()
-        options = dict(actors=args.actors, max_items=args.max_items)
-        apart = [evaluate(args.model, bench, **options)[0] for bench in args.bench]
+        apart = [evaluate(args.model, bench, actors=args.actors)[0] for bench in args.bench]
         apart_s = time.perf_counter() - start
         start = time.perf_counter()
-        together = [report for report, _ in evaluate_all([Evaluation(args.model, b) for b in args.bench], **options)]
+        together = [report for report, _ in evaluate_all([Evaluation(args.model, b) for b in args.bench], actors=args.actors)]
         together_s = time.perf_counter() - start
         if together != apart:
             raise SystemExit("one pool and a pool per bench gave different reports")
