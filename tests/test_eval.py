@@ -1,4 +1,4 @@
-"""ArtEmoBench evaluation: one actor pool for several models == in-process, results.json per spec, skipped media, deaf check."""
+"""ArtEmoBench evaluation: actor pool == in-process, results.json per spec, skipped media, deaf check."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, bench_clip, ok, run
 
 from vaemo.data.bench import read_bench
-from vaemo.eval.run import Evaluation, evaluate, evaluate_all
+from vaemo.eval.run import evaluate
 from vaemo.eval.scoring import Scorer, deaf_sources, plan, question_prompt
 
 
@@ -88,24 +88,18 @@ def test_the_benchmark_asks_questions_as_training_does(small_world):
 
 
 @pytest.mark.slow
-def test_one_actor_pool_scoring_several_models_gives_the_numbers_of_one_process_per_model(
-    small_world, adapter_export, stage0_export
-):
+def test_the_actor_pool_gives_the_same_numbers_as_one_process(small_world, adapter_export):
     import ray
 
-    bench = small_world / "bench"
-    # The actors switch models as the jobs go A, B, A: each evaluation must still be scored by its own model.
     try:
-        pooled = evaluate_all([Evaluation(m, bench) for m in (adapter_export, stage0_export, adapter_export)], batch_items=12)
+        pooled, pooled_items = evaluate(adapter_export, small_world / "bench", actors=2, batch_items=12)
     finally:
         ray.shutdown()  # this test session's own Ray: later tests start theirs in subprocesses
-    for model, (report, items) in zip((adapter_export, stage0_export, adapter_export), pooled):
-        single, single_items = evaluate(model, bench, actors=0, batch_items=12)
-        assert report == single
-        for a, b in zip(items, single_items, strict=True):
-            assert (a.id, a.deaf, a.predicted) == (b.id, b.deaf, b.predicted)
-            assert a.scores == pytest.approx(b.scores, abs=1e-6)
-    assert [r.scores for r in pooled[0][1]] != [r.scores for r in pooled[1][1]]  # so a mix-up would show
+    single, single_items = evaluate(adapter_export, small_world / "bench", actors=0, batch_items=12)
+    assert pooled == single
+    for a, b in zip(pooled_items, single_items):
+        assert (a.id, a.deaf, a.predicted) == (b.id, b.deaf, b.predicted)
+        assert a.scores == pytest.approx(b.scores, abs=1e-6)
 
 
 def test_a_chunk_passes_each_clip_through_the_towers_once_and_scores_as_one_question_at_a_time(

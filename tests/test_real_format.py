@@ -68,7 +68,7 @@ def real_clips(tmp_path_factory) -> Path:
     return out
 
 
-def seven_b_stage_cmd(stage: int, out: Path, *overrides: str) -> list[str]:
+def stage_cmd(stage: int, out: Path, *overrides: str) -> list[str]:
     """jobs/stageN.py on the 7B preset."""
     return [sys.executable, str(ROOT / f"jobs/stage{stage}.py"), "--config", PRESET, "--out", str(out), *overrides]
 
@@ -93,14 +93,14 @@ def test_the_7b_preset_runs_end_to_end_on_real_clips_and_hub_layout_checkpoints_
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     real = [f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar"]  # the preset's names
     real += ["data.shuffle_buffer=2", "stage1.teacher_response_tokens=6"]
-    ok(run(seven_b_stage_cmd(1, stage1, *sizes, *real), timeout=900))
+    ok(run(stage_cmd(1, stage1, *sizes, *real), timeout=900))
     records = metrics(stage1)
     assert records[-1]["step"] == 2 and records[-1]["kd"] > 0 and "val_loss" in records[-1]
     assert not any(k.startswith("skip/") for k in records[-1]), records[-1]
 
     labelled = [f"data.train_shards={small_world}/train/*.tar", f"data.val_shards={small_world}/val/*.tar"]
     labelled += ["data.shuffle_buffer=8", f"model.init_from={stage1 / 'export'}"]
-    ok(run(seven_b_stage_cmd(2, stage2, *sizes, *labelled), timeout=900))
+    ok(run(stage_cmd(2, stage2, *sizes, *labelled), timeout=900))
     for run_dir in (stage1, stage2):
         losses = [record["loss"] for record in metrics(run_dir) if "loss" in record]
         assert losses and all(math.isfinite(x) for x in losses), run_dir

@@ -19,7 +19,7 @@ from vaemo import progress
 from vaemo.config import STAGES, load_config, project_root
 from vaemo.errors import UserError
 from vaemo.eval.report import chance_report, chart, deaf_cell, position_report, table
-from vaemo.eval.run import Evaluation, evaluate_all, write_outputs
+from vaemo.eval.run import evaluate, write_outputs
 
 ABLATIONS = {
     "no-enhancer": ["stage2.use_enhancer=false"],
@@ -72,12 +72,10 @@ def train(stage: int, out: Path, config: str, overrides: list[str], fresh: bool)
     return out / "export"
 
 
-def score(model: Path, benches: dict[str, tuple[Path, Path]], actors: int) -> dict[str, dict]:
-    """{report name: report} for `model` on each {name: (bench, output folder)}, all scored by one actor pool."""
-    scored = evaluate_all([Evaluation(model, bench, name) for name, (bench, _) in benches.items()], actors=actors)
-    for (_, out), (report, results) in zip(benches.values(), scored):
-        write_outputs(out, report, results, {"chance": chance_report(report), "always one option": position_report(report)})
-    return {name: report for name, (report, _) in zip(benches, scored)}
+def score(model: Path, bench: Path, out: Path, label: str, actors: int) -> dict:
+    report, results = evaluate(model, bench, actors=actors, label=label)
+    write_outputs(out, report, results, {"chance": chance_report(report), "always one option": position_report(report)})
+    return report
 
 
 def emotion(report: dict, modality: str) -> float:
@@ -234,16 +232,19 @@ def run_pipeline(
         if stage == 1 and stage1_teacher == "cache":
             start += stage1_teacher_cache(out, config, [*data_overrides, *start], fresh, actors)
         exports[stage] = train(stage, out / f"stage{stage}", config, [*data_overrides, *start], fresh)
-        benches = {f"after stage {stage}": (bench, out / f"eval-stage{stage}")}
+        reports[f"after stage {stage}"] = score(exports[stage], bench, out / f"eval-stage{stage}", f"after stage {stage}", actors)
         if dev_and_shifted:
-            benches[f"after stage {stage}, val split"] = (data / "val-bench", out / f"eval-stage{stage}-val")
-            if stage == 2:
-                benches["after stage 2, shifted bench"] = (data / "shifted" / "bench", out / "eval-stage2-shifted")
-        reports.update(score(exports[stage], benches, actors))
+            reports[f"after stage {stage}, val split"] = score(
+                exports[stage], data / "val-bench", out / f"eval-stage{stage}-val", "val split", actors
+            )
+    if dev_and_shifted:
+        reports["after stage 2, shifted bench"] = score(
+            exports[2], data / "shifted" / "bench", out / "eval-stage2-shifted", "shifted bench", actors
+        )
     for name in ablations:
         switches = ABLATIONS[name]
         export = train(2, out / f"stage2-{name}", config, [*data_overrides, f"model.init_from={exports[1]}", *switches], fresh)
-        reports.update(score(export, {f"stage 2 {name}": (bench, out / f"eval-stage2-{name}")}, actors))
+        reports[f"stage 2 {name}"] = score(export, bench, out / f"eval-stage2-{name}", name, actors)
     return reports
 
 

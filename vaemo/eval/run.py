@@ -10,48 +10,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from vaemo import progress
 from vaemo.config import EvalConfig, load_config
 from vaemo.data.bench import read_bench
 from vaemo.errors import UserError
 from vaemo.eval.report import chance_report, chart, position_report, summarize, table
-from vaemo.eval.scoring import ItemResult, Scorer, Task, plan
+from vaemo.eval.scoring import ItemResult, Scorer, plan
 
 
 class ScorerActor:
-    """Scores chunks of one evaluation or several: a job names its export, and the actor loads a replica when
-    the export changes. One pool thus serves several models and benches, and each actor imports torch and
-    transformers once (on 2 CPU cores about 13 s of each evaluation's start). A plain class, so the
-    in-process path runs the same code."""
+    """A Ray actor around Scorer (kept a plain class so the in-process path runs the same code)."""
 
-    def __init__(self, threads: int | None, dtype: str = "auto"):
-        if threads is not None:
-            import torch
+    def __init__(self, model_dir: str, threads: int, dtype: str = "auto"):
+        import torch
 
-            torch.set_num_threads(max(1, threads))
-        self.dtype = dtype
-        self.model_dir: str | None = None
-        self.scorer: Scorer | None = None
+        torch.set_num_threads(max(1, threads))
+        self.scorer = Scorer(model_dir, dtype=dtype)
 
-    def score(self, job: tuple[int, str, list[Task]]) -> tuple[int, list[ItemResult]]:
-        index, model_dir, tasks = job
-        if model_dir != self.model_dir:
-            self.scorer = None  # frees the previous replica before the next one loads
-            self.scorer, self.model_dir = Scorer(model_dir, dtype=self.dtype), model_dir
-        return index, self.scorer.score(tasks)
-
-
-@dataclass
-class Evaluation:
-    """One export scored on one bench."""
-
-    model_dir: str | Path
-    bench_dir: str | Path
-    label: str = ""
+    def score(self, tasks):
+        return self.scorer.score(tasks)
 
 
 def check_model_dir(model_dir: str | Path, flag: str = "--model") -> Path:
@@ -62,13 +41,9 @@ def check_model_dir(model_dir: str | Path, flag: str = "--model") -> Path:
     return path
 
 
-def evaluate(model_dir: str | Path, bench_dir: str | Path, label: str = "", **options) -> tuple[dict, list[ItemResult]]:
-    """Score every item of one bench; the options are evaluate_all's. Returns (report, item results)."""
-    return evaluate_all([Evaluation(model_dir, bench_dir, label)], **options)[0]
-
-
-def evaluate_all(
-    evaluations: list[Evaluation],
+def evaluate(
+    model_dir: str | Path,
+    bench_dir: str | Path,
     actors: int = 2,
     batch_items: int = 16,
     deaf_check: bool = True,
@@ -76,33 +51,38 @@ def evaluate_all(
     seed: int = 0,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float | None = None,
+    label: str = "",
     dtype: str = "auto",
-) -> list[tuple[dict, list[ItemResult]]]:
-    """Score each evaluation with one pool of `actors` actors (0: in this process); (report, item results)
-    per evaluation, in order. `dtype`: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
-    jobs: list[tuple[int, str, list[Task]]] = []
-    for index, evaluation in enumerate(evaluations):
-        model_dir = str(check_model_dir(evaluation.model_dir))
-        items = read_bench(evaluation.bench_dir)
-        if max_items:
-            items = items[:max_items]
-        jobs += [(index, model_dir, chunk) for chunk in plan(items, deaf_check, batch_items, seed)]
+) -> tuple[dict, list[ItemResult]]:
+    """Score every item; actors=0 scores in this process. Returns (report, item results).
+
+    `dtype`: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.
+    """
+    model_dir = check_model_dir(model_dir)
+    items = read_bench(bench_dir)
+    if max_items:
+        items = items[:max_items]
+    chunks = plan(items, deaf_check, batch_items, seed)
+    results: list[ItemResult] = []
+    description = f"scoring {label or model_dir}"
     if actors == 0:
-        scorer = ScorerActor(threads=None, dtype=dtype)
-        parts: Iterator[tuple[int, list[ItemResult]]] = (scorer.score(job) for job in jobs)
+        scorer = Scorer(model_dir, dtype=dtype)
+        with progress.task(description, len(chunks)) as update:
+            for done, chunk in enumerate(chunks, 1):
+                results.extend(scorer.score(chunk))
+                update(done)
     else:
         from vaemo.cluster import map_on_actors
 
-        parts = map_on_actors(ScorerActor, (int(cpus_per_actor), dtype), "score", jobs, actors, cpus_per_actor, gpus_per_actor)
-    results: list[list[ItemResult]] = [[] for _ in evaluations]
-    labels = ", ".join(e.label or str(e.model_dir) for e in evaluations)
-    with progress.task(f"scoring {labels}", len(jobs)) as update:
-        for done, (index, part) in enumerate(parts, 1):
-            results[index].extend(part)
-            update(done)
-    for scored in results:
-        scored.sort(key=lambda r: (r.id, r.deaf))
-    return [(summarize(scored), scored) for scored in results]
+        parts = map_on_actors(
+            ScorerActor, (str(model_dir), int(cpus_per_actor), dtype), "score", chunks, actors, cpus_per_actor, gpus_per_actor
+        )
+        with progress.task(description, len(chunks)) as update:
+            for done, part in enumerate(parts, 1):
+                results.extend(part)
+                update(done)
+    results.sort(key=lambda r: (r.id, r.deaf))
+    return summarize(results), results
 
 
 def write_outputs(out: Path, report: dict, results: list[ItemResult], baselines: dict[str, dict]) -> None:
@@ -180,12 +160,10 @@ def run_eval(args: argparse.Namespace) -> int:
         cpus_per_actor=settings.cpus_per_actor,
         dtype=settings.dtype,
     )
-    evaluations = [Evaluation(args.model, args.bench, "model"), *(Evaluation(path, args.bench, name) for name, path in named)]
-    scored = evaluate_all(evaluations, **options)  # one pool scores the model and its baselines
-    report, results = scored[0]
+    report, results = evaluate(args.model, args.bench, label="model", **options)
     baselines = {"chance": chance_report(report), "always one option": position_report(report)}
-    for (name, _), (baseline, _) in zip(named, scored[1:]):
-        baselines[name] = baseline
+    for name, path in named:
+        baselines[name] = evaluate(path, args.bench, label=name, **options)[0]
     write_outputs(Path(args.out), report, results, baselines)
     progress.log(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'accuracy.png'}")
     return 0
