@@ -19,7 +19,7 @@ from vaemo import progress
 from vaemo.config import STAGES, load_config, project_root
 from vaemo.errors import UserError
 from vaemo.eval.report import chance_report, chart, deaf_cell, position_report, table
-from vaemo.eval.run import evaluate, write_outputs
+from vaemo.eval.run import evaluate_benches, write_outputs
 
 ABLATIONS = {
     "no-enhancer": ["stage2.use_enhancer=false"],
@@ -73,9 +73,19 @@ def train(stage: int, out: Path, config: str, overrides: list[str], fresh: bool)
 
 
 def score(model: Path, bench: Path, out: Path, label: str, actors: int) -> dict:
-    report, results = evaluate(model, bench, actors=actors, label=label)
-    write_outputs(out, report, results, {"chance": chance_report(report), "always one option": position_report(report)})
-    return report
+    return score_benches(model, {label: (bench, out)}, actors)[label]
+
+
+def score_benches(model: Path, evals: dict[str, tuple[Path, Path]], actors: int) -> dict[str, dict]:
+    """Score one export on several benches {label: (bench, output folder)} with one actor pool; each
+    folder gets the outputs of `jobs/eval.py`. Returns {label: report}."""
+    scored = evaluate_benches(model, {label: bench for label, (bench, _) in evals.items()}, actors=actors)
+    reports = {}
+    for label, (report, results) in scored.items():
+        baselines = {"chance": chance_report(report), "always one option": position_report(report)}
+        write_outputs(evals[label][1], report, results, baselines)
+        reports[label] = report
+    return reports
 
 
 def emotion(report: dict, modality: str) -> float:
@@ -232,15 +242,12 @@ def run_pipeline(
         if stage == 1 and stage1_teacher == "cache":
             start += stage1_teacher_cache(out, config, [*data_overrides, *start], fresh, actors)
         exports[stage] = train(stage, out / f"stage{stage}", config, [*data_overrides, *start], fresh)
-        reports[f"after stage {stage}"] = score(exports[stage], bench, out / f"eval-stage{stage}", f"after stage {stage}", actors)
+        evals = {f"after stage {stage}": (bench, out / f"eval-stage{stage}")}
         if dev_and_shifted:
-            reports[f"after stage {stage}, val split"] = score(
-                exports[stage], data / "val-bench", out / f"eval-stage{stage}-val", "val split", actors
-            )
-    if dev_and_shifted:
-        reports["after stage 2, shifted bench"] = score(
-            exports[2], data / "shifted" / "bench", out / "eval-stage2-shifted", "shifted bench", actors
-        )
+            evals[f"after stage {stage}, val split"] = (data / "val-bench", out / f"eval-stage{stage}-val")
+        if dev_and_shifted and stage == 2:
+            evals["after stage 2, shifted bench"] = (data / "shifted" / "bench", out / "eval-stage2-shifted")
+        reports.update(score_benches(exports[stage], evals, actors))
     for name in ablations:
         switches = ABLATIONS[name]
         export = train(2, out / f"stage2-{name}", config, [*data_overrides, f"model.init_from={exports[1]}", *switches], fresh)
