@@ -102,10 +102,8 @@ def test_one_actor_pool_scores_several_benches_as_one_process_scores_each(small_
         ray.shutdown()  # this test session's own Ray: later tests start theirs in subprocesses
     assert pooled["half"][0]["counts"] != pooled["bench"][0]["counts"]
     for name, folder in benches.items():
-        (pooled_report, pooled_items), (single, single_items) = (
-            pooled[name],
-            evaluate(adapter_export, folder, actors=0, batch_items=12),
-        )
+        pooled_report, pooled_items = pooled[name]
+        single, single_items = evaluate(adapter_export, folder, actors=0, batch_items=12)
         assert pooled_report == single
         assert len(pooled_items) == len(single_items)
         for a, b in zip(pooled_items, single_items):

@@ -18,7 +18,7 @@ from pathlib import Path
 from vaemo import progress
 from vaemo.config import STAGES, load_config, project_root
 from vaemo.errors import UserError
-from vaemo.eval.report import chance_report, chart, deaf_cell, position_report, table
+from vaemo.eval.report import baseline_reports, chart, deaf_cell, table
 from vaemo.eval.run import evaluate_benches, write_outputs
 
 ABLATIONS = {
@@ -82,8 +82,7 @@ def score_benches(model: Path, evals: dict[str, tuple[Path, Path]], actors: int)
     scored = evaluate_benches(model, {label: bench for label, (bench, _) in evals.items()}, actors=actors)
     reports = {}
     for label, (report, results) in scored.items():
-        baselines = {"chance": chance_report(report), "always one option": position_report(report)}
-        write_outputs(evals[label][1], report, results, baselines)
+        write_outputs(evals[label][1], report, results, baseline_reports(report))
         reports[label] = report
     return reports
 
@@ -263,8 +262,7 @@ def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int, 
 
 def report(out: Path, reports: dict[str, dict], seconds: float) -> int:
     rows = {
-        "chance": chance_report(reports["after stage 2"]),
-        "always one option": position_report(reports["after stage 2"]),
+        **baseline_reports(reports["after stage 2"]),
         **reports,
     }
     progress.console.print(table(rows, title="ArtEmoBench accuracy per stage (4 options; chance 0.25)"))

@@ -123,6 +123,11 @@ def position_report(report: dict) -> dict:
     return {"accuracy": accuracy, "counts": report["counts"], "skipped": 0}
 
 
+def baseline_reports(report: dict) -> dict[str, dict]:
+    """The rows a model must beat, named as every table shows them: random answers and one fixed option."""
+    return {"chance": chance_report(report), "always one option": position_report(report)}
+
+
 def chart(rows: dict[str, dict], png: Path, title: str = "ArtEmoBench") -> None:
     """Grouped bars: accuracy per modality x task for each model, chance line, deaf check."""
     import matplotlib

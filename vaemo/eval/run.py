@@ -16,7 +16,7 @@ from vaemo import progress
 from vaemo.config import EvalConfig, load_config
 from vaemo.data.bench import read_bench
 from vaemo.errors import UserError
-from vaemo.eval.report import chance_report, chart, position_report, summarize, table
+from vaemo.eval.report import baseline_reports, chart, summarize, table
 from vaemo.eval.scoring import ItemResult, Scorer, plan
 
 
@@ -170,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> int:
         dtype=settings.dtype,
     )
     report, results = evaluate(args.model, args.bench, label="model", **options)
-    baselines = {"chance": chance_report(report), "always one option": position_report(report)}
+    baselines = baseline_reports(report)
     for name, path in named:
         baselines[name] = evaluate(path, args.bench, label=name, **options)[0]
     write_outputs(Path(args.out), report, results, baselines)
