@@ -16,7 +16,7 @@ from vaemo.losses import language_loss
 from vaemo.model import PromptItem, VAEmotionLLM, build_model, choose_attention, set_trainable
 from vaemo.model.audio import LogMel, encode_short
 from vaemo.model.freezing import TRAINABLE_PREFIXES
-from vaemo.model.vision import VisualSpec, video_inputs
+from vaemo.model.vision import VisualSpec, patchify, video_inputs
 
 CLIPS = 3
 QUESTION = "Which emotion does this artwork convey? Options: joy, calm, anger, sadness."
@@ -57,6 +57,25 @@ def test_patchify_matches_the_qwen_image_processor():
     pixels, grid = video_inputs(frames, spec, torch.float32)
     assert grid.tolist() == expected["image_grid_thw"].tolist()
     assert torch.allclose(pixels, expected["pixel_values"], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clips, frames, height, width", [(3, 4, 56, 84), (2, 8, 112, 112), (0, 2, 28, 28)])
+def test_video_inputs_equal_normalising_each_clip_then_patchifying_bit_for_bit(dtype, clips, frames, height, width):
+    """video_inputs patchifies the bytes of every clip at once and normalises patch columns: it must give
+    exactly what normalising each clip's frames and then patchifying it gives (the definition)."""
+    spec = VisualSpec(num_frames=frames, height=height, width=width, patch_size=14, temporal_patch_size=2, merge_size=2)
+    video = torch.randint(
+        0, 256, (clips, frames, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    mean = torch.tensor(spec.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.image_std).view(1, 3, 1, 1)
+    per_clip = [patchify((clip.float() / 255.0 - mean) / std, spec) for clip in video]
+    expected = torch.cat(per_clip) if per_clip else torch.zeros(0, 3 * 2 * 14 * 14)
+    pixels, grid = video_inputs(video, spec, dtype)
+    assert pixels.dtype == dtype and pixels.shape == expected.shape
+    assert torch.equal(pixels, expected.to(dtype))
+    assert grid.tolist() == [[frames // 2, height // 14, width // 14]] * clips
 
 
 def test_log_mel_matches_whispers_feature_extractor():

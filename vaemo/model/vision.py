@@ -71,12 +71,16 @@ def patchify(video: torch.Tensor, spec: VisualSpec) -> torch.Tensor:
 
 def video_inputs(video: torch.Tensor, spec: VisualSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, F, 3, H, W) uint8 clips -> pixel_values_videos (B*t*h*w, 3*tps*p*p) and video_grid_thw (B, 3)."""
-    clips, frames, _, height, width = video.shape
-    mean = torch.tensor(spec.image_mean, dtype=torch.float32).view(1, 1, 3, 1, 1)
-    std = torch.tensor(spec.image_std, dtype=torch.float32).view(1, 1, 3, 1, 1)
-    normalised = (video.float() / 255.0 - mean) / std
-    patches = torch.cat([patchify(clip, spec) for clip in normalised]) if clips else normalised.new_zeros(0)
+    clips, frames, channels, height, width = video.shape
     grid = (frames // spec.temporal_patch_size, height // spec.patch_size, width // spec.patch_size)
+    # Patchify the bytes, then normalise each patch column in place: the same float operations per pixel
+    # as normalising the frames first (bit for bit), at 1/13 of the time (bench/cpu_precision_step.py);
+    # broadcasting over (B, F, 3, H, W) frames took 14% of a tiny stage-0 step.
+    patches = patchify(video.reshape(clips * frames, channels, height, width), spec).float()
+    values_per_channel = spec.temporal_patch_size * spec.patch_size**2
+    mean = torch.tensor(spec.image_mean, dtype=torch.float32).repeat_interleave(values_per_channel)
+    std = torch.tensor(spec.image_std, dtype=torch.float32).repeat_interleave(values_per_channel)
+    patches.div_(255.0).sub_(mean).div_(std)
     return patches.to(dtype), torch.tensor([grid] * clips, dtype=torch.long)
 
 
