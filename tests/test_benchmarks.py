@@ -123,6 +123,13 @@ def test_cpu_precision_benchmark_times_one_training_step_in_each_precision():
     assert fp32 > 0 and bf16 > 0 and ratio == pytest.approx(bf16 / fp32, rel=0.05, abs=0.1), last
 
 
+def test_video_inputs_benchmark_checks_equality_and_prints_the_ratio():
+    out = run_bench("video_inputs.py", "--clips", "2", "--frames", "4", "--size", "56", "--repeats", "2")
+    assert "patches equal bit for bit" in out
+    ratio = float(out.split("video_inputs / definition: ")[1].split()[0])
+    assert ratio > 0
+
+
 def test_the_audio_tail_benchmark_scores_the_audio_items_both_ways(adapter_export, small_world):
     out = run_bench("audio_tail.py", "--model", str(adapter_export), "--bench", str(small_world / "bench"), "--sound", "1")
     decoded, cut, gain = out.strip().splitlines()[-3:]
