@@ -545,6 +545,24 @@ def test_hub_layout_checkpoints_read_onto_a_device_give_the_same_model(hf_checkp
     assert all(t.dtype == torch.bfloat16 for t in placed.vlm.parameters())
 
 
+def test_what_reading_weights_does_with_the_rng_changes_no_weight(hf_checkpoints, real_format, monkeypatch):
+    """Read onto a GPU, checkpoint loading draws from that device's RNG, not the host's, which seeds the new
+    parts (the projector): a GPU run then began from another model than the same seed on a CPU (seen on an
+    H200). Here loading is made to draw from the host RNG instead: the model must not change."""
+    import vaemo.model.build as build
+
+    for name in ("load_vlm", "load_whisper_encoder"):
+        original = getattr(build, name)
+        monkeypatch.setattr(build, name, lambda *a, _load=original, **k: (torch.rand(1000), _load(*a, **k))[1])
+    cfg = real_format_config(hf_checkpoints, "model.dtype=bfloat16")
+    got, expected = build_model(cfg.model, cfg.data, seed=0).state_dict(), real_format.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    # vaemo's audio markers: new embedding and output rows, each exactly the mean of the checkpoint's rows
+    n = real_format.vlm.get_input_embeddings().num_embeddings - 3
+    for matrix in (real_format.vlm.get_input_embeddings().weight, real_format.vlm.lm_head.weight):
+        assert torch.equal(matrix[n:], matrix[:n].float().mean(0).to(matrix.dtype).expand(3, -1))
+
+
 def test_prompt_ids_equal_the_checkpoints_chat_template(real_format):
     """The Qwen2.5-VL template renders one <|video_pad|> (and passes the audio placeholder through as text);
     the processor then repeats each placeholder once per modality token. vaemo's prompt must equal that."""

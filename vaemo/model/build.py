@@ -147,6 +147,20 @@ def load_vlm(path: Path, attn: str, dtype: torch.dtype, device: torch.device | N
     return vlm
 
 
+def add_token_rows(vlm: nn.Module, vocab_size: int) -> None:
+    """Embedding (and untied output) rows for tokens the checkpoint lacks (vaemo's audio markers), each the
+    mean of the checkpoint's rows: transformers' `mean_resizing` draws them from N(mean, 1e-9 cov), a draw
+    from the RNG of whichever device holds the weights, so a model read onto a GPU would differ from the
+    same model read on the host."""
+    old = vlm.get_input_embeddings().num_embeddings
+    if vocab_size <= old:
+        return
+    vlm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for matrix in {id(m.weight): m.weight for m in (vlm.get_input_embeddings(), vlm.get_output_embeddings())}.values():
+            matrix[old:] = matrix[:old].float().mean(0).to(matrix.dtype)
+
+
 def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype, device: torch.device | None = None):
     """The encoder of a Whisper checkpoint (WhisperForConditionalGeneration or WhisperModel layout).
 
@@ -251,14 +265,17 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, device
         vlm_path = Path(model_cfg.vlm)
         tokenizer = load_tokenizer(vlm_path)
         tokens = SpecialTokens.of(tokenizer)
-        vlm = load_vlm(vlm_path, attn, dtype, device)
-        if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
-            vlm.resize_token_embeddings(len(tokenizer))
+        # Reading weights leaves the host RNG, which seeds the new parts (the projector), where it was:
+        # onto a GPU (device_map) or not, the same seed gives the same model.
+        with torch.random.fork_rng(devices=[]):
+            vlm = load_vlm(vlm_path, attn, dtype, device)
+            add_token_rows(vlm, len(tokenizer))
         mean, std = preprocessor_stats(vlm_path)
     if model_cfg.audio_encoder == "tiny":
         audio_encoder = tiny_audio_encoder(model_cfg, data_cfg.audio_seconds, attn, dtype)
     else:
-        audio_encoder = load_whisper_encoder(Path(model_cfg.audio_encoder), attn, dtype, device)
+        with torch.random.fork_rng(devices=[]):
+            audio_encoder = load_whisper_encoder(Path(model_cfg.audio_encoder), attn, dtype, device)
     return assemble_model(vlm, audio_encoder, tokenizer, tokens, (mean, std), model_cfg, data_cfg, dtype)
 
 

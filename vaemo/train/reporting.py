@@ -11,6 +11,13 @@ import torch
 import torch.distributed as dist
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL reduces CUDA tensors only, gloo CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Accumulator:
     """Sums of one rank's step statistics between two reports; `reduce` sums them over all ranks."""
 
@@ -22,13 +29,14 @@ class Accumulator:
             self.sums[key] += float(value)
 
     def reduce(self) -> dict[str, float]:
-        """Collective: every rank calls it. Keys may differ between ranks; the union is summed."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        """Collective: every rank calls it. Keys may differ between ranks; the union is summed. (It reduces
+        at world size 1 too, so that one GPU runs the collectives a cluster runs.)"""
+        if not (dist.is_available() and dist.is_initialized()):
             return dict(self.sums)
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, sorted(self.sums))
         keys = sorted(set().union(*gathered))
-        values = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+        values = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=collective_device())
         dist.all_reduce(values)
         return dict(zip(keys, values.tolist()))
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from vaemo.model import VAEmotionLLM, choose_dtype
 from vaemo.model.freezing import replicate_frozen
 from vaemo.train import checkpoint as ckpt
 from vaemo.train.cpu_comm import skip_cpu_shm_op
-from vaemo.train.ds_config import deepspeed_config, mark_leaf_modules, zero_stage
+from vaemo.train.ds_config import LeafBlocks, deepspeed_config, mark_leaf_modules, zero_stage
 from vaemo.train.objectives import StageObjective, StepInputs, build_stage_model, objective_for
-from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, interval_record, plot_curves
+from vaemo.train.reporting import Accumulator, MetricsWriter, Stopwatch, collective_device, interval_record, plot_curves
 
 
 class StageModule(nn.Module):
@@ -69,12 +69,14 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 
 def synchronize(step: StepInputs, world_size: int, chunk_size: int) -> None:
-    """All-reduce the step's normalisers (SUM) and response positions (MAX -> chunk counts)."""
+    """All-reduce the step's normalisers (SUM) and response positions (MAX -> chunk counts); in a process
+    group of one rank too, so that one GPU runs the collectives a cluster runs."""
     counts = sorted(step.counts)
     positions = sorted(step.positions)
     sums = torch.tensor([float(step.counts[k]) for k in counts], dtype=torch.float64)
     maxima = torch.tensor([step.positions[k] for k in positions], dtype=torch.int64)
-    if world_size > 1:
+    if dist.is_available() and dist.is_initialized():
+        sums, maxima = sums.to(collective_device()), maxima.to(collective_device())
         dist.all_reduce(sums)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     step.global_counts = dict(zip(counts, sums.tolist()))
@@ -87,6 +89,50 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\.checkpoint")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class StageEngine(NamedTuple):
+    engine: Any
+    """DeepSpeed's engine around `module`."""
+    module: StageModule
+    model: VAEmotionLLM
+    objective: StageObjective
+    ds_config: dict
+    replicated: dict[str, torch.Tensor]
+    """Frozen weights kept whole on every rank, outside ZeRO-3 (deepspeed.frozen_weights: replicated)."""
+    held_vision: dict[str, torch.Tensor]
+    """Rank 0's host copy of a vision tower dropped for a teacher cache (for the export)."""
+    leaves: LeafBlocks
+
+
+def build_engine(cfg: Config, rank: int, use_gpu: bool) -> StageEngine:
+    """The stage's model, what trains, and its DeepSpeed engine; torch.distributed is already initialised
+    (on a GPU, with the rank's device set)."""
+    import deepspeed
+
+    objective = objective_for(cfg)
+    dtype = choose_dtype(cfg.model.dtype)
+    ds_config = deepspeed_config(cfg, dtype)
+    # From a teacher cache no rank runs the vision tower: it is dropped before ZeRO-3 partitions the model;
+    # rank 0 keeps its weights on the host for the export.
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else None
+    parts = build_stage_model(cfg, objective, drop_vision=objective.cached, device=device)
+    model, extra = parts.model, parts.extra
+    replicated = {}
+    if zero_stage(ds_config) == 3 and cfg.deepspeed.frozen_weights == "replicated":
+        threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 100_000)
+        replicated = replicate_frozen(model, above_numel=int(threshold))
+    module = StageModule(model, extra, objective)
+    leaves = mark_leaf_modules(module, cfg.deepspeed.leaf_modules if zero_stage(ds_config) == 3 else [])
+    if use_gpu:
+        module = module.cuda()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = (
+        None if "optimizer" in ds_config else torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer, config=ds_config)
+    held_vision = parts.held_vision if rank == 0 else {}
+    return StageEngine(engine, module, model, objective, ds_config, replicated, held_vision, leaves)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -112,29 +158,9 @@ def train_loop(loop_config: dict) -> None:
     (run_dir / "workers").mkdir(parents=True, exist_ok=True)
     (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
-    # -- setup ---------------------------------------------------------------------------------
-    objective = objective_for(cfg)
-    dtype = choose_dtype(cfg.model.dtype)
-    ds_config = deepspeed_config(cfg, dtype)
-    # From a teacher cache no rank runs the vision tower: it is dropped before ZeRO-3 partitions the model;
-    # rank 0 keeps its weights on the host for the export.
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else None
-    parts = build_stage_model(cfg, objective, drop_vision=objective.cached, device=device)
-    model, extra = parts.model, parts.extra
-    held_vision = parts.held_vision if rank == 0 else {}
-    replicated = {}
-    if zero_stage(ds_config) == 3 and cfg.deepspeed.frozen_weights == "replicated":
-        threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 100_000)
-        replicated = replicate_frozen(model, above_numel=int(threshold))
-    module = StageModule(model, extra, objective)
-    leaves = mark_leaf_modules(module, cfg.deepspeed.leaf_modules if zero_stage(ds_config) == 3 else [])
-    if use_gpu:
-        module = module.cuda()
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = (
-        None if "optimizer" in ds_config else torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    )
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer, config=ds_config)
+    # -- setup ----------------------------------------------------------------------------------
+    built = build_engine(cfg, rank, use_gpu)
+    engine, module, model, objective = built.engine, built.module, built.model, built.objective
 
     # -- resume --------------------------------------------------------------------------------
     start_step, stream_state = 0, StreamState(num_workers=cfg.data.loader_workers)
@@ -225,13 +251,13 @@ def train_loop(loop_config: dict) -> None:
         elif validate_now:
             ray.train.report(last_metrics)
 
-    placement = {"zero3_leaf_modules": leaves.marked, "zero3_trainable_blocks_hooked": leaves.trainable}
-    record_worker(run_dir, rank, shards_read, {**weight_placement(engine, replicated), **placement})
+    placement = {"zero3_leaf_modules": built.leaves.marked, "zero3_trainable_blocks_hooked": built.leaves.trainable}
+    record_worker(run_dir, rank, shards_read, {**weight_placement(engine, built.replicated), **placement})
 
     # -- export --------------------------------------------------------------------------------
     if cfg.train.export:
-        held = held_vision | ({name: t.detach().cpu() for name, t in replicated.items()} if rank == 0 else {})
-        export(engine, model, run_dir / "export", rank, ds_config, held)
+        held = built.held_vision | ({name: t.detach().cpu() for name, t in built.replicated.items()} if rank == 0 else {})
+        export(engine, model, run_dir / "export", rank, built.ds_config, held)
     if writer:
         writer.close()
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"stage {cfg.stage}")
