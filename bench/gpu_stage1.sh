@@ -5,7 +5,7 @@
 # What to carry to the GPU machine: the repository's `vaemo/`, `bench/` and `configs/` folders (no weights).
 # What it needs there: python with torch (CUDA) and transformers >= 5; flash-attn is optional (when it imports,
 # FlashAttention-2 is measured beside SDPA). Neither Ray, DeepSpeed, torchcodec nor internet access is needed.
-#     bash bench/gpu_stage1.sh            # not yet run on a GPU; it stops itself at 7.5 minutes
+#     bash bench/gpu_stage1.sh            # about 1 min on one H200 (README, "GPU benchmark"); it stops itself at 7.5 min
 # The last line printed is the summary (GPU_STAGE1 ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +89,69 @@ def test_the_demos_targets_fail_when_stage_2_does_nothing():
     assert not checks["after stage 2, audio arousal error (the Supervisor's) <= 0.35"]
     trained = {**unchanged, "after stage 2": {**stage1, "va": {"audio": {"valence_mae": 0.2, "arousal_mae": 0.2}}}}
     assert all(t.passed for t in demo_targets(trained)), [t.line() for t in demo_targets(trained) if not t.passed]
+
+
+def small_world_config(tmp_path, train_clips: int = 24, clips_per_shard: int = 12) -> str:
+    """The tiny preset with a world of a few dozen clips."""
+    from conftest import ROOT
+
+    text = (ROOT / "configs/tiny.yaml").read_text()
+    counts = (("train_clips", train_clips), ("val_clips", 16), ("bench_clips", 16), ("clips_per_shard", clips_per_shard))
+    for field, value in counts:
+        text, n = re.subn(rf"(?m)^(  {field}:) \d+$", rf"\1 {value}", text, count=1)
+        assert n == 1, field
+    path = tmp_path / "small.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_next_seeds_world_written_in_the_background_is_the_same_world(tmp_path):
+    from vaemo.demo import write_data
+    from vaemo.science import WorldAhead
+
+    config = small_world_config(tmp_path)
+    ahead = WorldAhead(tmp_path / "seed3", config, 3, fresh=False)
+    assert ahead.wait()
+    write_data(tmp_path / "here", config, 3, False, dev_and_shifted=True)
+    written, expected = files(tmp_path / "seed3" / "data"), files(tmp_path / "here")
+    assert {"train/train-000001.tar", "val-bench/items.jsonl", "shifted/bench/items.jsonl"} <= set(expected)
+    assert written.keys() == expected.keys() and all(written[k] == expected[k] for k in expected)
+    assert "wrote" in (tmp_path / "seed3" / "data.log").read_text()  # its lines, not over the driver's bars
+
+
+def test_stopping_the_background_world_stops_its_synthesis_pool_too(tmp_path):
+    import time
+
+    from vaemo.science import WorldAhead
+
+    # shards of 200 clips: a pool worker would go on writing one for half a minute after its parent died
+    ahead = WorldAhead(tmp_path / "seed4", small_world_config(tmp_path, 400, 200), 4, fresh=False)
+    group = ahead.process.pid
+    deadline = time.time() + 60
+    while len(live_processes_in_group(group)) < 3 and time.time() < deadline:
+        time.sleep(0.2)  # the writer and its pool of two
+    time.sleep(1)
+    ahead.stop()
+    assert ahead.process.exitcode != 0
+    deadline = time.time() + 5
+    while live_processes_in_group(group) and time.time() < deadline:
+        time.sleep(0.2)
+    assert live_processes_in_group(group) == []
+    assert not ahead.wait()  # and the seed then writes its world itself
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """Processes of a process group that are not zombies (an orphan's zombie waits for whoever reaps)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live

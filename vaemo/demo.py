@@ -219,14 +219,17 @@ def run_pipeline(
     actors: int,
     dev_and_shifted: bool = False,
     stage1_teacher: str = "cache",
+    world_written: bool = False,
 ) -> dict[str, dict]:
     """data -> stage 0 -> eval -> [teacher cache ->] stage 1 -> eval -> stage 2 -> eval [-> the named
     ABLATIONS]; returns the reports. `seed`: world and training seed (None: the preset's). `stage1_teacher`:
-    `cache` (the frozen teacher runs once per clip) or `online` (every step)."""
+    `cache` (the frozen teacher runs once per clip) or `online` (every step). `world_written`: OUT/data was
+    just written for this run (by `write_data`, elsewhere)."""
     out = out.resolve()
     seed_overrides = [] if seed is None else [f"seed={seed}"]
     data = out / "data"
-    write_data(data, config, load_config(config, seed_overrides).seed, fresh, dev_and_shifted)
+    if not world_written:
+        write_data(data, config, load_config(config, seed_overrides).seed, fresh, dev_and_shifted)
     data_overrides = [
         *seed_overrides,
         f"data.train_shards={data}/train/*.tar",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -256,6 +257,53 @@ ABLATION_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
+class WorldAhead:
+    """The next seed's world, written while this seed trains, at the lowest CPU priority: it takes only the
+    time the training leaves idle on the cores (ranks waiting on each other, Ray starting workers, actors
+    loading), and a world is the same bytes whatever shares the machine. Its lines go to SEED/data.log."""
+
+    def __init__(self, seed_dir: Path, config: str, seed: int, fresh: bool):
+        import multiprocessing
+
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        self.seed_dir = seed_dir
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_write_world_quietly, args=(str(seed_dir), config, seed, fresh), name=f"world of seed {seed}"
+        )
+        self.process.start()
+
+    def wait(self) -> bool:
+        """True when the world is complete; otherwise the seed's own run writes what is missing."""
+        if self.process.is_alive():
+            progress.log(f"science: waiting for {self.seed_dir / 'data'}, written in the background")
+        self.process.join()
+        if self.process.exitcode != 0:
+            progress.log(
+                f"science: writing {self.seed_dir / 'data'} in the background failed (exit {self.process.exitcode}; "
+                f"{self.seed_dir / 'data.log'}); the seed writes it itself"
+            )
+        return self.process.exitcode == 0
+
+    def stop(self) -> None:
+        """Stop the writer and its synthesis pool (one process group)."""
+        import signal
+
+        if self.process.is_alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.join()
+
+
+def _write_world_quietly(seed_dir: str, config: str, seed: int, fresh: bool) -> None:
+    from vaemo.demo import write_data
+
+    os.setsid()  # its own process group, so that stop() reaches the synthesis pool too
+    os.nice(19)
+    log = os.open(os.path.join(seed_dir, "data.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)  # plain lines (not a terminal) into the log, none over the driver's progress bars
+    os.dup2(log, 2)
+    write_data(Path(seed_dir) / "data", config, seed, fresh, dev_and_shifted=True)
+
+
 def run_science(
     out: Path,
     config: str,
@@ -271,12 +319,28 @@ def run_science(
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, dict[str, dict]] = {}
-    for seed in seeds:
-        progress.log(f"science: seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
-        per_seed[seed] = run_pipeline(
-            out / f"seed{seed}", config, seed, ablations, fresh, actors, dev_and_shifted=True, stage1_teacher=stage1_teacher
-        )
-        write_report(out, per_seed, time.time() - start)  # a partial report survives an interrupted run
+    ahead = None
+    try:
+        for index, seed in enumerate(seeds):
+            progress.log(f"science: seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
+            written = ahead is not None and ahead.wait()
+            following = seeds[index + 1] if index + 1 < len(seeds) else None
+            ahead = None if following is None else WorldAhead(out / f"seed{following}", config, following, fresh)
+            per_seed[seed] = run_pipeline(
+                out / f"seed{seed}",
+                config,
+                seed,
+                ablations,
+                fresh,
+                actors,
+                dev_and_shifted=True,
+                stage1_teacher=stage1_teacher,
+                world_written=written,
+            )
+            write_report(out, per_seed, time.time() - start)  # a partial report survives an interrupted run
+    finally:
+        if ahead is not None:
+            ahead.stop()
     checks = write_report(out, per_seed, time.time() - start)
     progress.console.print((out / "report.md").read_text())
     progress.log(
