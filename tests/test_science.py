@@ -123,7 +123,8 @@ def test_the_next_seeds_world_written_in_the_background_is_the_same_world(tmp_pa
     assert "wrote" in (tmp_path / "seed3" / "data.log").read_text()  # its lines, not over the driver's bars
 
 
-def test_stopping_the_background_world_stops_its_synthesis_pool_too(tmp_path):
+def test_the_background_world_runs_below_everything_and_stops_with_its_pool(tmp_path):
+    import os
     import time
 
     from vaemo.science import WorldAhead
@@ -135,6 +136,10 @@ def test_stopping_the_background_world_stops_its_synthesis_pool_too(tmp_path):
     while len(live_processes_in_group(group)) < 3 and time.time() < deadline:
         time.sleep(0.2)  # the writer and its pool of two
     time.sleep(1)
+    for pid in live_processes_in_group(group):  # the writer, its pool and their ffmpeg: below everything else
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        assert not autogroup.exists() or autogroup.read_text().strip().endswith("nice 19")
     ahead.stop()
     assert ahead.process.exitcode != 0
     deadline = time.time() + 5
