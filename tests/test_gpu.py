@@ -101,15 +101,14 @@ def train_steps(built: StageEngine, batch, first: int, steps: int) -> list[float
     return losses
 
 
-def check_run(cfg: Config, reference: float, use_gpu: bool = True) -> list[float]:
+def check_run(cfg: Config, reference: float) -> list[float]:
     """`cfg` through the trainer's engine; `reference`: its first loss on the CPU."""
-    built = build_engine(cfg, rank=0, use_gpu=use_gpu)
-    assert built.ds_config["zero_optimization"]["stage"] == 3 and built.ds_config["bf16"]["enabled"] is True
-    if use_gpu:  # ZeRO's GPU settings, and every weight on the GPU
-        zero = built.ds_config["zero_optimization"]
-        assert zero["overlap_comm"] is True and zero["stage3_prefetch_bucket_size"] > 0
-        assert all(p.device.type == "cuda" for p in built.engine.module.parameters())
-        assert all(t.device.type == "cuda" for t in built.replicated.values())
+    built = build_engine(cfg, rank=0, use_gpu=True)
+    zero = built.ds_config["zero_optimization"]
+    assert zero["stage"] == 3 and built.ds_config["bf16"]["enabled"] is True
+    assert zero["overlap_comm"] is True and zero["stage3_prefetch_bucket_size"] > 0  # ZeRO's GPU settings
+    assert all(p.device.type == "cuda" for p in built.engine.module.parameters())
+    assert all(t.device.type == "cuda" for t in built.replicated.values())
     assert all(p.dtype == torch.bfloat16 for p in built.model.parameters() if not p.requires_grad)
     losses = train_steps(built, labelled_batch(cfg), first_step(cfg), STEPS)
     print(f"stage {cfg.stage}: losses {losses}; the first step on the CPU without DeepSpeed {reference}")
