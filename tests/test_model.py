@@ -747,3 +747,43 @@ def test_the_7b_preset_asks_nothing_of_the_synthetic_world():
         assert asked and not asked & synthetic, asked & synthetic
         # emotion words are shared by any taxonomy; the categories are not the world's four
         assert sorted(cfg.stage2.emotions) != sorted(vocab.EMOTIONS) and len(cfg.stage2.emotions) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_windows_attend_as_transformers_loop_does(dtype, model):
+    """Qwen2.5-VL's 7B layout (window blocks and full-attention blocks, windows of 112 px) on a frame whose
+    edge windows are shorter, and two clips of other sizes: windows of several lengths in one batch."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+        Qwen2_5_VLVisionAttention,
+    )
+
+    from vaemo.model.window_attention import BatchedWindowAttention
+
+    assert all(type(block.attn) is BatchedWindowAttention for block in model.vlm.model.visual.blocks)
+    vision = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, fullatt_block_indexes=[1]
+        )
+    ).vision_config
+    vision._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision, dtype=dtype)
+    grid = torch.tensor([[2, 10, 14], [1, 8, 8], [1, 4, 20]])  # 140 x 196 px (edge windows), 112 px, 56 x 280 px
+    patches = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, dtype=dtype)
+
+    def output_and_grads():
+        tower.zero_grad()
+        out = tower(patches, grid_thw=grid).pooler_output
+        out.float().square().sum().backward()
+        return [out.detach().float()] + [p.grad.float().clone() for p in tower.parameters()]
+
+    assert all(type(block.attn) is Qwen2_5_VLVisionAttention for block in tower.blocks)
+    looped = output_and_grads()
+    for block in tower.blocks:
+        block.attn.__class__ = BatchedWindowAttention
+    batched = output_and_grads()
+    # Relative to each tensor's scale: a randomly initialised tower's outputs and gradients are small.
+    errors = [float((got - want).abs().max() / want.abs().max()) for got, want in zip(batched, looped)]
+    assert max(errors) <= (1e-5 if dtype == torch.float32 else 2e-2), errors

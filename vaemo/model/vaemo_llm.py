@@ -142,6 +142,9 @@ class VAEmotionLLM(nn.Module):
             # Swapping the class keeps the parameter (and its ZeRO-3 partitioning) and the state-dict keys.
             vlm.lm_head.__class__ = FP32Logits
         use_matmul_patch_embedding(vlm)
+        from vaemo.model.window_attention import use_batched_window_attention  # imports Qwen2.5-VL's modeling code
+
+        use_batched_window_attention(vlm)
         self.tokens = SpecialTokens(**spec.tokens)
         self.prompts = PromptBuilder(
             tokenizer,
