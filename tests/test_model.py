@@ -750,7 +750,7 @@ def test_the_7b_preset_asks_nothing_of_the_synthetic_world():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_windows_attend_as_transformers_loop_does(dtype, model):
+def test_batched_windows_attend_as_transformers_loop_does(dtype, model, real_format):
     """Qwen2.5-VL's 7B layout (window blocks and full-attention blocks, windows of 112 px) on a frame whose
     edge windows are shorter, and two clips of other sizes: windows of several lengths in one batch."""
     from transformers import Qwen2_5_VLConfig
@@ -761,7 +761,8 @@ def test_batched_windows_attend_as_transformers_loop_does(dtype, model):
 
     from vaemo.model.window_attention import BatchedWindowAttention
 
-    assert all(type(block.attn) is BatchedWindowAttention for block in model.vlm.model.visual.blocks)
+    built = model if dtype == torch.float32 else real_format  # the tiny preset; a bf16 hub-layout checkpoint
+    assert all(type(block.attn) is BatchedWindowAttention for block in built.vlm.model.visual.blocks)
     vision = Qwen2_5_VLConfig(
         vision_config=dict(
             depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, fullatt_block_indexes=[1]

@@ -1,6 +1,6 @@
-"""Qwen2.5-VL's vision attention with its windows batched, for every attention but FlashAttention's.
+"""Qwen2.5-VL's vision attention with its windows batched under SDPA.
 
-transformers runs SDPA (and eager attention) once per window: it splits the queries at `cu_seqlens` and
+transformers runs SDPA (and eager attention, left as it is here) once per window: it splits the queries at `cu_seqlens` and
 loops in Python, so a clip of 8 frames costs 4 calls per block and a batch of 8 clips 32, each with its
 own backward. FlashAttention takes `cu_seqlens` in one varlen kernel and is left alone. Here every window
 of one length goes into one batched SDPA call. The weights, their names and the arithmetic per window are
