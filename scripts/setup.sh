@@ -51,7 +51,9 @@ if [ "$device" = cpu ]; then
   rm -rf "$tmp"
 fi
 say "installing pinned packages for $device (a minute or two the first time)"
-"${PIP[@]}" install -q -c "$constraints" -r requirements.txt "${extra[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+# pip byte-compiles on one core; compileall below does the same files on all of them.
+"${PIP[@]}" install -q --no-compile -c "$constraints" -r requirements.txt "${extra[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null 2>&1 || true
 "${PIP[@]}" install -q -c "$constraints" --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$device" = gpu ] && [ -n "${VAEMO_FLASH_ATTN:-}" ]; then
   say "building flash-attn (optional)"

@@ -302,6 +302,33 @@ def test_stage2s_kd_teacher_is_the_model_as_stage1_left_it(clips):
         assert torch.equal(model(inputs).hidden, adapted)
 
 
+def test_stage2s_kd_teacher_reads_the_vision_tokens_its_lm_pass_encoded(clips):
+    """Inside sharing_video_tokens a pass over clips the last pass encoded runs no vision tower and gives what
+    a fresh pass gives; a tower that trains (stage 0) is never shared."""
+    cfg = tiny_config()
+    model = build_model(cfg.model, cfg.data, seed=0).eval()
+    model.add_enhancer(width=32, gate_init=0.5)
+    video, audio, duration = clips
+    lm = model.prompts.batch(all_modalities(), video, audio, duration)  # frames of clips 0 and 2
+    teacher = model.prompts.batch([PromptItem("visual", QUESTION, "joy", 2)], video, audio, duration)
+    towers = []
+    model.vlm.model.visual.register_forward_hook(lambda *_: towers.append(1))
+    for stage, shared in ((2, True), (0, False)):
+        set_trainable(model, stage)
+        with torch.no_grad(), model.as_stage1():
+            fresh = model(teacher).hidden
+        towers.clear()
+        with model.sharing_video_tokens():
+            model(lm)
+            with torch.no_grad(), model.as_stage1():
+                reused = model(teacher).hidden
+        assert len(towers) == (1 if shared else 2)
+        torch.testing.assert_close(reused, fresh, rtol=1e-5, atol=1e-6)
+    towers.clear()
+    model(teacher)  # outside the context nothing is kept
+    assert len(towers) == 1 and model._shared_video is None
+
+
 def test_stage2_validation_scores_emotion_and_content_under_every_modality(model, clips):
     from vaemo.data.stream import Batch
     from vaemo.train.objectives import EmoAdapterObjective

@@ -134,6 +134,7 @@ class VAEmotionLLM(nn.Module):
         self.log_mel = LogMel(spec.n_mels)
         self.enhancer: EmotionEnhancer | None = None
         self.enhancing = True  # False inside `as_stage1`
+        self._shared_video: dict | None = None  # the last clips' vision-tower output, inside `sharing_video_tokens`
         self.supervisor: EmotionSupervisor | None = None
         self.pack_prefixes = True  # see `forward`; model.pack_prefixes turns it off
         self.tokenizer = tokenizer
@@ -225,6 +226,30 @@ class VAEmotionLLM(nn.Module):
         merged = self.vlm.model.get_video_features(pixels, grid).pooler_output
         return torch.stack(list(merged))
 
+    def clip_video_tokens(self, video: torch.Tensor, clips: list[int]) -> torch.Tensor:
+        """`video_tokens(video[clips])`; inside `sharing_video_tokens`, rows of the last call on the same
+        video tensor when that call covered these clips."""
+        shared = self._shared_video
+        if shared is not None and shared.get("video") is video and set(clips) <= set(shared["clips"]):
+            return shared["tokens"][[shared["clips"].index(c) for c in clips]]
+        tokens = self.video_tokens(video[clips])
+        if shared is not None:
+            shared.update(video=video, clips=list(clips), tokens=tokens)
+        return tokens
+
+    @contextmanager
+    def sharing_video_tokens(self):
+        """Passes over the same clips run the vision tower once: stage 2's KD teacher reads the frames its LM
+        pass has just encoded (the Enhancer acts after the tower, so both views see the same tokens). Only a
+        frozen tower qualifies, so the reused tokens carry no graph and equal a fresh pass; every rank decides
+        alike, as ZeRO-3 needs."""
+        frozen = self.has_vision and not any(p.requires_grad for p in self.vlm.model.visual.parameters())
+        self._shared_video = {} if frozen else None
+        try:
+            yield self
+        finally:
+            self._shared_video = None
+
     def audio_tokens(self, audio: torch.Tensor) -> torch.Tensor:
         """(C, S) 16 kHz -> (C, N_a, D): log-mel, Whisper encoder (on spec.audio_window), projector."""
         audio = audio.to(self.log_mel.window.device)
@@ -273,7 +298,7 @@ class VAEmotionLLM(nn.Module):
         visual_rows = [i for i, m in enumerate(inputs.modalities) if m in ("visual", "audio_visual")]
         if visual_rows:
             clips = sorted({inputs.clips[i] for i in visual_rows})
-            place(visual_rows, enhance(self.video_tokens(inputs.video[clips])), self.tokens.video_pad)
+            place(visual_rows, enhance(self.clip_video_tokens(inputs.video, clips)), self.tokens.video_pad)
         elif run_all_pathways and self.has_vision:
             zero = zero + 0.0 * enhance(self.video_tokens(self._dummy_video())).sum()
 

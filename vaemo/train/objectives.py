@@ -424,6 +424,10 @@ class EmoAdapterObjective(AlignObjective):
         return step
 
     def loss(self, model: VAEmotionLLM, extra: nn.Module | None, step: StepInputs) -> StepResult:
+        with model.sharing_video_tokens():  # the KD teacher reuses the LM pass's vision-tower output
+            return self._loss(model, step)
+
+    def _loss(self, model: VAEmotionLLM, step: StepInputs) -> StepResult:
         s = self.cfg.stage2
         inputs = step.passes["lm"]
         out, hidden = self.response_hidden(model, inputs, run_all_pathways=True)
