@@ -55,6 +55,11 @@ def test_stage1_step_benchmark_times_both_teacher_modes():
     assert last.startswith("tiny: online ") and "ratio cache/online" in last
 
 
+def test_stage2_step_benchmark_trains_alike_whether_the_teacher_reuses_the_vision_tokens_or_not():
+    last = run_bench("stage2_step.py", "--steps", "1", "--batch", "2").strip().splitlines()[-1]
+    assert "ratio shared/unshared" in last and last.endswith("the same losses"), last
+
+
 def test_comm_bytes_sizes_the_real_7b_and_replicating_frozen_weights_removes_their_gathers():
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench/comm_bytes.py"), "--nodes", "1", "2"],
