@@ -96,14 +96,29 @@ def synthetic_batch(cfg, batch_size: int, seed: int):
     )
 
 
-def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
+def plain_step(objective, model, module, optimizer, batch, step: int) -> float:
+    """One optimizer step as a training worker takes it, in this process (prepare, loss, backward, update);
+    returns its loss."""
     import numpy as np
+
+    from vaemo.train.trainer import synchronize
+
+    inputs = objective.prepare(model, batch, np.random.default_rng([0, step]))
+    synchronize(inputs, 1, objective.chunk)
+    loss = module(inputs)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
     import torch
 
     from vaemo.model import build_model
     from vaemo.teacher_cache import teacher_records
     from vaemo.train.objectives import AlignObjective, build_stage_model
-    from vaemo.train.trainer import StageModule, synchronize
+    from vaemo.train.trainer import StageModule
 
     if cached:  # the cache, written beforehand by the same frozen teacher
         teacher = build_model(cfg.model, cfg.data, seed=cfg.seed).eval()
@@ -118,14 +133,8 @@ def time_steps(cfg, batches, steps: int, warmup: int, cached: bool) -> float:
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for step in range(warmup + steps):
-        batch = batches[step % len(batches)]
         t0 = time.perf_counter()
-        inputs = objective.prepare(model, batch, np.random.default_rng([0, step]))
-        synchronize(inputs, 1, objective.chunk)
-        loss = module(inputs)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(objective, model, module, optimizer, batches[step % len(batches)], step)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)

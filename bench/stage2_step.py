@@ -41,13 +41,13 @@ def stage2_batch(cfg, batch_size: int, seed: int):
 
 
 def main() -> None:
-    import numpy as np
     import torch
+    from stage1_step import plain_step
 
     from vaemo.config import load_config
     from vaemo.model import VAEmotionLLM
     from vaemo.train.objectives import EmoAdapterObjective, build_stage_model
-    from vaemo.train.trainer import StageModule, synchronize
+    from vaemo.train.trainer import StageModule
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps per side (after one untimed)")
@@ -69,17 +69,10 @@ def main() -> None:
     assert VAEmotionLLM.sharing_video_tokens is sharing
     for step in range(1 + args.steps):
         for objective, model, module, optimizer, times, losses in sides.values():
-            batch = batches[step % len(batches)]
             start = time.perf_counter()
-            inputs = objective.prepare(model, batch, np.random.default_rng([0, step]))
-            synchronize(inputs, 1, objective.chunk)
-            loss = module(inputs)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses.append(plain_step(objective, model, module, optimizer, batches[step % len(batches)], step))
             if step:
                 times.append(time.perf_counter() - start)
-            losses.append(float(loss.detach()))
     (_, _, _, _, unshared, unshared_losses), (_, _, _, _, shared, shared_losses) = sides.values()
     same = "the same losses" if unshared_losses == shared_losses else f"DIFFERENT losses {unshared_losses} {shared_losses}"
     a, b = statistics.median(unshared), statistics.median(shared)
