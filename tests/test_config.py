@@ -38,6 +38,41 @@ def test_stage_blocks_merge_and_command_line_overrides_win():
     assert overridden.train.max_steps == 7 and overridden.train.lr == pytest.approx(1e-4)
 
 
+def test_a_preset_starts_from_its_base_and_changes_only_what_differs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "seed: 4\ntrain: {max_steps: 9, lr: 1.0e-3}\nstages:\n  stage1:\n    train: {max_steps: 5, warmup_steps: 2}\n"
+    )
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../base.yaml\ntrain: {lr: 2.0e-3}\nstages:\n  stage1:\n    train: {max_steps: 6}\n")
+    top, stage1 = load_config(child), load_config(child, stage=1)
+    assert (top.seed, top.train.max_steps, top.train.lr) == (4, 9, pytest.approx(2e-3))
+    assert (stage1.train.max_steps, stage1.train.warmup_steps, stage1.train.lr) == (6, 2, pytest.approx(2e-3))
+    assert load_config(child, ["train.lr=5e-4"], stage=1).train.lr == pytest.approx(5e-4)  # the command line still wins
+
+    base.write_text("base: sub/child.yaml\n")
+    with pytest.raises(ConfigError, match="presets starting from each other"):
+        load_config(child)
+    child.write_text("base: ../missing.yaml\n")
+    result = cli("config", "show", "--config", str(child))
+    assert result.returncode == 2 and "missing.yaml' does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_demo_preset_is_the_tiny_preset_with_less_training():
+    """`make demo` runs configs/tiny-demo.yaml; everything but the world's size and the step counts must stay
+    the science preset's, so the demo shows the same pipeline."""
+    for stage in (0, 1, 2):
+        demo = dataclasses.asdict(load_config(ROOT / "configs/tiny-demo.yaml", stage=stage))
+        tiny = dataclasses.asdict(load_config(ROOT / "configs/tiny.yaml", stage=stage))
+        assert demo["train"]["max_steps"] < tiny["train"]["max_steps"]
+        assert demo["synth"]["train_clips"] < tiny["synth"]["train_clips"]
+        for cfg in (demo, tiny):
+            cfg["train"].pop("max_steps")
+            cfg["synth"].pop("train_clips")
+        assert demo == tiny
+
+
 def test_config_show_and_help_start_without_torch():
     """`vaemo config show` and `vaemo --help` answer in a fraction of a second: torch and transformers (seconds
     to import) are loaded only by the commands that run models."""

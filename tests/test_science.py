@@ -86,7 +86,7 @@ def test_the_demos_targets_fail_when_stage_2_does_nothing():
         "after stage 2": stage1,
     }
     checks = {t.claim: t.passed for t in demo_targets(unchanged)}
-    assert not checks["after stage 2, audio arousal error (the Supervisor's) <= 0.35"]
+    assert not checks["after stage 2, audio arousal error (the Supervisor's) <= 0.40"]
     trained = {**unchanged, "after stage 2": {**stage1, "va": {"audio": {"valence_mae": 0.2, "arousal_mae": 0.2}}}}
     assert all(t.passed for t in demo_targets(trained)), [t.line() for t in demo_targets(trained) if not t.passed]
 

@@ -2,7 +2,8 @@
 
 A preset holds settings for the whole pipeline. Per-stage settings live under `stages.stageN` in the
 preset and are merged over the top-level sections when stage N runs; command-line overrides are
-applied last, so `train.max_steps=5` always wins. Every field is documented where it is declared (the
+applied last, so `train.max_steps=5` always wins. A preset may start from another (`base: tiny.yaml`, a path
+relative to it) and change only what differs. Every field is documented where it is declared (the
 string under it); `vaemo config show` prints the resolved tree with those docs as comments.
 
 Why plain dataclasses and a small hand-written loader (`load_config` to the end, about 240 lines) rather than
@@ -626,7 +627,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Load a preset, merge `stages.stageN` for the given stage, apply `key=value` overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = _read_yaml(Path(path))
+        tree = _read_preset(Path(path))
     stage_blocks = tree.pop("stages", None) or {}
     if not isinstance(stage_blocks, dict):
         raise ConfigError("config field 'stages' must be a mapping of stage0/stage1/stage2 blocks")
@@ -739,6 +740,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at its top level")
     return data
+
+
+def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's tree, merged over the tree of the preset its `base` names (recursively)."""
+    tree = _read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config field 'base' in '{path}' must be the path of another preset, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"config field 'base' in '{path}': presets starting from each other ({base_path})")
+    return _deep_merge(_read_preset(base_path, (*seen, path.resolve())), tree)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -94,6 +94,13 @@ def emotion(report: dict, modality: str) -> float:
 # One run is one draw: the demo's thresholds sit below `make science`'s targets (means over seeds) by about
 # the spread between seeds (README, "Science over seeds"), so a healthy run passes on any machine.
 MARGIN = 0.05
+# `make demo` trains less than `make science` (configs/tiny-demo.yaml: half the clips, 1000 / 1200 / 100 steps)
+# to fit 15 minutes. Over seeds 0-2 (`jobs/science.py --config configs/tiny-demo.yaml`, 2026-12-04) its means
+# sat below science's by 0.02 (visual content after stage 0: 0.922), 0.08 (audio emotion after stage 1: 0.802
+# against 0.884; seeds 0.812, 0.802, 0.792), 0.08 in the Supervisor's arousal error (0.336 against 0.254) and
+# 0.02 in the audio-visual margin (-0.014 against +0.003). The levels and that margin give this much more away;
+# stage 2's changes, the deaf check and chance are judged as in science, with MARGIN.
+SHORT_SCHEDULE = 0.05
 # The science target for the Supervisor's mean absolute arousal error on audio (the demo's is this + MARGIN).
 AROUSAL_ERROR = 0.3
 
@@ -101,8 +108,10 @@ AROUSAL_ERROR = 0.3
 def targets(reports: dict[str, dict]) -> list[Target]:
     s0, s1, s2 = reports["after stage 0"], reports["after stage 1"], reports["after stage 2"]
     acc = lambda r, m, t: r["accuracy"][m][t]  # noqa: E731
+    allowance = MARGIN + SHORT_SCHEDULE
+    seeing = 0.9 - allowance
     out = [
-        Target(f"after stage 0, visual {t} >= {0.9 - MARGIN:.2f}", acc(s0, "visual", t), acc(s0, "visual", t) >= 0.9 - MARGIN)
+        Target(f"after stage 0, visual {t} >= {seeing:.2f}", acc(s0, "visual", t), acc(s0, "visual", t) >= seeing)
         for t in ("content", "emotion")
     ]
     for task in ("content", "emotion"):  # chance: within ~2 standard errors of 0.25 on these item counts
@@ -118,9 +127,9 @@ def targets(reports: dict[str, dict]) -> list[Target]:
     for task in ("content", "emotion"):
         out.append(
             Target(
-                f"after stage 1 (no audio labels), audio {task} >= {0.85 - MARGIN:.2f}",
+                f"after stage 1 (no audio labels), audio {task} >= {0.85 - allowance:.2f}",
                 acc(s1, "audio", task),
-                acc(s1, "audio", task) >= 0.85 - MARGIN,
+                acc(s1, "audio", task) >= 0.85 - allowance,
             )
         )
     deaf = s1.get("deaf_check", {})
@@ -145,16 +154,18 @@ def targets(reports: dict[str, dict]) -> list[Target]:
     out.append(
         Target(f"stage 2 audio content change >= {-0.02 - MARGIN:.2f} (keeps what stage 1 taught)", cost, cost >= -0.02 - MARGIN)
     )
-    # Only a trained Emotion Supervisor predicts valence and arousal: this fails when stage 2 does nothing.
-    # Over seeds 0-2 `make science` measured 0.21-0.31 (a constant guess: about 0.66), so one run gets MARGIN.
+    # Only a trained Emotion Supervisor predicts valence and arousal: this fails when stage 2 does nothing
+    # (a constant guess: about 0.66). Over seeds 0-2 the demo's schedule measured 0.320-0.346.
     arousal = s2.get("va", {}).get("audio", {}).get("arousal_mae", float("nan"))
-    limit = AROUSAL_ERROR + MARGIN
+    limit = AROUSAL_ERROR + allowance
     out.append(Target(f"after stage 2, audio arousal error (the Supervisor's) <= {limit:.2f}", arousal, arousal <= limit))
     best_single = max(emotion(s2, "audio"), emotion(s2, "visual"))
     margin = emotion(s2, "audio_visual") - best_single
     out.append(
         Target(
-            f"after stage 2, audio-visual emotion minus the better single modality >= {-MARGIN:.2f}", margin, margin >= -MARGIN
+            f"after stage 2, audio-visual emotion minus the better single modality >= {-allowance:.2f}",
+            margin,
+            margin >= -allowance,
         )
     )
     return out
@@ -304,7 +315,11 @@ def report(out: Path, reports: dict[str, dict], seconds: float) -> int:
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--config", default=str(project_root() / "configs" / "tiny.yaml"), help="the preset")
+    p.add_argument(
+        "--config",
+        default=str(project_root() / "configs" / "tiny-demo.yaml"),
+        help="the preset (default: the tiny preset's shorter demo schedule; configs/tiny.yaml is what make science runs)",
+    )
     p.add_argument("--ablations", action="store_true", help="also run stage 2 without Enhancer / Supervisor / both")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     add_pipeline_args(p)
