@@ -13,15 +13,16 @@ export PYTHONUNBUFFERED := 1
 setup:
 	@bash scripts/setup.sh
 
+# The whole pipeline, one seed, on the tiny preset's shorter demo schedule (README, "make demo: ...").
 demo: setup
-	$(PY) jobs/demo.py --out runs/demo
+	$(PY) jobs/demo.py --config configs/tiny-demo.yaml --out runs/demo
 
 ablations: setup
-	$(PY) jobs/demo.py --out runs/demo --ablations
+	$(PY) jobs/demo.py --config configs/tiny-demo.yaml --out runs/demo --ablations
 
 # Every stage over 3 seeds (worlds and training), with the stage-2 ablations: runs/science/report.md.
 science: setup
-	$(PY) jobs/science.py --out runs/science
+	$(PY) jobs/science.py --config configs/tiny.yaml --out runs/science
 
 # Lint and formatting are checked first: `make format` applies both.
 test: setup
