@@ -750,10 +750,11 @@ def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return tree
     if not isinstance(base, str) or not base:
         raise ConfigError(f"config field 'base' in '{path}' must be the path of another preset, got {base!r}")
+    seen = (*seen, path.resolve())
     base_path = (path.parent / base).resolve()
-    if base_path in seen or base_path == path.resolve():
+    if base_path in seen:
         raise ConfigError(f"config field 'base' in '{path}': presets starting from each other ({base_path})")
-    return _deep_merge(_read_preset(base_path, (*seen, path.resolve())), tree)
+    return _deep_merge(_read_preset(base_path, seen), tree)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

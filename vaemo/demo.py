@@ -101,7 +101,11 @@ MARGIN = 0.05
 # 0.02 in the audio-visual margin (-0.014 against +0.003). The levels and that margin give this much more away;
 # stage 2's changes, the deaf check and chance are judged as in science, with MARGIN.
 SHORT_SCHEDULE = 0.05
-# The science target for the Supervisor's mean absolute arousal error on audio (the demo's is this + MARGIN).
+# Issue 13's science targets (means over seeds): visual accuracy after stage 0, audio accuracy after stage 1
+# and the Supervisor's mean absolute arousal error on audio. The demo's thresholds give MARGIN and
+# SHORT_SCHEDULE away from each.
+SEEING = 0.9
+HEARING = 0.85
 AROUSAL_ERROR = 0.3
 
 
@@ -109,7 +113,7 @@ def targets(reports: dict[str, dict]) -> list[Target]:
     s0, s1, s2 = reports["after stage 0"], reports["after stage 1"], reports["after stage 2"]
     acc = lambda r, m, t: r["accuracy"][m][t]  # noqa: E731
     allowance = MARGIN + SHORT_SCHEDULE
-    seeing = 0.9 - allowance
+    seeing = SEEING - allowance
     out = [
         Target(f"after stage 0, visual {t} >= {seeing:.2f}", acc(s0, "visual", t), acc(s0, "visual", t) >= seeing)
         for t in ("content", "emotion")
@@ -127,9 +131,9 @@ def targets(reports: dict[str, dict]) -> list[Target]:
     for task in ("content", "emotion"):
         out.append(
             Target(
-                f"after stage 1 (no audio labels), audio {task} >= {0.85 - allowance:.2f}",
+                f"after stage 1 (no audio labels), audio {task} >= {HEARING - allowance:.2f}",
                 acc(s1, "audio", task),
-                acc(s1, "audio", task) >= 0.85 - allowance,
+                acc(s1, "audio", task) >= HEARING - allowance,
             )
         )
     deaf = s1.get("deaf_check", {})

@@ -20,7 +20,7 @@ import numpy as np
 
 from vaemo import progress
 from vaemo.config import MODALITIES
-from vaemo.demo import AROUSAL_ERROR, Target
+from vaemo.demo import AROUSAL_ERROR, HEARING, SEEING, Target
 
 TASKS = ("content", "emotion")
 
@@ -95,15 +95,16 @@ def targets(per_seed: dict[int, dict[str, dict]]) -> list[Target]:
     table = aggregate(per_seed)
     s0, s1 = table["after stage 0"], table["after stage 1"]
     out = [
-        Target(f"after stage 0, visual {t} mean >= 0.9", s0[f"visual {t}"].cell(), s0[f"visual {t}"].mean >= 0.9) for t in TASKS
+        Target(f"after stage 0, visual {t} mean >= {SEEING}", s0[f"visual {t}"].cell(), s0[f"visual {t}"].mean >= SEEING)
+        for t in TASKS
     ]
     for t in TASKS:
         spread = s1[f"audio {t}"]
         out.append(
             Target(
-                f"after stage 1 (no audio labels), audio {t} mean >= 0.85 and every seed >= 0.8",
+                f"after stage 1 (no audio labels), audio {t} mean >= {HEARING} and every seed >= 0.8",
                 spread.cell(),
-                spread.mean >= 0.85 and min(spread.values) >= 0.8,
+                spread.mean >= HEARING and min(spread.values) >= 0.8,
             )
         )
     out.append(Target("after stage 1, deaf check mean <= 0.35", s1["deaf check"].cell(), s1["deaf check"].mean <= 0.35))
