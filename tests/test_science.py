@@ -109,29 +109,50 @@ def files(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_the_next_seeds_world_written_in_the_background_is_the_same_world(tmp_path):
-    from vaemo.demo import write_data
-    from vaemo.science import WorldAhead
+def test_a_world_written_part_by_part_is_the_world_written_at_once(tmp_path):
+    from vaemo.config import load_config
+    from vaemo.data.synth import write_world
+    from vaemo.demo import WORLD_PARTS, write_world_part
 
     config = small_world_config(tmp_path)
-    ahead = WorldAhead(tmp_path / "seed3", config, 3, fresh=False)
-    assert ahead.wait()
-    write_data(tmp_path / "here", config, 3, False, dev_and_shifted=True)
-    written, expected = files(tmp_path / "seed3" / "data"), files(tmp_path / "here")
+    write_world(tmp_path / "at-once", load_config(config).synth, 3)
+    for part in WORLD_PARTS:
+        write_world_part(part, tmp_path / "parts", config, 3, fresh=False, dev_and_shifted=False)
+    at_once, parts = files(tmp_path / "at-once"), files(tmp_path / "parts")
+    assert {"train/train-000001.tar", "val/val-000000.tar", "bench/items.jsonl"} <= set(at_once)
+    assert sum(k.startswith("bench/media/clip-") for k in at_once) == 2 * 16  # each clip and its labels
+    assert all(parts[k] == at_once[k] for k in at_once), [k for k in at_once if parts.get(k) != at_once[k]]
+    assert set(parts) - set(at_once) == {"splits.json"}
+    assert json.loads(parts["splits.json"]) == {"train": 24, "val": 16}
+
+
+def test_the_worlds_written_in_the_background_are_the_worlds_a_seed_writes_itself(tmp_path):
+    from vaemo.demo import WORLD_PARTS, write_world_part
+    from vaemo.science import WorldWriter
+
+    config = small_world_config(tmp_path)
+    worlds = WorldWriter(tmp_path, config, [3, 5], fresh=False)
+    assert all(worlds.wait(seed, part) for seed in (3, 5) for part in WORLD_PARTS)
+    worlds.stop()
+    for part in WORLD_PARTS:
+        write_world_part(part, tmp_path / "here", config, 5, False, dev_and_shifted=True)
+    written, expected = files(tmp_path / "seed5" / "data"), files(tmp_path / "here")
     assert {"train/train-000001.tar", "val-bench/items.jsonl", "shifted/bench/items.jsonl"} <= set(expected)
     assert written.keys() == expected.keys() and all(written[k] == expected[k] for k in expected)
-    assert "wrote" in (tmp_path / "seed3" / "data.log").read_text()  # its lines, not over the driver's bars
+    assert files(tmp_path / "seed3" / "data")["train/train-000000.tar"] != expected["train/train-000000.tar"]
+    log = (tmp_path / "seed5" / "data.log").read_text()  # its lines, not over the driver's bars
+    assert log.count("wrote") == 2, log  # the training part's and the bench's
 
 
-def test_the_background_world_runs_below_everything_and_stops_with_its_pool(tmp_path):
+def test_the_background_worlds_run_below_everything_and_stop_with_their_pool(tmp_path):
     import os
     import time
 
-    from vaemo.science import WorldAhead
+    from vaemo.science import WorldWriter
 
     # shards of 200 clips: a pool worker would go on writing one for half a minute after its parent died
-    ahead = WorldAhead(tmp_path / "seed4", small_world_config(tmp_path, 400, 200), 4, fresh=False)
-    group = ahead.process.pid
+    worlds = WorldWriter(tmp_path, small_world_config(tmp_path, 400, 200), [4], fresh=False)
+    group = worlds.process.pid
     deadline = time.time() + 60
     while len(live_processes_in_group(group)) < 3 and time.time() < deadline:
         time.sleep(0.2)  # the writer and its pool of two
@@ -140,13 +161,14 @@ def test_the_background_world_runs_below_everything_and_stops_with_its_pool(tmp_
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE
         autogroup = Path(f"/proc/{pid}/autogroup")
         assert not autogroup.exists() or autogroup.read_text().strip().endswith("nice 19")
-    ahead.stop()
-    assert ahead.process.exitcode != 0
+    worlds.stop()
+    assert worlds.process.exitcode != 0
     deadline = time.time() + 5
     while live_processes_in_group(group) and time.time() < deadline:
         time.sleep(0.2)
     assert live_processes_in_group(group) == []
-    assert not ahead.wait()  # and the seed then writes its world itself
+    assert not worlds.wait(4, "training")  # and the seed then writes its world itself
+    assert not worlds.wait(4, "eval")
 
 
 def live_processes_in_group(group: int) -> list[int]:

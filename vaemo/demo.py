@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from vaemo import progress
 from vaemo.config import STAGES, load_config, project_root
@@ -175,15 +176,29 @@ def targets(reports: dict[str, dict]) -> list[Target]:
     return out
 
 
-def write_data(data: Path, config: str, seed: int, fresh: bool, dev_and_shifted: bool) -> None:
-    """The world (train/val shards, bench); with `dev_and_shifted` also val-bench (the val split's clips
-    asked as a bench: the dev split settings are chosen on) and shifted-bench (clips written with other
-    settings inside the spec than training used: 4-8 s long, the renderer without domain randomisation)."""
+# A world is written in two parts, each when the pipeline first needs it: "training" (the train and val
+# shards, before stage 0) and "eval" (the benches, before the first evaluation). `make science` writes
+# them ahead in the background, in the order its seeds need them.
+WORLD_PARTS = ("training", "eval")
+TRAINING_WRITTEN = "splits.json"  # written last by the training part: its counts
+
+
+def write_world_part(part: str, data: Path, config: str, seed: int, fresh: bool, dev_and_shifted: bool) -> None:
+    """One part of the world in DATA, unless it is already complete. "training": train and val shards.
+    "eval": the bench; with `dev_and_shifted` also val-bench (the val split's clips asked as a bench: the dev
+    split settings are chosen on) and shifted-bench (clips written with other settings inside the spec than
+    training used: 4-8 s long, the renderer without domain randomisation)."""
     from vaemo.data.synth import Ranges, bench_from_shards, synthesize, write_world
 
     synth = load_config(config).synth
-    if fresh or not (data / "bench" / "items.jsonl").is_file():
-        write_world(data, synth, seed)
+    whole_world = (data / "bench" / "items.jsonl").is_file()  # as runs before the split into parts left it
+    if part == "training" and (fresh or not ((data / TRAINING_WRITTEN).is_file() or whole_world)):
+        counts = write_world(data, synth, seed, splits=("train", "val"))
+        (data / TRAINING_WRITTEN).write_text(json.dumps({k: counts[k] for k in ("train", "val")}))
+    if part != "eval":
+        return
+    if fresh or not whole_world:
+        write_world(data, synth, seed, splits=("bench",))
     if dev_and_shifted and (fresh or not (data / "val-bench" / "items.jsonl").is_file()):
         bench_from_shards(sorted((data / "val").glob("*.tar")), data / "val-bench", seed)
     if dev_and_shifted and (fresh or not (data / "shifted" / "bench" / "items.jsonl").is_file()):
@@ -234,17 +249,18 @@ def run_pipeline(
     actors: int,
     dev_and_shifted: bool = False,
     stage1_teacher: str = "cache",
-    world_written: bool = False,
+    world: Callable[[str], None] | None = None,
 ) -> dict[str, dict]:
     """data -> stage 0 -> eval -> [teacher cache ->] stage 1 -> eval -> stage 2 -> eval [-> the named
     ABLATIONS]; returns the reports. `seed`: world and training seed (None: the preset's). `stage1_teacher`:
-    `cache` (the frozen teacher runs once per clip) or `online` (every step). `world_written`: OUT/data was
-    just written for this run (by `write_data`, elsewhere)."""
+    `cache` (the frozen teacher runs once per clip) or `online` (every step). `world(part)`: returns once
+    that part of OUT/data (`WORLD_PARTS`) is written; by default the run writes it itself, when it needs it."""
     out = out.resolve()
     seed_overrides = [] if seed is None else [f"seed={seed}"]
     data = out / "data"
-    if not world_written:
-        write_data(data, config, load_config(config, seed_overrides).seed, fresh, dev_and_shifted)
+    world_seed = load_config(config, seed_overrides).seed
+    world = world or (lambda part: write_world_part(part, data, config, world_seed, fresh, dev_and_shifted))
+    world("training")
     data_overrides = [
         *seed_overrides,
         f"data.train_shards={data}/train/*.tar",
@@ -259,6 +275,8 @@ def run_pipeline(
         if stage == 1 and stage1_teacher == "cache":
             start += stage1_teacher_cache(out, config, [*data_overrides, *start], fresh, actors)
         exports[stage] = train(stage, out / f"stage{stage}", config, [*data_overrides, *start], fresh)
+        if stage == STAGES[0]:
+            world("eval")
         evals = {f"after stage {stage}": (bench, out / f"eval-stage{stage}")}
         if dev_and_shifted:
             evals[f"after stage {stage}, val split"] = (data / "val-bench", out / f"eval-stage{stage}-val")

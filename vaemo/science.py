@@ -14,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -258,39 +259,60 @@ ABLATION_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-class WorldAhead:
-    """The next seed's world, written while this seed trains, at the lowest CPU priority: it takes only the
-    time the training leaves idle on the cores (ranks waiting on each other, Ray starting workers, actors
-    loading), and a world is the same bytes whatever shares the machine. Its lines go to SEED/data.log."""
+class WorldWriter:
+    """Every seed's world, written by one background process at the lowest CPU priority, part by part in the
+    order the seeds need them (`WORLD_PARTS`: seed 0's training part, its benches, seed 1's training part...).
+    It takes only the time the training leaves idle on the cores (ranks waiting on each other, Ray starting
+    workers, actors loading), and when the driver waits for a part, all of it. A world is the same bytes
+    whatever shares the machine. Its lines go to OUT/seedN/data.log."""
 
-    def __init__(self, seed_dir: Path, config: str, seed: int, fresh: bool):
+    def __init__(self, out: Path, config: str, seeds: list[int], fresh: bool):
         import multiprocessing
 
-        seed_dir.mkdir(parents=True, exist_ok=True)
-        self.seed_dir = seed_dir
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=_write_world_quietly, args=(str(seed_dir), config, seed, fresh), name=f"world of seed {seed}"
+        context = multiprocessing.get_context("spawn")
+        self.out = out
+        self.written: set[tuple[int, str]] = set()
+        self.failed = False
+        self.reports, sender = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=_write_worlds_quietly, args=(str(out), config, seeds, fresh, sender), name="worlds of the seeds"
         )
         self.process.start()
+        sender.close()  # the child's end: once it exits, recv() ends instead of waiting
 
-    def wait(self) -> bool:
-        """True when the world is complete; otherwise the seed's own run writes what is missing."""
-        if self.process.is_alive():
-            progress.log(f"science: waiting for {self.seed_dir / 'data'}, written in the background")
-        self.process.join()
-        if self.process.exitcode != 0:
-            progress.log(
-                f"science: writing {self.seed_dir / 'data'} in the background failed (exit {self.process.exitcode}; "
-                f"{self.seed_dir / 'data.log'}); the seed writes it itself"
-            )
-        return self.process.exitcode == 0
+    def wait(self, seed: int, part: str) -> bool:
+        """True once the part is written; False when the writer stopped first (the seed then writes it)."""
+        if self.failed:
+            return (seed, part) in self.written
+        try:
+            while self.reports.poll():  # the parts written since the last call
+                self.written.add(self.reports.recv())
+        except EOFError:
+            pass  # the writer has finished; the loop below tells whether it wrote this part
+        if (seed, part) not in self.written and self.process.is_alive():
+            progress.log(f"science: waiting for {self.out / f'seed{seed}' / 'data'} ({part}), written in the background")
+        while (seed, part) not in self.written:
+            try:
+                self.written.add(self.reports.recv())
+            except EOFError:
+                self.process.join()
+                self.failed = True
+                progress.log(
+                    f"science: writing the worlds in the background failed (exit {self.process.exitcode}; "
+                    f"{self.out / f'seed{seed}' / 'data.log'}); each seed writes what is missing itself"
+                )
+                return False
+        return True
 
     def stop(self) -> None:
         """Stop the writer and its synthesis pool (one process group)."""
         import signal
 
         if self.process.is_alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:  # not yet in a session of its own
+                self.process.terminate()
         self.process.join()
 
 
@@ -308,14 +330,29 @@ def lowest_priority() -> None:
         pass  # a kernel without autogroup: SCHED_IDLE alone decides
 
 
-def _write_world_quietly(seed_dir: str, config: str, seed: int, fresh: bool) -> None:
-    from vaemo.demo import write_data
+def _write_worlds_quietly(out: str, config: str, seeds: list[int], fresh: bool, reports) -> None:
+    from vaemo.demo import WORLD_PARTS, write_world_part
 
     lowest_priority()
-    log = os.open(os.path.join(seed_dir, "data.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)  # plain lines (not a terminal) into the log, none over the driver's progress bars
-    os.dup2(log, 2)
-    write_data(Path(seed_dir) / "data", config, seed, fresh, dev_and_shifted=True)
+    for seed in seeds:
+        seed_dir = Path(out) / f"seed{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        for part in WORLD_PARTS:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if part == WORLD_PARTS[0] else os.O_APPEND)
+            log = os.open(seed_dir / "data.log", flags, 0o644)
+            os.dup2(log, 1)  # plain lines (not a terminal) into the log, none over the driver's progress bars
+            os.dup2(log, 2)
+            os.close(log)
+            write_world_part(part, seed_dir / "data", config, seed, fresh, dev_and_shifted=True)
+            reports.send((seed, part))
+
+
+def _world_part(worlds: WorldWriter, data: Path, config: str, seed: int, fresh: bool, part: str) -> None:
+    """A seed's part of its world: from the background writer, or, where that stopped, written here."""
+    from vaemo.demo import write_world_part
+
+    if not worlds.wait(seed, part):
+        write_world_part(part, data, config, seed, fresh, dev_and_shifted=True)
 
 
 def run_science(
@@ -333,13 +370,10 @@ def run_science(
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, dict[str, dict]] = {}
-    ahead = None
+    worlds = WorldWriter(out, config, seeds, fresh)
     try:
-        for index, seed in enumerate(seeds):
+        for seed in seeds:
             progress.log(f"science: seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
-            written = ahead is not None and ahead.wait()
-            following = seeds[index + 1] if index + 1 < len(seeds) else None
-            ahead = None if following is None else WorldAhead(out / f"seed{following}", config, following, fresh)
             per_seed[seed] = run_pipeline(
                 out / f"seed{seed}",
                 config,
@@ -349,12 +383,11 @@ def run_science(
                 actors,
                 dev_and_shifted=True,
                 stage1_teacher=stage1_teacher,
-                world_written=written,
+                world=partial(_world_part, worlds, out / f"seed{seed}" / "data", config, seed, fresh),
             )
             write_report(out, per_seed, time.time() - start)  # a partial report survives an interrupted run
     finally:
-        if ahead is not None:
-            ahead.stop()
+        worlds.stop()
     checks = write_report(out, per_seed, time.time() - start)
     progress.console.print((out / "report.md").read_text())
     progress.log(

@@ -676,7 +676,8 @@ def synthesize(
     workers: int = 0,
     progress=None,
 ) -> dict[str, int]:
-    """Write OUT/train/*.tar, OUT/val/*.tar and OUT/bench/ (items.jsonl + media/). Deterministic per seed."""
+    """Write OUT/train/*.tar, OUT/val/*.tar and OUT/bench/ (items.jsonl + media/). Deterministic per seed: a
+    clip is the same bytes whichever splits one call writes. A split of 0 clips is not written."""
     out = Path(out)
     jobs: list[SynthJob] = []
     for split, total in (("train", train_clips), ("val", val_clips)):
@@ -685,7 +686,8 @@ def synthesize(
             path = out / split / f"{split}-{shard:06d}.tar"
             jobs.append(SynthJob(split, first, min(clips_per_shard, total - first), str(path), seed, ranges))
     media = out / "bench" / "media"
-    media.mkdir(parents=True, exist_ok=True)
+    if bench_clips:
+        media.mkdir(parents=True, exist_ok=True)
     step = max(1, min(clips_per_shard, math.ceil(bench_clips / max(1, workers or os.cpu_count() or 1))))
     for first in range(0, bench_clips, step):
         jobs.append(SynthJob("bench", first, min(step, bench_clips - first), str(media), seed, ranges))
@@ -701,7 +703,7 @@ def synthesize(
                     progress(done)
     except FileNotFoundError as err:
         raise UserError(f"ffmpeg is not installed or not on PATH ({err}); run `make setup`") from None
-    items = write_bench_items(out / "bench", bench_clips, seed)
+    items = write_bench_items(out / "bench", bench_clips, seed) if bench_clips else 0
     return {"train": train_clips, "val": val_clips, "bench_clips": bench_clips, "bench_items": items}
 
 
@@ -714,15 +716,20 @@ def write_world(
     bench: int | None = None,
     shard_size: int | None = None,
     workers: int | None = None,
+    splits: tuple[str, ...] = ("train", "val", "bench"),
 ) -> dict[str, int]:
     """`vaemo data synth`: the world a preset's `synth` section describes, with progress; explicit counts
-    win, and with only `train` given val and bench are derived from it (balanced blocks of 16)."""
+    win, and with only `train` given val and bench are derived from it (balanced blocks of 16). `splits`:
+    which of them to write now (a clip is the same bytes whether its split is written alone or not)."""
     from vaemo import progress
 
     train_clips = train or synth.train_clips
     derived = max(16, math.ceil(train_clips / 12 / 16) * 16)
     val_clips = val or (synth.val_clips if train is None else derived)
     bench_clips = bench or (synth.bench_clips if train is None else derived)
+    train_clips, val_clips, bench_clips = (
+        count if split in splits else 0 for count, split in zip((train_clips, val_clips, bench_clips), SPLIT_CODES)
+    )
     with progress.task("synthesizing clips", train_clips + val_clips + bench_clips) as update:
         counts = synthesize(
             out,
@@ -735,5 +742,5 @@ def write_world(
             workers=synth.workers if workers is None else workers,
             progress=update,
         )
-    progress.log(f"wrote {out}: {counts}")
+    progress.log(f"wrote {out}: {', '.join(f'{n} {what}' for what, n in counts.items() if n)}")
     return counts
