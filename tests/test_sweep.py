@@ -17,6 +17,36 @@ from vaemo.tune import load_sweep
 pytestmark = pytest.mark.slow
 
 
+LIVE_GROUPS = """
+import json, ray
+ray.init(log_to_driver=False, configure_logging=False)  # the Ray RAY_ADDRESS names (the tests' head)
+{before}
+print(json.dumps([pg for pg, info in ray.util.placement_group_table().items() if info["state"] != "REMOVED"]))
+"""
+
+
+def live_placement_groups(before: str = "") -> list[str]:
+    """The placement groups not removed on the Ray that RAY_ADDRESS names, after running `before` there."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", LIVE_GROUPS.format(before=before)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_job_removes_the_placement_groups_it_left():
+    """What a sweep does after Tune returns: the job's groups go, and with them the CPUs they held."""
+    left = live_placement_groups(
+        "from vaemo.cluster import remove_placement_groups_of_this_job\n"
+        "from ray.util.placement_group import placement_group\n"
+        "group = placement_group([{'CPU': 0.5}])\n"
+        "ray.get(group.ready(), timeout=60)\n"
+        "assert remove_placement_groups_of_this_job() == [group.id.hex()]\n"
+        "assert remove_placement_groups_of_this_job() == []"
+    )
+    assert left == []
+
+
 def repository_view(tmp_path, small_world, export):
     """A folder laid out like the repository after `make demo`: the README's relative paths work from it."""
     view = tmp_path / "repo"
@@ -68,6 +98,7 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
         assert int(r["model.enhancer.width"]) in space["model.enhancer.width"]["choice"]
     assert rows[0]["train.lr"] != rows[1]["train.lr"]
     assert list((out / "tune").rglob("events.out.tfevents.*"))  # TensorBoard reads the trials
+    assert live_placement_groups() == []  # the sweep left the head's CPUs to the runs after it
     best = load_config(out / "best.yaml", stage=2)
     assert best.stage == 2 and best.model.init_from == str(view / "runs/demo/stage1/export")
     assert best.data.train_shards == str(view / "runs/data/train/*.tar")

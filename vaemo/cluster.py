@@ -75,6 +75,21 @@ def start_local_ray() -> None:
     progress.log(f"started a local Ray (logs: {private}/ray/session_latest/logs)")
 
 
+def remove_placement_groups_of_this_job() -> list[str]:
+    """Remove the placement groups this driver's job still holds; returns their ids. Tune can create one for
+    a trial just as a sweep ends, and Ray 2.60 then keeps it, with its CPUs, after the job is gone: on a
+    shared head a 0.5-CPU group left by a sweep made every later 2-worker run wait for good."""
+    import ray
+    from ray._common.utils import hex_to_binary
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()  # a placement group's id ends with its job's
+    left = [pg for pg, info in ray.util.placement_group_table().items() if pg.endswith(job) and info["state"] != "REMOVED"]
+    for pg in left:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(hex_to_binary(pg))))
+    return left
+
+
 def forwarded_env() -> dict[str, str]:
     """The driver's variables that Ray workers and actors must see: vaemo's, the hub switches, and NCCL/CUDA
     tuning (a cluster's NCCL_SOCKET_IFNAME, NCCL_IB_*...). CUDA_VISIBLE_DEVICES is Ray's to set per worker."""

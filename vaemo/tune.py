@@ -131,7 +131,7 @@ def sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from vaemo.cluster import connect_ray
+    from vaemo.cluster import connect_ray, remove_placement_groups_of_this_job
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path)
@@ -176,6 +176,7 @@ def sweep(
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
     )
     grid = tuner.fit()
+    remove_placement_groups_of_this_job()
     rows = []
     for result in grid:
         params = {k: result.config.get(k) for k in spec.space}
