@@ -191,13 +191,15 @@ def write_world_part(part: str, data: Path, config: str, seed: int, fresh: bool,
     from vaemo.data.synth import Ranges, bench_from_shards, synthesize, write_world
 
     synth = load_config(config).synth
-    whole_world = (data / "bench" / "items.jsonl").is_file()  # as runs before the split into parts left it
-    if part == "training" and (fresh or not ((data / TRAINING_WRITTEN).is_file() or whole_world)):
+    # The bench is written after the training part (and was written last by runs before there were parts),
+    # so it marks that part done too.
+    bench_written = (data / "bench" / "items.jsonl").is_file()
+    if part == "training" and (fresh or not ((data / TRAINING_WRITTEN).is_file() or bench_written)):
         counts = write_world(data, synth, seed, splits=("train", "val"))
         (data / TRAINING_WRITTEN).write_text(json.dumps({k: counts[k] for k in ("train", "val")}))
     if part != "eval":
         return
-    if fresh or not whole_world:
+    if fresh or not bench_written:
         write_world(data, synth, seed, splits=("bench",))
     if dev_and_shifted and (fresh or not (data / "val-bench" / "items.jsonl").is_file()):
         bench_from_shards(sorted((data / "val").glob("*.tar")), data / "val-bench", seed)

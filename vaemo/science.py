@@ -281,28 +281,22 @@ class WorldWriter:
         sender.close()  # the child's end: once it exits, recv() ends instead of waiting
 
     def wait(self, seed: int, part: str) -> bool:
-        """True once the part is written; False when the writer stopped first (the seed then writes it)."""
-        if self.failed:
-            return (seed, part) in self.written
-        try:
-            while self.reports.poll():  # the parts written since the last call
-                self.written.add(self.reports.recv())
-        except EOFError:
-            pass  # the writer has finished; the loop below tells whether it wrote this part
-        if (seed, part) not in self.written and self.process.is_alive():
+        """True once the part is written; False when the writer stopped first (the seed then writes it). The
+        writer reports parts in the order seeds wait for them, so a report waiting in the pipe is this one."""
+        wanted = (seed, part)
+        if not self.failed and wanted not in self.written and not self.reports.poll():
             progress.log(f"science: waiting for {self.out / f'seed{seed}' / 'data'} ({part}), written in the background")
-        while (seed, part) not in self.written:
+        while not self.failed and wanted not in self.written:
             try:
                 self.written.add(self.reports.recv())
-            except EOFError:
+            except EOFError:  # the writer ended without writing this part
                 self.process.join()
                 self.failed = True
                 progress.log(
                     f"science: writing the worlds in the background failed (exit {self.process.exitcode}; "
                     f"{self.out / f'seed{seed}' / 'data.log'}); each seed writes what is missing itself"
                 )
-                return False
-        return True
+        return wanted in self.written
 
     def stop(self) -> None:
         """Stop the writer and its synthesis pool (one process group)."""
