@@ -499,6 +499,11 @@ def _codec_args(codec: Codec, fps: int, video: bool, audio: bool) -> list[str]:
             args += ["-q:v", "3"]
     if audio:
         args += ["-c:a", codec.audio, "-ac", str(codec.channels)]
+        if codec.audio == "aac":
+            # FFmpeg's default AAC coder (twoloop) took 90 ms a soundtrack (the spec's whole range: 5 s and
+            # 33 kHz on average), the fast coder 35 ms, and on these soundtracks the fast one decodes closer
+            # to the source (SNR 26-44 dB against 17-44 dB, 16 kHz). Still AAC-LC, as in real MP4s.
+            args += ["-aac_coder", "fast"]
         if codec.audio == "libopus":
             args += ["-ar", "48000"]  # Opus runs at 48 kHz whatever the source's rate
     args += ["-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact"]
