@@ -54,6 +54,11 @@ class Codec:
     channels: int = 1
 
 
+# FFmpeg's AAC coder: its default, twoloop, which wrote every world the README's numbers come from. The
+# fast coder takes a third of the time and decodes as close to the source (bench/synth_cost.py), but it
+# changes every AAC clip's bytes, so adopting it means measuring the tiny preset's schedule again.
+AAC_CODER = "twoloop"
+
 # The containers a world draws from, each with codecs users' files commonly carry in it.
 FORMATS: dict[str, Codec] = {
     "mp4": Codec("mp4", "libx264", "aac"),
@@ -500,10 +505,7 @@ def _codec_args(codec: Codec, fps: int, video: bool, audio: bool) -> list[str]:
     if audio:
         args += ["-c:a", codec.audio, "-ac", str(codec.channels)]
         if codec.audio == "aac":
-            # FFmpeg's default AAC coder (twoloop) took 90 ms a soundtrack (the spec's whole range: 5 s and
-            # 33 kHz on average), the fast coder 35 ms, and on these soundtracks the fast one decodes closer
-            # to the source (SNR 26-44 dB against 17-44 dB, 16 kHz). Still AAC-LC, as in real MP4s.
-            args += ["-aac_coder", "fast"]
+            args += ["-aac_coder", AAC_CODER]
         if codec.audio == "libopus":
             args += ["-ar", "48000"]  # Opus runs at 48 kHz whatever the source's rate
     args += ["-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact"]

@@ -1,0 +1,103 @@
+"""What writing one ArtEmo-Synth clip costs, by part, and what FFmpeg's fast AAC coder saves.
+
+Renders clips of a preset's world (its `synth` ranges) in one process and times: drawing the frames,
+synthesising the soundtrack, and encoding whole clips (16 to an FFmpeg process, as `vaemo data synth` does).
+Then encodes the AAC soundtracks alone with the coder vaemo uses (`synth.AAC_CODER`, FFmpeg's default
+twoloop) and with FFmpeg's fast coder, alternating, and prints both times, their ratio (fast / used: below 1
+is faster) and each coder's signal-to-noise ratio against the rendered soundtrack.
+
+    .venv/bin/python bench/synth_cost.py
+    .venv/bin/python bench/synth_cost.py --config configs/tiny.yaml --clips 64 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def decoded_snr(media, coder: str) -> float:
+    """dB of the rendered soundtrack over what its AAC encoding decodes to (mono, first channel's length)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, coded = Path(tmp) / "a.f32", Path(tmp) / "a.m4a"
+        raw.write_bytes(np.ascontiguousarray(media.audio, dtype=np.float32).tobytes())
+        cmd = ["ffmpeg", "-loglevel", "error", "-y", "-f", "f32le", "-ar", str(media.sample_rate), "-ac", "1"]
+        subprocess.run([*cmd, "-i", str(raw), "-c:a", "aac", "-aac_coder", coder, str(coded)], check=True)
+        decoded = subprocess.run(
+            ["ffmpeg", "-loglevel", "error", "-i", str(coded), "-f", "f32le", "-ac", "1", "-"], capture_output=True, check=True
+        ).stdout
+    out = np.frombuffer(decoded, np.float32)
+    n = min(len(out), len(media.audio))
+    error = out[:n] - media.audio[:n]
+    return float(10 * np.log10(np.sum(media.audio[:n] ** 2) / max(np.sum(error**2), 1e-12)))
+
+
+def main() -> None:
+    from vaemo.config import load_config
+    from vaemo.data import synth
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"), help="the preset whose synth ranges to draw")
+    p.add_argument("--clips", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="timed encodings of the soundtracks per coder")
+    args = p.parse_args()
+    ranges = synth.Ranges.of(load_config(args.config).synth)
+
+    frames_s = audio_s = 0.0
+    clips = []
+    for index in range(args.clips):
+        rng = np.random.default_rng([0, synth.SPLIT_CODES["train"], index])
+        spec = synth.sample_clip(rng, ranges)
+        start = time.perf_counter()
+        synth.render_frames(spec)
+        frames_s += time.perf_counter() - start
+        start = time.perf_counter()
+        synth.render_audio(spec, rng)
+        audio_s += time.perf_counter() - start
+        clips.append(synth.render_clip(0, "train", index, ranges)[0])
+    start = time.perf_counter()
+    for first in range(0, len(clips), synth.ENCODE_BATCH):
+        synth.encode_clips(clips[first : first + synth.ENCODE_BATCH])
+    encode_s = time.perf_counter() - start
+    n = len(clips)
+    print(
+        f"{n} clips of {args.config}: per clip, frames {frames_s / n * 1000:.0f} ms, soundtrack {audio_s / n * 1000:.0f} ms, "
+        f"encoding {encode_s / n * 1000:.0f} ms"
+    )
+
+    soundtracks = [dataclasses.replace(m, frames=None) for m in clips if m.audio is not None and m.codec.audio == "aac"]
+    used = synth.AAC_CODER
+    seconds: dict[str, list[float]] = {used: [], "fast": []}
+    try:
+        for _ in range(args.rounds):
+            for coder in seconds:
+                synth.AAC_CODER = coder
+                start = time.perf_counter()
+                for first in range(0, len(soundtracks), synth.ENCODE_BATCH):
+                    synth.encode_clips(soundtracks[first : first + synth.ENCODE_BATCH])
+                seconds[coder].append((time.perf_counter() - start) / len(soundtracks))
+    finally:
+        synth.AAC_CODER = used
+    default, fast = (statistics.median(seconds[c]) for c in (used, "fast"))
+    snr = {c: [decoded_snr(m, c) for m in soundtracks[:8]] for c in seconds}
+    mean_seconds = np.mean([len(m.audio) / m.sample_rate for m in soundtracks])
+    print(
+        f"{len(soundtracks)} AAC soundtracks ({mean_seconds:.1f} s on average): {used} {default * 1000:.0f} ms, "
+        f"fast {fast * 1000:.0f} ms each, ratio fast/{used} {fast / default:.2f}; SNR of the first 8, {used} "
+        f"{min(snr[used]):.0f}-{max(snr[used]):.0f} dB, fast {min(snr['fast']):.0f}-{max(snr['fast']):.0f} dB"
+    )
+
+
+if __name__ == "__main__":
+    main()
