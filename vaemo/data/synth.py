@@ -55,7 +55,7 @@ class Codec:
 
 
 # FFmpeg's AAC coder: its default, twoloop, which wrote every world the README's numbers come from. The
-# fast coder takes a third of the time and decodes as close to the source (bench/synth_cost.py), but it
+# fast coder takes 0.4 of the time and decodes as close to the source (bench/synth_cost.py), but it
 # changes every AAC clip's bytes, so adopting it means measuring the tiny preset's schedule again.
 AAC_CODER = "twoloop"
 
