@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,16 +26,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def decoded_snr(media, coder: str) -> float:
-    """dB of the rendered soundtrack over what its AAC encoding decodes to (mono, first channel's length)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        raw, coded = Path(tmp) / "a.f32", Path(tmp) / "a.m4a"
-        raw.write_bytes(np.ascontiguousarray(media.audio, dtype=np.float32).tobytes())
-        cmd = ["ffmpeg", "-loglevel", "error", "-y", "-f", "f32le", "-ar", str(media.sample_rate), "-ac", "1"]
-        subprocess.run([*cmd, "-i", str(raw), "-c:a", "aac", "-aac_coder", coder, str(coded)], check=True)
-        decoded = subprocess.run(
-            ["ffmpeg", "-loglevel", "error", "-i", str(coded), "-f", "f32le", "-ac", "1", "-"], capture_output=True, check=True
-        ).stdout
-    out = np.frombuffer(decoded, np.float32)
+    """dB of the rendered soundtrack over the error of its AAC encoding (mono, as vaemo writes and decodes it)."""
+    from torchcodec.decoders import AudioDecoder
+
+    from vaemo.data import synth
+
+    used = synth.AAC_CODER
+    try:
+        synth.AAC_CODER = coder
+        raw = synth.encode_clip(None, media.audio, media.fps, media.sample_rate, synth.Codec("mp4", audio="aac"))
+    finally:
+        synth.AAC_CODER = used
+    out = AudioDecoder(raw, sample_rate=media.sample_rate, num_channels=1).get_all_samples().data[0].numpy()
     n = min(len(out), len(media.audio))
     error = out[:n] - media.audio[:n]
     return float(10 * np.log10(np.sum(media.audio[:n] ** 2) / max(np.sum(error**2), 1e-12)))

@@ -175,8 +175,10 @@ def sweep(
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
     )
-    grid = tuner.fit()
-    remove_placement_groups_of_this_job()
+    try:
+        grid = tuner.fit()
+    finally:  # a failed or interrupted sweep must not keep the head's CPUs either
+        remove_placement_groups_of_this_job()
     rows = []
     for result in grid:
         params = {k: result.config.get(k) for k in spec.space}
