@@ -10,6 +10,7 @@ a stage's loss (prompts, normalisation, the losses themselves) must update GOLDE
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,6 +224,7 @@ def four_clips(cfg, picks: list[int]) -> Batch:
 def layout_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
     """One rank of the layout test: its share of the clips, the loss and DeepSpeed's averaged gradients."""
     import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401  (see gloo_threads)
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     cfg = load_config(ROOT / "configs/tiny.yaml", LAYOUT_OVERRIDES, stage=1)
@@ -242,10 +244,21 @@ def layout_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
         grad /= world_size
     if rank == 0:
         torch.save({"loss": float(loss.detach()), "grads": grads}, out)
-    # Both ranks leave together: a rank tearing gloo down while the other still uses it was once seen to
-    # abort ("terminate called without an active exception").
-    dist.barrier()
+    dist.barrier()  # both ranks leave together: neither tears gloo down while the other still uses it
     dist.destroy_process_group()
+    assert not gloo_threads(), f"rank {rank}: the process group outlived destroy_process_group: {gloo_threads()}"
+
+
+def gloo_threads() -> list[str]:
+    """This process's Gloo threads (Linux names them; elsewhere this finds none). They live as long as a
+    process group does. If the group outlives destroy_process_group, the interpreter tears it down at exit
+    while they run, and about one exit in fifteen aborts ("terminate called without an active exception",
+    seen in CI). What kept it alive: torch.distributed.nn.functional's `group=group.WORLD` defaults, which
+    capture the group when that module is first imported after init_process_group (the model code imports
+    it); so layout_rank imports it before."""
+    tasks = Path("/proc/self/task")
+    names = [p.read_text().strip() for p in tasks.glob("*/comm")] if tasks.is_dir() else []
+    return [name for name in names if "gloo" in name]
 
 
 def run_layout(world_size: int, tmp_path) -> dict:
