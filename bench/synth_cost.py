@@ -2,9 +2,9 @@
 
 Renders clips of a preset's world (its `synth` ranges) in one process and times: drawing the frames,
 synthesising the soundtrack, and encoding whole clips (16 to an FFmpeg process, as `vaemo data synth` does).
-Then encodes the AAC soundtracks alone with the coder vaemo uses (`synth.AAC_CODER`, FFmpeg's default
-twoloop) and with FFmpeg's fast coder, alternating, and prints both times, their ratio (fast / used: below 1
-is faster) and each coder's signal-to-noise ratio against the rendered soundtrack.
+Then encodes the AAC soundtracks alone with the coder vaemo uses (`synth.Codec.aac_coder`, FFmpeg's
+default twoloop) and with FFmpeg's fast coder, alternating, and prints both times, their ratio (fast /
+used: below 1 is faster) and each coder's signal-to-noise ratio against the rendered soundtrack.
 
     .venv/bin/python bench/synth_cost.py
     .venv/bin/python bench/synth_cost.py --config configs/tiny.yaml --clips 64 --rounds 3
@@ -31,12 +31,7 @@ def decoded_snr(media, coder: str) -> float:
 
     from vaemo.data import synth
 
-    used = synth.AAC_CODER
-    try:
-        synth.AAC_CODER = coder
-        raw = synth.encode_clip(None, media.audio, media.fps, media.sample_rate, synth.Codec("mp4", audio="aac"))
-    finally:
-        synth.AAC_CODER = used
+    raw = synth.encode_clip(None, media.audio, media.fps, media.sample_rate, synth.Codec("mp4", aac_coder=coder))
     out = AudioDecoder(raw, sample_rate=media.sample_rate, num_channels=1).get_all_samples().data[0].numpy()
     n = min(len(out), len(media.audio))
     error = out[:n] - media.audio[:n]
@@ -77,18 +72,15 @@ def main() -> None:
     )
 
     soundtracks = [dataclasses.replace(m, frames=None) for m in clips if m.audio is not None and m.codec.audio == "aac"]
-    used = synth.AAC_CODER
+    used = synth.Codec().aac_coder
     seconds: dict[str, list[float]] = {used: [], "fast": []}
-    try:
-        for _ in range(args.rounds):
-            for coder in seconds:
-                synth.AAC_CODER = coder
-                start = time.perf_counter()
-                for first in range(0, len(soundtracks), synth.ENCODE_BATCH):
-                    synth.encode_clips(soundtracks[first : first + synth.ENCODE_BATCH])
-                seconds[coder].append((time.perf_counter() - start) / len(soundtracks))
-    finally:
-        synth.AAC_CODER = used
+    for _ in range(args.rounds):
+        for coder in seconds:
+            coded = [dataclasses.replace(m, codec=dataclasses.replace(m.codec, aac_coder=coder)) for m in soundtracks]
+            start = time.perf_counter()
+            for first in range(0, len(coded), synth.ENCODE_BATCH):
+                synth.encode_clips(coded[first : first + synth.ENCODE_BATCH])
+            seconds[coder].append((time.perf_counter() - start) / len(coded))
     default, fast = (statistics.median(seconds[c]) for c in (used, "fast"))
     snr = {c: [decoded_snr(m, c) for m in soundtracks[:8]] for c in seconds}
     mean_seconds = np.mean([len(m.audio) / m.sample_rate for m in soundtracks])

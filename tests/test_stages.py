@@ -252,7 +252,7 @@ def layout_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
 def gloo_threads() -> list[str]:
     """This process's Gloo threads (Linux names them; elsewhere this finds none). They live as long as a
     process group does. If the group outlives destroy_process_group, the interpreter tears it down at exit
-    while they run, and about one exit in fifteen aborts ("terminate called without an active exception",
+    while they run, and about one run of two ranks in twenty aborts ("terminate called without an active exception",
     seen in CI). What kept it alive: torch.distributed.nn.functional's `group=group.WORLD` defaults, which
     capture the group when that module is first imported after init_process_group (the model code imports
     it); so layout_rank imports it before."""

@@ -52,12 +52,12 @@ class Codec:
     video: str = "libx264"
     audio: str = "aac"
     channels: int = 1
+    aac_coder: str = "twoloop"
+    """FFmpeg's AAC coder (with `audio="aac"`): its default, twoloop, which wrote every world the README's
+    numbers come from. The fast coder takes 0.4 of the time and decodes as close to the source
+    (bench/synth_cost.py), but it changes every AAC clip's bytes, so adopting it means measuring the tiny
+    preset's schedule again."""
 
-
-# FFmpeg's AAC coder: its default, twoloop, which wrote every world the README's numbers come from. The
-# fast coder takes 0.4 of the time and decodes as close to the source (bench/synth_cost.py), but it
-# changes every AAC clip's bytes, so adopting it means measuring the tiny preset's schedule again.
-AAC_CODER = "twoloop"
 
 # The containers a world draws from, each with codecs users' files commonly carry in it.
 FORMATS: dict[str, Codec] = {
@@ -505,7 +505,7 @@ def _codec_args(codec: Codec, fps: int, video: bool, audio: bool) -> list[str]:
     if audio:
         args += ["-c:a", codec.audio, "-ac", str(codec.channels)]
         if codec.audio == "aac":
-            args += ["-aac_coder", AAC_CODER]
+            args += ["-aac_coder", codec.aac_coder]
         if codec.audio == "libopus":
             args += ["-ar", "48000"]  # Opus runs at 48 kHz whatever the source's rate
     args += ["-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact"]
