@@ -52,11 +52,10 @@ class Codec:
     video: str = "libx264"
     audio: str = "aac"
     channels: int = 1
-    aac_coder: str = "twoloop"
-    """FFmpeg's AAC coder (with `audio="aac"`): its default, twoloop, which wrote every world the README's
-    numbers come from. The fast coder takes 0.4 of the time and decodes as close to the source
-    (bench/synth_cost.py), but it changes every AAC clip's bytes, so adopting it means measuring the tiny
-    preset's schedule again."""
+    aac_coder: str = "fast"
+    """FFmpeg's AAC coder (with `audio="aac"`). The fast one encodes a soundtrack in 0.4 of the time of FFmpeg's
+    default, twoloop, and decodes at least as close to the source (bench/synth_cost.py); worlds written
+    before 2026-12-05 used twoloop, so their AAC clips differ in bytes (and codec noise) from today's."""
 
 
 # The containers a world draws from, each with codecs users' files commonly carry in it.
