@@ -2,9 +2,9 @@
 
 Renders clips of a preset's world (its `synth` ranges) in one process and times: drawing the frames,
 synthesising the soundtrack, and encoding whole clips (16 to an FFmpeg process, as `vaemo data synth` does).
-Then encodes the AAC soundtracks alone with FFmpeg's default coder (twoloop) and its fast one (what vaemo
-uses: `synth.Codec.aac_coder`), alternating, and prints both times, their ratio (fast / twoloop: below 1 is
-faster) and each coder's signal-to-noise ratio against the rendered soundtrack.
+Then encodes the AAC soundtracks alone with FFmpeg's default coder (twoloop, what vaemo uses:
+`synth.Codec.aac_coder`) and its fast one, alternating, and prints both times, their ratio (fast / twoloop:
+below 1 is faster) and each coder's signal-to-noise ratio against the rendered soundtrack.
 
     .venv/bin/python bench/synth_cost.py
     .venv/bin/python bench/synth_cost.py --config configs/tiny.yaml --clips 64 --rounds 3

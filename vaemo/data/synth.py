@@ -52,10 +52,10 @@ class Codec:
     video: str = "libx264"
     audio: str = "aac"
     channels: int = 1
-    aac_coder: str = "fast"
-    """FFmpeg's AAC coder (with `audio="aac"`). The fast one encodes a soundtrack in 0.4 of the time of FFmpeg's
-    default, twoloop, and decodes at least as close to the source (bench/synth_cost.py); worlds written
-    before 2026-12-05 used twoloop, so their AAC clips differ in bytes (and codec noise) from today's."""
+    aac_coder: str = "twoloop"
+    """FFmpeg's AAC coder (with `audio="aac"`): its default, twoloop. The fast coder encodes a soundtrack in 0.4
+    of the time and decodes at least as close to the source (bench/synth_cost.py), but a `make science` run
+    with it saved 0.7 min of 60 and scored val audio emotion 0.01 lower (README, "FFmpeg's AAC coder")."""
 
 
 # The containers a world draws from, each with codecs users' files commonly carry in it.
