@@ -8,8 +8,11 @@ One process, one torch thread (what each CPU training worker gets), the tiny pre
 backward, optimizer step), the ratio shared/unshared (below 1: faster), and checks that both sides give
 the same losses.
 
+With --teacher-share it also times the KD teacher's forward alone (its own tower pass included: an upper
+bound on what a cache of stage 2's teacher targets could save of a step).
+
     .venv/bin/python bench/stage2_step.py
-    .venv/bin/python bench/stage2_step.py --steps 12 --batch 8
+    .venv/bin/python bench/stage2_step.py --steps 12 --batch 8 --teacher-share
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps per side (after one untimed)")
     p.add_argument("--batch", type=int, default=8, help="clips per step (the tiny preset's data.batch_size)")
+    p.add_argument("--teacher-share", action="store_true", help="also time the KD teacher's forward alone")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs/tiny.yaml", stage=2)
@@ -80,6 +84,28 @@ def main() -> None:
         f"stage-2 step, tiny preset, {args.batch} clips, 1 thread: tower in every pass {a * 1000:.0f} ms, "
         f"teacher reads the LM pass's tokens {b * 1000:.0f} ms, ratio shared/unshared {b / a:.2f}; {same}"
     )
+    if args.teacher_share:
+        objective, model = sides["shared"][:2]
+        teacher = statistics.median(teacher_seconds(objective, model, batches, args.steps))
+        print(f"the KD teacher's forward alone (its tower included) {teacher * 1000:.0f} ms: {teacher / b:.2f} of a shared step")
+
+
+def teacher_seconds(objective, model, batches, steps: int) -> list[float]:
+    """Seconds of the KD teacher's pass (no grad, the model as stage 1 left it) on each step's inputs."""
+    import numpy as np
+    import torch
+
+    from vaemo.train.trainer import synchronize
+
+    seconds = []
+    for step in range(1, 1 + steps):
+        inputs = objective.prepare(model, batches[step % len(batches)], np.random.default_rng([0, step]))
+        synchronize(inputs, 1, objective.chunk)
+        start = time.perf_counter()
+        with torch.no_grad(), objective.teacher_view(model):
+            objective.response_hidden(model, inputs.passes["teacher"])
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 if __name__ == "__main__":

@@ -56,8 +56,10 @@ def test_stage1_step_benchmark_times_both_teacher_modes():
 
 
 def test_stage2_step_benchmark_trains_alike_whether_the_teacher_reuses_the_vision_tokens_or_not():
-    last = run_bench("stage2_step.py", "--steps", "1", "--batch", "2").strip().splitlines()[-1]
-    assert "ratio shared/unshared" in last and last.endswith("the same losses"), last
+    compared, share = run_bench("stage2_step.py", "--steps", "1", "--batch", "2", "--teacher-share").strip().splitlines()[-2:]
+    assert "ratio shared/unshared" in compared and compared.endswith("the same losses"), compared
+    fraction = float(share.split(": ")[-1].split()[0])
+    assert share.startswith("the KD teacher's forward alone") and fraction > 0, share
 
 
 def test_comm_bytes_sizes_the_real_7b_and_replicating_frozen_weights_removes_their_gathers():
