@@ -93,7 +93,7 @@ def emotion(report: dict, modality: str) -> float:
 
 
 # One run is one draw: the demo's thresholds sit below `make science`'s targets (means over seeds) by about
-# the spread between seeds (README, "Science over seeds"), so a healthy run passes on any machine.
+# the spread between seeds (README, "What the pipeline shows, over seeds"), so a healthy run passes on any machine.
 MARGIN = 0.05
 # `make demo` trains less than `make science` (configs/tiny-demo.yaml: half the clips, 1000 / 1200 / 100 steps)
 # to fit 15 minutes. Over seeds 0-2 (`jobs/science.py --config configs/tiny-demo.yaml`, 2026-12-04) its means
