@@ -96,16 +96,21 @@ def synthetic_batch(cfg, batch_size: int, seed: int):
     )
 
 
-def plain_step(objective, model, module, optimizer, batch, step: int) -> float:
-    """One optimizer step as a training worker takes it, in this process (prepare, loss, backward, update);
-    returns its loss."""
+def step_inputs(objective, model, batch, step: int):
+    """The inputs a training worker prepares for this step (its prompts drawn from the step's own seed)."""
     import numpy as np
 
     from vaemo.train.trainer import synchronize
 
     inputs = objective.prepare(model, batch, np.random.default_rng([0, step]))
     synchronize(inputs, 1, objective.chunk)
-    loss = module(inputs)
+    return inputs
+
+
+def plain_step(objective, model, module, optimizer, batch, step: int) -> float:
+    """One optimizer step as a training worker takes it, in this process (prepare, loss, backward, update);
+    returns its loss."""
+    loss = module(step_inputs(objective, model, batch, step))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

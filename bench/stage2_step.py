@@ -92,15 +92,12 @@ def main() -> None:
 
 def teacher_seconds(objective, model, batches, steps: int) -> list[float]:
     """Seconds of the KD teacher's pass (no grad, the model as stage 1 left it) on each step's inputs."""
-    import numpy as np
     import torch
-
-    from vaemo.train.trainer import synchronize
+    from stage1_step import step_inputs
 
     seconds = []
     for step in range(1, 1 + steps):
-        inputs = objective.prepare(model, batches[step % len(batches)], np.random.default_rng([0, step]))
-        synchronize(inputs, 1, objective.chunk)
+        inputs = step_inputs(objective, model, batches[step % len(batches)], step)
         start = time.perf_counter()
         with torch.no_grad(), objective.teacher_view(model):
             objective.response_hidden(model, inputs.passes["teacher"])
