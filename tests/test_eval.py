@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, bench_clip, ok, run
 
 from vaemo.data.bench import read_bench
-from vaemo.eval.run import evaluate, evaluate_benches
+from vaemo.eval.run import evaluate, evaluate_runs
 from vaemo.eval.scoring import Scorer, deaf_sources, plan, question_prompt
 
 
@@ -88,27 +88,36 @@ def test_the_benchmark_asks_questions_as_training_does(small_world):
 
 
 @pytest.mark.slow
-def test_one_actor_pool_scores_several_benches_as_one_process_scores_each(small_world, adapter_export, tmp_path):
+def test_one_actor_pool_scores_several_exports_and_benches_as_one_process_scores_each(
+    small_world, adapter_export, stage0_export, tmp_path
+):
     import ray
 
     half = tmp_path / "half"  # a second bench: other items, other deaf-check donors
     shutil.copytree(small_world / "bench", half)
     lines = (half / "items.jsonl").read_text().splitlines()
     (half / "items.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
-    benches = {"bench": small_world / "bench", "half": half}
+    # The exports interleaved: the pool groups each export's chunks, and the results must not depend on it.
+    runs = {
+        "adapter, bench": (adapter_export, small_world / "bench"),
+        "stage 0, half": (stage0_export, half),
+        "adapter, half": (adapter_export, half),
+    }
     try:
-        pooled = evaluate_benches(adapter_export, benches, actors=2, batch_items=12)
+        pooled = evaluate_runs(runs, actors=2, batch_items=12)
     finally:
         ray.shutdown()  # this test session's own Ray: later tests start theirs in subprocesses
-    assert pooled["half"][0]["counts"] != pooled["bench"][0]["counts"]
-    for name, folder in benches.items():
+    assert list(pooled) == list(runs)
+    assert pooled["adapter, half"][0]["counts"] != pooled["adapter, bench"][0]["counts"]
+    for name, (model, folder) in runs.items():
         pooled_report, pooled_items = pooled[name]
-        single, single_items = evaluate(adapter_export, folder, actors=0, batch_items=12)
-        assert pooled_report == single
+        single, single_items = evaluate(model, folder, actors=0, batch_items=12)
+        assert pooled_report == single, name
         assert len(pooled_items) == len(single_items)
         for a, b in zip(pooled_items, single_items):
             assert (a.id, a.deaf, a.predicted) == (b.id, b.deaf, b.predicted)
             assert a.scores == pytest.approx(b.scores, abs=1e-6)
+    assert [r.scores for r in pooled["stage 0, half"][1]] != [r.scores for r in pooled["adapter, half"][1]]
 
 
 def test_a_chunk_passes_each_clip_through_the_towers_once_and_scores_as_one_question_at_a_time(

@@ -20,7 +20,7 @@ from vaemo import progress
 from vaemo.config import STAGES, load_config, project_root
 from vaemo.errors import UserError
 from vaemo.eval.report import baseline_reports, chart, deaf_cell, table
-from vaemo.eval.run import evaluate_benches, write_outputs
+from vaemo.eval.run import evaluate_runs, write_outputs
 
 ABLATIONS = {
     "no-enhancer": ["stage2.use_enhancer=false"],
@@ -74,16 +74,16 @@ def train(stage: int, out: Path, config: str, overrides: list[str], fresh: bool)
 
 
 def score(model: Path, bench: Path, out: Path, label: str, actors: int) -> dict:
-    return score_benches(model, {label: (bench, out)}, actors)[label]
+    return score_runs({label: (model, bench, out)}, actors)[label]
 
 
-def score_benches(model: Path, evals: dict[str, tuple[Path, Path]], actors: int) -> dict[str, dict]:
-    """Score one export on several benches {label: (bench, output folder)} with one actor pool; each
-    folder gets the outputs of `jobs/eval.py`. Returns {label: report}."""
-    scored = evaluate_benches(model, {label: bench for label, (bench, _) in evals.items()}, actors=actors)
+def score_runs(evals: dict[str, tuple[Path, Path, Path]], actors: int) -> dict[str, dict]:
+    """Score exports on benches {label: (export, bench, output folder)} with one actor pool; each folder
+    gets the outputs of `jobs/eval.py`. Returns {label: report}."""
+    scored = evaluate_runs({label: (model, bench) for label, (model, bench, _) in evals.items()}, actors=actors)
     reports = {}
     for label, (report, results) in scored.items():
-        write_outputs(evals[label][1], report, results, baseline_reports(report))
+        write_outputs(evals[label][2], report, results, baseline_reports(report))
         reports[label] = report
     return reports
 
@@ -253,8 +253,8 @@ def run_pipeline(
     stage1_teacher: str = "cache",
     world: Callable[[str], None] | None = None,
 ) -> dict[str, dict]:
-    """data -> stage 0 -> eval -> [teacher cache ->] stage 1 -> eval -> stage 2 -> eval [-> the named
-    ABLATIONS]; returns the reports. `seed`: world and training seed (None: the preset's). `stage1_teacher`:
+    """data -> stage 0 -> [teacher cache ->] stage 1 -> stage 2 [-> the named ABLATIONS] -> every export
+    scored; returns the reports. `seed`: world and training seed (None: the preset's). `stage1_teacher`:
     `cache` (the frozen teacher runs once per clip) or `online` (every step). `world(part)`: returns once
     that part of OUT/data (`WORLD_PARTS`) is written; by default the run writes it itself, when it needs it."""
     out = out.resolve()
@@ -270,26 +270,26 @@ def run_pipeline(
         f"data.bench_dir={data}/bench",
     ]
     bench = data / "bench"
-    reports: dict[str, dict] = {}
+    # Every export is scored at the end, by one actor pool: each pool's start (processes, imports) costs
+    # seconds, and nothing here needs a score before the next stage.
+    evals: dict[str, tuple[Path, Path, Path]] = {}
     exports: dict[int, Path] = {}
     for stage in STAGES:
         start = [f"model.init_from={exports[stage - 1]}"] if stage else []
         if stage == 1 and stage1_teacher == "cache":
             start += stage1_teacher_cache(out, config, [*data_overrides, *start], fresh, actors)
         exports[stage] = train(stage, out / f"stage{stage}", config, [*data_overrides, *start], fresh)
-        if stage == STAGES[0]:
-            world("eval")
-        evals = {f"after stage {stage}": (bench, out / f"eval-stage{stage}")}
+        evals[f"after stage {stage}"] = (exports[stage], bench, out / f"eval-stage{stage}")
         if dev_and_shifted:
-            evals[f"after stage {stage}, val split"] = (data / "val-bench", out / f"eval-stage{stage}-val")
+            evals[f"after stage {stage}, val split"] = (exports[stage], data / "val-bench", out / f"eval-stage{stage}-val")
         if dev_and_shifted and stage == 2:
-            evals["after stage 2, shifted bench"] = (data / "shifted" / "bench", out / "eval-stage2-shifted")
-        reports.update(score_benches(exports[stage], evals, actors))
+            evals["after stage 2, shifted bench"] = (exports[stage], data / "shifted" / "bench", out / "eval-stage2-shifted")
     for name in ablations:
         switches = ABLATIONS[name]
         export = train(2, out / f"stage2-{name}", config, [*data_overrides, f"model.init_from={exports[1]}", *switches], fresh)
-        reports[f"stage 2 {name}"] = score(export, bench, out / f"eval-stage2-{name}", name, actors)
-    return reports
+        evals[f"stage 2 {name}"] = (export, bench, out / f"eval-stage2-{name}")
+    world("eval")
+    return score_runs(evals, actors)
 
 
 def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int, stage1_teacher: str = "cache") -> int:

@@ -21,18 +21,26 @@ from vaemo.eval.scoring import ItemResult, Scorer, plan
 
 
 class ScorerActor:
-    """A Ray actor around Scorer (kept a plain class so the in-process path runs the same code)."""
+    """A Ray actor around Scorer (kept a plain class so the in-process path runs the same code). It holds one
+    model at a time, loaded on the first chunk that asks for it: one pool can score several exports, and the
+    driver hands out chunks grouped by export so that each actor loads each export at most once."""
 
-    def __init__(self, model_dir: str, threads: int, dtype: str = "auto"):
+    def __init__(self, threads: int, dtype: str = "auto"):
+        """`threads`: torch's CPU threads (0: leave them as they are, as a scorer in the driver does)."""
         import torch
 
-        torch.set_num_threads(max(1, threads))
-        self.scorer = Scorer(model_dir, dtype=dtype)
+        if threads:
+            torch.set_num_threads(threads)
+        self.dtype = dtype
+        self.loaded: tuple[str, Scorer] | None = None
 
-    def score_tagged(self, tagged: tuple[str, list]):
-        """(bench name, its results): one pool scores several benches and the driver tells them apart."""
-        name, tasks = tagged
-        return name, self.scorer.score(tasks)
+    def score_tagged(self, tagged: tuple[str, str, list]):
+        """(run name, export folder, tasks) -> (run name, their results): the driver tells the runs apart."""
+        name, model_dir, tasks = tagged
+        if self.loaded is None or self.loaded[0] != model_dir:
+            self.loaded = None  # the previous replica goes before the next one loads
+            self.loaded = (model_dir, Scorer(model_dir, dtype=self.dtype))
+        return name, self.loaded[1].score(tasks)
 
 
 def check_model_dir(model_dir: str | Path, flag: str = "--model") -> Path:
@@ -44,15 +52,22 @@ def check_model_dir(model_dir: str | Path, flag: str = "--model") -> Path:
 
 
 def evaluate(model_dir: str | Path, bench_dir: str | Path, label: str = "", **options) -> tuple[dict, list[ItemResult]]:
-    """Score every item of one bench; `options` are those of `evaluate_benches` (actors=0 scores in this
+    """Score every item of one bench; `options` are those of `evaluate_runs` (actors=0 scores in this
     process). Returns (report, item results)."""
     name = label or str(model_dir)
     return evaluate_benches(model_dir, {name: bench_dir}, **options)[name]
 
 
 def evaluate_benches(
-    model_dir: str | Path,
-    benches: dict[str, str | Path],
+    model_dir: str | Path, benches: dict[str, str | Path], **options
+) -> dict[str, tuple[dict, list[ItemResult]]]:
+    """Score one export on several benches {name: folder} with one pool; `options` are those of
+    `evaluate_runs`. Returns {name: (report, item results)}."""
+    return evaluate_runs({name: (model_dir, bench_dir) for name, bench_dir in benches.items()}, **options)
+
+
+def evaluate_runs(
+    runs: dict[str, tuple[str | Path, str | Path]],
     actors: int = 2,
     batch_items: int = 16,
     deaf_check: bool = True,
@@ -62,26 +77,28 @@ def evaluate_benches(
     gpus_per_actor: float | None = None,
     dtype: str = "auto",
 ) -> dict[str, tuple[dict, list[ItemResult]]]:
-    """Score one export on several benches {name: folder} with one pool of `actors` replicas (0: in this
-    process): each actor loads the model once (about 10 s on a CPU here) and takes chunks of every bench. The
-    chunks, and so the results, are exactly those of scoring each bench alone. `dtype`: auto (bf16 on GPU,
-    fp32 on CPU), fp32 or bf16. Returns {name: (report, item results)}."""
-    model_dir = check_model_dir(model_dir)
+    """Score several (export, bench) runs {name: (export folder, bench folder)} with one pool of `actors`
+    replicas (0: in this process). Starting an actor costs seconds (a process, its imports, then the model);
+    one pool for every run pays that once, and each actor loads each export once (about 10 s on a CPU here
+    for both). The chunks, and so the results, are exactly those of scoring each run alone. `dtype`: auto
+    (bf16 on GPU, fp32 on CPU), fp32 or bf16. Returns {name: (report, item results)}."""
+    models = {name: str(check_model_dir(model_dir)) for name, (model_dir, _) in runs.items()}
+    exports = list(dict.fromkeys(models.values()))
     tagged = []
-    for name, bench_dir in benches.items():
-        items = read_bench(bench_dir)
+    for name in sorted(runs, key=lambda name: exports.index(models[name])):  # each export's chunks together
+        items = read_bench(runs[name][1])
         if max_items:
             items = items[:max_items]
-        tagged += [(name, chunk) for chunk in plan(items, deaf_check, batch_items, seed)]
-    results: dict[str, list[ItemResult]] = {name: [] for name in benches}
-    description = f"scoring {', '.join(benches)}"
+        tagged += [(name, models[name], chunk) for chunk in plan(items, deaf_check, batch_items, seed)]
+    results: dict[str, list[ItemResult]] = {name: [] for name in runs}
+    description = f"scoring {', '.join(runs)}" if len(runs) <= 3 else f"scoring {len(runs)} (export, bench) pairs"
     if actors == 0:
-        scorer = Scorer(model_dir, dtype=dtype)
-        parts = ((name, scorer.score(chunk)) for name, chunk in tagged)
+        local = ScorerActor(0, dtype)
+        parts = (local.score_tagged(task) for task in tagged)
     else:
         from vaemo.cluster import map_on_actors
 
-        init = (str(model_dir), int(cpus_per_actor), dtype)
+        init = (max(1, int(cpus_per_actor)), dtype)
         parts = map_on_actors(ScorerActor, init, "score_tagged", tagged, actors, cpus_per_actor, gpus_per_actor)
     with progress.task(description, len(tagged)) as update:
         for done, (name, part) in enumerate(parts, 1):
