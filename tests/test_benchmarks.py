@@ -155,3 +155,16 @@ def test_data_throughput_benchmark_alternates_pipeline_and_ceiling_legs(small_wo
     assert float(ratio_line.split()[2]) > 0 and "over 2 alternating legs, 16 clips each side" in ratio_line
     split = next(line for line in stdout.splitlines() if line.startswith("where the time goes"))
     assert "decoding alone" in split and "loader workers" in split
+
+
+@pytest.mark.slow
+def test_the_eval_pool_benchmark_scores_several_exports_both_ways_alike(stage0_export, adapter_export, small_world):
+    out = run_bench(
+        "eval_pool.py",
+        *("--model", str(stage0_export), str(adapter_export)),
+        *("--bench", str(small_world / "bench"), "--rounds", "1", "--max-items", "24"),
+        timeout=600,
+    )
+    summary = out.strip().splitlines()[-1]  # the script exits non-zero when the two ways' reports differ
+    assert summary.startswith("summary: 2 exports x 1 benches, one pool / a pool per export = "), summary
+    assert summary.endswith("same reports: yes") and float(summary.split(" = ")[1].split()[0]) > 0

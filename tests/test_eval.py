@@ -208,6 +208,8 @@ def test_bad_arguments_are_one_line_errors(small_world, tmp_path):
         ]
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = run(cmd + ["--model", str(tmp_path), "--baseline", "model=elsewhere"])  # the table's row of the model
+    assert result.returncode == 2 and "the name 'model' is taken" in result.stderr
 
 
 @pytest.mark.slow

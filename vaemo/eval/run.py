@@ -170,12 +170,14 @@ def eval_settings(args: argparse.Namespace) -> EvalConfig:
 
 def run_eval(args: argparse.Namespace) -> int:
     settings = eval_settings(args)
-    named = []
+    named: dict[str, Path] = {}
     for spec in args.baseline:
         if "=" not in spec:
             raise UserError(f"--baseline '{spec}' must look like NAME=EXPORT_DIR")
         name, path = spec.split("=", 1)
-        named.append((name, check_model_dir(path, "--baseline")))
+        if name in named or name in ("model", "chance", "always one option"):
+            raise UserError(f"--baseline '{spec}': the name '{name}' is taken; give each baseline a name of its own")
+        named[name] = check_model_dir(path, "--baseline")
     check_model_dir(args.model)
     read_bench(args.bench)  # a malformed benchmark fails here, before any actor starts
     options = dict(
@@ -186,10 +188,11 @@ def run_eval(args: argparse.Namespace) -> int:
         cpus_per_actor=settings.cpus_per_actor,
         dtype=settings.dtype,
     )
-    report, results = evaluate(args.model, args.bench, label="model", **options)
-    baselines = baseline_reports(report)
-    for name, path in named:
-        baselines[name] = evaluate(path, args.bench, label=name, **options)[0]
+    # The model and its baselines in one pool: its actors start once.
+    runs = {"model": (args.model, args.bench), **{name: (path, args.bench) for name, path in named.items()}}
+    scored = evaluate_runs(runs, **options)
+    report, results = scored["model"]
+    baselines = baseline_reports(report) | {name: scored[name][0] for name in named}
     write_outputs(Path(args.out), report, results, baselines)
     progress.log(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'accuracy.png'}")
     return 0
