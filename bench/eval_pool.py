@@ -41,10 +41,9 @@ def main() -> None:
         return {name: report for name, (report, _) in evaluate_runs(runs, **options).items()}
 
     # The other way: a pool per export, or, with one export, a pool per bench (the way before that).
-    names = list(runs)
-    groups = [names[m * len(args.bench) : (m + 1) * len(args.bench)] for m in range(len(args.model))]
+    groups = [[f"{m}/{b}" for b in range(len(args.bench))] for m in range(len(args.model))]
     if len(args.model) == 1:
-        groups = [[name] for name in names]
+        groups = [[name] for name in runs]
 
     def pools_apart() -> dict:
         reports = {}

@@ -123,9 +123,13 @@ def position_report(report: dict) -> dict:
     return {"accuracy": accuracy, "counts": report["counts"], "skipped": 0}
 
 
+BASELINE_ROWS = ("chance", "always one option")
+
+
 def baseline_reports(report: dict) -> dict[str, dict]:
-    """The rows a model must beat, named as every table shows them: random answers and one fixed option."""
-    return {"chance": chance_report(report), "always one option": position_report(report)}
+    """The rows a model must beat, named as every table shows them (BASELINE_ROWS): random answers and one
+    fixed option."""
+    return dict(zip(BASELINE_ROWS, (chance_report(report), position_report(report))))
 
 
 def chart(rows: dict[str, dict], png: Path, title: str = "ArtEmoBench") -> None:

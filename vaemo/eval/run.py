@@ -16,7 +16,7 @@ from vaemo import progress
 from vaemo.config import EvalConfig, load_config
 from vaemo.data.bench import read_bench
 from vaemo.errors import UserError
-from vaemo.eval.report import baseline_reports, chart, summarize, table
+from vaemo.eval.report import BASELINE_ROWS, baseline_reports, chart, summarize, table
 from vaemo.eval.scoring import ItemResult, Scorer, plan
 
 
@@ -55,15 +55,7 @@ def evaluate(model_dir: str | Path, bench_dir: str | Path, label: str = "", **op
     """Score every item of one bench; `options` are those of `evaluate_runs` (actors=0 scores in this
     process). Returns (report, item results)."""
     name = label or str(model_dir)
-    return evaluate_benches(model_dir, {name: bench_dir}, **options)[name]
-
-
-def evaluate_benches(
-    model_dir: str | Path, benches: dict[str, str | Path], **options
-) -> dict[str, tuple[dict, list[ItemResult]]]:
-    """Score one export on several benches {name: folder} with one pool; `options` are those of
-    `evaluate_runs`. Returns {name: (report, item results)}."""
-    return evaluate_runs({name: (model_dir, bench_dir) for name, bench_dir in benches.items()}, **options)
+    return evaluate_runs({name: (model_dir, bench_dir)}, **options)[name]
 
 
 def evaluate_runs(
@@ -175,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if "=" not in spec:
             raise UserError(f"--baseline '{spec}' must look like NAME=EXPORT_DIR")
         name, path = spec.split("=", 1)
-        if name in named or name in ("model", "chance", "always one option"):
+        if name in named or name == "model" or name in BASELINE_ROWS:
             raise UserError(f"--baseline '{spec}': the name '{name}' is taken; give each baseline a name of its own")
         named[name] = check_model_dir(path, "--baseline")
     check_model_dir(args.model)
