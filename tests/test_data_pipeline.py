@@ -451,6 +451,55 @@ def test_inspect_exits_2_only_when_nothing_can_be_read(tmp_path):
     assert cli("data", "inspect", str(tmp_path / "none-*.tar")).returncode == 2
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["data", "synth", "--out", "FILE", "--clips", "1"], "--out 'FILE' is a file; give a folder"),
+        (["data", "synth", "--out", "FILE/world", "--clips", "1"], "--out 'FILE/world' is not writable"),
+        (["data", "synth", "--out", "DIR", "--clips", "1", "--workers", "-1"], "expected an integer >= 0, got '-1'"),
+        (["data", "synth", "--out", "DIR", "--clips", "1", "synth.workers=-2"], "config field 'synth.workers' must be >= 0"),
+        (["data", "pack", "FILE", "--out", "DIR"], "source folder 'FILE' is a file"),
+        (["data", "pack", "CLIPS", "--out", "FILE"], "--out 'FILE' is a file; give a folder"),
+        (["config", "show", "--config", "DIR"], "config file 'DIR' is a folder"),
+        (["export", "--checkpoint", "DIR/step-00000004", "--out", "DIR/x"], "--checkpoint 'DIR/step-00000004' does not exist"),
+    ],
+)
+def test_paths_of_the_wrong_kind_and_bad_counts_are_one_line_and_exit_2(tmp_path, args, message):
+    """Before any work, never a traceback: an output that is a file, a source that is not a folder."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").write_bytes(b"not read before the output is checked")
+    names = {"FILE": tmp_path / "file", "DIR": tmp_path / "dir", "CLIPS": tmp_path / "clips"}
+
+    def placed(text: str) -> str:
+        for name, path in names.items():
+            text = text.replace(name, str(path))
+        return text
+
+    result = cli(*map(placed, args))
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and placed(message) in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "dir").iterdir())  # nothing written
+
+
+def test_file_urls_name_local_shards(tmp_path):
+    """data-formats: shards may be any URL webdataset opens; file: ones are local paths (globbed, checked)."""
+    from vaemo.config import load_config
+
+    for name in ("train-000000.tar", "train-000001.tar"):
+        (tmp_path / name).write_bytes(b"")
+    both = [str(tmp_path / "train-000000.tar"), str(tmp_path / "train-000001.tar")]
+    assert expand_shards(f"file:{tmp_path}/train-*.tar") == both
+    assert expand_shards(f"file://{tmp_path}/train-000001.tar") == both[1:]
+    with pytest.raises(UserError, match="match no file"):
+        expand_shards(f"file:{tmp_path}/val-*.tar")
+    cfg = load_config(None, [f"data.train_shards=file:{tmp_path}/train-*.tar"])
+    assert cfg.data.train_shards == f"{tmp_path}/train-*.tar"
+
+
 def test_bench_reader(small_world, tmp_path):
     items = read_bench(small_world / "bench")
     assert len(items) == 96 and items[0].media.is_file()

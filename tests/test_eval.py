@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, bench_clip, ok, run
+from conftest import ROOT, bench_clip, cli, ok, run
 
 from vaemo.data.bench import read_bench
 from vaemo.eval.run import evaluate, evaluate_runs
@@ -210,6 +210,23 @@ def test_bad_arguments_are_one_line_errors(small_world, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     result = run(cmd + ["--model", str(tmp_path), "--baseline", "model=elsewhere"])  # the table's row of the model
     assert result.returncode == 2 and "the name 'model' is taken" in result.stderr
+    result = run(cmd + ["--model", str(tmp_path), "--cpus-per-actor", "-1"])
+    assert result.returncode == 2 and "--cpus-per-actor (eval.cpus_per_actor) must be > 0" in result.stderr
+    result = run(cmd + ["--model", str(tmp_path), "--max-items", "-1"])
+    assert result.returncode == 2 and "--max-items (eval.max_items) must be >= 0" in result.stderr
+
+
+def test_an_output_that_cannot_be_written_stops_the_scoring_before_it_starts(small_world, stage0_export, tmp_path):
+    taken = tmp_path / "results"
+    taken.write_text("a file where the output folder should go")
+    result = run(
+        [sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(stage0_export), "--bench", str(small_world / "bench")]
+        + ["--out", str(taken), "--actors", "0"]
+    )
+    assert result.returncode == 2 and f"--out '{taken}' is a file; give a folder" in result.stderr
+    assert "scoring" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    answers = cli("ask", "--model", str(stage0_export), "--clips", str(small_world / "bench" / "media"), "--out", str(tmp_path))
+    assert answers.returncode == 2 and f"--out '{tmp_path}' is a folder; give a file name" in answers.stderr
 
 
 @pytest.mark.slow

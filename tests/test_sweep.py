@@ -12,7 +12,7 @@ from conftest import ROOT, ok, run
 
 from vaemo.config import load_config
 from vaemo.errors import UserError
-from vaemo.tune import load_sweep
+from vaemo.tune import load_sweep, raised_message
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,8 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
     )
 
 
-def test_a_sweep_whose_trials_fail_prints_their_own_error(small_world, stage0_export, tmp_path):
+def test_a_sweep_with_data_it_cannot_read_stops_before_any_trial(small_world, stage0_export, tmp_path):
+    """The stage's own checks run before Tune starts: one line, and no trial was tried."""
     view = repository_view(tmp_path, small_world, stage0_export)
     result = subprocess.run(
         [
@@ -145,6 +146,19 @@ def test_a_sweep_whose_trials_fail_prints_their_own_error(small_world, stage0_ex
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "match no file" in errors[0], errors
     assert "runs/nowhere" in errors[0]
+    assert not (view / "runs/sweep/tune").exists()
+
+
+def test_a_failed_trials_error_is_the_line_it_raised():
+    """What the sweep prints for a failed trial, from the traceback text Tune wraps a trial's error in."""
+    wrapped = (
+        "ray.exceptions.RayTaskError(TrainingFailedError): ray::_Inner.train() (pid=1, ip=10.0.0.1)\n"
+        '  File "vaemo/train/launch.py", line 230, in fit\n'
+        "vaemo.errors.UserError: stage 2: data.train_shards: 0 usable of 400 samples read: corrupt_clip 400\n"
+    )
+    assert raised_message(Exception(wrapped)) == "stage 2: data.train_shards: 0 usable of 400 samples read: corrupt_clip 400"
+    assert raised_message(Exception("Traceback ...\nRuntimeError: worker died\n")) == "RuntimeError: worker died"
+    assert raised_message(Exception("")) == "Exception"
 
 
 def test_a_bad_sweep_file_names_the_problem(tmp_path):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from vaemo.errors import EXIT_USER_ERROR
+from vaemo.errors import EXIT_USER_ERROR, UserError
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -16,11 +18,46 @@ class ArgParser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
-def positive_int(text: str) -> int:
+def integer_at_least(minimum: int, wanted: str) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= minimum, else one line saying what was wanted."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = integer_at_least(1, "a positive integer")
+non_negative_int = integer_at_least(0, "an integer >= 0")
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """PATH, created if need be and checked writable before any work starts: a run that scores or trains
+    for an hour must not fail at its end on a folder it cannot write. Raises one line naming the flag."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} '{path}' is a file; give a folder")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".vaemo-write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{flag} '{path}' is not writable: {err.strerror}") from None
+    return folder
+
+
+def output_file(path: str | Path, flag: str = "--out") -> Path:
+    """PATH as a file to write at the end of a run, checked before the run: not a folder, and its folder
+    writable."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder; give a file name")
+    output_folder(file.parent, f"the folder of {flag} '{path}'")
+    return file

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Callable
 
-from vaemo.args import ArgParser, positive_int
+from vaemo.args import ArgParser, non_negative_int, output_folder, positive_int
 from vaemo.errors import EXIT_USER_ERROR, exit_on_user_error
 
 # ----------------------------------------------------------------------------------------------
@@ -25,12 +25,22 @@ from vaemo.errors import EXIT_USER_ERROR, exit_on_user_error
 def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: OUT/train/*.tar, OUT/val/*.tar, OUT/bench/")
     p.add_argument("--clips", type=positive_int, default=None, help="training clips (default: the config's)")
-    p.add_argument("--val-clips", type=positive_int, default=None, help="validation clips (default: clips/12)")
-    p.add_argument("--bench-clips", type=positive_int, default=None, help="benchmark clips (default: clips/12)")
+    p.add_argument(
+        "--val-clips",
+        type=positive_int,
+        default=None,
+        help="validation clips (default: the config's; with --clips, clips/12 rounded up to a multiple of 16)",
+    )
+    p.add_argument(
+        "--bench-clips",
+        type=positive_int,
+        default=None,
+        help="benchmark clips (default: the config's; with --clips, clips/12 rounded up to a multiple of 16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="world seed; the same seed writes the same data")
     p.add_argument("--config", default=None, help="a preset whose `synth` section gives sizes (optional)")
     p.add_argument("--shard-size", type=positive_int, default=None, help="clips per shard")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="processes (default, or 0: one per core)")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -43,9 +53,10 @@ def run_synth(args: argparse.Namespace) -> dict:
     from vaemo.config import load_config
     from vaemo.data.synth import write_world
 
+    synth = load_config(args.config, args.overrides).synth
     return write_world(
-        args.out,
-        load_config(args.config, args.overrides).synth,
+        output_folder(args.out),
+        synth,
         args.seed,
         train=args.clips,
         val=args.val_clips,
@@ -74,7 +85,7 @@ def run_pack(args: argparse.Namespace) -> None:
     for what, names in (
         ("without an audio stream (stage 1 and 2 skip them)", r.without_audio),
         ("without a video stream (every stage skips them)", r.without_video),
-        ("that FFmpeg cannot open (skipped)", r.unreadable),
+        ("that FFmpeg cannot open (packed as they are; every stage skips them and counts them)", r.unreadable),
     ):
         if names:
             progress.log(f"{len(names)} clip(s) {what}, e.g. {names[0]}")
@@ -179,7 +190,7 @@ def build_parser(command: str | None = None) -> ArgParser:
     p = data_cmds.add_parser("inspect", help="count samples, decodable ones, modalities, and skips by reason")
     p.add_argument("shards", nargs="+", help="shard paths, globs or brace patterns")
     p.add_argument("--json", action="store_true", help="end with one JSON line of counts")
-    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="processes (default, or 0: one per core)")
     p.add_argument(
         "--stage",
         type=int,

@@ -110,6 +110,7 @@ class SynthConfig:
         )
         for name in ("train_clips", "val_clips", "bench_clips", "clips_per_shard"):
             _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
+        _require(self.workers >= 0, f"{path}.workers", "must be >= 0 (0: one per CPU core)")
 
 
 @dataclass
@@ -659,13 +660,24 @@ PATH_FIELDS = (
 )
 
 
+def local_path(value: str | None) -> str | None:
+    """A `file:` URL (file:/data/x.tar, file:///data/x.tar, file:shards/*.tar) as the local path it names;
+    anything else unchanged. Local paths are checked, globbed and made absolute; other URLs are passed on."""
+    if not value or not value.startswith("file:"):
+        return value
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    return url2pathname(urlparse(value).path) if value.startswith("file://") else url2pathname(value[len("file:") :])
+
+
 def _make_paths_absolute(cfg: "Config") -> None:
     for dotted in PATH_FIELDS:
         *parents, name = dotted.split(".")
         owner = cfg
         for parent in parents:
             owner = getattr(owner, parent)
-        value = getattr(owner, name)
+        value = local_path(getattr(owner, name))
         as_given = not value or value == "tiny" or "://" in value or value.startswith(("pipe:", "{"))
         if not as_given:
             setattr(owner, name, os.path.abspath(os.path.expanduser(value)))
@@ -731,6 +743,8 @@ def _parsed_field_docs(cls: type) -> dict[str, str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from vaemo import progress
+from vaemo.args import non_negative_int, output_folder
 from vaemo.config import STAGES, load_config, project_root
 from vaemo.errors import UserError
 from vaemo.eval.report import baseline_reports, chart, deaf_cell, table
@@ -294,6 +295,7 @@ def run_pipeline(
 
 def run_demo(out: Path, config: str, ablations: bool, fresh: bool, actors: int, stage1_teacher: str = "cache") -> int:
     start = time.time()
+    output_folder(out)
     reports = run_pipeline(out, config, None, tuple(ABLATIONS) if ablations else (), fresh, actors, stage1_teacher=stage1_teacher)
     return report(out.resolve(), reports, time.time() - start)
 
@@ -351,7 +353,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """What `make demo` and `make science` share."""
-    p.add_argument("--actors", type=int, default=2, help="evaluation and teacher-cache actors")
+    p.add_argument("--actors", type=non_negative_int, default=2, help="evaluation and teacher-cache actors (0: in this process)")
     p.add_argument(
         "--stage1-teacher",
         choices=("cache", "online"),

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vaemo import progress
+from vaemo.args import output_folder
 from vaemo.config import MODALITIES
 from vaemo.demo import AROUSAL_ERROR, HEARING, SEEING, Target
 
@@ -361,8 +362,7 @@ def run_science(
     from vaemo.demo import run_pipeline
 
     start = time.time()
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out).resolve()
     per_seed: dict[int, dict[str, dict]] = {}
     worlds = WorldWriter(out, config, seeds, fresh)
     try:

@@ -215,13 +215,15 @@ def default_shards(cfg: Config) -> list[str]:
 
 
 def run_cache(args: argparse.Namespace) -> int:
+    from vaemo.args import output_folder
+
     if args.actors < 0:
         raise UserError("--actors must be >= 0")
     cfg = cache_config(args.config, args.overrides)
     from vaemo.model.build import check_checkpoint_folders
 
     check_checkpoint_folders(cfg.model)
-    build_cache(cfg, args.shards or default_shards(cfg), args.out, args.actors, args.cpus_per_actor)
+    build_cache(cfg, args.shards or default_shards(cfg), output_folder(args.out), args.actors, args.cpus_per_actor)
     return 0
 
 

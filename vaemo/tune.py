@@ -131,7 +131,9 @@ def sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from vaemo.args import output_folder
     from vaemo.cluster import connect_ray, remove_placement_groups_of_this_job
+    from vaemo.train.launch import preflight
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path)
@@ -145,7 +147,9 @@ def sweep(
     base = load_config(config_path, per_trial, stage=2)  # relative paths resolve here, where the command runs
     if base.train.val_batches < 1:
         raise UserError("a sweep needs validation: set train.val_batches >= 1")
-    out.mkdir(parents=True, exist_ok=True)
+    # The stage's own checks (data, starting model, DeepSpeed config) before any trial starts: otherwise each
+    # trial fails alike, and the sweep says so only after the last one.
+    preflight(base, output_folder(out), resume=None, overwrite=True)
     # Trials run in Tune's own working directories: they start from this resolved config (paths absolute)
     # and add only their sampled parameters.
     trial_config = out / "trial_base.yaml"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from vaemo.args import output_folder
 from vaemo.data.decode import (
     CLIP_EXTENSIONS,
     DecodeSpec,
@@ -121,7 +122,7 @@ def pack(
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise UserError(f"source folder '{src}' does not exist")
+        raise UserError(f"source folder '{src}' " + ("is a file; give the folder of clips" if src.exists() else "does not exist"))
     if shard_size < 1:
         raise UserError("--shard-size must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
@@ -159,7 +160,7 @@ def pack(
         meta.setdefault("source", rel)
         metas.append(meta)
     splits = choose_splits(keys, metas, val_fraction)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     for split in ("train", "val"):
         members = [i for i, s in enumerate(splits) if s == split]
         for old in out.glob(f"{split}-*.tar"):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vaemo.config import local_path
 from vaemo.data.decode import Clip, DecodeSpec, SkipSample, decode_sample
 from vaemo.data.tars import ShardError, read_shard
 from vaemo.data.teacher_records import cache_shard_for, with_cache
@@ -39,7 +40,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in specs:
-        for url in braceexpand(item):
+        for url in map(local_path, braceexpand(item)):
             if "://" in url or url.startswith("pipe:"):
                 urls.append(url)
             elif any(ch in url for ch in "*?["):

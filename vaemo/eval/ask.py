@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vaemo import progress
+from vaemo.args import output_file
 from vaemo.config import MODALITIES
 from vaemo.data.decode import CLIP_EXTENSIONS, SKIP_REASONS, SkipSample
 from vaemo.errors import UserError
@@ -146,10 +147,9 @@ def run_ask(args: argparse.Namespace) -> int:
     if args.clips is not None:
         if not args.out:
             raise UserError("--clips needs --out FILE.jsonl")
+        out = output_file(args.out)  # before the answering, not after it
         clips = find_clips(args.clips)
         answers = ask_many(model_dir, clips, args.modality, args.question, args.dtype, args.actors, args.max_new_tokens)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             for a in answers:
                 f.write(json.dumps(asdict(a)) + "\n")

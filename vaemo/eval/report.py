@@ -35,9 +35,11 @@ def summarize(results: list[ItemResult]) -> dict:
             if r.modality == modality and r.valence_pred is not None and r.valence is not None:
                 seen.setdefault(r.media, r)
         if seen:
+            # results.json is JSON: a number that cannot be measured (no item carries arousal) is left out, not NaN
+            arousal = [abs(r.arousal_pred - r.arousal) for r in seen.values() if r.arousal is not None]
             va[modality] = {
                 "valence_mae": float(np.mean([abs(r.valence_pred - r.valence) for r in seen.values()])),
-                "arousal_mae": float(np.mean([abs(r.arousal_pred - r.arousal) for r in seen.values() if r.arousal is not None])),
+                **({"arousal_mae": float(np.mean(arousal))} if arousal else {}),
                 "clips": len(seen),
             }
     if va:
@@ -49,7 +51,7 @@ def summarize(results: list[ItemResult]) -> dict:
         out["deaf_check"] = {
             "accuracy": float(np.mean([r.correct for r in deaf])),
             "items": len(deaf),
-            "donor_accuracy": float(np.mean(donors)) if donors else float("nan"),
+            **({"donor_accuracy": float(np.mean(donors))} if donors else {}),
         }
     out["always_option"] = always_option(scored)
     out["chance"] = {

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from vaemo import progress
+from vaemo.args import output_folder
 from vaemo.config import EvalConfig, load_config
 from vaemo.data.bench import read_bench
 from vaemo.errors import UserError
@@ -157,6 +158,10 @@ def eval_settings(args: argparse.Namespace) -> EvalConfig:
         raise UserError("--actors must be >= 0")
     if settings.batch_items < 1:
         raise UserError("--batch-items must be >= 1")
+    if settings.max_items < 0:
+        raise UserError("--max-items (eval.max_items) must be >= 0 (0: every item)")
+    if settings.cpus_per_actor <= 0:
+        raise UserError("--cpus-per-actor (eval.cpus_per_actor) must be > 0")
     return settings
 
 
@@ -172,6 +177,7 @@ def run_eval(args: argparse.Namespace) -> int:
         named[name] = check_model_dir(path, "--baseline")
     check_model_dir(args.model)
     read_bench(args.bench)  # a malformed benchmark fails here, before any actor starts
+    output_folder(args.out)  # and an unwritable --out, not after the scoring
     options = dict(
         actors=settings.actors,
         batch_items=settings.batch_items,

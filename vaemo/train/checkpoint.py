@@ -56,11 +56,12 @@ def missing_parts(folder: Path) -> list[str]:
     return missing
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself when it is a complete checkpoint, else the newest complete one below it."""
+def find_checkpoint(path: str | Path, flag: str = "--resume-from") -> Path:
+    """`path` itself when it is a complete checkpoint, else the newest complete one below it. `flag`: the
+    argument that named it, for the error."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"--resume-from '{path}' does not exist")
+        raise UserError(f"{flag} '{path}' does not exist")
     if (path / "meta.json").is_file():
         problems = missing_parts(path)
         if problems:
@@ -73,7 +74,7 @@ def find_checkpoint(path: str | Path) -> Path:
     for candidate in sorted(candidates, key=lambda p: json.loads((p / "meta.json").read_text())["step"], reverse=True):
         if not missing_parts(candidate):
             return candidate
-    raise UserError(f"--resume-from '{path}' holds no complete checkpoint")
+    raise UserError(f"{flag} '{path}' holds no complete checkpoint")
 
 
 def read_meta(folder: Path) -> dict:

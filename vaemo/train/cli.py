@@ -53,7 +53,11 @@ def register(groups) -> None:
         add_stage_args(p)
         p.set_defaults(func=lambda args, stage=stage: run_parsed(stage, args))
     p = groups.add_parser("export", help="export a training checkpoint as a model folder (from_pretrained)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/checkpoints/step-N) or a run folder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder (RUN/checkpoints/step-00000200) or a run folder (its newest complete one)",
+    )
     p.add_argument("--out", required=True, help="output model folder")
     p.set_defaults(func=run_export)
 

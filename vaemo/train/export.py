@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from vaemo.args import output_folder
 from vaemo.config import load_config
 from vaemo.errors import UserError
 from vaemo.train import checkpoint as ckpt
@@ -24,7 +25,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
     from vaemo.train.trainer import StageModule
 
-    folder = ckpt.find_checkpoint(checkpoint)
+    folder = ckpt.find_checkpoint(checkpoint, "--checkpoint")
+    out = output_folder(out)  # before the model is built
     cfg = load_config(folder / "config.yaml")
     objective = objective_for(cfg)
     parts = build_stage_model(cfg, objective)
@@ -40,6 +42,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if wrong:
         raise UserError(f"checkpoint '{folder}' does not fit its config's model: mis-sized {wrong[:3]}")
     module.load_state_dict(state, strict=False)
-    out = Path(out)
     model.save_pretrained(out)
     return out

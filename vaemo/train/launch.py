@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaemo import progress
+from vaemo.args import output_folder
 from vaemo.cluster import connect_ray, forwarded_env
 from vaemo.config import Config, config_to_dict, dump_config, load_config, project_root
 from vaemo.errors import UserError
@@ -91,13 +92,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     from vaemo.model.build import check_checkpoint_folders, choose_dtype
     from vaemo.train.ds_config import deepspeed_config
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".vaemo-write-probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"--out '{run_dir}' is not writable: {err.strerror}") from None
+    output_folder(run_dir)
     earlier = [name for name in ("metrics.jsonl", "checkpoints", "export") if (run_dir / name).exists()]
     if earlier and resume is None and not overwrite:
         raise UserError(
