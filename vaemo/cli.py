@@ -70,7 +70,7 @@ def run_pack(args: argparse.Namespace) -> None:
     from vaemo import progress
     from vaemo.data.shards import pack
 
-    r = pack(args.src, args.out, args.manifest, args.shard_size, args.val_fraction, args.workers)
+    r = pack(args.src, output_folder(args.out), args.manifest, args.shard_size, args.val_fraction, args.workers)
     for split in ("train", "val"):
         progress.log(
             f"{split}: {r.split_clips.get(split, 0)} clips in {r.shards.get(split, 0)} shard(s) ({args.out}/{split}-*.tar)"

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from vaemo.args import output_folder
 from vaemo.data.decode import (
     CLIP_EXTENSIONS,
     DecodeSpec,
@@ -160,7 +159,7 @@ def pack(
         meta.setdefault("source", rel)
         metas.append(meta)
     splits = choose_splits(keys, metas, val_fraction)
-    output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         members = [i for i, s in enumerate(splits) if s == split]
         for old in out.glob(f"{split}-*.tar"):
