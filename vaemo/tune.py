@@ -131,7 +131,6 @@ def sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from vaemo.args import output_folder
     from vaemo.cluster import connect_ray, remove_placement_groups_of_this_job
     from vaemo.train.launch import preflight
 
@@ -149,7 +148,7 @@ def sweep(
         raise UserError("a sweep needs validation: set train.val_batches >= 1")
     # The stage's own checks (data, starting model, DeepSpeed config) before any trial starts: otherwise each
     # trial fails alike, and the sweep says so only after the last one.
-    preflight(base, output_folder(out), resume=None, overwrite=True)
+    preflight(base, out, resume=None, overwrite=True)  # which also makes --out and checks it is writable
     # Trials run in Tune's own working directories: they start from this resolved config (paths absolute)
     # and add only their sampled parameters.
     trial_config = out / "trial_base.yaml"
