@@ -43,7 +43,7 @@ def cut_soundtracks(seconds: float) -> None:
     decode_audio = decode.decode_audio
 
     def cut(raw, spec, start=None, key=""):
-        audio, valid, decoded = decode_audio(raw, spec, start, key)
+        audio, valid, decoded, _ = decode_audio(raw, spec, start, key)
         if audio is None:
             return audio, valid, decoded
         keep = min(valid, int(seconds * decode.SAMPLE_RATE))

@@ -170,6 +170,68 @@ def test_decoded_pairs_at_60_fps_show_a_tenth_of_a_second():
     assert np.allclose(levels[1::2] - levels[0::2], 6 * step, atol=1.5), levels  # 0.1 s = 6 frames at 60 fps
 
 
+def ffmpeg_clip(path: Path, args: str) -> bytes:
+    """The clip FFmpeg writes to `path` from `args` (split on spaces)."""
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *args.split(), str(path)], check=True, timeout=120)
+    return path.read_bytes()
+
+
+def shown_seconds(video: torch.Tensor) -> np.ndarray:
+    """The time each frame of `time_lit_clip` was shown at, read from its brightness."""
+    return video.float().mean(dim=(1, 2, 3)).numpy() * 219 / 255 / 40
+
+
+def time_lit_clip(path: Path, variable_rate: bool) -> bytes:
+    """4 s whose brightness gives each frame's time (luma 16 + 40 t); with `variable_rate`, 5 fps for its
+    first 2 s and 60 fps after (a header of 60 fps and 130 frames), as an edit of two clips gives."""
+    thin = ",select='if(lt(t,2),not(mod(n,12)),1)'" if variable_rate else ""
+    video = f"nullsrc=s=64x48:r=60:d=4,geq=lum='16+40*T':cb=128:cr=128{thin},format=yuv420p"
+    return ffmpeg_clip(path, f"-f lavfi -i {video} -f lavfi -i sine=r=48000:d=4 -fps_mode vfr -c:v libx264 -c:a aac -shortest")
+
+
+def test_a_variable_frame_rate_is_sampled_by_time(tmp_path):
+    """torchcodec's fast mode maps frame numbers to times through the header's rate: on a clip at 5 then 60
+    fps the frames came from the wrong moments (up to 2.15 s of 4) and each pair showed one frame twice."""
+    from vaemo.data.decode import open_video
+
+    raw = time_lit_clip(tmp_path / "vfr.mp4", variable_rate=True)
+    whole = DecodeSpec(num_frames=8, height=48, width=64, audio_seconds=4.0, fit="stretch")
+    assert open_video(raw, whole).by_time
+    seconds = shown_seconds(decode_sample({"__key__": "k", "mp4": raw}, whole).video)
+    assert seconds[0] < 0.1 and seconds[-1] > 3.5 and np.all(np.diff(seconds) > 0.2), seconds  # spread over the clip
+    for key in ("a", "b", "c"):
+        spec = dataclasses.replace(whole, audio_seconds=2.0, sampling="pairs", window="random")
+        clip = decode_sample({"__key__": key, "mp4": raw}, spec)
+        seconds = shown_seconds(clip.video)
+        leads, partners = seconds[0::2], seconds[1::2]
+        gaps = partners - leads
+        assert np.all(gaps > 0.05) and np.all(gaps < 0.25), seconds  # the frame 0.1 s on, at least the next (5 fps: 0.2 s)
+        assert leads[-1] - leads[0] > 1.2, seconds  # spread over the 2 s window
+    constant = time_lit_clip(tmp_path / "cfr.mp4", variable_rate=False)
+    assert not open_video(constant, whole).by_time  # a constant rate keeps the fast path
+
+
+def test_a_soundtrack_shorter_than_its_video_is_filled_not_called_truncated(tmp_path):
+    """A 3 s video with 1 s of sound is a whole file (its header says so): the window is filled; a file cut
+    in half, whose header promises more sound than it holds, is still a truncated clip."""
+    video = "-f lavfi -i testsrc2=s=160x120:d=3"
+    raw = ffmpeg_clip(tmp_path / "short-sound.mp4", f"{video} -f lavfi -i sine=r=48000:d=1 -c:v libx264 -c:a aac")
+    spec = DecodeSpec(num_frames=8, height=56, width=56, audio_seconds=2.0, window="middle")
+    clip = decode_sample({"__key__": "k", "mp4": raw}, spec)
+    assert clip.audio.shape == (32000,) and 0.4 * 16000 < clip.audio_len < 0.6 * 16000  # 0.5-1.0 s of the window
+    assert float(clip.audio.abs().mean()) > 0.05  # repeated, not silent
+    late = decode_sample({"__key__": "k", "mp4": raw}, dataclasses.replace(spec, audio_seconds=1.0))  # window 1-2 s
+    assert late.audio_len < 0.1 * 16000 and late.video.shape[0] == 8  # the sound was over: a silent window, not a skip
+    whole = ffmpeg_clip(
+        tmp_path / "whole.mp4", f"{video} -f lavfi -i sine=r=48000:d=3 -c:v libx264 -c:a aac -movflags +faststart"
+    )
+    with pytest.raises(SkipSample) as cut:
+        decode_sample({"__key__": "k", "mp4": whole[: len(whole) // 2]}, spec)
+    assert cut.value.reason == "truncated_clip"
+
+
 @pytest.mark.parametrize("codec", [Codec("mp4", "libx264", "aac", 1), Codec("webm", "libvpx-vp9", "libopus", 2)])
 def test_a_clip_shorter_than_the_window_is_repeated_or_followed_by_silence(codec):
     """A 1.25 s clip in a 3 s window: `repeat` plays it again from its start, `silence` leaves a silent tail
@@ -440,6 +502,46 @@ def test_pack_then_inspect_a_users_clips(tmp_path):
         "stage"
     ]
     assert stage1 == {"stage": 1, "usable": 4, "skipped": {"no_audio_stream": 1}}  # no label needed
+
+
+def test_pack_takes_any_script_linked_folders_and_keeps_test_clips_out(tmp_path):
+    """Names in any script keep their letters (two Japanese names both became '___'), linked folders are
+    searched, a link to nothing is reported instead of a traceback, and a clip marked test is never packed."""
+    import os
+
+    src, elsewhere = tmp_path / "clips", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    clip = ramp_clip(24, 12, 64, 64, 16000, Codec())
+    for name in ("日本語.mp4", "中文字.mp4", "held.mp4", "trained.mp4"):
+        (src / name).write_bytes(clip)
+    (elsewhere / "linked.mp4").write_bytes(clip)
+    os.symlink(elsewhere, src / "shortcut")
+    os.symlink(src, elsewhere / "loop")  # a cycle through the linked folder is walked once
+    os.symlink(tmp_path / "gone.mp4", src / "dangling.mp4")
+    (src / "held.json").write_text(json.dumps({"split": "test"}))
+    (src / "trained.json").write_text(json.dumps({"split": "Training"}))
+    out = tmp_path / "shards"
+    packed = cli("data", "pack", str(src), "--out", str(out), "--val-fraction", "0")
+    assert packed.returncode == 0, packed.stderr
+    keys = {s["__key__"] for url in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(url), shardshuffle=False)}
+    assert keys == {"日本語", "中文字", "trained", "shortcut__linked"}
+    log = packed.stdout + packed.stderr
+    assert "1 clip(s) left out: their split is test" in log and "1 clip(s) left out: links to nothing" in log
+
+
+@pytest.mark.parametrize(
+    "sidecar,message",
+    [("[]", "holds list, not a JSON object"), ('{"split": "tset"}', "clip 'a.mp4' has split 'tset'; use train, val")],
+)
+def test_pack_refuses_labels_it_cannot_read_in_one_line(tmp_path, sidecar, message):
+    src = tmp_path / "clips"
+    src.mkdir()
+    (src / "a.mp4").write_bytes(ramp_clip(24, 12, 64, 64, 16000, Codec()))
+    (src / "a.json").write_text(sidecar)
+    result = cli("data", "pack", str(src), "--out", str(tmp_path / "shards"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def test_inspect_exits_2_only_when_nothing_can_be_read(tmp_path):

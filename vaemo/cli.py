@@ -86,6 +86,8 @@ def run_pack(args: argparse.Namespace) -> None:
         ("without an audio stream (stage 1 and 2 skip them)", r.without_audio),
         ("without a video stream (every stage skips them)", r.without_video),
         ("that FFmpeg cannot open (packed as they are; every stage skips them and counts them)", r.unreadable),
+        ("left out: their split is test or bench (pack writes train and val)", r.held_out),
+        ("left out: links to nothing", r.broken_links),
     ):
         if names:
             progress.log(f"{len(names)} clip(s) {what}, e.g. {names[0]}")

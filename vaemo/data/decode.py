@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -262,10 +262,30 @@ def _fitted_resize_type() -> type | None:
     return FittedResize
 
 
-def open_video(raw: bytes, spec: DecodeSpec, seek_mode: str = "approximate"):
+@dataclass
+class OpenedVideo:
+    """A clip's video stream, opened: its decoder, seconds and frame count."""
+
+    decoder: "VideoDecoder"
+    seconds: float
+    frames: int
+    # A variable frame rate: frame i is not shown at i / rate, so frames are picked by their timestamps
+    # (the decoder scanned them: `exact`).
+    by_time: bool = False
+
+
+def rate_varies(frames: int, seconds: float, header_fps: float) -> bool:
+    """The header's frame rate disagrees with its frame count over its duration: a variable frame rate (a
+    phone's, or an edit joining two rates). Constant-rate clips are off by a frame at most (containers
+    that estimate the count, e.g. WebM)."""
+    return bool(frames and seconds and header_fps) and abs(frames - seconds * header_fps) > max(2.0, 0.02 * frames)
+
+
+def open_video(raw: bytes, spec: DecodeSpec, seek_mode: str = "approximate") -> OpenedVideo | None:
     """A VideoDecoder resizing to fit spec's size with the aspect ratio kept, and the clip's seconds and
     frame count; None without a video stream. `approximate` reads the counts from the header (fast);
-    `exact` scans the packets (for containers whose header only estimates them, e.g. WebM)."""
+    `exact` scans the packets (for containers whose header only estimates them, e.g. WebM, and for a
+    variable frame rate, which it then samples by time)."""
     from torchcodec.decoders import VideoDecoder
     from torchcodec.transforms import Resize
 
@@ -289,7 +309,12 @@ def open_video(raw: bytes, spec: DecodeSpec, seek_mode: str = "approximate"):
         n = int(md.duration_seconds * md.average_fps)
     if not n:
         raise SkipSample("corrupt_clip", "no frame count")
-    return decoder, float(md.duration_seconds or n / (md.average_fps or 1.0)), n
+    seconds = float(md.duration_seconds or n / (md.average_fps or 1.0))
+    if seek_mode == "approximate" and rate_varies(n, seconds, md.average_fps or 0.0):
+        # torchcodec maps frame numbers and times through the header's rate in this mode, which a variable
+        # rate makes wrong (frames from the wrong moments, never from the clip's end).
+        return replace(open_video(raw, spec, seek_mode="exact"), by_time=True)
+    return OpenedVideo(decoder, seconds, n)
 
 
 def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tuple[torch.Tensor | None, float]:
@@ -300,24 +325,51 @@ def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tu
     if opened is None:
         return None, 0.0
     with suppress(RuntimeError, IndexError):
-        return window_frames(*opened, spec, key)
+        return window_frames(opened, spec, key)
     # The header's frame count may be an estimate (WebM derives it from a duration that includes the
     # soundtrack's tail): count the frames themselves and try once more.
     try:  # the clip opened before: whatever fails now, its streams end early
-        decoder, total, n = open_video(raw, spec, seek_mode="exact")
-        if n < 0.9 * opened[2]:  # an estimate is off by a frame or two; a cut-off file by far more
-            raise SkipSample("truncated_clip", f"{n} of {opened[2]} frames")
-        return window_frames(decoder, total, n, spec, key)
+        counted = open_video(raw, spec, seek_mode="exact")
+        if counted.frames < 0.9 * opened.frames:  # an estimate is off by a frame or two; a cut-off file by far more
+            raise SkipSample("truncated_clip", f"{counted.frames} of {opened.frames} frames")
+        return window_frames(counted, spec, key)
     except SkipSample as err:
         raise SkipSample("truncated_clip", err.detail) from None
     except (RuntimeError, IndexError) as err:
         raise SkipSample("truncated_clip", str(err).splitlines()[0][:80]) from None
 
 
-def window_frames(decoder: VideoDecoder, total: float, n: int, spec: DecodeSpec, key: str) -> tuple[torch.Tensor, float]:
-    start, seconds = clip_window(total, spec, key)
-    indices = frame_indices(n, n / total if total > 0 else 1.0, start, seconds, spec)
-    return fit_frames(decoder.get_frames_at(indices=indices).data, spec), seconds
+def window_frames(opened: OpenedVideo, spec: DecodeSpec, key: str) -> tuple[torch.Tensor, float]:
+    start, seconds = clip_window(opened.seconds, spec, key)
+    fps = opened.frames / opened.seconds if opened.seconds > 0 else 1.0
+    indices = frame_indices(opened.frames, fps, start, seconds, spec)
+    if not opened.by_time:
+        return fit_frames(opened.decoder.get_frames_at(indices=indices).data, spec), seconds
+    return fit_frames(frames_shown_at(opened.decoder, indices, fps, spec), spec), seconds
+
+
+def frames_shown_at(decoder: "VideoDecoder", indices: list[int], fps: float, spec: DecodeSpec) -> torch.Tensor:
+    """A variable-rate clip's frames at the times `frame_indices` chose on its average rate (the middle of
+    each chosen frame's slot, from the stream's start). A pair's partner is the frame shown pair_seconds
+    after its lead starts, or later where the rate drops below one frame in pair_seconds: at least the
+    next frame, as on a constant rate."""
+    begin = decoder.metadata.begin_stream_seconds or 0.0
+    last = (decoder.metadata.end_stream_seconds or begin + (max(indices) + 1) / fps) - 1e-6
+    at = lambda chosen: [min(begin + (i + 0.5) / fps, last) for i in chosen]  # noqa: E731
+    if not (spec.sampling == "pairs" and spec.num_frames % 2 == 0 and len(indices) >= 2):
+        return decoder.get_frames_played_at(seconds=at(indices)).data
+    leads = decoder.get_frames_played_at(seconds=at(indices[0::2]))
+    frames = []
+    for lead, lead_start in zip(leads.data, leads.pts_seconds.tolist()):
+        partner, time = lead, lead_start
+        while time < last:
+            time = min(time + spec.pair_seconds, last)
+            shown = decoder.get_frame_played_at(time)
+            partner = shown.data
+            if shown.pts_seconds > lead_start:
+                break
+        frames += [lead, partner]
+    return torch.stack(frames)
 
 
 def fit_frames(frames: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
@@ -334,24 +386,27 @@ def fit_frames(frames: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
 
 def decode_audio(
     raw: bytes, spec: DecodeSpec, start: float | None = None, key: str = ""
-) -> tuple[torch.Tensor | None, int, float]:
+) -> tuple[torch.Tensor | None, int, float, float]:
     """16 kHz mono samples of the clip's window (from `start`, else the window `clip_window` picks from the
     audio's own length), filled to spec.audio_seconds (`fill_window`); the clip's own samples in it; seconds
-    decoded (the whole clip when it fits the window). None without audio."""
+    decoded (the whole clip when it fits the window); the soundtrack's seconds as its header gives them (0:
+    not given). None without audio."""
     from torchcodec.decoders import AudioDecoder
 
     try:
         decoder = AudioDecoder(raw, sample_rate=SAMPLE_RATE, num_channels=1)
+        total = decoder.metadata.duration_seconds_from_header or 0.0
         if start is None:
-            total = decoder.metadata.duration_seconds_from_header or 0.0
             start = clip_window(total, spec, key)[0] if total > spec.audio_seconds else 0.0
-        if start > 0:
+        if total and start >= total:  # a soundtrack shorter than the video, over before the window opens
+            samples = torch.zeros(0)
+        elif start > 0:
             samples = decoder.get_samples_played_in_range(start, start + spec.audio_seconds).data[0]
         else:
             samples = decoder.get_all_samples().data[0]
     except ValueError as err:
         if "audio stream" in str(err):
-            return None, 0, 0.0
+            return None, 0, 0.0, 0.0
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
     except RuntimeError as err:
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
@@ -360,7 +415,7 @@ def decode_audio(
     samples = samples[:n]
     if spec.audio_phase == "random" and spec.audio_fill == "repeat" and 0 < n < spec.audio_samples:
         samples = samples.roll(-int(key_fraction(key, "audio-phase") * n))
-    return fill_window(samples, spec.audio_samples, spec.audio_fill), n, seconds
+    return fill_window(samples, spec.audio_samples, spec.audio_fill), n, seconds, total
 
 
 def fill_window(samples: torch.Tensor, length: int, fill: str) -> torch.Tensor:
@@ -384,14 +439,16 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
         opened = open_video(raw, spec)
         if opened is None:
             raise SkipSample("no_video_stream")
-        start, seconds = clip_window(opened[1], spec, key)
+        start, seconds = clip_window(opened.seconds, spec, key)
         video, _ = decode_video(raw, spec, key, opened)
-    audio, audio_len, audio_seconds = decode_audio(raw, spec, start, key) if spec.need_audio else (None, 0, 0.0)
+    audio, audio_len, audio_seconds, soundtrack = decode_audio(raw, spec, start, key) if spec.need_audio else (None, 0, 0.0, 0.0)
     if spec.need_audio and audio is None and not spec.allow_missing_audio:
         raise SkipSample("no_audio_stream")
-    # A clip cut short still opens (its header is intact) but its soundtrack stops early.
-    if audio is not None and seconds > 0 and audio_seconds < 0.8 * seconds:
-        raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {seconds:.2f}s")
+    # A clip cut short still opens (its header is intact) but its soundtrack stops before the header says.
+    # A soundtrack the header itself gives as shorter than the video is no fault: the window is filled.
+    promised = min(seconds, soundtrack - (start or 0.0)) if soundtrack > 0 else seconds
+    if audio is not None and promised > 0 and audio_seconds < 0.8 * promised:
+        raise SkipSample("truncated_clip", f"audio {audio_seconds:.2f}s of {promised:.2f}s")
     duration = seconds or min(audio_seconds, spec.audio_seconds)
     return Clip(
         key=key,

@@ -29,9 +29,10 @@ from vaemo.errors import UserError
 
 
 def clip_key(relative: str) -> str:
-    """A webdataset key for a clip path: no dots (the key ends at the first dot), no slashes."""
+    """A webdataset key for a clip path: no dots (the key ends at the first dot), no slashes, no spaces;
+    letters of any script stay (two clips named in Japanese must not both become '___')."""
     stem = relative.rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace(os.sep, "__"))
+    return re.sub(r"[^\w-]", "_", stem.replace(os.sep, "__"))
 
 
 def read_manifest(path: Path) -> dict[str, dict]:
@@ -63,20 +64,30 @@ class PackReport:
     without_audio: list[str] = field(default_factory=list)
     without_video: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)  # clips whose `split` keeps them out of training
+    broken_links: list[str] = field(default_factory=list)
 
 
+TRAIN_SPLITS = ("train", "training")
 VAL_SPLITS = ("val", "valid", "validation", "dev")
+HELD_OUT_SPLITS = ("test", "testing", "bench", "benchmark", "eval", "evaluation", "holdout", "heldout", "held-out")
 
 
-def choose_splits(keys: list[str], metas: list[dict], val_fraction: float) -> list[str]:
-    """'train' or 'val' per clip: its own `split` field, else a deterministic `val_fraction` of the rest
-    (the clips whose key hashes lowest; at least one when the fraction is above zero)."""
+def choose_splits(keys: list[str], metas: list[dict], val_fraction: float, names: list[str] | None = None) -> list[str]:
+    """'train', 'val' or 'held_out' per clip: its own `split` field, else a deterministic `val_fraction` of
+    the rest (the clips whose key hashes lowest; at least one when the fraction is above zero). A test or
+    benchmark clip is never trained on; a `split` pack does not know is an error naming the clip."""
     import hashlib
 
     splits = []
-    for meta in metas:
-        given = str(meta.get("split", "")).lower()
-        splits.append("val" if given in VAL_SPLITS else "train" if given else "")
+    for number, meta in enumerate(metas):
+        given = str(meta.get("split", "")).strip().lower()
+        if given and given not in TRAIN_SPLITS + VAL_SPLITS + HELD_OUT_SPLITS:
+            raise UserError(
+                f"clip '{(names or keys)[number]}' has split '{meta['split']}'; use train, val (or valid, validation, "
+                "dev) or test (held out: not packed), or leave it out to let --val-fraction choose"
+            )
+        splits.append("val" if given in VAL_SPLITS else "held_out" if given in HELD_OUT_SPLITS else "train" if given else "")
     free = [i for i, s in enumerate(splits) if not s]
     wanted = min(len(free), max(1, round(val_fraction * len(free)))) if val_fraction > 0 and free else 0
     order = sorted(free, key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
@@ -131,10 +142,15 @@ def pack(
     labels = read_manifest(Path(manifest)) if manifest else {}
     report = PackReport()
     clips: list[str] = []
-    for root, _, files in os.walk(src):
+    seen_folders: set[str] = set()
+    for root, folders, files in os.walk(src, followlinks=True):  # linked folders too, each real folder once
+        seen_folders.add(os.path.realpath(root))
+        folders[:] = [f for f in folders if os.path.realpath(os.path.join(root, f)) not in seen_folders]
         for name in sorted(files):
             rel = os.path.normpath(os.path.relpath(os.path.join(root, name), src))
-            if name.rsplit(".", 1)[-1].lower() in CLIP_EXTENSIONS:
+            if not os.path.exists(os.path.join(root, name)):
+                report.broken_links.append(rel)
+            elif name.rsplit(".", 1)[-1].lower() in CLIP_EXTENSIONS:
                 clips.append(rel)
             elif not name.endswith(".json"):
                 report.ignored_files += 1
@@ -154,11 +170,14 @@ def pack(
                 meta = json.loads(sidecar.read_text())
             except ValueError:
                 raise UserError(f"label file '{sidecar}' is not valid JSON") from None
+            if not isinstance(meta, dict):
+                raise UserError(f"label file '{sidecar}' holds {type(meta).__name__}, not a JSON object of label fields")
         if meta:
             report.labelled += 1
         meta.setdefault("source", rel)
         metas.append(meta)
-    splits = choose_splits(keys, metas, val_fraction)
+    splits = choose_splits(keys, metas, val_fraction, clips)
+    report.held_out = [clips[i] for i, split in enumerate(splits) if split == "held_out"]
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         members = [i for i, s in enumerate(splits) if s == split]
@@ -201,7 +220,7 @@ def inspect_sample(sample: dict) -> str:
     """'audio_visual' | 'visual_only' | 'audio_only' for a usable sample; raises SkipSample otherwise."""
     _, raw, _ = split_sample(sample)
     video, _ = decode_video(raw, _PROBE)
-    audio, _, _ = decode_audio(raw, _PROBE)
+    audio = decode_audio(raw, _PROBE)[0]
     if video is None and audio is None:
         raise SkipSample("corrupt_clip", "neither a video nor an audio stream")
     if video is None:
