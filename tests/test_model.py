@@ -734,6 +734,62 @@ def test_whisper_weights_are_read_once_from_the_index(hf_checkpoints, tmp_path):
     assert torch.equal(encoder.conv1.weight, state["model.encoder.conv1.weight"].float())
 
 
+def test_checkpoint_folders_that_cannot_serve_are_refused_before_any_weight_loads(hf_checkpoints, tmp_path):
+    """The preflight reads folders, never weights: in a worker each of these failed only after loading,
+    Ray's retries and a hundred lines of tracebacks, with a message that named neither field nor path."""
+    import shutil
+    from pathlib import Path
+
+    from vaemo.model.build import check_checkpoint_folders, load_vlm
+
+    def copy(name: str, kind: str) -> Path:
+        return Path(shutil.copytree(hf_checkpoints[kind], tmp_path / name))
+
+    cfg = real_format_config(hf_checkpoints)
+    check_checkpoint_folders(cfg.model, cfg.data.audio_seconds)  # the hub's layout passes
+    untokenized = copy("no-tokenizer", "vlm")
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (untokenized / name).unlink(missing_ok=True)
+    torn = copy("torn", "vlm")
+    weights = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (torn / "model.safetensors").rename(torn / "model-00001-of-00002.safetensors")
+    (torn / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weights}))
+    short = copy("whisper-1s", "audio")
+    (short / "config.json").write_text(
+        json.dumps({**json.loads((short / "config.json").read_text()), "max_source_positions": 50})
+    )
+    cases = [
+        (["model.vlm=AUDIO"], "model.vlm 'AUDIO' is a whisper checkpoint (config.json's model_type); model.vlm reads qwen2_5_vl"),
+        ([f"model.vlm={untokenized}"], f"model.vlm '{untokenized}' has no tokenizer files"),
+        ([f"model.vlm={torn}"], "lacks model-00002-of-00002.safetensors, which its weight index names"),
+        ([f"model.audio_encoder={short}"], "data.audio_seconds=8 is longer than the 1 s window of model.audio_encoder"),
+    ]
+    for overrides, message in cases:
+        overrides = [o.replace("AUDIO", str(hf_checkpoints["audio"])) for o in overrides]
+        cfg = real_format_config(hf_checkpoints, *overrides)
+        with pytest.raises(UserError) as refused:
+            check_checkpoint_folders(cfg.model, cfg.data.audio_seconds)
+        assert message.replace("AUDIO", str(hf_checkpoints["audio"])) in str(refused.value)
+    resized = copy("resized", "vlm")  # passes every folder check: only loading finds it
+    (resized / "config.json").write_text(
+        json.dumps({**json.loads((resized / "config.json").read_text()), "intermediate_size": 96})
+    )
+    with pytest.raises(UserError, match="does not match its config: weights of other sizes"):
+        load_vlm(resized, "sdpa", torch.float32)
+
+
+def test_a_vaemo_exports_audio_encoder_is_a_whisper_encoder_folder(adapter_export):
+    """model.audio_encoder may name an export's audio_encoder/ (a bare WhisperEncoder, keys without a prefix)."""
+    from safetensors.torch import load_file
+
+    from vaemo.model.build import load_whisper_encoder
+
+    encoder = load_whisper_encoder(adapter_export / "audio_encoder", "sdpa", torch.float32)
+    saved = load_file(str(adapter_export / "audio_encoder" / "model.safetensors"))
+    assert set(encoder.state_dict()) == set(saved)
+    assert all(torch.equal(encoder.state_dict()[k].float(), saved[k].float()) for k in saved)
+
+
 def test_stage1_without_captions_distils_the_teachers_own_answer(model, clips):
     """responses=auto: a clip without a caption gets the frozen teacher's greedy answer from its frames as
     the response of both passes; a clip with one keeps its caption; responses=caption needs the field."""

@@ -507,6 +507,21 @@ def test_preflight_errors_are_one_line_before_any_weight_loads(small_world, tmp_
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
 
 
+def test_a_user_error_in_a_worker_is_its_one_line_and_exit_2(small_world, hf_checkpoints, tmp_path):
+    """A checkpoint only loading can judge (weights of other sizes than its config.json) fails in the worker;
+    the driver said only 'Training failed due to worker errors:' (exit 1), the cause deep in Ray's output."""
+    import shutil
+
+    resized = Path(shutil.copytree(hf_checkpoints["vlm"], tmp_path / "resized"))
+    (resized / "config.json").write_text(
+        json.dumps({**json.loads((resized / "config.json").read_text()), "intermediate_size": 96})
+    )
+    result = run(stage_cmd(1, tmp_path / "x", small_world, f"model.vlm={resized}", "scaling.max_failures=0"), timeout=300)
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray's own log lines aside
+    assert len(errors) == 1 and errors[0].startswith("error: stage 1: ") and f"'{resized}' does not match its config" in errors[0]
+
+
 def test_an_unwritable_output_is_refused(small_world, tmp_path):
     result = run(stage_cmd(1, Path("/proc/vaemo-run"), small_world))
     assert result.returncode == 2 and "is not writable" in result.stderr

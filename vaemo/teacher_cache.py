@@ -222,7 +222,7 @@ def run_cache(args: argparse.Namespace) -> int:
     cfg = cache_config(args.config, args.overrides)
     from vaemo.model.build import check_checkpoint_folders
 
-    check_checkpoint_folders(cfg.model)
+    check_checkpoint_folders(cfg.model, cfg.data.audio_seconds)
     build_cache(cfg, args.shards or default_shards(cfg), output_folder(args.out), args.actors, args.cpus_per_actor)
     return 0
 

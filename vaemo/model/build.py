@@ -7,6 +7,7 @@ only their configs differ. Nothing is ever fetched from a hub.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from vaemo.data import vocab
 from vaemo.errors import UserError
 from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, HOP, N_FFT, AudioProjector
 from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer, load_tokenizer
-from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM, check_loading, device_map
+from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM, check_loading, device_map, sized_as_configured
 from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
 
 
@@ -125,13 +126,64 @@ def tiny_audio_encoder(cfg: ModelConfig, audio_seconds: float, attn: str, dtype:
     return WhisperEncoder(config).to(dtype)
 
 
-def check_checkpoint_folders(model_cfg: ModelConfig) -> None:
-    """Fail before loading anything when a named checkpoint folder is not there."""
+# The kind of checkpoint each field's loader reads (config.json's model_type).
+CHECKPOINT_TYPES = {"model.vlm": "qwen2_5_vl", "model.audio_encoder": "whisper"}
+# A VLM folder needs one of these: transformers builds an empty tokenizer from a folder with none of them.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def check_checkpoint_folders(model_cfg: ModelConfig, audio_seconds: float = 0.0) -> None:
+    """Fail with one line before any weight loads (in a worker, after Ray retries, a failure costs minutes
+    and its cause drowns in tracebacks) when a folder cannot serve: not there or unreadable, another kind of
+    model, weight or tokenizer files missing, or an encoder window shorter than `audio_seconds`. A stage
+    that starts from an export reads only the export."""
+    if model_cfg.init_from:
+        export = Path(model_cfg.init_from)
+        if not (export / "vaemo_config.json").is_file():
+            raise UserError(f"model.init_from '{export}' is not a vaemo export (no vaemo_config.json)")
+        for part in ("vlm", "audio_encoder"):
+            read_checkpoint_config(export / part, "model.init_from")
+            weight_files(export / part, "model.init_from")
+        check_encoder_window(export / "audio_encoder", "model.init_from", audio_seconds)
+        return
     for field, value in (("model.vlm", model_cfg.vlm), ("model.audio_encoder", model_cfg.audio_encoder)):
-        if value != "tiny" and not (Path(value) / "config.json").is_file():
-            raise UserError(f"{field} '{value}' is not a checkpoint folder (no config.json); use `tiny` or a local path")
-    if model_cfg.init_from and not (Path(model_cfg.init_from) / "vaemo_config.json").is_file():
-        raise UserError(f"model.init_from '{model_cfg.init_from}' is not a vaemo export (no vaemo_config.json)")
+        if value == "tiny":
+            continue
+        folder = Path(value)
+        kind = read_checkpoint_config(folder, field).get("model_type")
+        if kind != CHECKPOINT_TYPES[field]:
+            raise UserError(
+                f"{field} '{value}' is a {kind or 'untyped'} checkpoint (config.json's model_type); {field} reads "
+                f"{CHECKPOINT_TYPES[field]}"
+            )
+        weight_files(folder, field, pytorch_bin=field == "model.vlm")
+        if field == "model.vlm" and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"model.vlm '{value}' has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+        if field == "model.audio_encoder":
+            check_encoder_window(folder, field, audio_seconds)
+
+
+def read_checkpoint_config(folder: Path, field: str) -> dict:
+    config = folder / "config.json"
+    if not config.is_file():
+        hint = "a vaemo export holds vlm/ and audio_encoder/" if field == "model.init_from" else "use `tiny` or a local path"
+        raise UserError(f"{field} '{folder}' is not a checkpoint folder (no config.json); {hint}")
+    try:
+        return json.loads(config.read_text())
+    except OSError as err:
+        raise UserError(f"{field} '{folder}' is not readable ({err.strerror})") from None
+    except ValueError:
+        raise UserError(f"{field} '{config}' is not valid JSON") from None
+
+
+def check_encoder_window(folder: Path, field: str, audio_seconds: float) -> None:
+    """Whisper's encoder takes at most max_source_positions / 50 seconds (30 for every released one)."""
+    positions = read_checkpoint_config(folder, field).get("max_source_positions", 1500)
+    if audio_seconds > positions / ENCODER_FRAMES_PER_SECOND:
+        raise UserError(
+            f"data.audio_seconds={audio_seconds:g} is longer than the {positions / ENCODER_FRAMES_PER_SECOND:g} s "
+            f"window of {field} '{folder}' (max_source_positions={positions})"
+        )
 
 
 def load_vlm(path: Path, attn: str, dtype: torch.dtype, device: torch.device | None = None):
@@ -140,9 +192,10 @@ def load_vlm(path: Path, attn: str, dtype: torch.dtype, device: torch.device | N
     load the shards straight onto it (see `build_model`)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, attn_implementation=attn, dtype=dtype, output_loading_info=True, **device_map(device)
-    )
+    with sized_as_configured(path):
+        vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, attn_implementation=attn, dtype=dtype, output_loading_info=True, **device_map(device)
+        )
     check_loading(path, info)
     return vlm
 
@@ -176,14 +229,15 @@ def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype, device: torc
     config._attn_implementation = attn
     with torch.device("meta"):
         encoder = WhisperEncoder(config)
+    expected = encoder.state_dict()
     state = {}
     for file in weight_files(path, "model.audio_encoder"):
         with safe_open(str(file), framework="pt", device=str(device or "cpu")) as f:
             for key in f.keys():
-                for prefix in ("model.encoder.", "encoder."):
-                    if key.startswith(prefix):
-                        state[key[len(prefix) :]] = f.get_tensor(key).to(dtype)
-    expected = encoder.state_dict()
+                # A WhisperForConditionalGeneration or WhisperModel checkpoint, or a bare encoder (a vaemo export's)
+                name = key.removeprefix("model.encoder.").removeprefix("encoder.")
+                if name in expected and name not in state:
+                    state[name] = f.get_tensor(key).to(dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise UserError(f"model.audio_encoder '{path}' lacks encoder weights, e.g. {missing[:3]}")
@@ -194,17 +248,31 @@ def load_whisper_encoder(path: Path, attn: str, dtype: torch.dtype, device: torc
     return encoder
 
 
-def weight_files(path: Path, field: str) -> list[Path]:
+def weight_files(path: Path, field: str, pytorch_bin: bool = False) -> list[Path]:
     """The safetensors files of one copy of a checkpoint's weights: the index's shards, else model.safetensors,
-    else every *.safetensors file."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
+    else every *.safetensors file; with `pytorch_bin`, else pytorch_model.bin or its shards (transformers reads
+    them). Each must be there and readable (a torn download lacks a shard)."""
+    files: list[Path] = []
+    for index, single in [("model.safetensors.index.json", "model.safetensors")] + (
+        [("pytorch_model.bin.index.json", "pytorch_model.bin")] if pytorch_bin else []
+    ):
+        if (path / index).is_file():
+            try:
+                files = sorted({path / name for name in json.loads((path / index).read_text())["weight_map"].values()})
+            except (OSError, ValueError, KeyError, AttributeError):
+                raise UserError(f"{field} '{path}': {index} is not a readable weight index") from None
+        elif (path / single).is_file():
+            files = [path / single]
+        files = files or sorted(path.glob("*.safetensors"))
+        if files:
+            break
     if not files:
-        raise UserError(f"{field} '{path}' holds no .safetensors weights")
+        raise UserError(f"{field} '{path}' holds no " + ("weights" if pytorch_bin else ".safetensors weights"))
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{field} '{path}' lacks {file.name}, which its weight index names (an unfinished download?)")
+        if not os.access(file, os.R_OK):
+            raise UserError(f"{field} '{path}': {file.name} is not readable")
     return files
 
 
@@ -244,7 +312,7 @@ def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0, dev
 
 
 def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, device: torch.device | None) -> VAEmotionLLM:
-    check_checkpoint_folders(model_cfg)
+    check_checkpoint_folders(model_cfg, data_cfg.audio_seconds)
     attn, dtype = choose_attention(model_cfg.attn_implementation), choose_dtype(model_cfg.dtype)
     if model_cfg.init_from:
         path = Path(model_cfg.init_from)

@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -538,17 +538,19 @@ class VAEmotionLLM(nn.Module):
         if not (path / CONFIG_NAME).is_file():
             raise UserError(f"'{path}' is not a vaemo model folder (no {CONFIG_NAME})")
         spec = ModelSpec.read(path)
-        vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True, **device_map(device)
-        )
+        with sized_as_configured(path / "vlm"):
+            vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                path / "vlm", attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True, **device_map(device)
+            )
         check_loading(path / "vlm", info)
-        audio_encoder, info = WhisperEncoder.from_pretrained(
-            path / "audio_encoder",
-            attn_implementation=attn_implementation,
-            dtype=dtype,
-            output_loading_info=True,
-            **device_map(device),
-        )
+        with sized_as_configured(path / "audio_encoder"):
+            audio_encoder, info = WhisperEncoder.from_pretrained(
+                path / "audio_encoder",
+                attn_implementation=attn_implementation,
+                dtype=dtype,
+                output_loading_info=True,
+                **device_map(device),
+            )
         check_loading(path / "audio_encoder", info)
         tokenizer = load_tokenizer(path / "tokenizer")
         projector = AudioProjector(
@@ -572,6 +574,18 @@ class VAEmotionLLM(nn.Module):
 def device_map(device: torch.device | None) -> dict:
     """from_pretrained's arguments that read the weights straight onto `device` (none: the host)."""
     return {"device_map": {"": device}} if device is not None else {}
+
+
+@contextmanager
+def sized_as_configured(where: Path) -> Iterator[None]:
+    """transformers raises before `check_loading` can see mis-sized weights (its ignore_mismatched_sizes
+    error, after a table of every key): the same one line as any other mismatch."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise UserError(f"'{where}' does not match its config: weights of other sizes than config.json gives") from None
 
 
 def check_loading(where: Path, info: dict) -> None:

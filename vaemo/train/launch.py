@@ -113,7 +113,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
         from vaemo.cache_fingerprint import check_cache
 
         check_cache(cfg, train_urls + (val_urls if cfg.train.val_batches > 0 else []))
-    check_checkpoint_folders(cfg.model)
+    check_checkpoint_folders(cfg.model, cfg.data.audio_seconds)
     probe_data(cfg, train_urls, val_urls if cfg.train.val_batches > 0 else [])
     if cfg.model.init_from:
         from vaemo.model.build import check_data_matches
@@ -222,6 +222,9 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
             no_data = NoUsableData.line_in(str(err))
             if no_data:  # the data, not the code: the user's to fix (exit 2)
                 raise UserError(no_data) from None
+            user = user_error_in(str(err))
+            if user:  # e.g. a checkpoint the preflight could not judge without loading it
+                raise UserError(f"stage {cfg.stage}: {user}") from None
             raise TrainingFailed(f"stage {cfg.stage} failed: {first_line(err)}") from err
     queue.shutdown()
     metrics = dict(result.metrics or display.last or {})
@@ -239,6 +242,14 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
 
 class TrainingFailed(RuntimeError):
     """Training stopped with an error that is not the user's input (exit status 1)."""
+
+
+def user_error_in(text: str) -> str | None:
+    """The message of a vaemo UserError (or subclass) a worker raised, from Ray's report of its traceback."""
+    import re
+
+    match = re.search(r"^vaemo\.[\w.]*(?:UserError|ConfigError): (.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else None
 
 
 def first_line(err: BaseException) -> str:
