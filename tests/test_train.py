@@ -516,8 +516,9 @@ def test_a_user_error_in_a_worker_is_its_one_line_and_exit_2(small_world, hf_che
     (resized / "config.json").write_text(
         json.dumps({**json.loads((resized / "config.json").read_text()), "intermediate_size": 96})
     )
-    result = run(stage_cmd(1, tmp_path / "x", small_world, f"model.vlm={resized}", "scaling.max_failures=0"), timeout=300)
+    result = run(stage_cmd(1, tmp_path / "x", small_world, f"model.vlm={resized}", "scaling.max_failures=1"), timeout=300)
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "not loading the model again" in result.stdout + result.stderr  # Ray's retry met the recorded error
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray's own log lines aside
     assert len(errors) == 1 and errors[0].startswith("error: stage 1: ") and f"'{resized}' does not match its config" in errors[0]
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from vaemo.config import Config, config_from_dict, render_config
 from vaemo.data.stream import NoUsableData, StreamState, TrainStream, expand_shards, make_loader
+from vaemo.errors import UserError
 from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, choose_dtype
 from vaemo.model.freezing import replicate_frozen
@@ -136,7 +137,27 @@ def build_engine(cfg: Config, rank: int, use_gpu: bool) -> StageEngine:
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train's per-worker function. `loop_config`: config, run_dir, launch_id, resume_from, queue."""
+    """Ray Train's per-worker function. `loop_config`: config, run_dir, launch_id, resume_from, queue.
+
+    A UserError (the user's to fix: the data, a checkpoint) is recorded for the launch: Ray retries a failed
+    worker group (scaling.max_failures), and each retry then fails with it at once instead of loading the
+    model again (minutes at 7B) to meet the same error."""
+    recorded = Path(loop_config["run_dir"]) / "workers" / "user_error.json"
+    if recorded.is_file():
+        earlier = json.loads(recorded.read_text())
+        if earlier.get("launch_id") == loop_config["launch_id"]:
+            print(f"vaemo: {earlier['message']} (as in this launch's earlier attempt; not loading the model again)", flush=True)
+            raise UserError(earlier["message"])
+    try:
+        train_worker(loop_config)
+    except UserError as err:
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps({"launch_id": loop_config["launch_id"], "message": str(err)}))
+        raise
+
+
+def train_worker(loop_config: dict) -> None:
+    """One attempt of a worker: set up, train, export."""
     import ray.train
 
     cfg = config_from_dict(loop_config["config"])
