@@ -133,3 +133,19 @@ def test_the_readmes_python_example_runs(small_world, adapter_export, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) >= 2 and printed[-1].startswith("tensor([[")  # the answer, then valence/arousal
+
+
+def test_ask_finds_clips_in_linked_folders_once(tmp_path):
+    """--clips FOLDER searched linked folders as pack does (rglob skipped them without a word)."""
+    import os
+
+    from vaemo.eval.ask import find_clips
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "src" / "nested").mkdir(parents=True)
+    for path in (tmp_path / "real" / "a.mov", tmp_path / "src" / "nested" / "b.MP4", tmp_path / "src" / "notes.txt"):
+        path.write_bytes(b"clip bytes are not read here")
+    os.symlink(tmp_path / "real", tmp_path / "src" / "linked")
+    os.symlink(tmp_path / "src", tmp_path / "real" / "back-up")  # a cycle ends
+    found = find_clips(str(tmp_path / "src"))
+    assert found == sorted([(tmp_path / "real" / "a.mov").resolve(), (tmp_path / "src" / "nested" / "b.MP4").resolve()])

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Iterator
 
 from vaemo.data.decode import (
     CLIP_EXTENSIONS,
@@ -114,6 +115,17 @@ def streams_of(raw: bytes) -> tuple[bool, bool]:
     return opens(VideoDecoder), opens(AudioDecoder)
 
 
+def files_under(folder: Path) -> Iterator[Path]:
+    """Every file under `folder` at any depth, linked folders included (each real folder once, so a link
+    back up ends), and links to nothing (the caller reports them); sorted within each folder."""
+    seen: set[str] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(root))
+        folders[:] = sorted(f for f in folders if os.path.realpath(os.path.join(root, f)) not in seen)
+        for name in sorted(files):
+            yield Path(root) / name
+
+
 def pack(
     src: str | Path,
     out: str | Path,
@@ -142,18 +154,14 @@ def pack(
     labels = read_manifest(Path(manifest)) if manifest else {}
     report = PackReport()
     clips: list[str] = []
-    seen_folders: set[str] = set()
-    for root, folders, files in os.walk(src, followlinks=True):  # linked folders too, each real folder once
-        seen_folders.add(os.path.realpath(root))
-        folders[:] = [f for f in folders if os.path.realpath(os.path.join(root, f)) not in seen_folders]
-        for name in sorted(files):
-            rel = os.path.normpath(os.path.relpath(os.path.join(root, name), src))
-            if not os.path.exists(os.path.join(root, name)):
-                report.broken_links.append(rel)
-            elif name.rsplit(".", 1)[-1].lower() in CLIP_EXTENSIONS:
-                clips.append(rel)
-            elif not name.endswith(".json"):
-                report.ignored_files += 1
+    for path in files_under(src):
+        rel = os.path.normpath(os.path.relpath(path, src))
+        if not path.exists():
+            report.broken_links.append(rel)
+        elif path.name.rsplit(".", 1)[-1].lower() in CLIP_EXTENSIONS:
+            clips.append(rel)
+        elif not path.name.endswith(".json"):
+            report.ignored_files += 1
     clips.sort()
     if not clips:
         raise UserError(f"source folder '{src}' holds no clip ({', '.join(CLIP_EXTENSIONS)})")

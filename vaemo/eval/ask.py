@@ -83,10 +83,12 @@ class Asker:
 
 
 def find_clips(pattern: str) -> list[Path]:
-    """A folder (searched recursively for clip files) or a glob; absolute paths, sorted."""
+    """A folder (searched at any depth for clip files, linked folders included) or a glob; absolute paths, sorted."""
+    from vaemo.data.shards import files_under
+
     path = Path(pattern).expanduser()
     if path.is_dir():
-        found = [p for p in path.rglob("*") if p.suffix.lstrip(".").lower() in CLIP_EXTENSIONS and p.is_file()]
+        found = [p for p in files_under(path) if p.suffix.lstrip(".").lower() in CLIP_EXTENSIONS and p.is_file()]
     else:
         found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     if not found:
