@@ -43,11 +43,11 @@ def cut_soundtracks(seconds: float) -> None:
     decode_audio = decode.decode_audio
 
     def cut(raw, spec, start=None, key=""):
-        audio, valid, decoded, _ = decode_audio(raw, spec, start, key)
+        audio, valid, decoded, soundtrack = decode_audio(raw, spec, start, key)
         if audio is None:
-            return audio, valid, decoded
+            return audio, valid, decoded, soundtrack
         keep = min(valid, int(seconds * decode.SAMPLE_RATE))
-        return decode.fill_window(audio[:keep], spec.audio_samples, spec.audio_fill), keep, decoded
+        return decode.fill_window(audio[:keep], spec.audio_samples, spec.audio_fill), keep, decoded, soundtrack
 
     decode.decode_audio = cut  # decode_sample looks it up in its module at each call
 
