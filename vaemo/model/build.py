@@ -141,16 +141,17 @@ def check_checkpoint_folders(model_cfg: ModelConfig, audio_seconds: float = 0.0)
         export = Path(model_cfg.init_from)
         if not (export / "vaemo_config.json").is_file():
             raise UserError(f"model.init_from '{export}' is not a vaemo export (no vaemo_config.json)")
-        for part in ("vlm", "audio_encoder"):
-            read_checkpoint_config(export / part, "model.init_from")
+        configs = {part: read_checkpoint_config(export / part, "model.init_from") for part in ("vlm", "audio_encoder")}
+        for part in configs:
             weight_files(export / part, "model.init_from")
-        check_encoder_window(export / "audio_encoder", "model.init_from", audio_seconds)
+        check_encoder_window(configs["audio_encoder"], export / "audio_encoder", "model.init_from", audio_seconds)
         return
     for field, value in (("model.vlm", model_cfg.vlm), ("model.audio_encoder", model_cfg.audio_encoder)):
         if value == "tiny":
             continue
         folder = Path(value)
-        kind = read_checkpoint_config(folder, field).get("model_type")
+        config = read_checkpoint_config(folder, field)
+        kind = config.get("model_type")
         if kind != CHECKPOINT_TYPES[field]:
             raise UserError(
                 f"{field} '{value}' is a {kind or 'untyped'} checkpoint (config.json's model_type); {field} reads "
@@ -160,7 +161,7 @@ def check_checkpoint_folders(model_cfg: ModelConfig, audio_seconds: float = 0.0)
         if field == "model.vlm" and not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise UserError(f"model.vlm '{value}' has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
         if field == "model.audio_encoder":
-            check_encoder_window(folder, field, audio_seconds)
+            check_encoder_window(config, folder, field, audio_seconds)
 
 
 def read_checkpoint_config(folder: Path, field: str) -> dict:
@@ -176,9 +177,10 @@ def read_checkpoint_config(folder: Path, field: str) -> dict:
         raise UserError(f"{field} '{config}' is not valid JSON") from None
 
 
-def check_encoder_window(folder: Path, field: str, audio_seconds: float) -> None:
-    """Whisper's encoder takes at most max_source_positions / 50 seconds (30 for every released one)."""
-    positions = read_checkpoint_config(folder, field).get("max_source_positions", 1500)
+def check_encoder_window(config: dict, folder: Path, field: str, audio_seconds: float) -> None:
+    """Whisper's encoder (its config.json: `config`) takes at most max_source_positions / 50 seconds (30 for
+    every released one)."""
+    positions = config.get("max_source_positions", 1500)
     if audio_seconds > positions / ENCODER_FRAMES_PER_SECOND:
         raise UserError(
             f"data.audio_seconds={audio_seconds:g} is longer than the {positions / ENCODER_FRAMES_PER_SECOND:g} s "
@@ -252,20 +254,9 @@ def weight_files(path: Path, field: str, pytorch_bin: bool = False) -> list[Path
     """The safetensors files of one copy of a checkpoint's weights: the index's shards, else model.safetensors,
     else every *.safetensors file; with `pytorch_bin`, else pytorch_model.bin or its shards (transformers reads
     them). Each must be there and readable (a torn download lacks a shard)."""
-    files: list[Path] = []
-    for index, single in [("model.safetensors.index.json", "model.safetensors")] + (
-        [("pytorch_model.bin.index.json", "pytorch_model.bin")] if pytorch_bin else []
-    ):
-        if (path / index).is_file():
-            try:
-                files = sorted({path / name for name in json.loads((path / index).read_text())["weight_map"].values()})
-            except (OSError, ValueError, KeyError, AttributeError):
-                raise UserError(f"{field} '{path}': {index} is not a readable weight index") from None
-        elif (path / single).is_file():
-            files = [path / single]
-        files = files or sorted(path.glob("*.safetensors"))
-        if files:
-            break
+    files = indexed_or_single(path, field, "model.safetensors") or sorted(path.glob("*.safetensors"))
+    if not files and pytorch_bin:
+        files = indexed_or_single(path, field, "pytorch_model.bin")
     if not files:
         raise UserError(f"{field} '{path}' holds no " + ("weights" if pytorch_bin else ".safetensors weights"))
     for file in files:
@@ -274,6 +265,17 @@ def weight_files(path: Path, field: str, pytorch_bin: bool = False) -> list[Path
         if not os.access(file, os.R_OK):
             raise UserError(f"{field} '{path}': {file.name} is not readable")
     return files
+
+
+def indexed_or_single(path: Path, field: str, single: str) -> list[Path]:
+    """The shards `single`.index.json names, else `single` itself; [] when neither is there."""
+    index = path / f"{single}.index.json"
+    if index.is_file():
+        try:
+            return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, AttributeError):
+            raise UserError(f"{field} '{path}': {index.name} is not a readable weight index") from None
+    return [path / single] if (path / single).is_file() else []
 
 
 def check_feature_extractor(path: Path) -> None:
