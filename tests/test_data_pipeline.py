@@ -232,6 +232,28 @@ def test_a_soundtrack_shorter_than_its_video_is_filled_not_called_truncated(tmp_
     assert cut.value.reason == "truncated_clip"
 
 
+def test_a_stereo_soundtrack_in_antiphase_is_heard_not_mixed_to_silence(tmp_path):
+    """One channel wired with its polarity flipped cancels the other in a mono mix: the loudest channel is
+    read instead. A soundtrack that is silent stays silent, and ordinary stereo keeps its mix."""
+    from torchcodec.decoders import AudioDecoder
+
+    spec = DecodeSpec(num_frames=2, height=48, width=64, audio_seconds=2.0)
+    heard = {}
+    for name, pan in [("antiphase", "c1=-1*c0"), ("inphase", "c1=c0"), ("silent", "c0=0*c0|c1=0*c0")]:
+        pan = pan if "c0=" in pan else f"c0=c0|{pan}"
+        raw = ffmpeg_clip(
+            tmp_path / f"{name}.mp4",
+            f"-f lavfi -i testsrc=s=64x48:r=10:d=2 -f lavfi -i sine=f=440:r=44100:d=2 -af pan=stereo|{pan} "
+            "-c:v libx264 -c:a aac -shortest",
+        )
+        clip = decode_sample({"__key__": name, "mp4": raw}, spec)
+        heard[name] = float(clip.audio.pow(2).mean().sqrt())
+        if name == "inphase":
+            mix = AudioDecoder(raw, sample_rate=16000, num_channels=1).get_all_samples().data[0][: clip.audio_len]
+            assert torch.equal(clip.audio[: clip.audio_len], mix)
+    assert heard["antiphase"] > 0.05 and heard["inphase"] > 0.05 and heard["silent"] == 0.0, heard
+
+
 @pytest.mark.parametrize("codec", [Codec("mp4", "libx264", "aac", 1), Codec("webm", "libvpx-vp9", "libopus", 2)])
 def test_a_clip_shorter_than_the_window_is_repeated_or_followed_by_silence(codec):
     """A 1.25 s clip in a 3 s window: `repeat` plays it again from its start, `silence` leaves a silent tail
@@ -506,7 +528,8 @@ def test_pack_then_inspect_a_users_clips(tmp_path):
 
 def test_pack_takes_any_script_linked_folders_and_keeps_test_clips_out(tmp_path):
     """Names in any script keep their letters (two Japanese names both became '___'), linked folders are
-    searched, a link to nothing is reported instead of a traceback, and a clip marked test is never packed."""
+    searched (once, however many links reach them), a link to nothing is reported instead of a traceback,
+    and a clip marked test is never packed."""
     import os
 
     src, elsewhere = tmp_path / "clips", tmp_path / "elsewhere"
@@ -517,6 +540,7 @@ def test_pack_takes_any_script_linked_folders_and_keeps_test_clips_out(tmp_path)
         (src / name).write_bytes(clip)
     (elsewhere / "linked.mp4").write_bytes(clip)
     os.symlink(elsewhere, src / "shortcut")
+    os.symlink(elsewhere, src / "twin")  # a second link to the same folder adds nothing
     os.symlink(src, elsewhere / "loop")  # a cycle through the linked folder is walked once
     os.symlink(tmp_path / "gone.mp4", src / "dangling.mp4")
     (src / "held.json").write_text(json.dumps({"split": "test"}))

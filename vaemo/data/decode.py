@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 CLIP_EXTENSIONS: tuple[str, ...] = ("mp4", "mkv", "webm", "mov")
 SAMPLE_RATE = 16000  # the audio pathway (Whisper) hears 16 kHz mono
+# Channels in antiphase (one wired with its polarity flipped, or "wide" fake stereo) cancel in a mono mix:
+# loud channels, a mix near silence. Only a mix this quiet (full scale 1) is checked against its channels,
+# and it gives way to the loudest channel when that is this many times louder.
+CANCELLED_RMS = 1e-3
+CANCELLED_GAIN = 10.0
 
 # Every reason a sample can be skipped for, and what it means.
 SKIP_REASONS: dict[str, str] = {
@@ -400,10 +405,10 @@ def decode_audio(
             start = clip_window(total, spec, key)[0] if total > spec.audio_seconds else 0.0
         if total and start >= total:  # a soundtrack shorter than the video, over before the window opens
             samples = torch.zeros(0)
-        elif start > 0:
-            samples = decoder.get_samples_played_in_range(start, start + spec.audio_seconds).data[0]
         else:
-            samples = decoder.get_all_samples().data[0]
+            samples = played(decoder, start, spec.audio_seconds)[0]
+            if (decoder.metadata.num_channels or 1) > 1 and samples.numel() and rms(samples) < CANCELLED_RMS:
+                samples = louder_of(samples, raw, start, spec.audio_seconds)
     except ValueError as err:
         if "audio stream" in str(err):
             return None, 0, 0.0, 0.0
@@ -416,6 +421,26 @@ def decode_audio(
     if spec.audio_phase == "random" and spec.audio_fill == "repeat" and 0 < n < spec.audio_samples:
         samples = samples.roll(-int(key_fraction(key, "audio-phase") * n))
     return fill_window(samples, spec.audio_samples, spec.audio_fill), n, seconds, total
+
+
+def played(decoder, start: float, seconds: float) -> torch.Tensor:
+    """(channels, samples) of the `seconds` from `start`; from 0, the whole soundtrack (callers cut it)."""
+    if start > 0:
+        return decoder.get_samples_played_in_range(start, start + seconds).data
+    return decoder.get_all_samples().data
+
+
+def rms(samples: torch.Tensor) -> float:
+    return samples.float().pow(2).mean().sqrt().item() if samples.numel() else 0.0
+
+
+def louder_of(mix: torch.Tensor, raw: bytes, start: float, seconds: float) -> torch.Tensor:
+    """The mono `mix`, or the soundtrack's loudest channel where the mix cancelled it."""
+    from torchcodec.decoders import AudioDecoder
+
+    channels = played(AudioDecoder(raw, sample_rate=SAMPLE_RATE), start, seconds)
+    loudest = channels[channels.pow(2).mean(dim=1).argmax()]
+    return loudest if rms(loudest) > CANCELLED_GAIN * rms(mix) else mix
 
 
 def fill_window(samples: torch.Tensor, length: int, fill: str) -> torch.Tensor:

@@ -116,12 +116,19 @@ def streams_of(raw: bytes) -> tuple[bool, bool]:
 
 
 def files_under(folder: Path) -> Iterator[Path]:
-    """Every file under `folder` at any depth, linked folders included (each real folder once, so a link
-    back up ends), and links to nothing (the caller reports them); sorted within each folder."""
-    seen: set[str] = set()
+    """Every file under `folder` at any depth, linked folders included (each real folder once, by the first
+    path that reaches it: a link back up ends, two links to one folder give its clips once), and links to
+    nothing (the caller reports them); sorted within each folder."""
+    seen = {os.path.realpath(folder)}
     for root, folders, files in os.walk(folder, followlinks=True):
-        seen.add(os.path.realpath(root))
-        folders[:] = sorted(f for f in folders if os.path.realpath(os.path.join(root, f)) not in seen)
+        # A folder is claimed when it is queued, not when it is walked, so that its twin is never queued.
+        queued = []
+        for name in sorted(folders):
+            real = os.path.realpath(os.path.join(root, name))
+            if real not in seen:
+                seen.add(real)
+                queued.append(name)
+        folders[:] = queued
         for name in sorted(files):
             yield Path(root) / name
 
