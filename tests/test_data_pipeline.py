@@ -568,6 +568,56 @@ def test_pack_refuses_labels_it_cannot_read_in_one_line(tmp_path, sidecar, messa
     assert message in result.stderr, result.stderr
 
 
+def test_a_samples_files_may_lie_apart_in_a_local_shard_not_in_a_streamed_one(tmp_path):
+    """data-formats: a sample is the files that share a key. `tar cf` of a folder, or a tool writing all
+    labels first, puts them apart: a local shard is regrouped (the labels were lost before), a streamed one
+    counts what comes back as `scattered_sample`. A key may start with `__` (pack writes `__intro.mp4` so);
+    only webdataset's own top-level `__x__` files are not samples. A gzip'ed tar reads like a tar."""
+    import gzip
+    import io
+    import tarfile
+
+    from vaemo.data.tars import read_shard
+
+    clip = ramp_clip(24, 12, 64, 64, 16000, Codec())
+    order = [("c1.json", b'{"caption": "one"}'), ("c2.json", b'{"caption": "two"}'), ("c1.mp4", clip)]
+    order += [("__intro.mp4", clip), ("c2.mp4", clip), ("__meta__", b"x")]
+    shard = tmp_path / "apart.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in order:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(read_shard(str(shard)))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
+        ("c1", ["json", "mp4"]),
+        ("c2", ["json", "mp4"]),
+        ("__intro", ["mp4"]),
+    ]
+    (tmp_path / "apart.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    assert [s["__key__"] for s in read_shard(str(tmp_path / "apart.tar.gz"))] == ["c1", "c2", "c1", "__intro", "c2"]
+    streamed = cli("data", "inspect", f"pipe:cat {shard}", "--json")
+    assert streamed.returncode == 0, streamed.stderr
+    counts = json.loads(streamed.stdout.strip().splitlines()[-1])
+    assert counts["samples"] == 5 and counts["skipped"].get("scattered_sample") == 2, counts
+
+
+def test_a_named_shard_that_is_not_there_and_an_empty_one_are_one_line(tmp_path):
+    """A brace range one shard too long dropped that shard without a word; an empty shard's stop line gave no
+    reason."""
+    import tarfile
+
+    from vaemo.data.stream import NoUsableData, expand_shards, probe_usable
+
+    for name in ("r-000000.tar", "r-000002.tar"):
+        tarfile.open(tmp_path / name, "w").close()
+    with pytest.raises(UserError, match=r"1 of the shards named do not exist, e\.g\. '.*r-000001\.tar'"):
+        expand_shards(str(tmp_path / "r-{000000..000002}.tar"))
+    assert len(expand_shards(str(tmp_path / "r-*.tar"))) == 2
+    with pytest.raises(NoUsableData, match="0 usable of 0 samples read: the shards hold no sample"):
+        probe_usable(expand_shards(str(tmp_path / "r-*.tar")), DecodeSpec(), limit=10)
+
+
 def test_inspect_exits_2_only_when_nothing_can_be_read(tmp_path):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tar file" * 100)
@@ -587,6 +637,7 @@ def test_inspect_exits_2_only_when_nothing_can_be_read(tmp_path):
         (["data", "pack", "FILE", "--out", "DIR"], "source folder 'FILE' is a file"),
         (["data", "pack", "CLIPS", "--out", "FILE"], "--out 'FILE' is a file; give a folder"),
         (["config", "show", "--config", "DIR"], "config file 'DIR' is a folder"),
+        (["config", "show", "--config", "BINARY"], "config file 'BINARY' is not UTF-8 text"),
         (["export", "--checkpoint", "DIR/step-00000004", "--out", "DIR/x"], "--checkpoint 'DIR/step-00000004' does not exist"),
     ],
 )
@@ -596,7 +647,8 @@ def test_paths_of_the_wrong_kind_and_bad_counts_are_one_line_and_exit_2(tmp_path
     (tmp_path / "dir").mkdir()
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "a.mp4").write_bytes(b"not read before the output is checked")
-    names = {"FILE": tmp_path / "file", "DIR": tmp_path / "dir", "CLIPS": tmp_path / "clips"}
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+    names = {"FILE": tmp_path / "file", "DIR": tmp_path / "dir", "CLIPS": tmp_path / "clips", "BINARY": tmp_path / "binary"}
 
     def placed(text: str) -> str:
         for name, path in names.items():
@@ -660,6 +712,27 @@ def test_bench_reader(small_world, tmp_path):
         read_bench(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "change,encoding,message",
+    [
+        ({}, "utf-8-sig", None),  # a byte-order mark, as Windows tools write: read, not "not valid JSON"
+        ({"question": "Quelle émotion ?"}, "latin-1", "is not UTF-8 text"),
+        ({"media": "/elsewhere/m.mp4"}, "utf-8", "field 'media' must be a path relative to the benchmark folder"),
+        ({"task": "all"}, "utf-8", "task 'all' is reserved"),
+    ],
+)
+def test_a_bench_in_another_encoding_or_naming_what_it_may_not_is_one_line(tmp_path, change, encoding, message):
+    item = {"id": "q1", "media": "m.mp4", "modality": "audio", "task": "emotion", "question": "q?", "options": ["a", "b"]}
+    (tmp_path / "items.jsonl").write_bytes(
+        (json.dumps({**item, "answer": 1, **change}, ensure_ascii=False) + "\n").encode(encoding)
+    )
+    if message is None:
+        assert [i.id for i in read_bench(tmp_path)] == ["q1"]
+    else:
+        with pytest.raises(UserError, match=message):
+            read_bench(tmp_path)
+
+
 def test_shard_reader_matches_webdataset_and_counts_damaged_shards(small_world, tmp_path):
     from vaemo.data.tars import ShardError, read_shard
 
@@ -681,3 +754,11 @@ def test_shard_reader_matches_webdataset_and_counts_damaged_shards(small_world, 
     items = list(read_shard(str(cut)))
     assert isinstance(items[-1], ShardError) and not any(isinstance(i, ShardError) for i in items[:-1])
     assert len(items) > 2  # the samples before the cut still come
+
+
+def test_the_data_formats_page_explains_every_skip_reason():
+    """Users read skip reasons in `vaemo data inspect` and the metrics; each must be explained in the docs."""
+    from vaemo.data.decode import SKIP_REASONS
+
+    page = (ROOT / "docs" / "data-formats.md").read_text()
+    assert [reason for reason in SKIP_REASONS if f"| `{reason}` |" not in page] == []

@@ -83,7 +83,7 @@ def run_pack(args: argparse.Namespace) -> None:
             f"scaling.num_workers<={max(val_shards, 1)}, or train.val_batches=0, or more clips in val"
         )
     for what, names in (
-        ("without an audio stream (stage 1 and 2 skip them)", r.without_audio),
+        ("without an audio stream (stage 1 skips them; stage 2 asks them about their frames only)", r.without_audio),
         ("without a video stream (every stage skips them)", r.without_video),
         ("that FFmpeg cannot open (packed as they are; every stage skips them and counts them)", r.unreadable),
         ("left out: their split is test or bench (pack writes train and val)", r.held_out),

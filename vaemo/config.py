@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
-from vaemo.errors import UserError
+from vaemo.errors import UserError, read_user_text
 
 MODALITIES: tuple[str, ...] = ("audio", "visual", "audio_visual")
 STAGES = (0, 1, 2)
@@ -748,7 +748,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_user_text(path, "config file", ConfigError)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

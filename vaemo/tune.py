@@ -20,7 +20,7 @@ import yaml
 
 from vaemo import progress
 from vaemo.config import ConfigError, build_dataclass, check_tree, dump_config, load_config, render_config
-from vaemo.errors import UserError
+from vaemo.errors import UserError, read_user_text
 
 SAMPLERS = ("loguniform", "uniform", "choice", "randint")
 
@@ -79,7 +79,7 @@ def load_sweep(path: str | Path, config_path: str | Path) -> SweepSpec:
     if not p.is_file():
         raise UserError(f"--space '{path}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_user_text(p, "--space")) or {}
     except yaml.YAMLError as err:
         raise UserError(f"--space '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     spec = build_dataclass(SweepSpec, data)

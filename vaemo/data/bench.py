@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vaemo.config import MODALITIES
-from vaemo.errors import UserError
+from vaemo.errors import UserError, read_user_text
 
 
 @dataclass
@@ -40,6 +40,10 @@ def parse_item(entry: object, folder: Path, where: str) -> BenchItem:
     for name in ("id", "media", "modality", "task", "question"):
         if not isinstance(entry.get(name), str) or not entry[name]:
             raise bad(f"field '{name}' must be a non-empty string")
+    if Path(entry["media"]).is_absolute():  # a folder that moves (another machine, a cluster) keeps its media
+        raise bad(f"field 'media' must be a path relative to the benchmark folder, got {entry['media']!r}")
+    if entry["task"] == "all":
+        raise bad("task 'all' is reserved: results.json's 'all' is the mean over all of a modality's items")
     if entry["modality"] not in MODALITIES:
         raise bad(f"field 'modality' must be one of {', '.join(MODALITIES)}, got {entry['modality']!r}")
     options = entry.get("options")
@@ -76,7 +80,7 @@ def read_bench(folder: str | Path) -> list[BenchItem]:
         raise UserError(f"benchmark folder '{folder}' has no items.jsonl")
     items: list[BenchItem] = []
     seen: set[str] = set()
-    for number, line in enumerate(items_path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_user_text(items_path, "benchmark").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{items_path}:{number}"

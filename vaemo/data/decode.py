@@ -39,6 +39,8 @@ SKIP_REASONS: dict[str, str] = {
     "unknown_extension": "the sample's clip has an extension other than mp4/mkv/webm/mov",
     "multiple_clips": "the sample has more than one clip file",
     "duplicate_file": "the shard holds two files with the same key and extension",
+    "scattered_sample": "a streamed shard (pipe:, URL) holds more of a sample's files after another sample's; "
+    "the first part was read as the sample (a local shard is regrouped: write each sample's files together)",
     "empty_clip": "the clip file has zero bytes",
     "unreadable_media": "a clip file on disk could not be read (evaluation, vaemo ask)",
     "corrupt_clip": "FFmpeg cannot open the clip",
@@ -129,6 +131,8 @@ def split_sample(sample: dict) -> tuple[str, bytes, dict]:
     meta: dict = {}
     if "__duplicate__" in sample:
         raise SkipSample("duplicate_file", sample["__duplicate__"])
+    if "__scattered__" in sample:
+        raise SkipSample("scattered_sample", sample["__key__"])
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])

@@ -22,7 +22,7 @@ from vaemo.data.decode import (
 )
 from vaemo.data.stream import expand_shards
 from vaemo.data.tars import ShardError, ShardWriter, read_shard
-from vaemo.errors import UserError
+from vaemo.errors import UserError, read_user_text
 
 # ----------------------------------------------------------------------------------------------
 # pack
@@ -41,7 +41,7 @@ def read_manifest(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise UserError(f"manifest '{path}' does not exist")
     labels: dict[str, dict] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_user_text(path, "manifest").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -182,7 +182,7 @@ def pack(
         sidecar = src / (rel.rsplit(".", 1)[0] + ".json")
         if not meta and sidecar.is_file():
             try:
-                meta = json.loads(sidecar.read_text())
+                meta = json.loads(read_user_text(sidecar, "label file"))
             except ValueError:
                 raise UserError(f"label file '{sidecar}' is not valid JSON") from None
             if not isinstance(meta, dict):

@@ -39,6 +39,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
+    missing: list[str] = []  # named (not globbed) local shards that are not there: a range one too long, a typo
     for item in specs:
         for url in map(local_path, braceexpand(item)):
             if "://" in url or url.startswith("pipe:"):
@@ -47,8 +48,12 @@ def expand_shards(spec: str | list[str]) -> list[str]:
                 urls.extend(sorted(os.path.abspath(u) for u in glob.glob(os.path.expanduser(url))))
             elif os.path.exists(os.path.expanduser(url)):
                 urls.append(os.path.abspath(os.path.expanduser(url)))
+            else:
+                missing.append(url)
     if not urls:
         raise UserError(f"shards '{', '.join(specs)}' match no file")
+    if missing:
+        raise UserError(f"shards '{', '.join(specs)}': {len(missing)} of the shards named do not exist, e.g. '{missing[0]}'")
     return urls
 
 
@@ -178,7 +183,7 @@ class NoUsableData(UserError):
     def after(cls, reasons: Counter) -> NoUsableData:
         read = sum(n for r, n in reasons.items() if r != "unreadable_shard")
         counts = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
-        return cls(f"{cls.MARKER}0 usable of {read} samples read: {counts}")
+        return cls(f"{cls.MARKER}0 usable of {read} samples read: {counts or 'the shards hold no sample'}")
 
     @classmethod
     def line_in(cls, text: str) -> str | None:
@@ -331,7 +336,8 @@ class TrainStream(IterableDataset):
             failures_in_a_row = 0 if got_any else failures_in_a_row + 1
             if failures_in_a_row > 4 * len(shards):
                 raise NoUsableData(
-                    f"{NoUsableData.MARKER}no readable sample in any of the {len(shards)} shards of this worker, e.g. {shards[0]}"
+                    f"{NoUsableData.MARKER}no sample in any of the {len(shards)} shards of this worker (each is empty or "
+                    f"unreadable), e.g. {shards[0]}"
                 )
 
     def __iter__(self) -> Iterator[Batch]:

@@ -1,14 +1,15 @@
 """Webdataset shards as plain tar files: reading them sample by sample, and writing them.
 
-A shard is a tar whose consecutive members sharing a key (the name up to the basename's first dot) form one
-sample: {"__key__", "__url__", ext: bytes, ...}. Every shard vaemo writes (synthetic worlds, packed user
-clips, teacher caches) goes through `ShardWriter`, so all share one layout: ustar, mtime 0 (the bytes are a
-function of the content), and written under a temporary name so that a half-written shard never has the
-final one.
+A shard is a tar whose members sharing a key (the name up to the basename's first dot) form one sample:
+{"__key__", "__url__", ext: bytes, ...}; a local shard may hold a sample's files apart, a streamed one not.
+Every shard vaemo writes (synthetic worlds, packed user clips, teacher caches) goes through `ShardWriter`,
+so all share one layout: ustar, mtime 0 (the bytes are a function of the content), and written under a
+temporary name so that a half-written shard never has the final one.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
@@ -16,6 +17,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
 @dataclass
@@ -41,8 +43,16 @@ def _read_exact(stream, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a ustar/pax/GNU tar stream, read sequentially.
+class Member(NamedTuple):
+    name: str
+    start: int  # where its bytes begin in the archive (when read with skip_data)
+    size: int
+    data: bytes | None  # None when read with skip_data
+
+
+def tar_members(stream, skip_data: bool = False) -> Iterator[Member]:
+    """The regular files of a ustar/pax/GNU tar stream, in archive order; with `skip_data` (a seekable
+    stream) their bytes are seeked over, for `in_key_order` to read later.
 
     Python's tarfile does much more than a shard needs (0.1 ms a member); this reads the 512-byte
     headers directly. A damaged or cut-off archive raises ValueError.
@@ -63,11 +73,17 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
             if size_field[0] & 0x80
             else int(size_field.replace(b"\0", b" ").strip() or b"0", 8)
         )
-        data = _read_exact(stream, size)
-        if len(data) < size:
-            raise ValueError("the archive ends inside a member")
-        _read_exact(stream, -size % _BLOCK)
         kind = header[156:157]
+        regular = kind in (b"0", b"\0", b"7")
+        start = stream.tell() if skip_data else 0
+        data = None
+        if skip_data and regular:
+            stream.seek(size + (-size % _BLOCK), os.SEEK_CUR)  # past the end of a cut archive: found on reading
+        else:
+            data = _read_exact(stream, size)
+            if len(data) < size:
+                raise ValueError("the archive ends inside a member")
+            _read_exact(stream, -size % _BLOCK)
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
@@ -78,25 +94,65 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
                 key, _, value = record.partition(" ")[2].partition("=")
                 if key == "path":
                     long_name = value
-        elif kind in (b"0", b"\0", b"7"):
-            yield long_name or name, data
+        elif regular:
+            yield Member(long_name or name, start, size, data)
             long_name = None
         else:  # directories, links: nothing to read
             long_name = None
 
 
+def key_and_extension(name: str) -> tuple[str, str] | None:
+    """A member's sample key and extension; None for a name no sample has (no extension, or webdataset's
+    own top-level `__x__` files)."""
+    match = _KEY.match(name)
+    if match is None or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+def in_key_order(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of a seekable tar's files with each sample's files together, samples in the order they
+    first appear: the contract makes a sample of the files that share a key, wherever the tar holds them
+    (`tar cf` of a folder interleaves them). A shard whose samples are already together reads in order."""
+    members: list[Member] = []
+    damage = None
+    try:
+        members.extend(tar_members(stream, skip_data=True))
+    except ValueError as err:
+        damage = err  # the members before the damage are still read
+    keys = [(key_and_extension(m.name) or (m.name,))[0] for m in members]
+    first_seen: dict[str, int] = {}
+    for position, key in enumerate(keys):
+        first_seen.setdefault(key, position)
+    order = sorted(range(len(members)), key=lambda i: first_seen[keys[i]])  # stable: a sample's files keep their order
+    for member in (members[i] for i in order):
+        stream.seek(member.start)
+        data = _read_exact(stream, member.size)
+        if len(data) < member.size:
+            raise ValueError("the archive ends inside a member")
+        yield member.name, data
+    if damage is not None:
+        raise damage
+
+
 def group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
-    """Consecutive files sharing a key become one sample {"__key__", "__url__", ext: bytes, ...}."""
+    """Consecutive files sharing a key become one sample {"__key__", "__url__", ext: bytes, ...}. A key that
+    comes back after another sample's files (a streamed shard cannot be regrouped) is marked
+    `__scattered__`: what came first was already a sample."""
     sample: dict | None = None
+    finished: set[str] = set()
     for name, data in members:
-        match = _KEY.match(name)
-        if match is None or os.path.basename(name).startswith("__"):
+        parts = key_and_extension(name)
+        if parts is None:
             continue
-        key, ext = match.group(1), match.group(2).lower()
+        key, ext = parts
         if sample is None or sample["__key__"] != key:
             if sample is not None:
+                finished.add(sample["__key__"])
                 yield sample
             sample = {"__key__": key, "__url__": url}
+            if key in finished:
+                sample["__scattered__"] = True
         if ext in sample:
             sample["__duplicate__"] = ext
         sample[ext] = data
@@ -104,13 +160,30 @@ def group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[di
         yield sample
 
 
+def _random_access(stream) -> tuple[object, bool]:
+    """The stream to read members from, and whether they can be read out of order: a local tar can; a
+    gzip'ed one (decompressed as it is read) and a pipe or URL cannot."""
+    try:
+        if not stream.seekable():
+            return stream, False
+    except (AttributeError, OSError, ValueError):
+        return stream, False
+    magic = stream.read(2)
+    stream.seek(0)
+    if magic == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=stream), False
+    return stream, True
+
+
 def read_shard(url: str) -> Iterator[dict | ShardError]:
     """Raw samples (dicts of bytes keyed by extension) of one shard; a read error ends the shard as a ShardError."""
     from webdataset import gopen
 
     try:
-        with gopen(url, "rb") as stream:
-            yield from group_samples(tar_members(stream), url)
+        with gopen(url, "rb") as opened:
+            stream, random_access = _random_access(opened)
+            members = in_key_order(stream) if random_access else ((m.name, m.data) for m in tar_members(stream))
+            yield from group_samples(members, url)
     except Exception as exn:  # unreadable, truncated or not a tar: counted, never fatal
         yield ShardError(url, f"{type(exn).__name__}: {str(exn).splitlines()[0][:120] if str(exn) else ''}")
 

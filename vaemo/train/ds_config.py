@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from vaemo.config import Config, resolve_path
-from vaemo.errors import UserError
+from vaemo.errors import UserError, read_user_text
 
 
 def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
@@ -16,7 +16,7 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"deepspeed.config '{cfg.deepspeed.config}' does not exist")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(read_user_text(path, "deepspeed.config"))
     except ValueError as err:
         raise UserError(f"deepspeed.config '{path}' is not valid JSON: {err}") from None
     known = {
