@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 from collections import Counter
@@ -541,6 +542,10 @@ def test_pack_takes_any_script_linked_folders_and_keeps_test_clips_out(tmp_path)
     (elsewhere / "linked.mp4").write_bytes(clip)
     os.symlink(elsewhere, src / "shortcut")
     os.symlink(elsewhere, src / "twin")  # a second link to the same folder adds nothing
+    (src / "real").mkdir()
+    (src / "real" / "inner.mp4").write_bytes(clip)
+    os.symlink(src / "real", src / "a-link")  # keyed by its real path, not by the link sorted first
+    os.symlink(src / "trained.mp4", src / "again.mp4")  # a link to a clip in the tree: one clip
     os.symlink(src, elsewhere / "loop")  # a cycle through the linked folder is walked once
     os.symlink(tmp_path / "gone.mp4", src / "dangling.mp4")
     (src / "held.json").write_text(json.dumps({"split": "test"}))
@@ -549,7 +554,7 @@ def test_pack_takes_any_script_linked_folders_and_keeps_test_clips_out(tmp_path)
     packed = cli("data", "pack", str(src), "--out", str(out), "--val-fraction", "0")
     assert packed.returncode == 0, packed.stderr
     keys = {s["__key__"] for url in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(url), shardshuffle=False)}
-    assert keys == {"日本語", "中文字", "trained", "shortcut__linked"}
+    assert keys == {"日本語", "中文字", "trained", "shortcut__linked", "real__inner"}
     log = packed.stdout + packed.stderr
     assert "1 clip(s) left out: their split is test" in log and "1 clip(s) left out: links to nothing" in log
 
@@ -574,7 +579,6 @@ def test_a_samples_files_may_lie_apart_in_a_local_shard_not_in_a_streamed_one(tm
     counts what comes back as `scattered_sample`. A key may start with `__` (pack writes `__intro.mp4` so);
     only webdataset's own top-level `__x__` files are not samples. A gzip'ed tar reads like a tar."""
     import gzip
-    import io
     import tarfile
 
     from vaemo.data.tars import read_shard
@@ -595,11 +599,37 @@ def test_a_samples_files_may_lie_apart_in_a_local_shard_not_in_a_streamed_one(tm
         ("__intro", ["mp4"]),
     ]
     (tmp_path / "apart.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
-    assert [s["__key__"] for s in read_shard(str(tmp_path / "apart.tar.gz"))] == ["c1", "c2", "c1", "__intro", "c2"]
+    for url in (str(tmp_path / "apart.tar.gz"), f"pipe:cat {tmp_path / 'apart.tar.gz'}"):  # read in order
+        assert [s["__key__"] for s in read_shard(url)] == ["c1", "c2", "c1", "__intro", "c2"]
     streamed = cli("data", "inspect", f"pipe:cat {shard}", "--json")
     assert streamed.returncode == 0, streamed.stderr
     counts = json.loads(streamed.stdout.strip().splitlines()[-1])
     assert counts["samples"] == 5 and counts["skipped"].get("scattered_sample") == 2, counts
+
+
+def test_a_regrouped_shard_cut_short_gives_every_whole_sample_before_the_cut(tmp_path):
+    """a.mp4 b.mp4 b.json c.mp4 a.json, cut inside a.json: b and c are whole and come, a is incomplete and
+    left out, and the shard ends as unreadable (a first pass had yielded a without its labels and lost c)."""
+    import tarfile
+
+    from vaemo.data.tars import ShardError, read_shard
+
+    shard = tmp_path / "cut.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("a.mp4", "b.mp4", "b.json", "c.mp4", "a.json"):
+            data = b'{"caption": "a long enough caption"}' if name.endswith("json") else b"clip bytes"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(shard) as tar:
+        cut_at = tar.getmember("a.json").offset_data + 5
+    shard.write_bytes(shard.read_bytes()[:cut_at])
+    *samples, end = read_shard(str(shard))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
+        ("b", ["json", "mp4"]),
+        ("c", ["mp4"]),
+    ]
+    assert isinstance(end, ShardError) and "ends inside a member" in end.detail
 
 
 def test_a_named_shard_that_is_not_there_and_an_empty_one_are_one_line(tmp_path):
@@ -613,6 +643,8 @@ def test_a_named_shard_that_is_not_there_and_an_empty_one_are_one_line(tmp_path)
         tarfile.open(tmp_path / name, "w").close()
     with pytest.raises(UserError, match=r"1 of the shards named do not exist, e\.g\. '.*r-000001\.tar'"):
         expand_shards(str(tmp_path / "r-{000000..000002}.tar"))
+    # A training worker keeps it: a shard lost after the preflight is counted as unreadable, not fatal.
+    assert len(expand_shards(str(tmp_path / "r-{000000..000002}.tar"), keep_missing=True)) == 3
     assert len(expand_shards(str(tmp_path / "r-*.tar"))) == 2
     with pytest.raises(NoUsableData, match="0 usable of 0 samples read: the shards hold no sample"):
         probe_usable(expand_shards(str(tmp_path / "r-*.tar")), DecodeSpec(), limit=10)

@@ -122,7 +122,7 @@ class DataConfig:
     val_shards: str = "runs/data/val/*.tar"
     """Validation shards, same notation; used for the periodic validation loss."""
     bench_dir: str = "runs/data/bench"
-    """An ArtEmoBench folder (spec/data-formats.md) used by evaluations and sweeps."""
+    """An ArtEmoBench folder (docs/data-formats.md) used by evaluations and sweeps."""
     num_frames: int = 8
     """Frames sampled uniformly over each clip; must be a multiple of the vision tower's temporal patch."""
     frame_height: int = 112

@@ -116,21 +116,27 @@ def streams_of(raw: bytes) -> tuple[bool, bool]:
 
 
 def files_under(folder: Path) -> Iterator[Path]:
-    """Every file under `folder` at any depth, linked folders included (each real folder once, by the first
-    path that reaches it: a link back up ends, two links to one folder give its clips once), and links to
-    nothing (the caller reports them); sorted within each folder."""
-    seen = {os.path.realpath(folder)}
+    """Every file under `folder` at any depth, linked folders and files included, each once, and links to
+    nothing (the caller reports them); sorted within each folder. What the tree holds itself is taken at
+    its own path (its key, its manifest entry), never through a link to it; what links reach outside the
+    tree is taken at the first path that reaches it, so a link back up ends and two links give one clip."""
+    inside = {os.path.realpath(folder)}
+    for root, folders, files in os.walk(folder):
+        inside.update(os.path.realpath(p) for p in (os.path.join(root, n) for n in (*folders, *files)) if not os.path.islink(p))
+    taken: set[str] = set()
+
+    def first_visit(path: str) -> bool:
+        real = os.path.realpath(path)
+        if real in taken or (os.path.islink(path) and real in inside):
+            return False
+        taken.add(real)  # when a folder is queued, not walked, so that its twin is never queued
+        return True
+
     for root, folders, files in os.walk(folder, followlinks=True):
-        # A folder is claimed when it is queued, not when it is walked, so that its twin is never queued.
-        queued = []
-        for name in sorted(folders):
-            real = os.path.realpath(os.path.join(root, name))
-            if real not in seen:
-                seen.add(real)
-                queued.append(name)
-        folders[:] = queued
+        folders[:] = [name for name in sorted(folders) if first_visit(os.path.join(root, name))]
         for name in sorted(files):
-            yield Path(root) / name
+            if first_visit(os.path.join(root, name)):
+                yield Path(root) / name
 
 
 def pack(

@@ -110,29 +110,47 @@ def key_and_extension(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def in_key_order(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of a seekable tar's files with each sample's files together, samples in the order they
-    first appear: the contract makes a sample of the files that share a key, wherever the tar holds them
-    (`tar cf` of a folder interleaves them). A shard whose samples are already together reads in order."""
+def sample_key(name: str) -> str:
+    """The key a member belongs to (a name no sample has stands for itself)."""
+    return (key_and_extension(name) or (name,))[0]
+
+
+def in_key_order(stream) -> tuple[Iterator[tuple[str, bytes]], ValueError | None]:
+    """The (name, bytes) of a seekable tar's files with each sample's files together, samples in the order
+    they first appear: the contract makes a sample of the files that share a key, wherever the tar holds
+    them (`tar cf` of a folder interleaves them); a shard whose samples are already together reads in
+    order. And the damage found in the archive (None: whole), for the caller to raise once every sample
+    before it has been read: those are whole, unlike a sequential read's last one."""
+    end = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
     members: list[Member] = []
     damage = None
     try:
-        members.extend(tar_members(stream, skip_data=True))
+        for member in tar_members(stream, skip_data=True):
+            members.append(member)
+            if member.start + member.size > end:
+                raise ValueError("the archive ends inside a member")
     except ValueError as err:
-        damage = err  # the members before the damage are still read
-    keys = [(key_and_extension(m.name) or (m.name,))[0] for m in members]
+        # The samples before the damage are read; the one it came in may be incomplete and is left out,
+        # as a sequential read leaves it out.
+        damage = err
+        broken = sample_key(members[-1].name) if members else None
+        members = [m for m in members if sample_key(m.name) != broken]
+    keys = [sample_key(m.name) for m in members]
     first_seen: dict[str, int] = {}
     for position, key in enumerate(keys):
         first_seen.setdefault(key, position)
     order = sorted(range(len(members)), key=lambda i: first_seen[keys[i]])  # stable: a sample's files keep their order
-    for member in (members[i] for i in order):
+    return _read_members(stream, [members[i] for i in order]), damage
+
+
+def _read_members(stream, members: list[Member]) -> Iterator[tuple[str, bytes]]:
+    for member in members:
         stream.seek(member.start)
         data = _read_exact(stream, member.size)
-        if len(data) < member.size:
+        if len(data) < member.size:  # the file shrank since the headers were read
             raise ValueError("the archive ends inside a member")
         yield member.name, data
-    if damage is not None:
-        raise damage
 
 
 def group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
@@ -160,19 +178,39 @@ def group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[di
         yield sample
 
 
-def _random_access(stream) -> tuple[object, bool]:
+class _Rewound:
+    """A stream whose first bytes were read (to tell a gzip'ed tar from a plain one), given back first."""
+
+    def __init__(self, stream, head: bytes):
+        self.stream, self.head = stream, head
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:n], self.head[n:]
+        return data + self.stream.read(n - len(data)) if len(data) < n else data
+
+
+def _seekable(stream) -> bool:
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):  # webdataset's pipes have no seekable()
+        return False
+
+
+def _tar_stream(stream) -> tuple[object, bool]:
     """The stream to read members from, and whether they can be read out of order: a local tar can; a
     gzip'ed one (decompressed as it is read) and a pipe or URL cannot."""
-    try:
-        if not stream.seekable():
-            return stream, False
-    except (AttributeError, OSError, ValueError):
-        return stream, False
-    magic = stream.read(2)
-    stream.seek(0)
-    if magic == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=stream), False
-    return stream, True
+    head = stream.read(2)
+    gzipped = head == b"\x1f\x8b"
+    if _seekable(stream):
+        stream.seek(0)
+    else:
+        stream = _Rewound(stream, head)
+    if gzipped:
+        return gzip.GzipFile(fileobj=stream, mode="rb"), False
+    return stream, _seekable(stream)
 
 
 def read_shard(url: str) -> Iterator[dict | ShardError]:
@@ -181,9 +219,11 @@ def read_shard(url: str) -> Iterator[dict | ShardError]:
 
     try:
         with gopen(url, "rb") as opened:
-            stream, random_access = _random_access(opened)
-            members = in_key_order(stream) if random_access else ((m.name, m.data) for m in tar_members(stream))
+            stream, random_access = _tar_stream(opened)
+            members, damage = in_key_order(stream) if random_access else (((m.name, m.data) for m in tar_members(stream)), None)
             yield from group_samples(members, url)
+            if damage is not None:
+                raise damage
     except Exception as exn:  # unreadable, truncated or not a tar: counted, never fatal
         yield ShardError(url, f"{type(exn).__name__}: {str(exn).splitlines()[0][:120] if str(exn) else ''}")
 

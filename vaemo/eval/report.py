@@ -1,4 +1,4 @@
-"""results.json (spec/data-formats.md), the rich table and the PNG chart of an evaluation."""
+"""results.json (docs/data-formats.md), the rich table and the PNG chart of an evaluation."""
 
 from __future__ import annotations
 

@@ -196,7 +196,7 @@ def train_worker(loop_config: dict) -> None:
     spec = dataclasses.replace(
         objective.decode_spec(), window="middle" if objective.cached else "random", audio_phase=cfg.data.audio_phase
     )
-    urls = expand_shards(cfg.data.train_shards)
+    urls = expand_shards(cfg.data.train_shards, keep_missing=True)
     stream = TrainStream(
         urls,
         spec,
@@ -383,7 +383,7 @@ def validate(engine, module: StageModule, objective: StageObjective, cfg: Config
     """Validation loss (and, where the objective scores, accuracies) on the same batches every time: a
     fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
     stream = TrainStream(
-        expand_shards(cfg.data.val_shards),
+        expand_shards(cfg.data.val_shards, keep_missing=True),
         objective.decode_spec(),
         cfg.data.batch_size,
         seed=cfg.seed + 1,
