@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 from conftest import bench_clip, cli
@@ -52,6 +53,9 @@ def test_ask_answers_a_folder_on_the_actor_pool_and_counts_bad_clips(small_world
         shutil.copy(bench_clip(small_world, i), folder / "nested" / f"c{i}.mp4")
     (folder / "broken.mp4").write_bytes(b"not a clip")
     (folder / "notes.txt").write_text("ignored")
+    run = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi"]
+    subprocess.run([*run, "-i", "sine=f=440:d=2", str(folder / "song.wav")], check=True)  # music alone: heard
+    subprocess.run([*run, "-i", "testsrc=s=96x64:d=1", "-frames:v", "1", str(folder / "still.png")], check=True)
     out = tmp_path / "answers.jsonl"
     result = cli(
         "ask",
@@ -72,9 +76,10 @@ def test_ask_answers_a_folder_on_the_actor_pool_and_counts_bad_clips(small_world
     )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["clip"].split("/")[-1] for r in rows] == ["broken.mp4", "c0.mp4", "c1.mp4", "c2.mp4"]
+    assert [r["clip"].split("/")[-1] for r in rows] == ["broken.mp4", "c0.mp4", "c1.mp4", "c2.mp4", "song.wav", "still.png"]
     assert rows[0]["error"] == "corrupt_clip" and rows[0]["answer"] is None
-    assert all(not r["error"] and isinstance(r["answer"], str) and r["valence"] is not None for r in rows[1:])
+    assert rows[-1]["error"] == "no_audio_stream" and rows[-1]["answer"] is None  # a painting has nothing to hear
+    assert all(not r["error"] and isinstance(r["answer"], str) and r["valence"] is not None for r in rows[1:-1])
     # the same clip alone, in-process, gets the same greedy answer
     alone = last_json(
         cli(

@@ -255,6 +255,26 @@ def test_a_stereo_soundtrack_in_antiphase_is_heard_not_mixed_to_silence(tmp_path
     assert heard["antiphase"] > 0.05 and heard["inphase"] > 0.05 and heard["silent"] == 0.0, heard
 
 
+def test_a_picture_or_a_soundtrack_alone_is_media_a_benchmark_item_may_name(tmp_path):
+    """Artworks are often a painting or a piece of music, not a clip: a picture is shown as a clip whose
+    frames are all the same (torchcodec's fast mode could not open it: no timestamps), a sound file is
+    heard; each asked for the stream it lacks is skipped for that reason."""
+    from vaemo.eval.scoring import decode_clip
+
+    spec = DecodeSpec(num_frames=4, height=48, width=64, audio_seconds=2.0, sampling="pairs", pair_seconds=0.1)
+    for name in ("painting.jpg", "painting.png"):
+        ffmpeg_clip(tmp_path / name, "-f lavfi -i testsrc=s=160x120:d=1 -frames:v 1")
+        frames, _, _ = decode_clip(tmp_path / name, spec, video=True, audio=False)
+        assert frames.shape == (4, 3, 48, 64) and frames.float().std() > 20 and all(torch.equal(frames[0], f) for f in frames)
+        with pytest.raises(SkipSample, match="no_audio_stream"):
+            decode_clip(tmp_path / name, spec, video=True, audio=True)
+    ffmpeg_clip(tmp_path / "music.mp3", "-f lavfi -i sine=f=440:r=44100:d=3")
+    _, sound, _ = decode_clip(tmp_path / "music.mp3", spec, video=False, audio=True)
+    assert sound.shape == (32000,) and sound.abs().mean() > 0.02
+    with pytest.raises(SkipSample, match="no_video_stream"):
+        decode_clip(tmp_path / "music.mp3", spec, video=True, audio=False)
+
+
 @pytest.mark.parametrize("codec", [Codec("mp4", "libx264", "aac", 1), Codec("webm", "libvpx-vp9", "libopus", 2)])
 def test_a_clip_shorter_than_the_window_is_repeated_or_followed_by_silence(codec):
     """A 1.25 s clip in a 3 s window: `repeat` plays it again from its start, `silence` leaves a silent tail

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from vaemo.config import DataConfig
 
 CLIP_EXTENSIONS: tuple[str, ...] = ("mp4", "mkv", "webm", "mov")
+# Media a benchmark item or `vaemo ask` may also name (not a training shard's clip): a picture, shown as a
+# clip whose frames are all the same, and a soundtrack alone.
+PICTURE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+SOUND_EXTENSIONS: tuple[str, ...] = ("wav", "mp3", "flac", "m4a", "aac", "ogg", "opus")
 SAMPLE_RATE = 16000  # the audio pathway (Whisper) hears 16 kHz mono
 # Channels in antiphase (one wired with its polarity flipped, or "wide" fake stereo) cancel in a mono mix:
 # loud channels, a mix near silence. Only a mix this quiet (full scale 1) is checked against its channels,
@@ -307,11 +311,12 @@ def open_video(raw: bytes, spec: DecodeSpec, seek_mode: str = "approximate") -> 
             md = VideoDecoder(raw, seek_mode=seek_mode).metadata
             size = fitted_size(md.height, md.width, spec) if md.height and md.width else (spec.height, spec.width)
             decoder = VideoDecoder(raw, seek_mode=seek_mode, transforms=[Resize(size)])
-    except ValueError as err:
-        if "video stream" in str(err):
+    except (ValueError, RuntimeError) as err:
+        if isinstance(err, ValueError) and "video stream" in str(err):
             return None
-        raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
-    except RuntimeError as err:
+        if seek_mode == "approximate":  # a still picture (a painting's JPEG) has no timestamps to approximate from
+            with suppress(SkipSample):
+                return open_video(raw, spec, seek_mode="exact")
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
     n = md.num_frames
     if not n and md.duration_seconds and md.average_fps:

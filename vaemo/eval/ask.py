@@ -21,13 +21,14 @@ import torch
 from vaemo import progress
 from vaemo.args import output_file
 from vaemo.config import MODALITIES
-from vaemo.data.decode import CLIP_EXTENSIONS, SKIP_REASONS, SkipSample
+from vaemo.data.decode import CLIP_EXTENSIONS, PICTURE_EXTENSIONS, SKIP_REASONS, SOUND_EXTENSIONS, SkipSample
 from vaemo.errors import UserError
 from vaemo.eval.run import check_model_dir
 from vaemo.eval.scoring import decode_clip, decode_spec, load_replica, model_row
 from vaemo.model.prompts import PromptItem
 
 DEFAULT_QUESTION = "Describe this artwork."
+MEDIA_EXTENSIONS = (*CLIP_EXTENSIONS, *PICTURE_EXTENSIONS, *SOUND_EXTENSIONS)
 CLIPS_PER_TASK = 8  # clips one actor answers per call: enough to batch, few enough to spread the work
 
 
@@ -88,11 +89,11 @@ def find_clips(pattern: str) -> list[Path]:
 
     path = Path(pattern).expanduser()
     if path.is_dir():
-        found = [p for p in files_under(path) if p.suffix.lstrip(".").lower() in CLIP_EXTENSIONS and p.is_file()]
+        found = [p for p in files_under(path) if p.suffix.lstrip(".").lower() in MEDIA_EXTENSIONS and p.is_file()]
     else:
         found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     if not found:
-        raise UserError(f"--clips '{pattern}' matches no clip file ({', '.join(CLIP_EXTENSIONS)})")
+        raise UserError(f"--clips '{pattern}' matches no clip file ({', '.join(MEDIA_EXTENSIONS)})")
     return sorted(p.resolve() for p in found)
 
 
