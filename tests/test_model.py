@@ -778,6 +778,47 @@ def test_checkpoint_folders_that_cannot_serve_are_refused_before_any_weight_load
         load_vlm(resized, "sdpa", torch.float32)
 
 
+def test_files_another_user_cannot_read_or_write_are_one_line(hf_checkpoints):
+    """The suite runs as root, for whom every file is readable: the permission checks run here as `nobody`
+    (a shared cluster's checkpoint copied with a private mode; an output folder owned by another user)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a command as another user")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    if subprocess.run([*as_nobody, "-c", "import vaemo"], capture_output=True, cwd="/").returncode != 0:
+        pytest.skip("`nobody` cannot read this checkout or its venv")
+    shared = Path(tempfile.mkdtemp(prefix="vaemo-perm-"))
+    try:
+        shared.chmod(0o755)
+        vlm = Path(shutil.copytree(hf_checkpoints["vlm"], shared / "vlm"))
+        for path in [vlm, *vlm.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (vlm / "model.safetensors").chmod(0o600)
+        check = (
+            f"from pathlib import Path; from vaemo.model.build import weight_files; weight_files(Path({str(vlm)!r}), 'model.vlm')"
+        )
+        read = subprocess.run([*as_nobody, "-c", check], capture_output=True, text=True, cwd="/")
+        assert read.returncode != 0 and f"model.vlm '{vlm}': model.safetensors is not readable" in read.stderr, read.stderr
+        (vlm / "model.safetensors").chmod(0o644)
+        assert subprocess.run([*as_nobody, "-c", check], capture_output=True, cwd="/").returncode == 0
+        exe = str(Path(sys.executable).parent / "vaemo")
+        write = subprocess.run(
+            [*as_nobody[:-1], exe, "data", "synth", "--out", str(shared / "world"), "--clips", "1"],
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
+        assert write.returncode == 2 and f"--out '{shared / 'world'}' is not writable" in write.stderr, write.stderr
+    finally:
+        shutil.rmtree(shared)
+
+
 def test_a_vaemo_exports_audio_encoder_is_a_whisper_encoder_folder(adapter_export):
     """model.audio_encoder may name an export's audio_encoder/ (a bare WhisperEncoder, keys without a prefix)."""
     from safetensors.torch import load_file
