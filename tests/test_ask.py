@@ -107,13 +107,19 @@ def test_ask_answers_a_folder_on_the_actor_pool_and_counts_bad_clips(small_world
         (["--clips", "/nowhere/", "--out", "/tmp/x.jsonl"], "--clips '/nowhere/' matches no clip file"),
         (["--clip", "BAD", "--modality", "smell"], "argument --modality: invalid choice: 'smell'"),
         (["--clip", "BAD"], "cannot be used: FFmpeg cannot open the clip (corrupt_clip)"),
+        (["--clip", "PICTURE"], "the clip has no audio stream (no_audio_stream); ask with --modality visual"),
         (["--clips", "BENCH"], "--clips needs --out"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(adapter_export, small_world, tmp_path, args, message):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"junk")
-    args = [str(bad) if a == "BAD" else str(small_world / "bench" / "media") if a == "BENCH" else a for a in args]
+    picture = tmp_path / "painting.png"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=s=96x64:d=1", "-frames:v", "1", str(picture)], check=True
+    )
+    names = {"BAD": str(bad), "BENCH": str(small_world / "bench" / "media"), "PICTURE": str(picture)}
+    args = [names.get(a, a) for a in args]
     result = cli("ask", "--model", str(adapter_export), *args)
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

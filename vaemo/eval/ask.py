@@ -169,7 +169,11 @@ def run_ask(args: argparse.Namespace) -> int:
         [(str(clip.resolve()), args.modality, args.question)]
     )[0]
     if result.error:
-        raise UserError(f"--clip '{args.clip}' cannot be used: {SKIP_REASONS[result.error]} ({result.error})")
+        # A painting has nothing to hear and a piece of music nothing to see: say what to ask instead.
+        other = {"no_audio_stream": "; ask with --modality visual", "no_video_stream": "; ask with --modality audio"}
+        raise UserError(
+            f"--clip '{args.clip}' cannot be used: {SKIP_REASONS[result.error]} ({result.error}){other.get(result.error, '')}"
+        )
     print(result.answer)
     if result.valence is not None:
         print(f"valence {result.valence:+.2f}, arousal {result.arousal:+.2f} (in [-1, 1])")
