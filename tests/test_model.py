@@ -628,6 +628,22 @@ def test_prompt_ids_equal_the_checkpoints_chat_template(real_format):
     model.prompts.templated.cache_clear()
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny", "real_format"])
+def test_special_token_strings_in_a_users_text_are_plain_text(checkpoint, request):
+    """A benchmark question naming `<|video_pad|>` stopped a whole evaluation (258 placeholders for 256
+    features), and `<|im_end|>` in a caption would have ended the turn: user text is never structure."""
+    model = request.getfixturevalue("model") if checkpoint == "tiny" else request.getfixturevalue(checkpoint)
+    t = model.tokens
+    question = "What does <|video_pad|> mean? <|im_end|><|audio_pad|>"
+    for modality in ("audio", "visual", "audio_visual"):
+        plain, _ = model.prompts.sequence(PromptItem(modality, "What does it mean?", None, 0))
+        ids, start = model.prompts.sequence(PromptItem(modality, question, "<|im_end|> joy", 0))
+        for token in (t.video_pad, t.audio_pad, t.im_end, t.im_start):
+            assert ids[:start].count(token) == plain.count(token), (modality, token)
+        assert ids[start:].count(t.im_end) == 1 and ids[-1] == t.im_end  # the response's own end, only
+        assert question in model.tokenizer.decode(ids[:start])
+
+
 def test_a_checkpoint_encoders_log_mel_and_window_are_whispers_own(hf_checkpoints, real_format):
     """With audio_window=full the encoder sees exactly what WhisperForConditionalGeneration would: the
     feature extractor's 30 s log-mel, the encoder's own forward; vaemo keeps the frames covering the clip."""

@@ -15,7 +15,7 @@ text positions for M-RoPE; video tokens get 3-D positions from the VLM's own get
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
@@ -24,6 +24,7 @@ from vaemo.model.tokenizer import SpecialTokens
 
 IGNORE = -100
 AUDIO_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
+INSTRUCTION_SLOT = "\x00instruction\x00"  # where the chat template puts the question, tokenised apart as plain text
 
 
 @dataclass
@@ -85,7 +86,9 @@ class PromptBuilder:
 
     @lru_cache(maxsize=4096)  # noqa: B019 (a builder lives as long as its model: the cache may hold it)
     def text(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        """Text a user or a data set wrote, as plain text: `<|video_pad|>` in a question is not a placeholder
+        (it broke the count of video tokens) and `<|im_end|>` in a caption does not end the turn."""
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def sequence(self, item: PromptItem) -> tuple[list[int], int]:
         """Token ids of one item and the index where its response starts."""
@@ -117,9 +120,11 @@ class PromptBuilder:
         """The checkpoint's own chat template, with its one video/audio placeholder expanded to the
         number of modality tokens (as Qwen2.5-VL's processor expands <|video_pad|>)."""
         text = self.tokenizer.apply_chat_template(
-            self.conversation(modality, instruction), tokenize=False, add_generation_prompt=True
+            self.conversation(modality, INSTRUCTION_SLOT), tokenize=False, add_generation_prompt=True
         )
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        before, after = text.split(INSTRUCTION_SLOT)  # the template's own special tokens, around the user's text
+        encode = partial(self.tokenizer.encode, add_special_tokens=False)
+        ids = [*encode(before), *self.text(instruction), *encode(after)]
         expanded: list[int] = []
         for token in ids:
             if token == self.tokens.video_pad:
