@@ -167,7 +167,7 @@ def test_results_follow_the_spec_and_an_unreadable_clip_is_counted(small_world, 
     cmd += ["--out", rel(out), "--actors", "2", "--baseline", f"before={rel(stage0_export)}"]
     result = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=here))
     report = json.loads((out / "results.json").read_text())
-    assert report["skipped"] == 6  # the clip is asked 6 questions
+    assert report["skipped"] == 6 and report["skipped_by_reason"] == {"corrupt_clip": 6}  # the clip is asked 6 questions
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     skipped = [p for p in predictions if p["skipped"]]
     assert skipped and all(p["reason"] == "corrupt_clip" for p in skipped)
@@ -227,6 +227,28 @@ def test_an_output_that_cannot_be_written_stops_the_scoring_before_it_starts(sma
     assert "scoring" not in result.stdout + result.stderr and "Traceback" not in result.stderr
     answers = cli("ask", "--model", str(stage0_export), "--clips", str(small_world / "bench" / "media"), "--out", str(tmp_path))
     assert answers.returncode == 2 and f"--out '{tmp_path}' is a folder; give a file name" in answers.stderr
+
+
+def test_a_bench_none_of_whose_items_can_be_scored_is_one_line_not_an_empty_report(stage0_export, tmp_path):
+    """A wrong media folder, or a painting asked to be heard: rc 0 and a results.json holding NaN before."""
+    bench = tmp_path / "bench"
+    (bench / "media").mkdir(parents=True)
+    picture = bench / "media" / "painting.png"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=s=96x64:d=1", "-frames:v", "1", str(picture)], check=True
+    )
+    item = {"task": "emotion", "question": "Which emotion?", "options": ["calm", "joy"], "answer": 0}
+    lines = [
+        {"id": "a", "media": "media/painting.png", "modality": "audio"},
+        {"id": "b", "media": "media/gone.mp4", "modality": "visual"},
+    ]
+    (bench / "items.jsonl").write_text("".join(json.dumps({**line, **item}) + "\n" for line in lines))
+    cmd = [sys.executable, str(ROOT / "jobs/eval.py"), "--model", str(stage0_export), "--bench", str(bench)]
+    result = run(cmd + ["--out", str(tmp_path / "eval"), "--actors", "0"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --bench '{bench}': none of its 2 items could be scored: no_audio_stream 1, unreadable_media 1"]
+    assert not (tmp_path / "eval" / "results.json").exists()
 
 
 @pytest.mark.slow

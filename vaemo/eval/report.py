@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,13 @@ def summarize(results: list[ItemResult]) -> dict:
         accuracy[modality]["all"] = float(np.mean([r.correct for r in rows]))
         counts[modality] = {task: len(v) for task, v in sorted(by_task.items())}
     accuracy["all"] = float(np.mean([r.correct for r in scored])) if scored else 0.0
-    out = {"accuracy": accuracy, "counts": counts, "skipped": sum(r.skipped and not r.deaf for r in results)}
+    skipped = Counter(r.reason for r in results if r.skipped and not r.deaf)
+    out = {
+        "accuracy": accuracy,
+        "counts": counts,
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(skipped.most_common()),
+    }
     va = {}
     for modality in MODALITIES:
         seen: dict[str, ItemResult] = {}
@@ -121,7 +127,8 @@ def chance_report(report: dict) -> dict:
 def position_report(report: dict) -> dict:
     """The best "always answer option k" per cell, in the shape of a report."""
     accuracy = {m: {t: cell["best"] for t, cell in tasks.items()} for m, tasks in report["always_option"].items()}
-    accuracy["all"] = float(np.mean([v for tasks in accuracy.values() for v in tasks.values()]))
+    cells = [v for tasks in accuracy.values() for v in tasks.values()]
+    accuracy["all"] = float(np.mean(cells)) if cells else 0.0  # results.json is JSON: never NaN
     return {"accuracy": accuracy, "counts": report["counts"], "skipped": 0}
 
 

@@ -190,6 +190,9 @@ def run_eval(args: argparse.Namespace) -> int:
     runs = {"model": (args.model, args.bench), **{name: (path, args.bench) for name, path in named.items()}}
     scored = evaluate_runs(runs, **options)
     report, results = scored["model"]
+    if not report["counts"]:  # a wrong media folder, or media none of whose streams the items ask for
+        reasons = ", ".join(f"{reason} {n}" for reason, n in report["skipped_by_reason"].items())
+        raise UserError(f"--bench '{args.bench}': none of its {report['skipped']} items could be scored: {reasons}")
     baselines = baseline_reports(report) | {name: scored[name][0] for name in named}
     write_outputs(Path(args.out), report, results, baselines)
     progress.log(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'accuracy.png'}")
