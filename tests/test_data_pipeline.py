@@ -268,11 +268,13 @@ def test_a_picture_or_a_soundtrack_alone_is_media_a_benchmark_item_may_name(tmp_
         assert frames.shape == (4, 3, 48, 64) and frames.float().std() > 20 and all(torch.equal(frames[0], f) for f in frames)
         with pytest.raises(SkipSample, match="no_audio_stream"):
             decode_clip(tmp_path / name, spec, video=True, audio=True)
-    ffmpeg_clip(tmp_path / "music.mp3", "-f lavfi -i sine=f=440:r=44100:d=3")
-    _, sound, _ = decode_clip(tmp_path / "music.mp3", spec, video=False, audio=True)
-    assert sound.shape == (32000,) and sound.abs().mean() > 0.02
-    with pytest.raises(SkipSample, match="no_video_stream"):
-        decode_clip(tmp_path / "music.mp3", spec, video=True, audio=False)
+    cover = f"-i {tmp_path / 'painting.jpg'} -map 0 -map 1 -c:v mjpeg -disposition:v attached_pic"
+    for name, extra in (("music.mp3", ""), ("with-cover-art.mp3", cover)):  # a library's songs carry their covers
+        ffmpeg_clip(tmp_path / name, f"-f lavfi -i sine=f=440:r=44100:d=3 {extra}".strip())
+        _, sound, _ = decode_clip(tmp_path / name, spec, video=False, audio=True)
+        assert sound.shape == (32000,) and sound.abs().mean() > 0.02
+        with pytest.raises(SkipSample, match="no_video_stream"):  # not truncated_clip: there is no video to see
+            decode_clip(tmp_path / name, spec, video=True, audio=False)
 
 
 @pytest.mark.parametrize("codec", [Codec("mp4", "libx264", "aac", 1), Codec("webm", "libvpx-vp9", "libopus", 2)])

@@ -344,6 +344,14 @@ def decode_video(raw: bytes, spec: DecodeSpec, key: str = "", opened=None) -> tu
     # soundtrack's tail): count the frames themselves and try once more.
     try:  # the clip opened before: whatever fails now, its streams end early
         counted = open_video(raw, spec, seek_mode="exact")
+    except SkipSample as err:
+        raise SkipSample("truncated_clip", err.detail) from None
+    if counted is None:
+        raise SkipSample("truncated_clip", "its video stream is gone on a second reading")
+    if counted.frames == 1 < opened.frames:
+        # A song's cover art is a video stream of one picture spanning the song, which cannot be sought.
+        raise SkipSample("no_video_stream", "one attached picture (cover art), not video")
+    try:
         if counted.frames < 0.9 * opened.frames:  # an estimate is off by a frame or two; a cut-off file by far more
             raise SkipSample("truncated_clip", f"{counted.frames} of {opened.frames} frames")
         return window_frames(counted, spec, key)
