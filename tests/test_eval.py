@@ -41,6 +41,8 @@ def test_the_deaf_check_knows_the_donor_clips_answer(small_world):
 
 
 def test_the_report_gives_donor_accuracy_and_the_always_one_option_baseline():
+    import dataclasses
+
     from vaemo.eval.report import position_report, summarize
     from vaemo.eval.scoring import ItemResult
 
@@ -64,6 +66,9 @@ def test_the_report_gives_donor_accuracy_and_the_always_one_option_baseline():
     report = summarize(normal + deaf)
     assert report["accuracy"]["audio"]["content"] == 0.75
     assert report["deaf_check"] == {"accuracy": 0.0, "items": 8, "donor_accuracy": 1.0}
+    # An item skipped for want of its own soundtrack is not deaf-checked on another clip's either.
+    unheard = dataclasses.replace(normal[0], skipped=True, reason="no_audio_stream")
+    assert summarize([unheard, *normal[1:], *deaf])["deaf_check"]["items"] == 7
     assert report["always_option"]["audio"]["content"] == {"best": 0.25, "per_option": [0.25] * 4}
     skewed = summarize([result(i) for i in (0, 4, 8, 1)])  # answers 0, 0, 0, 1
     assert skewed["always_option"]["audio"]["content"]["best"] == 0.75

@@ -50,7 +50,10 @@ def summarize(results: list[ItemResult]) -> dict:
             }
     if va:
         out["va"] = va
-    deaf = [r for r in results if r.deaf and not r.skipped]
+    # The deaf check covers the audio items that were scored: a clip with no soundtrack of its own (a
+    # painting asked to be heard) is skipped, and hearing another clip's instead would still be scored.
+    unheard = {r.id for r in results if r.skipped and not r.deaf}
+    deaf = [r for r in results if r.deaf and not r.skipped and r.id not in unheard]
     if deaf:
         # A listening model answers for the clip it heard: donor accuracy near its normal audio accuracy.
         donors = [r.donor_correct for r in deaf if r.donor_answer >= 0]
