@@ -160,8 +160,12 @@ def chart(rows: dict[str, dict], png: Path, title: str = "ArtEmoBench") -> None:
         values = [report["accuracy"].get(m, {}).get(t, np.nan) for m, t in cols[:-1]]
         values.append(report.get("deaf_check", {}).get("accuracy", np.nan))
         ax.bar(x + (k - (len(rows) - 1) / 2) * width, values, width, label=name)
-    chance = np.mean(list(first.get("chance", {"x": 0.25}).values()))
-    ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+    # The baseline rows come first and carry no "chance" of their own: the line is the bench's, read from
+    # a scored model's report (0.5 on a bench of two-option questions).
+    scored = next((report["chance"] for report in rows.values() if report.get("chance")), None)
+    if scored:
+        chance = float(np.mean(list(scored.values())))
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xticks(x, [f"{m.replace('_', '-')}\n{t}" for m, t in cols])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
