@@ -73,8 +73,10 @@ def test_ask_answers_a_folder_on_the_actor_pool_and_counts_bad_clips(small_world
         "3",
         "--modality",
         "audio",
+        "--json",
     )
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    summary = last_json(result)
+    assert summary == {"out": str(out), "clips": 6, "answered": 4, "failed_by_reason": {"corrupt_clip": 1, "no_audio_stream": 1}}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["clip"].split("/")[-1] for r in rows] == ["broken.mp4", "c0.mp4", "c1.mp4", "c2.mp4", "song.wav", "still.png"]
     assert rows[0]["error"] == "corrupt_clip" and rows[0]["answer"] is None
@@ -109,6 +111,8 @@ def test_ask_answers_a_folder_on_the_actor_pool_and_counts_bad_clips(small_world
         (["--clip", "BAD"], "cannot be used: FFmpeg cannot open the clip (corrupt_clip)"),
         (["--clip", "PICTURE"], "the clip has no audio stream (no_audio_stream); ask with --modality visual"),
         (["--clips", "BENCH"], "--clips needs --out"),
+        (["--clips", "TMP", "--out", "OUT"], "none of its 2 clip(s) could be used"),  # a broken clip and a painting
+        (["--clip", "BAD", "--question", "LONG"], "positions this model reads (max_position_embeddings)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(adapter_export, small_world, tmp_path, args, message):
@@ -118,7 +122,14 @@ def test_bad_input_is_one_line_and_exit_2(adapter_export, small_world, tmp_path,
     subprocess.run(
         ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=s=96x64:d=1", "-frames:v", "1", str(picture)], check=True
     )
-    names = {"BAD": str(bad), "BENCH": str(small_world / "bench" / "media"), "PICTURE": str(picture)}
+    names = {
+        "BAD": str(bad),
+        "BENCH": str(small_world / "bench" / "media"),
+        "PICTURE": str(picture),
+        "TMP": str(tmp_path),
+        "OUT": str(tmp_path.parent / f"{tmp_path.name}.jsonl"),
+        "LONG": "why " * 5000,
+    }
     args = [names.get(a, a) for a in args]
     result = cli("ask", "--model", str(adapter_export), *args)
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
@@ -160,3 +171,5 @@ def test_ask_finds_clips_in_linked_folders_once(tmp_path):
     os.symlink(tmp_path / "src", tmp_path / "real" / "back-up")  # a cycle ends
     found = find_clips(str(tmp_path / "src"))
     assert found == sorted([(tmp_path / "real" / "a.mov").resolve(), (tmp_path / "src" / "nested" / "b.MP4").resolve()])
+    os.symlink(tmp_path / "real" / "a.mov", tmp_path / "real" / "same.mov")
+    assert find_clips(str(tmp_path / "real" / "*.mov")) == [(tmp_path / "real" / "a.mov").resolve()]  # a link and its target

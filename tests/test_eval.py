@@ -43,7 +43,7 @@ def test_the_deaf_check_knows_the_donor_clips_answer(small_world):
 def test_the_report_gives_donor_accuracy_and_the_always_one_option_baseline():
     import dataclasses
 
-    from vaemo.eval.report import position_report, summarize
+    from vaemo.eval.report import chance_report, position_report, summarize
     from vaemo.eval.scoring import ItemResult
 
     def result(i, deaf=False, predicted=0, donor=-1):
@@ -73,6 +73,11 @@ def test_the_report_gives_donor_accuracy_and_the_always_one_option_baseline():
     skewed = summarize([result(i) for i in (0, 4, 8, 1)])  # answers 0, 0, 0, 1
     assert skewed["always_option"]["audio"]["content"]["best"] == 0.75
     assert position_report(skewed)["accuracy"]["audio"]["content"] == 0.75
+    # Guessing is scored per cell: content asked with 4 options and emotion with 2 are not both 1/3.
+    two = [dataclasses.replace(result(i), task="emotion", options=2, answer=i % 2, correct=i % 2 == 0) for i in range(4)]
+    mixed = summarize(normal + two)
+    assert mixed["chance_by_task"] == {"audio": {"content": 0.25, "emotion": 0.5}}
+    assert chance_report(mixed)["accuracy"]["audio"] == {"content": 0.25, "emotion": 0.5, "all": mixed["chance"]["audio"]}
 
 
 def test_the_benchmark_asks_questions_as_training_does(small_world):
@@ -217,6 +222,8 @@ def test_bad_arguments_are_one_line_errors(small_world, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     result = run(cmd + ["--model", str(tmp_path), "--baseline", "model=elsewhere"])  # the table's row of the model
     assert result.returncode == 2 and "the name 'model' is taken" in result.stderr
+    result = run(cmd + ["--model", str(tmp_path), "--baseline", f"={tmp_path}"])  # a row without a name
+    assert result.returncode == 2 and "must look like NAME=EXPORT_DIR (a name and a folder)" in result.stderr
     result = run(cmd + ["--model", str(tmp_path), "--cpus-per-actor", "-1"])
     assert result.returncode == 2 and "--cpus-per-actor (eval.cpus_per_actor) must be > 0" in result.stderr
     result = run(cmd + ["--model", str(tmp_path), "--max-items", "-1"])

@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,7 +95,32 @@ def find_clips(pattern: str) -> list[Path]:
         found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     if not found:
         raise UserError(f"--clips '{pattern}' matches no clip file ({', '.join(MEDIA_EXTENSIONS)})")
-    return sorted(p.resolve() for p in found)
+    return sorted({p.resolve() for p in found})  # a glob matching a link and its target: the clip once
+
+
+def check_question_fits(model_dir: Path, question: str, modality: str, max_new_tokens: int) -> None:
+    """Refuse, before any model loads, a question that with the clip's tokens and the answer would not fit
+    the positions the language model was built for (a 9,000-token question took 6.5 GB on the tiny preset).
+    Modality tokens are counted as one position each: M-RoPE gives video fewer, so this errs on the safe side."""
+    from transformers import AutoConfig
+
+    from vaemo.model.audio import audio_tokens
+    from vaemo.model.tokenizer import load_tokenizer
+    from vaemo.model.vaemo_llm import ModelSpec
+
+    spec = ModelSpec.read(model_dir)
+    tokenizer = load_tokenizer(model_dir / "tokenizer")
+    asked = len(tokenizer.encode(question, add_special_tokens=False, split_special_tokens=True))
+    clip = (spec.visual.tokens_per_clip if modality != "audio" else 0) + (
+        audio_tokens(spec.audio_seconds, spec.projector_stride) if modality != "visual" else 0
+    )
+    answer = max_new_tokens or spec.max_response_tokens
+    positions = AutoConfig.from_pretrained(model_dir / "vlm").get_text_config().max_position_embeddings
+    if asked + clip + answer > positions:
+        raise UserError(
+            f"--question is {asked} tokens: with the clip's {clip} and an answer of up to {answer} that is more than "
+            f"the {positions} positions this model reads (max_position_embeddings); ask a shorter question"
+        )
 
 
 def ask_many(
@@ -138,7 +164,9 @@ def add_ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--max-new-tokens", type=int, default=0, help="answer length cap (default: the export's)")
     p.add_argument("--actors", type=int, default=2, help="with --clips: Ray actors (0: in this process)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line (single clip)")
+    p.add_argument(
+        "--json", action="store_true", help="end with one JSON line: the answer (--clip), or the counts and the file (--clips)"
+    )
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -147,6 +175,7 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UserError("--question is empty")
     if args.max_new_tokens < 0 or args.actors < 0:
         raise UserError("--max-new-tokens and --actors must be >= 0")
+    check_question_fits(model_dir, args.question, args.modality, args.max_new_tokens)
     if args.clips is not None:
         if not args.out:
             raise UserError("--clips needs --out FILE.jsonl")
@@ -156,11 +185,17 @@ def run_ask(args: argparse.Namespace) -> int:
         with open(out, "w") as f:
             for a in answers:
                 f.write(json.dumps(asdict(a)) + "\n")
-        failed = [a for a in answers if a.error]
+        failed = Counter(a.error for a in answers if a.error)
+        reasons = ", ".join(f"{reason} {n}" for reason, n in failed.most_common())
+        if failed.total() == len(answers):  # a wrong folder or --modality: nothing was answered
+            raise UserError(f"--clips '{args.clips}': none of its {len(answers)} clip(s) could be used ({reasons}); see {out}")
         progress.log(
             f"wrote {len(answers)} answer(s) to {out}"
-            + (f"; {len(failed)} clip(s) could not be used (see their `error`)" if failed else "")
+            + (f"; {failed.total()} clip(s) could not be used (see their `error`): {reasons}" if failed else "")
         )
+        if args.json:
+            summary = {"out": str(out), "clips": len(answers), "answered": len(answers) - failed.total()}
+            print(json.dumps({**summary, "failed_by_reason": dict(failed.most_common())}))
         return 0
     clip = Path(args.clip).expanduser()
     if not clip.is_file():

@@ -171,7 +171,9 @@ def run_eval(args: argparse.Namespace) -> int:
     for spec in args.baseline:
         if "=" not in spec:
             raise UserError(f"--baseline '{spec}' must look like NAME=EXPORT_DIR")
-        name, path = spec.split("=", 1)
+        name, path = (part.strip() for part in spec.split("=", 1))
+        if not name or not path:
+            raise UserError(f"--baseline '{spec}' must look like NAME=EXPORT_DIR (a name and a folder)")
         if name in named or name == "model" or name in BASELINE_ROWS:
             raise UserError(f"--baseline '{spec}': the name '{name}' is taken; give each baseline a name of its own")
         named[name] = check_model_dir(path, "--baseline")
