@@ -113,6 +113,29 @@ def test_bad_values_are_one_clear_line(override, message):
     assert result.stderr.strip().splitlines() == [f"error: {err.value}"]
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.tiny_vlm.num_heads=3"], "'model.tiny_vlm.hidden_size' must be a multiple of num_heads (3)"),
+        (["model.tiny_vlm.num_kv_heads=3"], "'model.tiny_vlm.num_heads' must be a multiple of num_kv_heads (3)"),
+        (["model.tiny_vlm.hidden_size=16", "model.tiny_vlm.num_heads=4"], "a head's width, 4) must be even, >= 6"),
+        (["model.tiny_audio.num_heads=5"], "'model.tiny_audio.d_model' must be a multiple of num_heads (5)"),
+        (["stage0.questions_per_clip=-1"], "'stage0.questions_per_clip' must be >= 0"),
+        (["data.pair_seconds=0"], "'data.pair_seconds' must be > 0"),
+        (["stage2.lambda_sup=-5"], "'stage2.lambda_sup' must be >= 0"),
+        (["stage2.lambda_lm=0", "stage2.lambda_kd=0", "stage2.use_supervisor=false"], "stage 2 would train nothing"),
+        (["model.lora.rank=-1"], "'model.lora.rank' must be >= 0"),
+        (["model.lora.rank=4", "model.lora.alpha=0"], "'model.lora.alpha' must be > 0"),
+    ],
+)
+def test_settings_no_model_or_loss_can_use_are_refused_when_the_config_loads(overrides, message):
+    """Each of these passed --check and then crashed the workers (exit 1), or trained nothing, or meant
+    something else than it said (rank -1: no LoRA)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/tiny.yaml", overrides, stage=2)
+    assert message in str(err.value)
+
+
 def test_missing_or_broken_config_file(tmp_path):
     result = cli("config", "show", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr

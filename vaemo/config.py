@@ -133,7 +133,7 @@ class DataConfig:
     """`uniform` frames over the clip, or uniformly spaced `pairs` of frames `pair_seconds` apart (a sharp
     picture plus motion in one temporal patch). Frames are chosen by time, whatever the clip's frame rate."""
     pair_seconds: float = 0.1
-    """With `pairs`: the time between a pair's two frames (the nearest frame; at 10 fps, the next one)."""
+    """With `pairs`: the time between a pair's two frames (the nearest frame; at 10 fps, the next one); > 0."""
     frame_fit: Literal["letterbox", "crop", "stretch"] = "letterbox"
     """A clip of another aspect ratio than frame_height x frame_width: `letterbox` keeps all of the picture
     (black bars), `crop` keeps its centre at the scale of the shorter side, `stretch` keeps all of the
@@ -181,6 +181,7 @@ class DataConfig:
         _require(self.num_frames >= 2, f"{path}.num_frames", "must be >= 2")
         _require(self.frame_height >= 28 and self.frame_width >= 28, f"{path}.frame_height", "and frame_width must be >= 28")
         _require(0.5 <= self.audio_seconds <= 30.0, f"{path}.audio_seconds", "must be within 0.5-30 s")
+        _require(self.pair_seconds > 0, f"{path}.pair_seconds", "must be > 0 (a pair's second frame comes after its first)")
         _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
         _require(self.loader_workers >= 0, f"{path}.loader_workers", "must be >= 0")
         _require(self.shuffle_buffer >= 1, f"{path}.shuffle_buffer", "must be >= 1")
@@ -218,6 +219,26 @@ class TinyVLMConfig:
     temporal_patch_size: int = 2
     """Frames per temporal patch."""
 
+    def check(self, path: str) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            _require(value >= 1, f"{path}.{name}", "must be >= 1")
+        # transformers' own checks, here so that they fail before Ray starts: attention splits the width into
+        # heads, grouped-query attention shares each key/value head among whole groups, and M-RoPE rotates
+        # pairs of each head's channels in three sections (time, height, width), so a head needs 6 or more
+        # and an even number of them.
+        heads, kv = self.num_heads, self.num_kv_heads
+        width = self.hidden_size // heads
+        _require(self.hidden_size % heads == 0, f"{path}.hidden_size", f"must be a multiple of num_heads ({heads})")
+        _require(heads % kv == 0, f"{path}.num_heads", f"must be a multiple of num_kv_heads ({kv})")
+        even = width % 2 == 0 and width >= 6
+        _require(even, f"{path}.hidden_size", f"/ num_heads (a head's width, {width}) must be even, >= 6")
+        vision_heads = self.vision_hidden_size // self.vision_heads
+        _require(
+            self.vision_hidden_size % self.vision_heads == 0 and vision_heads % 2 == 0,
+            f"{path}.vision_hidden_size",
+            f"must be a multiple of vision_heads ({self.vision_heads}) with an even head width",
+        )
+
 
 @dataclass
 class TinyAudioConfig:
@@ -234,13 +255,19 @@ class TinyAudioConfig:
     num_mel_bins: int = 80
     """Log-mel bins (80 as in Whisper up to v2, 128 for large-v3)."""
 
+    def check(self, path: str) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            _require(value >= 1, f"{path}.{name}", "must be >= 1")
+        _require(self.d_model % self.num_heads == 0, f"{path}.d_model", f"must be a multiple of num_heads ({self.num_heads})")
+
 
 @dataclass
 class ProjectorConfig:
     """The trainable audio projector: encoder features -> LLM input embeddings."""
 
     pool_stride: int = 4
-    """Encoder frames (50 per second) averaged into one audio token; 4 gives 12.5 tokens/s."""
+    """Encoder frames (50 per second) stacked (concatenated) into one audio token; 4 gives 12.5 tokens/s.
+    data.audio_seconds must hold at least one token's worth (the preflight checks)."""
     hidden_size: int = 0
     """Hidden width of the 2-layer MLP; 0 means twice the LLM hidden size."""
 
@@ -279,6 +306,12 @@ class LoRAConfig:
     """LoRA scaling numerator (scale = alpha / rank)."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Names of the LLM linear layers that get adapters."""
+
+    def check(self, path: str) -> None:
+        _require(self.rank >= 0, f"{path}.rank", "must be >= 0 (0 turns LoRA off)")
+        if self.rank:
+            _require(self.alpha > 0, f"{path}.alpha", "must be > 0 (a scale of 0 trains adapters that change nothing)")
+            _require(bool(self.targets), f"{path}.targets", "must name at least one layer when rank > 0")
 
 
 @dataclass
@@ -426,7 +459,13 @@ class Stage0Config:
     """Multiple-choice questions of each task (content, emotion) asked per clip and step, beside one caption."""
     vision_warmup_steps: int = 0
     """First steps run only the vision tower and the auxiliary heads (no LLM pass, so they are cheap): a
-    tiny LLM trained jointly from scratch learns to ignore still-noisy visual tokens and hardly recovers."""
+    tiny LLM trained jointly from scratch learns to ignore still-noisy visual tokens and hardly recovers.
+    Validation always measures the whole objective (LM and heads), the one the stage ends on."""
+
+    def check(self, path: str) -> None:
+        _require(self.aux_weight >= 0, f"{path}.aux_weight", "must be >= 0")
+        _require(self.questions_per_clip >= 0, f"{path}.questions_per_clip", "must be >= 0")
+        _require(self.vision_warmup_steps >= 0, f"{path}.vision_warmup_steps", "must be >= 0")
 
 
 @dataclass
@@ -556,6 +595,14 @@ class Stage2Config:
     head's classes. A training clip whose `emotion` is not one of them is skipped (`unknown_emotion`)."""
 
     def check(self, path: str) -> None:
+        for name in ("lambda_lm", "lambda_sup", "lambda_cat", "lambda_kd"):
+            _require(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        supervised = self.use_supervisor and (self.lambda_sup > 0 or self.lambda_cat > 0)
+        _require(
+            self.lambda_lm > 0 or self.lambda_kd > 0 or supervised,
+            f"{path}.lambda_lm",
+            "lambda_kd and the Supervisor's weights are all 0 (or use_supervisor is false): stage 2 would train nothing",
+        )
         _require(self.kd_temperature > 0, f"{path}.kd_temperature", "must be > 0")
         _require(self.kd_topk >= 0, f"{path}.kd_topk", "must be >= 0")
         _require(len(set(self.emotions)) >= 2, f"{path}.emotions", "must name at least 2 different emotions")

@@ -16,7 +16,7 @@ import torch.nn as nn
 from vaemo.config import DataConfig, ModelConfig
 from vaemo.data import vocab
 from vaemo.errors import UserError
-from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, HOP, N_FFT, AudioProjector
+from vaemo.model.audio import ENCODER_FRAMES_PER_SECOND, HOP, N_FFT, AudioProjector, audio_tokens
 from vaemo.model.tokenizer import SpecialTokens, build_tiny_tokenizer, load_tokenizer
 from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM, check_loading, device_map, sized_as_configured
 from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
@@ -320,6 +320,10 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, device
         path = Path(model_cfg.init_from)
         model = VAEmotionLLM.from_pretrained(path, attn_implementation=attn, dtype=dtype, device=device)
         check_data_matches(model.spec, data_cfg, path)
+        check_model_matches(model.spec, model_cfg, path)
+        # What a stage asks and how long an answer may be are the stage's to choose; its export records them.
+        model.spec.system_prompt = model.prompts.system_prompt = model_cfg.system_prompt
+        model.spec.max_response_tokens = model.prompts.max_response_tokens = model_cfg.max_response_tokens
         # Not checked: a stage may change how short soundtracks are filled; its export then records its own.
         model.spec.audio_fill = data_cfg.audio_fill
         return model
@@ -376,10 +380,7 @@ def assemble_model(
         pair_seconds=data_cfg.pair_seconds,
         frame_fit=data_cfg.frame_fit,
     )
-    try:
-        visual.check()
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    check_inputs_fit(visual, data_cfg.audio_seconds, model_cfg.projector.pool_stride)
     hidden = vlm.config.text_config.hidden_size
     projector_hidden = model_cfg.projector.hidden_size or 2 * hidden
     projector = AudioProjector(audio_encoder.config.d_model, hidden, projector_hidden, model_cfg.projector.pool_stride).to(dtype)
@@ -402,6 +403,58 @@ def resolve_audio_window(model_cfg: ModelConfig) -> str:
     if model_cfg.audio_window != "auto":
         return model_cfg.audio_window
     return "clip" if model_cfg.audio_encoder == "tiny" else "full"
+
+
+def check_inputs_fit(visual: VisualSpec, audio_seconds: float, pool_stride: int) -> None:
+    """Frames that the vision tower's patches tile, and a soundtrack window that makes at least one audio token."""
+    try:
+        visual.check()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if audio_tokens(audio_seconds, pool_stride) < 1:
+        raise UserError(
+            f"model.projector.pool_stride={pool_stride} leaves no audio token in data.audio_seconds={audio_seconds} s "
+            f"({audio_tokens(audio_seconds, 1)} encoder frames); lower the stride or lengthen the window"
+        )
+
+
+def check_shapes(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
+    """The preflight's `check_inputs_fit`, before any model is built: the vision tower's patch sizes come
+    from the tiny sizes or the checkpoint's config.json. A stage started from an export is fed as the export
+    was (`check_data_matches`)."""
+    if model_cfg.init_from:
+        return
+    if model_cfg.vlm == "tiny":
+        t = model_cfg.tiny_vlm
+        patch, temporal, merge = t.patch_size, t.temporal_patch_size, t.spatial_merge_size
+    else:
+        vision = read_checkpoint_config(Path(model_cfg.vlm), "model.vlm").get("vision_config", {})
+        # Qwen2.5-VL's own defaults, for a config.json that leaves them out
+        defaults = (("patch_size", 14), ("temporal_patch_size", 2), ("spatial_merge_size", 2))
+        patch, temporal, merge = (vision.get(name, value) for name, value in defaults)
+    visual = VisualSpec(
+        num_frames=data_cfg.num_frames,
+        height=data_cfg.frame_height,
+        width=data_cfg.frame_width,
+        patch_size=patch,
+        temporal_patch_size=temporal,
+        merge_size=merge,
+    )
+    check_inputs_fit(visual, data_cfg.audio_seconds, model_cfg.projector.pool_stride)
+
+
+def check_model_matches(spec: ModelSpec, model_cfg: ModelConfig, path: Path) -> None:
+    """The audio projector's shape is the export's: a stage started from it cannot change it."""
+    if model_cfg.projector.pool_stride != spec.projector_stride:
+        raise UserError(
+            f"model.projector.pool_stride={model_cfg.projector.pool_stride} differs from the model in '{path}' "
+            f"({spec.projector_stride}); set model.projector.pool_stride={spec.projector_stride}"
+        )
+    if model_cfg.projector.hidden_size and model_cfg.projector.hidden_size != spec.projector_hidden:
+        raise UserError(
+            f"model.projector.hidden_size={model_cfg.projector.hidden_size} differs from the model in '{path}' "
+            f"({spec.projector_hidden}); set model.projector.hidden_size=0 (the export's)"
+        )
 
 
 def check_data_matches(spec: ModelSpec, data_cfg: DataConfig, path: Path) -> None:

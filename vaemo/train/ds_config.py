@@ -27,6 +27,11 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
     for key, value in known.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
+    if ds["train_micro_batch_size_per_gpu"] != cfg.data.batch_size:  # the loader's batches are data.batch_size
+        raise UserError(
+            f"deepspeed.config '{path}': train_micro_batch_size_per_gpu={ds['train_micro_batch_size_per_gpu']} "
+            f'differs from data.batch_size={cfg.data.batch_size}; set it to "auto" (data.batch_size is the one used)'
+        )
     if ds["gradient_accumulation_steps"] != 1:
         # Each step's loss is normalised over that step's response tokens on all ranks (worker.py); over
         # several micro-batches the normaliser would have to cover tokens not yet seen.

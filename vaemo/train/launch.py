@@ -89,7 +89,7 @@ def run_stage(
 def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) -> None:
     """Readable errors (exit 2) before any weight is loaded."""
     from vaemo.data.stream import expand_shards, train_shard_subset
-    from vaemo.model.build import check_checkpoint_folders, choose_dtype
+    from vaemo.model.build import check_checkpoint_folders, check_shapes, choose_dtype
     from vaemo.train.ds_config import deepspeed_config
 
     output_folder(run_dir)
@@ -114,14 +114,16 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
 
         check_cache(cfg, train_urls + (val_urls if cfg.train.val_batches > 0 else []))
     check_checkpoint_folders(cfg.model, cfg.data.audio_seconds)
+    check_shapes(cfg.model, cfg.data)
     probe_data(cfg, train_urls, val_urls if cfg.train.val_batches > 0 else [])
     if cfg.model.init_from:
-        from vaemo.model.build import check_data_matches
+        from vaemo.model.build import check_data_matches, check_model_matches
         from vaemo.model.vaemo_llm import CONFIG_NAME, ModelSpec
 
         raw = __import__("json").loads((Path(cfg.model.init_from) / CONFIG_NAME).read_text())
         raw.pop("lora_merged", None)
         check_data_matches(ModelSpec.from_dict(raw), cfg.data, Path(cfg.model.init_from))
+        check_model_matches(ModelSpec.from_dict(raw), cfg.model, Path(cfg.model.init_from))
     deepspeed_config(cfg, choose_dtype(cfg.model.dtype))
     if resume is not None:
         from vaemo.train.checkpoint import read_meta
@@ -253,7 +255,15 @@ def user_error_in(text: str) -> str | None:
 
 
 def first_line(err: BaseException) -> str:
+    """The worker's exception (`ValueError: ...`, the unindented line that ends a traceback) from Ray's
+    report, whose own first line ("Training failed due to worker errors:") names nothing; else the first
+    line that mentions an error."""
+    import re
+
     text = str(err).strip().splitlines()
+    for line in text:
+        if re.match(r"[A-Za-z_][\w.]*(?:Error|Exception|Interrupt)(?::|$)", line):
+            return line.strip()[:300]
     for line in text:
         if "Error" in line or "error" in line:
             return line.strip()[:300]

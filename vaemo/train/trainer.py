@@ -402,6 +402,7 @@ def validate(engine, module: StageModule, objective: StageObjective, cfg: Config
         for mode in ("train", "score") if scores else ("train",):
             kwargs = {"score": True} if mode == "score" else {}
             inputs = objective.prepare(module.model, batch, np.random.default_rng([cfg.seed, 7919, rank, index]), **kwargs)
+            inputs.step = cfg.train.max_steps  # the objective the stage ends on (stage 0's warm-up trains its heads alone)
             synchronize(inputs, world_size, objective.chunk)
             loss = engine(inputs, mode=mode)
             accumulator.add(module.last_sums | ({"loss": float(loss)} if mode == "train" else {}))
