@@ -118,7 +118,8 @@ def test_bad_values_are_one_clear_line(override, message):
     [
         (["model.tiny_vlm.num_heads=3"], "'model.tiny_vlm.hidden_size' must be a multiple of num_heads (3)"),
         (["model.tiny_vlm.num_kv_heads=3"], "'model.tiny_vlm.num_heads' must be a multiple of num_kv_heads (3)"),
-        (["model.tiny_vlm.hidden_size=16", "model.tiny_vlm.num_heads=4"], "a head's width, 4) must be even, >= 6"),
+        (["model.tiny_vlm.hidden_size=12", "model.tiny_vlm.num_heads=4"], "a head's width, 3) must be even"),
+        (["model.tiny_vlm.vision_heads=16"], "a head width that is a multiple of 4"),  # 96 / 16: 6 channels
         (["model.tiny_audio.num_heads=5"], "'model.tiny_audio.d_model' must be a multiple of num_heads (5)"),
         (["stage0.questions_per_clip=-1"], "'stage0.questions_per_clip' must be >= 0"),
         (["data.pair_seconds=0"], "'data.pair_seconds' must be > 0"),

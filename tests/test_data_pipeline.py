@@ -241,6 +241,7 @@ def test_a_stereo_soundtrack_in_antiphase_is_heard_not_mixed_to_silence(tmp_path
     spec = DecodeSpec(num_frames=2, height=48, width=64, audio_seconds=2.0)
     heard = {}
     cases = [("antiphase", "c1=-1*c0"), ("partly", "c1=-0.9*c0"), ("inphase", "c1=c0"), ("silent", "c0=0*c0|c1=0*c0")]
+    cases.append(("loud", "c0=6*c0|c1=-5.4*c0"))  # rms 0.53 and 0.48: a mix of 0.027, 26 dB down
     for name, pan in cases:
         pan = pan if "c0=" in pan else f"c0=c0|{pan}"
         raw = ffmpeg_clip(
@@ -253,7 +254,7 @@ def test_a_stereo_soundtrack_in_antiphase_is_heard_not_mixed_to_silence(tmp_path
         if name == "inphase":
             mix = AudioDecoder(raw, sample_rate=16000, num_channels=1).get_all_samples().data[0][: clip.audio_len]
             assert torch.equal(clip.audio[: clip.audio_len], mix)
-    assert heard["antiphase"] > 0.05 and heard["partly"] > 0.05 and heard["inphase"] > 0.05 and heard["silent"] == 0.0, heard
+    assert min(heard[name] for name in ("antiphase", "partly", "loud", "inphase")) > 0.05 and heard["silent"] == 0.0, heard
 
 
 def test_a_picture_or_a_soundtrack_alone_is_media_a_benchmark_item_may_name(tmp_path):

@@ -530,6 +530,10 @@ def test_a_failed_run_ends_on_the_workers_exception_not_on_rays_header():
         '  File "x.py", line 1, in f\n    raise ValueError(\nValueError: hidden_size must be divisible by num_heads\n'
     )
     assert first_line(RuntimeError(report)) == "ValueError: hidden_size must be divisible by num_heads"
+    chained = report + "\nThe above exception was the direct cause of the following exception:\n\nTraceback (most recent "
+    chained += "call last):\n  File ...\nvaemo.errors.TrainingError: the model could not be built\n"
+    chained += "[Rank 1 Error Snippet]:\nOSError: another rank's"
+    assert first_line(RuntimeError(chained)) == "vaemo.errors.TrainingError: the model could not be built"
     assert first_line(RuntimeError("the run stopped: an error in the loop\nmore")) == "the run stopped: an error in the loop"
 
 

@@ -222,21 +222,20 @@ class TinyVLMConfig:
     def check(self, path: str) -> None:
         for name, value in dataclasses.asdict(self).items():
             _require(value >= 1, f"{path}.{name}", "must be >= 1")
-        # transformers' own checks, here so that they fail before Ray starts: attention splits the width into
-        # heads, grouped-query attention shares each key/value head among whole groups, and M-RoPE rotates
-        # pairs of each head's channels in three sections (time, height, width), so a head needs 6 or more
-        # and an even number of them.
+        # What transformers' Qwen2.5-VL needs, checked here so that it fails before Ray starts: attention splits
+        # the width into heads, grouped-query attention shares each key/value head among whole groups, the
+        # LLM's RoPE rotates pairs of a head's channels, and the vision tower's 2-D RoPE builds a rotation
+        # 4 * ceil(width / 4) wide (height and width halves of pairs).
         heads, kv = self.num_heads, self.num_kv_heads
         width = self.hidden_size // heads
         _require(self.hidden_size % heads == 0, f"{path}.hidden_size", f"must be a multiple of num_heads ({heads})")
         _require(heads % kv == 0, f"{path}.num_heads", f"must be a multiple of num_kv_heads ({kv})")
-        even = width % 2 == 0 and width >= 6
-        _require(even, f"{path}.hidden_size", f"/ num_heads (a head's width, {width}) must be even, >= 6")
+        _require(width % 2 == 0, f"{path}.hidden_size", f"/ num_heads (a head's width, {width}) must be even")
         vision_heads = self.vision_hidden_size // self.vision_heads
         _require(
-            self.vision_hidden_size % self.vision_heads == 0 and vision_heads % 2 == 0,
+            self.vision_hidden_size % self.vision_heads == 0 and vision_heads % 4 == 0,
             f"{path}.vision_hidden_size",
-            f"must be a multiple of vision_heads ({self.vision_heads}) with an even head width",
+            f"must be a multiple of vision_heads ({self.vision_heads}) with a head width that is a multiple of 4",
         )
 
 

@@ -31,11 +31,12 @@ PICTURE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif
 SOUND_EXTENSIONS: tuple[str, ...] = ("wav", "mp3", "flac", "m4a", "aac", "ogg", "opus")
 SAMPLE_RATE = 16000  # the audio pathway (Whisper) hears 16 kHz mono
 # Channels in antiphase (one wired with its polarity flipped, or "wide" fake stereo) cancel in a mono mix:
-# loud channels, a mix near silence. Only a mix this quiet (full scale 1; -40 dBFS) is checked against its
-# channels (a second decode), and it gives way to the loudest channel when that is this many times louder.
-# At 1e-3 a channel at -0.9 times the other (a mix 26 dB down) passed; ordinary stereo, whose mix is never
-# 10x quieter than its louder channel, keeps FFmpeg's mix whatever its level.
-CANCELLED_RMS = 1e-2
+# loud channels, a mix near silence. A mix this quiet (full scale 1; -26 dBFS) is checked against its
+# channels (a second decode), and gives way to the loudest channel when that is this many times louder.
+# A channel at -0.9 times the other leaves a mix 26 dB down: under this level even at full scale (a
+# channel's rms is at most 0.71 for a sine). Ordinary stereo, whose mix is never 10x quieter than its
+# louder channel, keeps FFmpeg's mix at any level; the level only spares loud clips the second decode.
+CANCELLED_RMS = 5e-2
 CANCELLED_GAIN = 10.0
 
 # Every reason a sample can be skipped for, and what it means.

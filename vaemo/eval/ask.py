@@ -99,27 +99,30 @@ def find_clips(pattern: str) -> list[Path]:
 
 
 def check_question_fits(model_dir: Path, question: str, modality: str, max_new_tokens: int) -> None:
-    """Refuse, before any model loads, a question that with the clip's tokens and the answer would not fit
-    the positions the language model was built for (a 9,000-token question took 6.5 GB on the tiny preset).
-    Modality tokens are counted as one position each: M-RoPE gives video fewer, so this errs on the safe side."""
+    """Refuse, before any model loads, a question whose prompt (the chat turns and the clip's tokens) and
+    answer would not fit the positions the language model was built for (a 9,000-token question took 6.5 GB
+    on the tiny preset). Video tokens count one position each: M-RoPE gives them fewer, so this errs on the
+    safe side."""
     from transformers import AutoConfig
 
     from vaemo.model.audio import audio_tokens
-    from vaemo.model.tokenizer import load_tokenizer
+    from vaemo.model.prompts import PromptBuilder
+    from vaemo.model.tokenizer import SpecialTokens, load_tokenizer
     from vaemo.model.vaemo_llm import ModelSpec
 
     spec = ModelSpec.read(model_dir)
     tokenizer = load_tokenizer(model_dir / "tokenizer")
-    asked = len(tokenizer.encode(question, add_special_tokens=False, split_special_tokens=True))
-    clip = (spec.visual.tokens_per_clip if modality != "audio" else 0) + (
-        audio_tokens(spec.audio_seconds, spec.projector_stride) if modality != "visual" else 0
-    )
+    clip_tokens = (spec.visual.tokens_per_clip, audio_tokens(spec.audio_seconds, spec.projector_stride))
+    prompts = PromptBuilder(tokenizer, SpecialTokens(**spec.tokens), *clip_tokens, spec.system_prompt, spec.max_response_tokens)
+    prompt = len(prompts.sequence(PromptItem(modality, question, None, 0))[0])
     answer = max_new_tokens or spec.max_response_tokens
     positions = AutoConfig.from_pretrained(model_dir / "vlm").get_text_config().max_position_embeddings
-    if asked + clip + answer > positions:
+    if prompt + answer > positions:
+        asked = len(prompts.text(question))
         raise UserError(
-            f"--question is {asked} tokens: with the clip's {clip} and an answer of up to {answer} that is more than "
-            f"the {positions} positions this model reads (max_position_embeddings); ask a shorter question"
+            f"--question is {asked} tokens: with the chat turns and the clip's tokens the prompt is {prompt}, and "
+            f"with an answer of up to {answer} that is more than the {positions} positions this model reads "
+            "(max_position_embeddings); ask a shorter question"
         )
 
 

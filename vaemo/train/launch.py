@@ -255,15 +255,20 @@ def user_error_in(text: str) -> str | None:
 
 
 def first_line(err: BaseException) -> str:
-    """The worker's exception (`ValueError: ...`, the unindented line that ends a traceback) from Ray's
-    report, whose own first line ("Training failed due to worker errors:") names nothing; else the first
-    line that mentions an error."""
+    """The exception the first failed worker raised (`ValueError: ...`: the last unindented exception line of
+    its traceback, after any it was chained from) from Ray's report, whose own first line ("Training failed
+    due to worker errors:") names nothing; else the first line that mentions an error."""
     import re
 
     text = str(err).strip().splitlines()
+    raised = []
     for line in text:
+        if raised and line.startswith("[Rank "):  # the next worker's report
+            break
         if re.match(r"[A-Za-z_][\w.]*(?:Error|Exception|Interrupt)(?::|$)", line):
-            return line.strip()[:300]
+            raised.append(line.strip()[:300])
+    if raised:
+        return raised[-1]
     for line in text:
         if "Error" in line or "error" in line:
             return line.strip()[:300]
