@@ -105,15 +105,11 @@ def check_question_fits(model_dir: Path, question: str, modality: str, max_new_t
     safe side."""
     from transformers import AutoConfig
 
-    from vaemo.model.audio import audio_tokens
-    from vaemo.model.prompts import PromptBuilder
-    from vaemo.model.tokenizer import SpecialTokens, load_tokenizer
-    from vaemo.model.vaemo_llm import ModelSpec
+    from vaemo.model.tokenizer import load_tokenizer
+    from vaemo.model.vaemo_llm import ModelSpec, prompt_builder
 
     spec = ModelSpec.read(model_dir)
-    tokenizer = load_tokenizer(model_dir / "tokenizer")
-    clip_tokens = (spec.visual.tokens_per_clip, audio_tokens(spec.audio_seconds, spec.projector_stride))
-    prompts = PromptBuilder(tokenizer, SpecialTokens(**spec.tokens), *clip_tokens, spec.system_prompt, spec.max_response_tokens)
+    prompts = prompt_builder(load_tokenizer(model_dir / "tokenizer"), spec)
     prompt = len(prompts.sequence(PromptItem(modality, question, None, 0))[0])
     answer = max_new_tokens or spec.max_response_tokens
     positions = AutoConfig.from_pretrained(model_dir / "vlm").get_text_config().max_position_embeddings

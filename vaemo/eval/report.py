@@ -63,14 +63,10 @@ def summarize(results: list[ItemResult]) -> dict:
             **({"donor_accuracy": float(np.mean(donors))} if donors else {}),
         }
     out["always_option"] = always_option(scored)
-    out["chance"] = {
-        m: float(np.mean([1.0 / r.options for r in scored if r.modality == m]))
-        for m in MODALITIES
-        if any(r.modality == m for r in scored)
-    }
-    guesses: dict = {}
+    guesses: dict = {}  # what guessing scores on each item (1 / its options), by modality and task
     for r in scored:
         guesses.setdefault(r.modality, {}).setdefault(r.task, []).append(1.0 / r.options)
+    out["chance"] = {m: float(np.mean(sum(guesses[m].values(), []))) for m in MODALITIES if m in guesses}
     out["chance_by_task"] = {m: {t: float(np.mean(v)) for t, v in sorted(tasks.items())} for m, tasks in guesses.items()}
     return out
 
@@ -127,12 +123,11 @@ def deaf_cell(report: dict) -> str:
 def chance_report(report: dict) -> dict:
     """What answering at random scores, in the shape of a report: per cell (a results.json written before
     `chance_by_task` existed has the modality's mean only)."""
-    by_task = report.get("chance_by_task", {})
-    accuracy = {
-        m: {t: by_task.get(m, {}).get(t, report["chance"][m]) if t != "all" else report["chance"][m] for t in tasks}
-        for m, tasks in report["accuracy"].items()
-        if m != "all"
-    }
+    accuracy = {}
+    for m, tasks in report["accuracy"].items():
+        if m != "all":
+            by_task = report.get("chance_by_task", {}).get(m, {})
+            accuracy[m] = {t: by_task.get(t, report["chance"][m]) for t in tasks} | {"all": report["chance"][m]}
     accuracy["all"] = float(np.mean(list(report["chance"].values()))) if report["chance"] else 0.0
     return {"accuracy": accuracy, "counts": report["counts"], "skipped": 0}
 

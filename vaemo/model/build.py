@@ -319,8 +319,7 @@ def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, device
     if model_cfg.init_from:
         path = Path(model_cfg.init_from)
         model = VAEmotionLLM.from_pretrained(path, attn_implementation=attn, dtype=dtype, device=device)
-        check_data_matches(model.spec, data_cfg, path)
-        check_model_matches(model.spec, model_cfg, path)
+        check_matches_export(model.spec, model_cfg, data_cfg, path)
         # What a stage asks and how long an answer may be are the stage's to choose; its export records them.
         model.spec.system_prompt = model.prompts.system_prompt = model_cfg.system_prompt
         model.spec.max_response_tokens = model.prompts.max_response_tokens = model_cfg.max_response_tokens
@@ -421,7 +420,7 @@ def check_inputs_fit(visual: VisualSpec, audio_seconds: float, pool_stride: int)
 def check_shapes(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     """The preflight's `check_inputs_fit`, before any model is built: the vision tower's patch sizes come
     from the tiny sizes or the checkpoint's config.json. A stage started from an export is fed as the export
-    was (`check_data_matches`)."""
+    was (`check_matches_export`)."""
     if model_cfg.init_from:
         return
     if model_cfg.vlm == "tiny":
@@ -443,8 +442,9 @@ def check_shapes(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     check_inputs_fit(visual, data_cfg.audio_seconds, model_cfg.projector.pool_stride)
 
 
-def check_model_matches(spec: ModelSpec, model_cfg: ModelConfig, path: Path) -> None:
-    """The audio projector's shape is the export's: a stage started from it cannot change it."""
+def check_matches_export(spec: ModelSpec, model_cfg: ModelConfig, data_cfg: DataConfig, path: Path) -> None:
+    """A stage started from an export feeds it clips decoded the way it was trained on, and keeps its audio
+    projector's shape."""
     if model_cfg.projector.pool_stride != spec.projector_stride:
         raise UserError(
             f"model.projector.pool_stride={model_cfg.projector.pool_stride} differs from the model in '{path}' "
@@ -455,10 +455,6 @@ def check_model_matches(spec: ModelSpec, model_cfg: ModelConfig, path: Path) -> 
             f"model.projector.hidden_size={model_cfg.projector.hidden_size} differs from the model in '{path}' "
             f"({spec.projector_hidden}); set model.projector.hidden_size=0 (the export's)"
         )
-
-
-def check_data_matches(spec: ModelSpec, data_cfg: DataConfig, path: Path) -> None:
-    """A model must be fed clips decoded the way it was trained on."""
     pairs = [
         ("num_frames", spec.visual.num_frames),
         ("frame_height", spec.visual.height),

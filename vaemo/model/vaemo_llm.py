@@ -125,6 +125,18 @@ def best_option(scores: list[float]) -> int:
     return int(np.argmax(scores))
 
 
+def prompt_builder(tokenizer, spec: ModelSpec) -> PromptBuilder:
+    """The prompts a model with this spec reads (also what `vaemo ask` measures a question by before loading)."""
+    return PromptBuilder(
+        tokenizer,
+        SpecialTokens(**spec.tokens),
+        spec.visual.tokens_per_clip,
+        audio_tokens(spec.audio_seconds, spec.projector_stride),
+        spec.system_prompt,
+        spec.max_response_tokens,
+    )
+
+
 class VAEmotionLLM(nn.Module):
     def __init__(self, vlm: nn.Module, audio_encoder: nn.Module, projector: AudioProjector, tokenizer, spec: ModelSpec):
         super().__init__()
@@ -147,14 +159,7 @@ class VAEmotionLLM(nn.Module):
 
         use_batched_window_attention(vlm)
         self.tokens = SpecialTokens(**spec.tokens)
-        self.prompts = PromptBuilder(
-            tokenizer,
-            self.tokens,
-            spec.visual.tokens_per_clip,
-            self.audio_tokens_per_clip,
-            spec.system_prompt,
-            spec.max_response_tokens,
-        )
+        self.prompts = prompt_builder(tokenizer, spec)
         if spec.enhancer is not None:
             self.add_enhancer(**spec.enhancer)
         if spec.supervisor is not None:

@@ -117,13 +117,11 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     check_shapes(cfg.model, cfg.data)
     probe_data(cfg, train_urls, val_urls if cfg.train.val_batches > 0 else [])
     if cfg.model.init_from:
-        from vaemo.model.build import check_data_matches, check_model_matches
-        from vaemo.model.vaemo_llm import CONFIG_NAME, ModelSpec
+        from vaemo.model.build import check_matches_export
+        from vaemo.model.vaemo_llm import ModelSpec
 
-        raw = __import__("json").loads((Path(cfg.model.init_from) / CONFIG_NAME).read_text())
-        raw.pop("lora_merged", None)
-        check_data_matches(ModelSpec.from_dict(raw), cfg.data, Path(cfg.model.init_from))
-        check_model_matches(ModelSpec.from_dict(raw), cfg.model, Path(cfg.model.init_from))
+        export = Path(cfg.model.init_from)
+        check_matches_export(ModelSpec.read(export), cfg.model, cfg.data, export)
     deepspeed_config(cfg, choose_dtype(cfg.model.dtype))
     if resume is not None:
         from vaemo.train.checkpoint import read_meta
