@@ -301,3 +301,32 @@ def test_the_eval_section_of_a_preset_gives_the_defaults(tmp_path):
 
     with pytest.raises(UserError, match="--bench is required"):
         eval_settings(parser.parse_args(["--model", "m", "--out", "o"]))
+
+
+def test_chart_labels_draw_in_a_font_that_has_them_and_characters_none_has_are_one_line(tmp_path, capsys):
+    import warnings
+
+    from matplotlib import font_manager
+
+    from vaemo.eval.report import chart, summarize
+    from vaemo.eval.scoring import ItemResult
+    from vaemo.plotting import BASE_FONT, _characters, fonts_for
+
+    def report(task):
+        return summarize([ItemResult(f"q{i}", "audio", task, False, False, i % 2 == 0, 0, i % 2, 2) for i in range(4)])
+
+    # U+2312 is not in DejaVu Sans, matplotlib's default, but is in DejaVu Sans Mono, which ships with it.
+    families = fonts_for(["arc \u2312"])["font.family"]
+    assert families[0] == BASE_FONT and "\u2312" not in _characters(font_manager.findfont(BASE_FONT))
+    assert any("\u2312" in _characters(font_manager.findfont(family)) for family in families[1:]), families
+    chart({"model \u2312": report("arc \u2312")}, tmp_path / "arc.png")
+    assert (tmp_path / "arc.png").is_file()
+    assert "no installed font" not in capsys.readouterr().out
+    # U+FDD0 is a noncharacter: no font has it. The chart is still written, with one line naming it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chart({"model": report("x\ufdd0")}, tmp_path / "none.png")
+    assert not [w for w in caught if "missing from" in str(w.message)]
+    assert (tmp_path / "none.png").is_file()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "no installed font" in line]
+    assert len(lines) == 1 and "1 character(s)" in lines[0] and "\ufdd0" in lines[0]

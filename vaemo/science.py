@@ -23,6 +23,7 @@ from vaemo import progress
 from vaemo.args import output_folder
 from vaemo.config import MODALITIES
 from vaemo.demo import AROUSAL_ERROR, HEARING, SEEING, Target
+from vaemo.plotting import pyplot
 
 TASKS = ("content", "emotion")
 
@@ -173,11 +174,7 @@ def targets(per_seed: dict[int, dict[str, dict]]) -> list[Target]:
 
 def chart(table: dict[str, dict[str, Spread]], png: Path, models: list[str]) -> None:
     """Bars: the mean per cell for each model, the 95% interval, and each seed as a dot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [f"{m} {t}" for m in MODALITIES for t in TASKS] + ["deaf check"]
     x = np.arange(len(names))
     width = 0.8 / len(models)

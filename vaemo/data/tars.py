@@ -131,12 +131,13 @@ def in_key_order(stream) -> tuple[Iterator[tuple[str, bytes]], ValueError | None
             if member.start + member.size > end:
                 raise ValueError("the archive ends inside a member")
     except ValueError as err:
+        damage = err
+    keys = [sample_key(m.name) for m in members]
+    if damage is not None and members:
         # The samples before the damage are read; the one it came in may be incomplete and is left out,
         # as a sequential read leaves it out.
-        damage = err
-        broken = sample_key(members[-1].name) if members else None
-        members = [m for m in members if sample_key(m.name) != broken]
-    keys = [sample_key(m.name) for m in members]
+        whole = [i for i, key in enumerate(keys) if key != keys[-1]]
+        members, keys = [members[i] for i in whole], [keys[i] for i in whole]
     first_seen: dict[str, int] = {}
     for position, key in enumerate(keys):
         first_seen.setdefault(key, position)

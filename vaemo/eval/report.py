@@ -9,6 +9,7 @@ import numpy as np
 
 from vaemo.config import MODALITIES
 from vaemo.eval.scoring import ItemResult
+from vaemo.plotting import drawing
 
 
 def summarize(results: list[ItemResult]) -> dict:
@@ -151,32 +152,30 @@ def baseline_reports(report: dict) -> dict[str, dict]:
 
 def chart(rows: dict[str, dict], png: Path, title: str = "ArtEmoBench") -> None:
     """Grouped bars: accuracy per modality x task for each model, chance line, deaf check."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     first = next(iter(rows.values()))
     cols = columns(first) + [("deaf", "check")]
-    x = np.arange(len(cols))
-    width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(cols) + 2), 4))
-    for k, (name, report) in enumerate(rows.items()):
-        values = [report["accuracy"].get(m, {}).get(t, np.nan) for m, t in cols[:-1]]
-        values.append(report.get("deaf_check", {}).get("accuracy", np.nan))
-        ax.bar(x + (k - (len(rows) - 1) / 2) * width, values, width, label=name)
-    # The baseline rows come first and carry no "chance" of their own: the line is the bench's, read from
-    # a scored model's report (0.5 on a bench of two-option questions).
-    scored = next((report["chance"] for report in rows.values() if report.get("chance")), None)
-    if scored:
-        chance = float(np.mean(list(scored.values())))
-        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
-    ax.set_xticks(x, [f"{m.replace('_', '-')}\n{t}" for m, t in cols])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    labels = [f"{m.replace('_', '-')}\n{t}" for m, t in cols]
+    # A user's bench may name its tasks, and a user their baselines, in any script.
+    with drawing([*labels, *rows, title]) as plt:
+        x = np.arange(len(cols))
+        width = 0.8 / max(1, len(rows))
+        fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(cols) + 2), 4))
+        for k, (name, report) in enumerate(rows.items()):
+            values = [report["accuracy"].get(m, {}).get(t, np.nan) for m, t in cols[:-1]]
+            values.append(report.get("deaf_check", {}).get("accuracy", np.nan))
+            ax.bar(x + (k - (len(rows) - 1) / 2) * width, values, width, label=name)
+        # The baseline rows come first and carry no "chance" of their own: the line is the bench's, read
+        # from a scored model's report (0.5 on a bench of two-option questions).
+        scored = next((report["chance"] for report in rows.values() if report.get("chance")), None)
+        if scored:
+            chance = float(np.mean(list(scored.values())))
+            ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+        ax.set_xticks(x, labels)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy")
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vaemo.plotting import pyplot
+
 
 def collective_device() -> torch.device:
     """Where a tensor for a collective must live: NCCL reduces CUDA tensors only, gloo CPU tensors."""
@@ -126,11 +128,7 @@ def format_line(record: dict, max_steps: int, stage: int | None = None) -> str:
 
 def plot_curves(metrics_file: Path, png: Path, title: str = "") -> None:
     """Loss terms, validation, throughput and data wait over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     if not records:
         return
