@@ -98,6 +98,32 @@ def test_the_benchmark_asks_questions_as_training_does(small_world):
 
 
 @pytest.mark.slow
+def test_an_actor_pool_uses_the_actors_that_start_and_asks_for_none_the_cluster_cannot_hold(capsys):
+    """Ray's ActorPool hands an item to every actor at once, started or not: with GPUs another job held, an
+    eval waited for good on actors that could never start."""
+    import ray
+
+    from vaemo.cluster import connect_ray, map_on_actors
+
+    class Doubler:  # defined here, so that Ray sends the class itself to the actors
+        def double(self, value: int) -> int:
+            return 2 * value
+
+    connect_ray()
+    half = ray.cluster_resources()["CPU"] / 2  # two such actors fit the cluster, whatever its size
+    items, doubled = list(range(8)), [2 * i for i in range(8)]
+    assert sorted(map_on_actors(Doubler, (), "double", items, actors=5, cpus=half, gpus=0)) == doubled
+    assert "2 actor(s) instead of 5" in capsys.readouterr().out
+    holder = ray.remote(num_cpus=half)(Doubler).remote()  # another job's actor holds half of the CPUs
+    ray.get(holder.__ray_ready__.remote())
+    try:
+        assert sorted(map_on_actors(Doubler, (), "double", items, actors=2, cpus=half, gpus=0)) == doubled
+        assert "1 of 2 actor(s) never started" in capsys.readouterr().out
+    finally:
+        ray.kill(holder)
+
+
+@pytest.mark.slow
 def test_one_actor_pool_scores_several_exports_and_benches_as_one_process_scores_each(
     small_world, adapter_export, stage0_export, tmp_path
 ):

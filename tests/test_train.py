@@ -433,12 +433,8 @@ def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([RAY_CLI, *args], capture_output=True, text=True, env=ray_env(), timeout=timeout, cwd=ROOT)
 
 
-@pytest.mark.own_ray_cluster
-def test_ray_job_submit_runs_a_stage_whose_workers_on_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
-    """`ray job submit` to a started head with a second node joined, as on a cluster: the stage's two workers,
-    spread one per node, each read their own shards; its progress comes through the job's logs; a job with
-    bad input fails with its one line. (Paths relative to where the user runs: the stage chain above.)"""
-    port, dashboard = free_port(), free_port()
+def start_head(port: int, dashboard: int) -> None:
+    """`ray start --head` of one CPU on 127.0.0.1, as a cluster's head."""
     head = ray_cli(
         "start",
         "--head",
@@ -450,6 +446,15 @@ def test_ray_job_submit_runs_a_stage_whose_workers_on_two_nodes_read_disjoint_sh
         "--disable-usage-stats",
     )
     assert head.returncode == 0, head.stderr
+
+
+@pytest.mark.own_ray_cluster
+def test_ray_job_submit_runs_a_stage_whose_workers_on_two_nodes_read_disjoint_shards(small_world, stage0_export, tmp_path):
+    """`ray job submit` to a started head with a second node joined, as on a cluster: the stage's two workers,
+    spread one per node, each read their own shards; its progress comes through the job's logs; a job with
+    bad input fails with its one line. (Paths relative to where the user runs: the stage chain above.)"""
+    port, dashboard = free_port(), free_port()
+    start_head(port, dashboard)
     try:
         second = ray_cli(
             "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"
@@ -486,6 +491,50 @@ def test_ray_job_submit_runs_a_stage_whose_workers_on_two_nodes_read_disjoint_sh
         bad = ["jobs/stage1.py", "--out", str(tmp_path / "bad"), "data.train_shards=/nothing/*.tar"]
         failing = ray_cli(*submit, "--", "python", *bad)
         assert failing.returncode != 0 and "match no file" in failing.stdout + failing.stderr
+    finally:
+        ray_cli("stop", "--force")
+
+
+def can_hide_a_folder_from_a_process() -> bool:
+    """A private mount namespace (unshare -m) is allowed here: root in the container, or user namespaces."""
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.own_ray_cluster
+@pytest.mark.skipif(not can_hide_a_folder_from_a_process(), reason="needs unshare -m to start a node that lacks a mount")
+def test_check_refuses_a_run_folder_another_node_cannot_see_and_one_inside_the_jobs_copy(small_world, stage0_export, tmp_path):
+    """A second node started in a mount namespace where a folder is an empty tmpfs, as a node where the shared
+    mount failed: `--check` names that node and the path, before any weight loads, instead of the workers
+    failing at their first checkpoint; a folder both nodes see is ready. (A relative --out inside the job's
+    copy of the project: test_an_output_inside_a_jobs_copy_of_the_project_is_refused.)"""
+    port, dashboard = free_port(), free_port()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    start_head(port, dashboard)
+    try:
+        join = f"{RAY_CLI} start --address=127.0.0.1:{port} --num-cpus=1 --node-ip-address=127.0.0.1 --disable-usage-stats"
+        second = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs {shared} && exec {join}"],
+            capture_output=True,
+            text=True,
+            env=ray_env(),
+            timeout=120,
+        )
+        assert second.returncode == 0, second.stderr
+        submit = ["job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--", "python"]
+
+        def check(out: str) -> subprocess.CompletedProcess:
+            cmd = stage_cmd(1, Path(out), small_world, f"model.init_from={stage0_export}", "train.val_batches=0")
+            return ray_cli(*submit, *cmd[1:], "--check", timeout=300)
+
+        hidden = check(str(shared / "run"))
+        # (the job's log, then ray's summary of the failed job, each show the driver's one line)
+        lines = {line for line in (hidden.stdout + hidden.stderr).splitlines() if line.startswith("error:")}
+        assert hidden.returncode != 0 and len(lines) == 1, (hidden.stdout[-3000:], hidden.stderr[-3000:])
+        assert re.match(rf"error: node \S+ \(\S+\) cannot see --out '{re.escape(str(shared / 'run'))}' ", lines.pop())
+        assert not list((shared / "run").iterdir())  # the driver's marker removed
+        seen = check(str(tmp_path / "visible"))
+        assert seen.returncode == 0 and "ready to train" in seen.stdout, (seen.stdout[-3000:], seen.stderr[-3000:])
     finally:
         ray_cli("stop", "--force")
 
@@ -551,6 +600,20 @@ def test_a_user_error_in_a_worker_is_its_one_line_and_exit_2(small_world, hf_che
     assert "not loading the model again" in result.stdout + result.stderr  # Ray's retry met the recorded error
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray's own log lines aside
     assert len(errors) == 1 and errors[0].startswith("error: stage 1: ") and f"'{resized}' does not match its config" in errors[0]
+
+
+def test_an_output_inside_a_jobs_copy_of_the_project_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the driver in a copy of the project on the head alone, which Ray
+    deletes: a relative --out there would be lost (and other nodes do not see it)."""
+    from vaemo.args import output_folder
+    from vaemo.errors import UserError
+
+    unpacked = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    (unpacked / "jobs").mkdir(parents=True)
+    monkeypatch.chdir(unpacked / "jobs")
+    with pytest.raises(UserError, match=r"lies in the copy of the project .*_ray_pkg_0123\): Ray deletes that copy"):
+        output_folder("../runs/stage1")
+    assert output_folder(tmp_path / "runs") == tmp_path / "runs"  # a path outside the copy is used as given
 
 
 def test_an_unwritable_output_is_refused(small_world, tmp_path):

@@ -43,6 +43,13 @@ def output_folder(path: str | Path, flag: str = "--out") -> Path:
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} '{path}' is a file; give a folder")
+    unpacked = job_working_copy()
+    if unpacked is not None and folder.resolve().is_relative_to(unpacked):
+        raise UserError(
+            f"{flag} '{path}' lies in the copy of the project that `ray job submit --working-dir` unpacked for "
+            f"this job ({unpacked}): Ray deletes that copy, and other nodes do not see it; give a path on "
+            "storage every node mounts (e.g. /shared/runs/...)"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".vaemo-write-probe"
@@ -61,3 +68,13 @@ def output_file(path: str | Path, flag: str = "--out") -> Path:
         raise UserError(f"{flag} '{path}' is a folder; give a file name")
     output_folder(file.parent, f"the folder of {flag} '{path}'")
     return file
+
+
+def job_working_copy() -> Path | None:
+    """The folder `ray job submit --working-dir` unpacked for the job this process is the driver of (its
+    working directory lies there), or None. Ray keeps it on the head node alone and deletes it when it no
+    longer needs it."""
+    parts = Path.cwd().parts
+    if "working_dir_files" in parts[:-1]:
+        return Path(*parts[: parts.index("working_dir_files") + 2])
+    return None

@@ -4,6 +4,7 @@ actors must see, and pools of actors that each hold one model replica (evaluatio
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 from vaemo import progress
@@ -75,6 +76,85 @@ def start_local_ray() -> None:
     progress.log(f"started a local Ray (logs: {private}/ray/session_latest/logs)")
 
 
+def check_nodes_see(inputs: list[tuple[str, str]], output: tuple[str, Path], per_worker: dict[str, float]) -> None:
+    """Every other node that can host a worker (its resources hold `per_worker`) sees what the driver sees,
+    at the same paths: it imports vaemo, finds each input (field, path) that exists here, and writes into
+    the output folder (flag, path). A path only the head has would fail the workers at their first
+    checkpoint, hours in, and again on each retry. Raises one line naming the node and the path; a
+    one-node cluster (a local Ray, a job on a single machine) has nothing to check."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [
+        node
+        for node in ray.nodes()
+        if node["Alive"]
+        and node["NodeID"] != here
+        and all(node["Resources"].get(name, 0) >= amount for name, amount in per_worker.items() if amount > 0)
+    ]
+    if not others:
+        return
+    flag, folder = output
+    marker = folder / f".vaemo-node-check-{uuid.uuid4().hex}"
+    marker.write_text("written by the driver; every node must see it")
+    seen_here = [(field, path) for field, path in inputs if os.path.exists(path)]
+
+    def unseen(paths: list[tuple[str, str]], folder: str, marker: str) -> list[str]:
+        # Defined here so that Ray sends the function itself: a node without the project must still run it.
+        import importlib.util
+
+        problems = (
+            []
+            if importlib.util.find_spec("vaemo")
+            else [f"cannot import vaemo (PYTHONPATH={os.environ.get('PYTHONPATH', '')!r})"]
+        )
+        problems += [f"cannot see {field} '{path}'" for field, path in paths if not os.path.exists(path)]
+        if not os.path.exists(marker):
+            problems.append(f"cannot see {flag} '{folder}' (the file the driver wrote there is missing)")
+        if not problems:
+            probe = os.path.join(folder, f".vaemo-node-write-{os.getpid()}")
+            try:
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.remove(probe)
+            except OSError as err:
+                problems.append(f"cannot write into {flag} '{folder}' ({err.strerror})")
+        return problems
+
+    task = ray.remote(num_cpus=0, max_retries=0)(unseen)
+    env = {"env_vars": {"PYTHONPATH": str(project_root())}}
+    try:
+        answers = {
+            f"{node['NodeManagerHostname']} ({node['NodeManagerAddress']})": task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False), runtime_env=env
+            ).remote(seen_here, str(folder), str(marker))
+            for node in others
+        }
+        for name, answer in answers.items():
+            try:
+                problems = ray.get(answer, timeout=NODE_CHECK_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                problems = [f"did not run a 0-CPU check task within {NODE_CHECK_TIMEOUT_S:g} s"]
+            except ray.exceptions.RayError as err:
+                problems = [f"could not run a check task: {str(err).strip().splitlines()[0][:200]}"]
+            if problems:
+                raise UserError(
+                    f"node {name} {problems[0]}"
+                    + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                    + ": every node must see the project, the data, the models and the run folder at the same "
+                    "paths (shared storage)"
+                )
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+# Starting a Python worker on a node takes seconds; a minute more means the node cannot start one.
+NODE_CHECK_TIMEOUT_S = 120.0
+
+
 def remove_placement_groups_of_this_job() -> list[str]:
     """Remove the placement groups this driver's job still holds; returns their ids. Tune can create one for
     a trial just as a sweep ends, and Ray 2.60 then keeps it, with its CPUs, after the job is gone: on a
@@ -101,15 +181,29 @@ def forwarded_env() -> dict[str, str]:
 def map_on_actors(
     cls: type, init_args: tuple, method: str, items: list, actors: int, cpus: float = 1.0, gpus: float | None = None
 ) -> Iterator[Any]:
-    """Yield `cls(*init_args).<method>(item)` for every item, in completion order, from
+    """Yield `cls(*init_args).<method>(item)` for every item, in completion order, from up to
     min(actors, len(items)) Ray actors of `cpus` CPUs and `gpus` GPUs each (None: one GPU when the
-    cluster has any). Joins RAY_ADDRESS's cluster or starts a local Ray; kills the actors afterwards."""
+    cluster has any). Joins RAY_ADDRESS's cluster or starts a local Ray; kills the actors afterwards.
+
+    Items go only to actors that have started: actors the cluster cannot place now (GPUs another job
+    holds, a node not yet up) join when they start, and the work never waits on them. Actors the whole
+    cluster could never place are not asked for. Until the first starts, a line every minute says what
+    the pool waits for."""
     import ray
     from ray.util import ActorPool
 
     connect_ray()
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    wanted = min(actors, len(items))
+    count = min(wanted, actors_that_fit(ray.cluster_resources(), cpus, gpus))
+    if count < 1:
+        raise UserError(
+            f"no node of this Ray cluster can hold one actor of {cpus:g} CPU and {gpus:g} GPU "
+            f"(the cluster has {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU)"
+        )
+    if count < wanted:
+        progress.log(f"{count} actor(s) instead of {wanted}: the cluster holds no more of {cpus:g} CPU and {gpus:g} GPU each")
     env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -118,9 +212,50 @@ def map_on_actors(
         "PYTHONPATH": str(project_root()),
     }
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env})(cls)
-    handles = [remote.remote(*init_args) for _ in range(min(actors, len(items)))]
+    handles = [remote.remote(*init_args) for _ in range(count)]
+    starting = {handle.__ray_ready__.remote(): handle for handle in handles}
+    pool = ActorPool([])
+    for item in items:  # queued until an actor is free
+        pool.submit(lambda actor, item: getattr(actor, method).remote(item), item)
+
+    def admit(timeout: float) -> None:
+        started, _ = ray.wait(list(starting), num_returns=len(starting), timeout=timeout, fetch_local=False)
+        for ref in started:
+            pool.push(starting.pop(ref))
+
     try:
-        yield from ActorPool(handles).map_unordered(lambda actor, item: getattr(actor, method).remote(item), items)
+        waited = 0.0
+        admit(0)
+        while not pool.has_next():  # no actor has started yet
+            ray.wait(list(starting), num_returns=1, timeout=ACTOR_WAIT_LOG_S, fetch_local=False)
+            admit(0)
+            if not pool.has_next():
+                waited += ACTOR_WAIT_LOG_S
+                free = ray.available_resources()
+                progress.log(
+                    f"waiting {waited / 60:.0f} min for an actor of {cpus:g} CPU and {gpus:g} GPU to start "
+                    f"(free now: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU; loading a model also takes time)"
+                )
+        while pool.has_next():
+            try:
+                yield pool.get_next_unordered(timeout=ACTOR_WAIT_LOG_S)
+            except TimeoutError:  # nothing finished in that time: room for actors that started since
+                pass
+            if starting:
+                admit(0)
+        if starting:
+            progress.log(f"{len(starting)} of {count} actor(s) never started: the cluster had no room for them")
     finally:
         for handle in handles:
             ray.kill(handle)
+
+
+# How long the pool waits on its actors before it looks again (for actors that started, or to say it waits).
+ACTOR_WAIT_LOG_S = 60.0
+
+
+def actors_that_fit(resources: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many actors of `cpus` CPUs and `gpus` GPUs the cluster's total resources hold (an upper bound:
+    nodes split them)."""
+    counts = [resources.get(name, 0) / amount for name, amount in (("CPU", cpus), ("GPU", gpus)) if amount > 0]
+    return int(min(counts, default=float("inf"))) if counts else 1 << 30

@@ -32,11 +32,11 @@ from vaemo.errors import UserError
 # ----------------------------------------------------------------------------------------------
 
 
-def expand_shards(spec: str | list[str], keep_missing: bool = False) -> list[str]:
+def expand_shards(spec: str | list[str]) -> list[str]:
     """Brace notation and globs to a sorted list of shard URLs; local paths must exist and come back
-    absolute (Ray workers and actors read them from other working directories). `keep_missing`: a named
-    shard that is not there stays in the list (reading it counts `unreadable_shard`), for the workers of a
-    run whose preflight saw it: a shard lost mid-run must not stop the run."""
+    absolute (Ray workers and actors read them from other working directories). A training run expands
+    them once, on the driver, and its workers read that list: a shard lost mid-run stays in it (reading it
+    counts `unreadable_shard`) and does not stop the run."""
     from braceexpand import braceexpand
 
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -48,7 +48,7 @@ def expand_shards(spec: str | list[str], keep_missing: bool = False) -> list[str
                 urls.append(url)
             elif any(ch in url for ch in "*?["):
                 urls.extend(sorted(os.path.abspath(u) for u in glob.glob(os.path.expanduser(url))))
-            elif os.path.exists(os.path.expanduser(url)) or keep_missing:
+            elif os.path.exists(os.path.expanduser(url)):
                 urls.append(os.path.abspath(os.path.expanduser(url)))
             else:
                 missing.append(url)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vaemo import progress
 from vaemo.args import output_folder
-from vaemo.cluster import connect_ray, forwarded_env
+from vaemo.cluster import check_nodes_see, connect_ray, forwarded_env
 from vaemo.config import Config, config_to_dict, dump_config, load_config, project_root
 from vaemo.errors import UserError
 
@@ -67,9 +67,10 @@ def run_stage(
     cfg = load_config(config, list(overrides), stage=stage)
     run_dir = Path(out).expanduser().resolve()
     resume = find_checkpoint(resume_from) if resume_from else None
-    preflight(cfg, run_dir, resume, overwrite)
+    shards = preflight(cfg, run_dir, resume, overwrite)
     connect_ray()
     check_cluster(cfg)
+    check_nodes_see(stage_inputs(cfg, shards, resume), ("--out", run_dir), worker_resources(cfg))
     if check_only:
         progress.log(f"stage {stage} ({STAGE_NAMES[stage]}): config, data and cluster checked; ready to train into {run_dir}")
         return StageRun(cfg, run_dir, resume, {})
@@ -82,12 +83,14 @@ def run_stage(
         f"stage {stage} ({STAGE_NAMES[stage]}): {cfg.train.max_steps} steps on {cfg.scaling.num_workers} "
         f"worker(s) -> {run_dir}" + (f", resuming from {resume}" if resume else "")
     )
-    metrics = fit(cfg, run_dir, resume, tune_callbacks)
+    metrics = fit(cfg, run_dir, resume, shards, tune_callbacks)
     return StageRun(cfg, run_dir, resume, metrics)
 
 
-def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) -> None:
-    """Readable errors (exit 2) before any weight is loaded."""
+def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) -> dict[str, list[str]]:
+    """Readable errors (exit 2) before any weight is loaded. Returns the shards, expanded: the workers read
+    these lists, not globs of their own that another node or a later moment could expand otherwise (ranks
+    split the list by position)."""
     from vaemo.data.stream import expand_shards, train_shard_subset
     from vaemo.model.build import check_checkpoint_folders, check_shapes, choose_dtype
     from vaemo.train.ds_config import deepspeed_config
@@ -102,6 +105,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     workers = cfg.scaling.num_workers
     train_urls = expand_shards(cfg.data.train_shards)
     train_shard_subset(train_urls, 0, workers, 0, max(1, cfg.data.loader_workers))
+    val_urls: list[str] = []
     if cfg.train.val_batches > 0:
         val_urls = expand_shards(cfg.data.val_shards)
         if len(val_urls) < workers:
@@ -112,10 +116,10 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     if cfg.stage == 1 and cfg.stage1.teacher.mode == "cache":
         from vaemo.cache_fingerprint import check_cache
 
-        check_cache(cfg, train_urls + (val_urls if cfg.train.val_batches > 0 else []))
+        check_cache(cfg, train_urls + val_urls)
     check_checkpoint_folders(cfg.model, cfg.data.audio_seconds)
     check_shapes(cfg.model, cfg.data)
-    probe_data(cfg, train_urls, val_urls if cfg.train.val_batches > 0 else [])
+    probe_data(cfg, train_urls, val_urls)
     if cfg.model.init_from:
         from vaemo.model.build import check_matches_export
         from vaemo.model.vaemo_llm import ModelSpec
@@ -134,6 +138,19 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
             )
         if int(meta["stage"]) != cfg.stage:
             raise UserError(f"checkpoint '{resume}' is from stage {meta['stage']}, not stage {cfg.stage}")
+    return {"data.train_shards": train_urls, "data.val_shards": val_urls}
+
+
+def stage_inputs(cfg: Config, shards: dict[str, list[str]], resume: Path | None) -> list[tuple[str, str]]:
+    """(field, path) of everything a worker reads from storage: shards, model folders, the teacher cache,
+    the checkpoint resumed from. Hub ids and remote URLs are among them; only paths that exist count."""
+    inputs = [(field, url) for field, urls in shards.items() for url in urls]
+    inputs += [(f"model.{name}", getattr(cfg.model, name) or "") for name in ("vlm", "audio_encoder", "init_from")]
+    if cfg.stage == 1 and cfg.stage1.teacher.mode == "cache":
+        inputs.append(("stage1.teacher.cache_dir", cfg.stage1.teacher.cache_dir))
+    if resume is not None:
+        inputs.append(("--resume-from", str(resume)))
+    return inputs
 
 
 def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
@@ -171,6 +188,10 @@ def check_cluster(cfg: Config) -> None:
         )
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+
+
 def worker_env(cfg: Config) -> dict[str, str]:
     env = {"PYTHONPATH": str(project_root()), "PYTHONUNBUFFERED": "1", **forwarded_env()}
     if not cfg.scaling.use_gpu:
@@ -179,7 +200,9 @@ def worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | None = None) -> dict:
+def fit(
+    cfg: Config, run_dir: Path, resume: Path | None, shards: dict[str, list[str]], tune_callbacks: list | None = None
+) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -194,9 +217,10 @@ def fit(cfg: Config, run_dir: Path, resume: Path | None, tune_callbacks: list | 
         "run_dir": str(run_dir),
         "launch_id": uuid.uuid4().hex,
         "resume_from": str(resume) if resume else None,
+        "shards": shards,
         "queue": queue,
     }
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    resources = worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

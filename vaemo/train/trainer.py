@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from vaemo.config import Config, config_from_dict, render_config
-from vaemo.data.stream import NoUsableData, StreamState, TrainStream, expand_shards, make_loader
+from vaemo.data.stream import NoUsableData, StreamState, TrainStream, make_loader
 from vaemo.errors import UserError
 from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, choose_dtype
@@ -137,11 +137,12 @@ def build_engine(cfg: Config, rank: int, use_gpu: bool) -> StageEngine:
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train's per-worker function. `loop_config`: config, run_dir, launch_id, resume_from, queue.
+    """Ray Train's per-worker function. `loop_config`: config, run_dir, launch_id, resume_from, the shards
+    (the driver's expanded lists, by field), queue.
 
-    A UserError (the user's to fix: the data, a checkpoint) is recorded for the launch: Ray retries a failed
-    worker group (scaling.max_failures), and each retry then fails with it at once instead of loading the
-    model again (minutes at 7B) to meet the same error."""
+        A UserError (the user's to fix: the data, a checkpoint) is recorded for the launch: Ray retries a failed
+        worker group (scaling.max_failures), and each retry then fails with it at once instead of loading the
+        model again (minutes at 7B) to meet the same error."""
     recorded = Path(loop_config["run_dir"]) / "workers" / "user_error.json"
     if recorded.is_file():
         earlier = json.loads(recorded.read_text())
@@ -196,7 +197,7 @@ def train_worker(loop_config: dict) -> None:
     spec = dataclasses.replace(
         objective.decode_spec(), window="middle" if objective.cached else "random", audio_phase=cfg.data.audio_phase
     )
-    urls = expand_shards(cfg.data.train_shards, keep_missing=True)
+    urls = loop_config["shards"]["data.train_shards"]
     stream = TrainStream(
         urls,
         spec,
@@ -261,7 +262,9 @@ def train_worker(loop_config: dict) -> None:
             )
             record["stage"] = cfg.stage
             if validate_now:
-                latest_validation = validate(engine, module, objective, cfg, rank, world_size)
+                latest_validation = validate(
+                    engine, module, objective, cfg, loop_config["shards"]["data.val_shards"], rank, world_size
+                )
                 record.update(latest_validation)
             if writer:
                 writer.write(record)
@@ -379,11 +382,13 @@ def save_checkpoint(
 
 
 @torch.no_grad()
-def validate(engine, module: StageModule, objective: StageObjective, cfg: Config, rank: int, world_size: int) -> dict:
+def validate(
+    engine, module: StageModule, objective: StageObjective, cfg: Config, val_urls: list[str], rank: int, world_size: int
+) -> dict:
     """Validation loss (and, where the objective scores, accuracies) on the same batches every time: a
     fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
     stream = TrainStream(
-        expand_shards(cfg.data.val_shards, keep_missing=True),
+        val_urls,
         objective.decode_spec(),
         cfg.data.batch_size,
         seed=cfg.seed + 1,
