@@ -330,11 +330,11 @@ def preset_steps(args) -> list[dict]:
     import torch
     from memory import AllocationPeak, estimate, plain_training
 
-    from vaemo.model.build import flash_attention_available
+    from vaemo.model.build import choose_attention
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    attn = "flash_attention_2" if cuda and flash_attention_available() else "sdpa"
+    attn = choose_attention("auto", torch.bfloat16)
     dims = SMOKE if args.smoke else SEVEN_B
     shapes = (
         (
@@ -417,11 +417,12 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.smoke:
         print("GPU_STAGE1 skipped: no CUDA device (--smoke runs a shrunken model on the CPU)", flush=True)
         return 1
-    from vaemo.model.build import flash_attention_available
+    from vaemo.model.build import choose_attention
 
+    flash = choose_attention("auto", torch.bfloat16) == "flash_attention_2"
     print("stage-1 step, hand-built (8 clips x 16 frames 224 px unless told otherwise):", flush=True)
     results = run_once("sdpa", args)
-    if flash_attention_available():
+    if flash:
         results += run_once("flash_attention_2", args)
     print("the 7B preset's steps through vaemo's objectives (its shapes), peak memory vs bench/memory.py:", flush=True)
     stages = preset_steps(args)
@@ -438,7 +439,7 @@ def main() -> int:
     print(
         f"GPU_STAGE1 {results[0]['device']}{smoke} | {args.clips} clips x {args.frames} frames {args.size}px | "
         + " | ".join(parts)
-        + ("" if flash_attention_available() else " | flash-attn not installed"),
+        + ("" if flash else " | flash-attn not installed or not for this GPU"),
         flush=True,
     )
     return 0

@@ -499,12 +499,34 @@ def test_building_from_local_checkpoint_folders(tmp_path):
         build_model(load_config(ROOT / "configs/tiny.yaml", [f"model.vlm={tmp_path / 'nope'}"]).model, cfg.data)
 
 
-def test_attention_is_chosen_in_one_place():
-    if not torch.cuda.is_available():
-        assert choose_attention("auto") == "sdpa"
-        with pytest.raises(UserError, match="flash_attention_2"):
-            choose_attention("flash_attention_2")
-    assert choose_attention("eager") == "eager"
+@pytest.mark.parametrize(
+    "requested,dtype,flash,capability,chosen",
+    [
+        ("auto", torch.bfloat16, True, (9, 0), "flash_attention_2"),
+        ("auto", torch.bfloat16, True, (8, 0), "flash_attention_2"),
+        ("auto", torch.bfloat16, False, (9, 0), "sdpa"),
+        ("auto", torch.bfloat16, True, (7, 0), "sdpa"),  # a V100: FlashAttention-2 needs Ampere or newer
+        ("auto", torch.float32, True, (9, 0), "sdpa"),  # flash-attn takes bf16 and fp16 only
+        ("auto", torch.float32, False, None, "sdpa"),
+        ("eager", torch.float32, False, None, "eager"),
+        ("sdpa", torch.bfloat16, True, (9, 0), "sdpa"),
+        ("flash_attention_2", torch.bfloat16, True, (9, 0), "flash_attention_2"),
+        ("flash_attention_2", torch.bfloat16, False, None, "needs a CUDA GPU"),
+        ("flash_attention_2", torch.bfloat16, False, (9, 0), "needs the flash-attn package"),
+        ("flash_attention_2", torch.bfloat16, True, (7, 5), r"compute capability 8\.0 or newer \(this one: 7\.5\)"),
+        ("flash_attention_2", torch.float32, True, (9, 0), "needs bf16 weights"),
+    ],
+)
+def test_attention_is_chosen_in_one_place_for_the_gpu_and_dtype(requested, dtype, flash, capability, chosen):
+    from vaemo.model.build import attention_for
+
+    if chosen in ("flash_attention_2", "sdpa", "eager"):
+        assert attention_for(requested, dtype, flash, capability) == chosen
+    else:
+        with pytest.raises(UserError, match=chosen):
+            attention_for(requested, dtype, flash, capability)
+    if not torch.cuda.is_available() and requested == "auto":  # this machine's facts, as a worker gathers them
+        assert choose_attention(requested, dtype) == "sdpa"
 
 
 @pytest.mark.gpu

@@ -180,14 +180,20 @@ def test_zero3_fetching_whole_blocks_trains_the_same_as_hooks_on_every_module(sm
 
 
 def test_resume_is_exact_and_a_checkpoint_missing_one_optimizer_shard_is_torn(small_world, stage0_export, six_step_run, tmp_path):
-    """ZeRO-3 writes model and optimizer shards per rank; losing either makes the checkpoint unusable, and a
-    resume from the run takes the previous complete one (step 3). The resumed steps 4-6 give the losses and
-    the final weights of the straight six-step run exactly. (`train.stop_after`, the other way a run stops
-    early, is tested with the killed worker below.)"""
+    """ZeRO-3 writes model and optimizer shards per rank; losing either, or a file cut short, makes the
+    checkpoint unusable, and a resume from the run takes the previous complete one (step 3). The resumed
+    steps 4-6 give the losses and the final weights of the straight six-step run exactly.
+    (`train.stop_after`, the other way a run stops early, is tested with the killed worker below.)"""
     out = tmp_path / "run"
     shutil.copytree(six_step_run, out)  # the shared run stays whole for the other tests
     last, previous = out / "checkpoints" / "step-00000006", out / "checkpoints" / "step-00000003"
     assert not missing_parts(last) and json.loads((last / "meta.json").read_text())["zero_stage"] == 3
+    # A copy stopped midway (a preempted node) leaves the name and part of the file.
+    state = last / "trainer_state_rank1.pt"
+    whole = state.read_bytes()
+    state.write_bytes(whole[: len(whole) // 2])
+    assert missing_parts(last) == ["trainer_state_rank1.pt (cut short)"] and find_checkpoint(out) == previous
+    state.write_bytes(whole)
     shards = sorted((last / "ds").glob("*zero_pp_rank_1_*optim_states.pt"))
     assert len(shards) == 1
     shards[0].unlink()
@@ -200,6 +206,32 @@ def test_resume_is_exact_and_a_checkpoint_missing_one_optimizer_shard_is_torn(sm
     assert loss_by_step(resumed) == {step: straight[step] for step in (4, 5, 6)}
     a, b = weights(six_step_run / "export"), weights(resumed / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_launch_keeps_earlier_checkpoints_and_writes_over_no_later_one(
+    small_world, stage0_export, six_step_run, tmp_path
+):
+    """Ray Train restores its record of an earlier launch's checkpoints from the run folder: a step folder
+    deleted by hand made it refuse the folder ("corrupted run directory"), and a rollback in place made it
+    prune the folders the new launch had just written. Each launch now starts Ray's record afresh."""
+    from vaemo.train.checkpoint import read_meta
+
+    out = tmp_path / "run"
+    shutil.copytree(six_step_run, out)
+    checkpoints = out / "checkpoints"
+    rollback = run(six_step_variant(out, small_world, stage0_export) + ["--resume-from", str(checkpoints / "step-00000003")])
+    assert rollback.returncode == 2, rollback.stderr[-2000:]
+    assert "holds checkpoint(s) step-00000006, later than --resume-from" in rollback.stderr.splitlines()[-1]
+    shutil.rmtree(checkpoints / "step-00000003")  # freeing disk by hand
+    torn = checkpoints / "step-00000009"  # a later launch's copy stopped midway
+    shutil.copytree(checkpoints / "step-00000006", torn)
+    state = torn / "trainer_state_rank0.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    resumed = ok(run(six_step_variant(out, small_world, stage0_export, "train.max_steps=9") + ["--resume-from", str(out)]))
+    assert "resuming from " + str(checkpoints / "step-00000006") in resumed.stdout
+    assert "removed incomplete checkpoint folder(s) the new steps reuse: step-00000009" in resumed.stdout
+    assert {p.name for p in checkpoints.glob("step-*")} == {"step-00000006", "step-00000009"}
+    assert not missing_parts(torn) and read_meta(torn)["launch_id"] != read_meta(checkpoints / "step-00000006")["launch_id"]
 
 
 def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):
@@ -418,6 +450,8 @@ def test_zero3_ranks_stay_in_step_when_one_ranks_batch_lacks_audio(stage0_export
     assert all(s.endswith("-0.tar") for s in info[0]["shards_read"])
     assert all(s.endswith("-1.tar") for s in info[1]["shards_read"])
     assert metrics(out)[-1]["step"] == 3
+    # what each worker chose for its device (on these CPU workers: SDPA, the preset's fp32)
+    assert all((i["attention"], i["dtype"]) == ("sdpa", "float32") for i in info.values())
 
 
 def ray_env() -> dict:

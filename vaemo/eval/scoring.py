@@ -101,13 +101,15 @@ def question_prompt(item: BenchItem) -> str:
 
 
 def load_replica(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> VAEmotionLLM:
-    """One export on one device for inference (never under ZeRO-3); dtype auto: bf16 on GPU, fp32 on CPU."""
+    """One export on one device for inference (never under ZeRO-3); dtype auto: bf16 on a GPU that has it,
+    else fp32 (`choose_dtype`)."""
     from vaemo.model import choose_attention, choose_dtype
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = choose_dtype(dtype)
     return (
-        VAEmotionLLM.from_pretrained(model_dir, attn_implementation=choose_attention("auto"), dtype=choose_dtype(dtype))
+        VAEmotionLLM.from_pretrained(model_dir, attn_implementation=choose_attention("auto", chosen), dtype=chosen)
         .to(device)
         .eval()
     )

@@ -22,21 +22,33 @@ from vaemo.model.vaemo_llm import ModelSpec, VAEmotionLLM, check_loading, device
 from vaemo.model.vision import CLIP_MEAN, CLIP_STD, VisualSpec
 
 
-def choose_attention(requested: str = "auto") -> str:
-    """FlashAttention-2 when flash-attn imports on a CUDA device, else PyTorch SDPA: decided here only."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and not flash_attention_available():
-            raise UserError(
-                "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
-                "package (pip install 'vaemo[gpu]'); use auto or sdpa"
-            )
-        return requested
-    return "flash_attention_2" if flash_attention_available() else "sdpa"
+def choose_attention(requested: str, dtype: torch.dtype) -> str:
+    """The attention kernel for this process's device and the model's dtype: decided here only."""
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    return attention_for(requested, dtype, flash_attention_importable(), capability)
 
 
-def flash_attention_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
+def attention_for(requested: str, dtype: torch.dtype, flash_importable: bool, capability: tuple[int, int] | None) -> str:
+    """`auto`: FlashAttention-2 where it runs (flash-attn installed, a CUDA GPU of compute capability 8.0 or
+    newer, weights in bf16 or fp16), else PyTorch SDPA. Asked for by name where it cannot run: one line
+    saying why. `capability`: the GPU's, None without one."""
+    blocker = None
+    if capability is None:
+        blocker = "a CUDA GPU"
+    elif not flash_importable:
+        blocker = "the flash-attn package (pip install 'vaemo[gpu]')"
+    elif capability < (8, 0):
+        blocker = f"a GPU of compute capability 8.0 or newer (this one: {capability[0]}.{capability[1]})"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        blocker = f"bf16 weights (model.dtype gives {str(dtype).removeprefix('torch.')})"
+    if requested == "auto":
+        return "sdpa" if blocker else "flash_attention_2"
+    if requested == "flash_attention_2" and blocker:
+        raise UserError(f"model.attn_implementation=flash_attention_2 needs {blocker}; use auto or sdpa")
+    return requested
+
+
+def flash_attention_importable() -> bool:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
@@ -48,9 +60,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def choose_dtype(requested: str = "auto") -> torch.dtype:
-    """`auto`: bf16 on GPU, fp32 on CPU (CPU bf16 runs, slowly: the tests use it to run GPU precision)."""
+    """`auto`: bf16 on a GPU with bf16 arithmetic (compute capability 8.0 on), else fp32: a V100 or T4
+    would emulate bf16, slowly. CPU bf16 runs, slowly: the tests use it to run GPU precision."""
     if requested == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 else torch.float32
     if requested not in DTYPES:
         raise UserError(f"dtype '{requested}' is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
@@ -315,7 +329,8 @@ def build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int = 0, dev
 
 def _build_model(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, device: torch.device | None) -> VAEmotionLLM:
     check_checkpoint_folders(model_cfg, data_cfg.audio_seconds)
-    attn, dtype = choose_attention(model_cfg.attn_implementation), choose_dtype(model_cfg.dtype)
+    dtype = choose_dtype(model_cfg.dtype)
+    attn = choose_attention(model_cfg.attn_implementation, dtype)
     if model_cfg.init_from:
         path = Path(model_cfg.init_from)
         model = VAEmotionLLM.from_pretrained(path, attn_implementation=attn, dtype=dtype, device=device)

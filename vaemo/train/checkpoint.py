@@ -8,8 +8,8 @@ A checkpoint folder (Ray merges every rank's files into it):
     meta.json                    step, world size, loader workers, stage, ZeRO stage, launch id (rank 0),
     config.yaml                  the resolved config (rank 0).
 Frozen weights are not saved: they come back from the starting model, which is fixed (an export, base
-checkpoints, or the seeded tiny init). A folder missing any rank's files is incomplete and never
-loaded; asked to resume from a run, the newest complete checkpoint is taken.
+checkpoints, or the seeded tiny init). A folder missing any rank's files, or holding one cut short, is
+incomplete and never loaded; asked to resume from a run, the newest complete checkpoint is taken.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +35,16 @@ def step_dir_name(step: int) -> str:
 
 
 def missing_parts(folder: Path) -> list[str]:
-    """What a checkpoint folder lacks; empty when it is complete."""
+    """What a checkpoint folder lacks, or holds cut short; empty when it is complete. Ray copies each rank's
+    files to their final names, so a run stopped mid-copy (a preempted node) leaves every name there and
+    some file short: each torch file is a zip archive, whose directory is its last record."""
     meta_file = folder / "meta.json"
     if not meta_file.is_file():
         return ["meta.json"]
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError:
+        return ["meta.json (cut short)"]
     missing = [name for name in ("config.yaml", "latest") if not (folder / name).is_file()]
     # ZeRO-1/2/3 write an optimizer shard per rank; a checkpoint from before meta.json recorded the stage
     # is sharded when any rank's optimizer file is there.
@@ -53,7 +60,16 @@ def missing_parts(folder: Path) -> list[str]:
             missing.append(f"{TAG}/ shard of rank {rank}")
         if sharded_optimizer and not list((folder / TAG).glob(f"*zero_pp_rank_{rank}_*optim_states.pt")):
             missing.append(f"{TAG}/ optimizer shard of rank {rank}")
+    missing += [f"{f.relative_to(folder)} (cut short)" for f in sorted(folder.glob("**/*.pt")) if cut_short(f)]
     return missing
+
+
+def cut_short(file: Path) -> bool:
+    """A torch file (a zip archive: its first bytes say so) whose end lacks the archive's directory. Files
+    in another format (a checkpoint engine of DeepSpeed's that writes its own) are not judged."""
+    with open(file, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    return is_zip and not zipfile.is_zipfile(file)
 
 
 def find_checkpoint(path: str | Path, flag: str = "--resume-from") -> Path:
@@ -79,6 +95,50 @@ def find_checkpoint(path: str | Path, flag: str = "--resume-from") -> Path:
 
 def read_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text())
+
+
+def step_folders(run_dir: Path) -> dict[int, Path]:
+    """RUN/checkpoints/step-N folders by step (from the name: meta.json may be missing)."""
+    folders = {}
+    for folder in (run_dir / "checkpoints").glob(f"{STEP_PREFIX}*"):
+        step = folder.name.removeprefix(STEP_PREFIX)
+        if folder.is_dir() and step.isdigit():
+            folders[int(step)] = folder
+    return folders
+
+
+def check_nothing_written_over(run_dir: Path, resume: Path) -> None:
+    """A launch writes its checkpoints as RUN/checkpoints/step-N: a complete checkpoint of a later step
+    already there (resuming from an earlier step after a divergence) would be written over, its files mixed
+    with the new launch's. Refused, with the way out."""
+    start = int(read_meta(resume)["step"])
+    later = [folder.name for step, folder in sorted(step_folders(run_dir).items()) if step > start and not missing_parts(folder)]
+    if later:
+        raise UserError(
+            f"--out '{run_dir}' holds checkpoint(s) {', '.join(later[:3])}, later than --resume-from '{resume}' "
+            f"(step {start}): its new checkpoints would be written over them; resume into another --out (or "
+            "delete those)"
+        )
+
+
+def prepare_launch(run_dir: Path, resume: Path | None) -> list[str]:
+    """Before a launch into a run folder that holds an earlier launch's checkpoints: forget Ray's record of
+    them, and remove the incomplete step folders the new steps would be written into. Returns what was
+    removed.
+
+    Ray Train restores its list of an earlier launch's checkpoints from the run folder and prunes them as if
+    they were this launch's (`train.keep_checkpoints`); a step folder deleted by hand then makes Ray refuse
+    the folder ("corrupted run directory"). vaemo resumes from what it names (`--resume-from`), so each
+    launch starts Ray's list afresh: Ray prunes only the launch's own checkpoints, and the earlier launch's
+    stay where they are."""
+    (run_dir / "checkpoints" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+    start = int(read_meta(resume)["step"]) if resume is not None else 0
+    removed = []
+    for step, folder in sorted(step_folders(run_dir).items()):
+        if step > start and missing_parts(folder):
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
 
 
 def rng_state() -> dict:

@@ -62,7 +62,7 @@ def run_stage(
     """Resolve the config (a preset plus dotted overrides), check everything that can be checked before
     loading weights, train into `out`; `resume_from`: a checkpoint folder or a run folder (its newest).
     `check_only` stops after the checks (a week-long cluster job should not find a typo at its first step)."""
-    from vaemo.train.checkpoint import find_checkpoint
+    from vaemo.train.checkpoint import find_checkpoint, prepare_launch
 
     cfg = load_config(config, list(overrides), stage=stage)
     run_dir = Path(out).expanduser().resolve()
@@ -78,6 +78,9 @@ def run_stage(
         for name in RUN_OUTPUTS:
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    removed = prepare_launch(run_dir, resume)
+    if removed:
+        progress.log(f"removed incomplete checkpoint folder(s) the new steps reuse: {', '.join(removed)}")
     dump_config(cfg, run_dir / "config.yaml")
     progress.log(
         f"stage {stage} ({STAGE_NAMES[stage]}): {cfg.train.max_steps} steps on {cfg.scaling.num_workers} "
@@ -128,7 +131,9 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
         check_matches_export(ModelSpec.read(export), cfg.model, cfg.data, export)
     deepspeed_config(cfg, choose_dtype(cfg.model.dtype))
     if resume is not None:
-        from vaemo.train.checkpoint import read_meta
+        from vaemo.train.checkpoint import check_nothing_written_over, read_meta
+
+        check_nothing_written_over(run_dir, resume)
 
         meta = read_meta(resume)
         if int(meta["world_size"]) != workers:

@@ -275,7 +275,14 @@ def train_worker(loop_config: dict) -> None:
         elif validate_now:
             ray.train.report(last_metrics)
 
-    placement = {"zero3_leaf_modules": built.leaves.marked, "zero3_trainable_blocks_hooked": built.leaves.trainable}
+    llm = built.model.vlm.model.language_model.config
+    placement = {
+        "zero3_leaf_modules": built.leaves.marked,
+        "zero3_trainable_blocks_hooked": built.leaves.trainable,
+        # chosen by each worker for its own GPU: a cluster of mixed nodes shows here
+        "attention": llm._attn_implementation,
+        "dtype": str(choose_dtype(cfg.model.dtype)).removeprefix("torch."),
+    }
     record_worker(run_dir, rank, shards_read, {**weight_placement(engine, built.replicated), **placement})
 
     # -- export --------------------------------------------------------------------------------
