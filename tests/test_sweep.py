@@ -101,6 +101,10 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
     assert live_placement_groups() == []  # the sweep left the head's CPUs to the runs after it
     best = load_config(out / "best.yaml", stage=2)
     assert best.stage == 2 and best.model.init_from == str(view / "runs/demo/stage1/export")
+    # the config the trial trained with, the sweep file's trial settings named against the preset's
+    assert (best.scaling.num_workers, best.train.val_every) == (1, 25)
+    header = [line for line in (out / "best.yaml").read_text().splitlines() if line.startswith("#   ")]
+    assert "#   scaling.num_workers: 1 (2)" in header and "#   train.val_every: 25 (" in "\n".join(header)
     assert best.data.train_shards == str(view / "runs/data/train/*.tar")
     top = max(rows, key=lambda r: float(r["val_objective"]))
     assert best.train.lr == pytest.approx(float(top["train.lr"]))
@@ -117,6 +121,15 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
             ]
         )
     )
+    again = subprocess.run(
+        [sys.executable, "jobs/sweep.py", "--config", "configs/tiny.yaml", "--space", "sweeps/emoadapter.yaml"]
+        + ["--out", "runs/sweep", "--trials", "2", "model.init_from=runs/demo/stage1/export", *quick],
+        cwd=view,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 2 and "already holds a sweep" in again.stderr.splitlines()[-1] and "--overwrite" in again.stderr
 
 
 def test_a_sweep_with_data_it_cannot_read_stops_before_any_trial(small_world, stage0_export, tmp_path):
@@ -161,11 +174,69 @@ def test_a_failed_trials_error_is_the_line_it_raised():
     assert raised_message(Exception("")) == "Exception"
 
 
-def test_a_bad_sweep_file_names_the_problem(tmp_path):
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("space:\n  train.lrr: {loguniform: [1.0e-4, 1.0e-3]}", "train.lrr"),
+        ("space:\n  train.lr: {normal: [0, 1]}", "space.train.lr"),
+        ("space:\n  train.lr: {uniform: 0.001}", r"space.train.lr': uniform takes \[low, high\]"),
+        ("space:\n  train.lr: {uniform: [x]}", r"uniform takes \[low, high\]"),
+        ("space:\n  train.lr: {uniform: [0.1, x]}", "uniform takes two floats"),
+        ("space:\n  train.lr: {loguniform: [0.0, 1.0e-3]}", "loguniform needs low > 0"),
+        ("space:\n  train.lr: {uniform: [1.0e-3, 1.0e-4]}", "needs low < high"),
+        ("space:\n  model.lora.rank: {randint: [8, 2]}", "needs low < high"),
+        ("space:\n  model.lora.rank: {randint: [0.5, 4]}", "randint takes two ints"),
+        ("space:\n  model.enhancer.width: {choice: []}", "choice takes a non-empty list"),
+        ("space:\n  model.enhancer.width: {choice: 4}", "choice takes a non-empty list"),
+        ("space:\n  stage2.lambda_sup: {uniform: [0.25, -5.0]}", "needs low < high"),
+        ("space:\n  stage2.lambda_sup: {uniform: [-1.0, 1.0]}", "lambda_sup"),  # the config refuses a negative weight
+        ("space:\n  model.enhancer.width: {uniform: [128, 512]}", "model.enhancer.width"),  # draws floats for an int
+        ("metric: objective\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "must be a validation metric"),
+        ("metric: val_loss\nmode: min\nspace:\n  stage2.lambda_kd: {uniform: [0.0, 1.0]}", "smallest weights would win"),
+        ("scheduler: {grace_period: 0}\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "scheduler.grace_period' must be >= 1"),
+        ("scheduler: {reduction_factor: 1}\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "reduction_factor' must be >= 2"),
+        ("trial_cpus: -1\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "trial_cpus' must be > 0"),
+    ],
+)
+def test_a_bad_sweep_file_names_the_problem_before_ray_starts(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("space:\n  train.lrr: {loguniform: [1.0e-4, 1.0e-3]}\n")
-    with pytest.raises(UserError, match="train.lrr"):
+    bad.write_text(text + "\n")
+    with pytest.raises(UserError, match=message):
         load_sweep(bad, ROOT / "configs/tiny.yaml")
-    bad.write_text("space:\n  train.lr: {normal: [0, 1]}\n")
-    with pytest.raises(UserError, match="space.train.lr"):
-        load_sweep(bad, ROOT / "configs/tiny.yaml")
+
+
+def test_searched_values_reach_the_config_as_they_were_drawn():
+    """Values go to the trials as key=value text: "no" stayed a string only by luck of quoting, null became
+    the path "None", and 1e-05 (no decimal point) is a string in YAML 1.1."""
+    from vaemo.config import _parse_override
+    from vaemo.tune import override
+
+    for value in (1e-05, 2.5e-4, 0.003, "no", "a: b", None, 4, True):
+        assert _parse_override(override("k", value)) == ("k", value)
+
+
+def test_asha_counts_the_reports_a_trial_makes_in_the_resolved_config():
+    """A command-line train.val_every that reports more often than the sweep file's validate_every made
+    ASHA stop every trial halfway (its time axis counted the sweep file's reports)."""
+    from vaemo.tune import reports_per_trial
+
+    def reports(*overrides):
+        return reports_per_trial(load_config(ROOT / "configs/tiny.yaml", ["train.val_batches=1", *overrides], stage=2))
+
+    assert reports("train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2") == 2
+    assert reports("train.max_steps=4", "train.val_every=1", "train.checkpoint_every=2") == 4
+    assert reports("train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5") == 5  # 3 5 6 9 10
+
+
+def test_the_trials_table_has_every_rows_columns(tmp_path):
+    """A failed trial has no accuracies; the columns came from the first row, and a failed first row lost
+    every trial's results (csv refused the later rows)."""
+    from vaemo.tune import write_trials
+
+    rows = [
+        {"trial": "a", "train.lr": None, "val_objective": None, "steps": None, "error": "stage 2: boom"},
+        {"trial": "b", "train.lr": 0.001, "val_objective": 0.5, "val_emotion_acc": 0.6, "steps": 4, "error": ""},
+    ]
+    write_trials(tmp_path / "trials.csv", rows)
+    read = list(csv.DictReader(open(tmp_path / "trials.csv")))
+    assert [r["trial"] for r in read] == ["a", "b"] and read[1]["val_emotion_acc"] == "0.6" and read[0]["val_emotion_acc"] == ""

@@ -265,6 +265,33 @@ def test_nccl_and_cuda_settings_reach_the_workers_but_not_cuda_visible_devices(m
     assert env["VAEMO_TEST_FLAG"] == "1" and "CUDA_VISIBLE_DEVICES" not in env
 
 
+def test_a_local_rays_folder_is_removed_once_it_has_stopped_but_the_newest_few(tmp_path):
+    """Every command that starts a local Ray leaves its logs in a private temp folder: a few MB each, and
+    hundreds after a few weeks. A folder whose Ray still answers, or that a Ray is starting in, stays."""
+    import socket
+
+    from vaemo.cluster import remove_stopped_local_rays
+
+    def folder(name: str, address: str | None, age_s: float) -> Path:
+        path = tmp_path / f"vaemo-ray-{name}"
+        (path / "ray").mkdir(parents=True)
+        if address is not None:
+            (path / "ray" / "ray_current_cluster").write_text(address)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        running = folder("running", f"127.0.0.1:{listening.getsockname()[1]}", age_s=10_000)
+        stopped = [folder(f"stopped{i}", f"127.0.0.1:{free_port()}", age_s=1000 * (i + 1)) for i in range(5)]
+        starting = folder("starting", None, age_s=5)
+        failed = folder("failed", None, age_s=20_000)
+        removed = remove_stopped_local_rays(tmp_path, keep=3)
+    assert sorted(removed) == sorted([stopped[3], stopped[4], failed])  # the oldest stopped ones
+    assert all(p.exists() for p in (running, starting, *stopped[:3])) and not any(p.exists() for p in removed)
+
+
 def test_a_ray_address_that_cannot_be_joined_is_one_line(monkeypatch):
     from vaemo.cluster import connect_ray
     from vaemo.errors import UserError

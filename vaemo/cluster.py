@@ -4,6 +4,7 @@ actors must see, and pools of actors that each hold one model replica (evaluatio
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,7 +63,8 @@ def start_local_ray() -> None:
     import ray
     from ray._private.utils import write_ray_address
 
-    private = tempfile.mkdtemp(prefix="vaemo-ray-")
+    remove_stopped_local_rays(Path(tempfile.gettempdir()))
+    private = tempfile.mkdtemp(prefix=LOCAL_RAY_PREFIX)
     previous = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = private  # read when Ray spawns its processes, inside ray.init
     try:
@@ -153,6 +155,36 @@ def check_nodes_see(inputs: list[tuple[str, str]], output: tuple[str, Path], per
 
 # Starting a Python worker on a node takes seconds; a minute more means the node cannot start one.
 NODE_CHECK_TIMEOUT_S = 120.0
+
+
+LOCAL_RAY_PREFIX = "vaemo-ray-"
+
+
+def remove_stopped_local_rays(temp: Path, keep: int = 3) -> list[Path]:
+    """Remove the private folders (logs, a few MB each) of earlier commands' local Rays that have stopped,
+    but the `keep` newest: their logs are what a user reads after a failure. A Ray still answering at the
+    address its folder records (a command still running) keeps its folder. Returns what was removed."""
+    import socket
+    import time
+
+    stopped = []
+    for folder in temp.glob(f"{LOCAL_RAY_PREFIX}*"):
+        address = folder / "ray" / "ray_current_cluster"
+        try:
+            modified = folder.stat().st_mtime
+            host, _, port = address.read_text().strip().rpartition(":")
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            continue  # running
+        except FileNotFoundError:
+            if not folder.exists() or time.time() - modified < 600:  # gone, or a Ray still starting there
+                continue
+        except (OSError, ValueError):
+            pass
+        stopped.append((modified, folder))
+    removed = [folder for _, folder in sorted(stopped, reverse=True)[keep:]]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def remove_placement_groups_of_this_job() -> list[str]:

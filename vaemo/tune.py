@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
+import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
 from vaemo import progress
-from vaemo.config import ConfigError, build_dataclass, check_tree, dump_config, load_config, render_config
+from vaemo.config import ConfigError, build_dataclass, check_tree, config_to_dict, dump_config, load_config, render_config
 from vaemo.errors import UserError, read_user_text
 
 SAMPLERS = ("loguniform", "uniform", "choice", "randint")
+SWEEP_OUTPUTS = ("tune", "trials", "trials.csv", "best.yaml", "trial_base.yaml")
 
 
 @dataclass
@@ -58,24 +60,74 @@ class SweepSpec:
     """Config field -> {loguniform|uniform: [low, high]} | {choice: [...]} | {randint: [low, high]}."""
     trial_overrides: list[str] = field(default_factory=list)
     """key=value overrides applied to every trial (e.g. a smaller scaling for sweeps)."""
+    seed: Optional[int] = None
+    """Seed of the search (which values the trials draw); None: the config's seed. The same sweep command
+    then draws the same trials."""
 
     def check(self, path: str) -> None:
         if self.mode not in ("max", "min"):
             raise ConfigError(f"sweep field 'mode' must be max or min, got {self.mode!r}")
+        if not self.metric.startswith("val_"):
+            raise ConfigError(f"sweep field 'metric' must be a validation metric (val_...), got {self.metric!r}")
         if self.scheduler.type not in ("asha", "fifo"):
             raise ConfigError(f"sweep field 'scheduler.type' must be asha or fifo, got {self.scheduler.type!r}")
-        for name in ("trials", "max_concurrent", "validate_every"):
-            if getattr(self, name) < 1:
+        for name in ("trials", "max_concurrent", "validate_every", "scheduler.grace_period"):
+            if _field(self, name) < 1:
                 raise ConfigError(f"sweep field '{name}' must be >= 1")
+        if self.scheduler.reduction_factor < 2:
+            raise ConfigError("sweep field 'scheduler.reduction_factor' must be >= 2")
+        if self.trial_cpus <= 0:
+            raise ConfigError("sweep field 'trial_cpus' must be > 0")
         if not self.space:
             raise ConfigError("sweep field 'space' must name at least one config field")
+        weights = [key for key in self.space if key.startswith("stage2.lambda_")]
+        if self.metric == "val_loss" and weights:
+            raise ConfigError(
+                f"sweep field 'metric': val_loss weighs its terms by {', '.join(weights)}, which the sweep searches: "
+                "the smallest weights would win; rank by val_objective or a val_*_acc"
+            )
         for key, sampler in self.space.items():
             if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
                 raise ConfigError(f"sweep field 'space.{key}' must be one of {', '.join(SAMPLERS)}: <values>")
+            check_sampler(f"space.{key}", *next(iter(sampler.items())))
 
 
-def load_sweep(path: str | Path, config_path: str | Path) -> SweepSpec:
+def _field(spec: SweepSpec, dotted: str) -> Any:
+    value: Any = spec
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_sampler(field_name: str, name: str, values: Any) -> None:
+    """The values as Tune will read them: a non-empty list for choice, two numbers low < high for the ranges
+    (low > 0 for loguniform; randint's high is never drawn, as in Python's range)."""
+    where = f"sweep field '{field_name}'"
+    if name == "choice":
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: choice takes a non-empty list of values, got {values!r}")
+        return
+    cast = int if name == "randint" else float
+    if not isinstance(values, list) or len(values) != 2:
+        raise ConfigError(f"{where}: {name} takes [low, high], got {values!r}")
+    try:
+        low, high = (cast(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} takes two {cast.__name__}s, got {values!r}") from None
+    if isinstance(values[0], bool) or isinstance(values[1], bool) or cast(values[0]) != values[0] or cast(values[1]) != values[1]:
+        raise ConfigError(f"{where}: {name} takes two {cast.__name__}s, got {values!r}")
+    if not low < high:
+        raise ConfigError(f"{where}: {name} needs low < high, got {values!r}")
+    if name == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0, got {values!r}")
+
+
+def load_sweep(path: str | Path, config_path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """The sweep file, checked: its fields, each sampler's values, and every searched field with its
+    values (choice: each; ranges: both ends) in the config with the command's overrides."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--space '{path}' is a folder; give a sweep file (sweeps/*.yaml)")
     if not p.is_file():
         raise UserError(f"--space '{path}' does not exist")
     try:
@@ -86,9 +138,39 @@ def load_sweep(path: str | Path, config_path: str | Path) -> SweepSpec:
     check_tree(spec)
     for key, sampler in spec.space.items():  # every searched field must exist and accept the values
         name, values = next(iter(sampler.items()))
-        for value in values if name == "choice" else values[:1]:
-            load_config(config_path, [*spec.trial_overrides, f"{key}={value}"], stage=2)
+        # as Tune will draw them: a uniform range draws fractions (an integer field refuses 300.5, not 128.0)
+        if name == "choice":
+            drawn = values
+        elif name == "randint":
+            drawn = [int(values[0]), int(values[1]) - 1]
+        else:
+            low, high = float(values[0]), float(values[1])
+            drawn = [low, high, low + (high - low) * 0.37]
+        for value in drawn:
+            load_config(config_path, [*spec.trial_overrides, *(overrides or []), override(key, value)], stage=2)
     return spec
+
+
+def override(key: str, value: Any) -> str:
+    """key=value as the config reads it back (YAML 1.1): a string stays a string ("no" is not False, "a: b"
+    not a mapping), None stays None, and a float stays a float (1e-05 alone would read as a string)."""
+    if value is None or isinstance(value, str):
+        text = json.dumps(value)
+    elif isinstance(value, float) and "e" in repr(value) and "." not in repr(value):
+        text = repr(value).replace("e", ".0e")
+    else:
+        text = str(value)
+    return f"{key}={text}"
+
+
+def reports_per_trial(cfg) -> int:
+    """How many reports a trial's Train run makes (ASHA's time axis): one per checkpoint, per validation and
+    at the last step, from the resolved config (a command-line train.val_every counts)."""
+    t = cfg.train
+    return sum(
+        step % t.checkpoint_every == 0 or step == t.max_steps or (t.val_batches > 0 and t.val_every and step % t.val_every == 0)
+        for step in range(1, t.max_steps + 1)
+    )
 
 
 def tune_space(space: dict) -> dict[str, Any]:
@@ -118,24 +200,35 @@ def run_trial(params: dict, config_path: str, overrides: list[str], out_root: st
         2,
         config_path,
         Path(out_root) / "trials" / trial_id,
-        [*overrides, *(f"{k}={v}" for k, v in params.items())],
+        [*overrides, *(override(k, v) for k, v in params.items())],
         overwrite=True,
         tune_callbacks=[TuneReportCallback()],
     )
 
 
 def sweep(
-    config_path: str, space_path: str, out: str | Path, trials: int | None = None, overrides: list[str] | None = None
+    config_path: str,
+    space_path: str,
+    out: str | Path,
+    trials: int | None = None,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Run the sweep; returns {"best": params, "metric": value, "trials": rows}."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     from vaemo.cluster import connect_ray, remove_placement_groups_of_this_job
     from vaemo.train.launch import preflight
 
     out = Path(out).expanduser().resolve()
-    spec = load_sweep(space_path, config_path)
+    spec = load_sweep(space_path, config_path, overrides)
+    earlier = [name for name in SWEEP_OUTPUTS if (out / name).exists()]
+    if earlier and not overwrite:
+        raise UserError(
+            f"--out '{out}' already holds a sweep ({', '.join(earlier)}); pass --overwrite to replace it, or choose another --out"
+        )
     per_trial = [
         *spec.trial_overrides,
         f"train.val_every={spec.validate_every}",
@@ -149,16 +242,19 @@ def sweep(
     # The stage's own checks (data, starting model, DeepSpeed config) before any trial starts: otherwise each
     # trial fails alike, and the sweep says so only after the last one.
     preflight(base, out, resume=None, overwrite=True)  # which also makes --out and checks it is writable
+    for name in earlier:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
     # Trials run in Tune's own working directories: they start from this resolved config (paths absolute)
     # and add only their sampled parameters.
     trial_config = out / "trial_base.yaml"
     dump_config(base, trial_config)
     connect_ray()
-    reports = math.ceil(base.train.max_steps / spec.validate_every)
+    seed = base.seed if spec.seed is None else spec.seed
     scheduler = (
         ASHAScheduler(
             time_attr="training_iteration",
-            max_t=reports,
+            max_t=reports_per_trial(base),
             grace_period=spec.scheduler.grace_period,
             reduction_factor=spec.scheduler.reduction_factor,
         )
@@ -175,6 +271,7 @@ def sweep(
             num_samples=trials or spec.trials,
             max_concurrent_trials=spec.max_concurrent,
             scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=seed),
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
     )
@@ -184,7 +281,7 @@ def sweep(
         remove_placement_groups_of_this_job()
     rows = []
     for result in grid:
-        params = {k: result.config.get(k) for k in spec.space}
+        params = {k: (result.config or {}).get(k) for k in spec.space}  # a trial whose process died has none
         metrics = result.metrics or {}
         per_task = {k: v for k, v in sorted(metrics.items()) if re.fullmatch(r"val_[a-z]+_acc", k)}  # what the objective averages
         rows.append(
@@ -197,10 +294,7 @@ def sweep(
                 "error": raised_message(result.error) if result.error else "",
             }
         )
-    with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_trials(out / "trials.csv", rows)
     for row in rows:
         if row["error"]:
             progress.log(f"trial {row['trial']} failed: {row['error']}")
@@ -214,13 +308,43 @@ def sweep(
         )
     best = (max if spec.mode == "max" else min)(ranked, key=lambda r: r[spec.metric])
     best_params = {k: best[k] for k in spec.space}
-    best_cfg = load_config(config_path, [*(overrides or []), *(f"{k}={v}" for k, v in best_params.items())], stage=2)
-    header = (
-        f"# Best of {len(rows)} trials by {spec.metric} ({spec.mode}): {best[spec.metric]:.4f}, trial "
-        f"{best['trial']}\n# Train stage 2 with it: python jobs/stage2.py --config {out / 'best.yaml'} --out RUN\n"
-    )
-    (out / "best.yaml").write_text(header + render_config(best_cfg))
+    # The trial's own config: the one that scored best[metric]. What the sweep set for its trials (a smaller
+    # scaling, the validation cadence) is listed, against the preset with the command's overrides.
+    best_cfg = load_config(trial_config, [override(k, v) for k, v in best_params.items()], stage=2)
+    plain = load_config(config_path, [*(overrides or []), *(override(k, v) for k, v in best_params.items())], stage=2)
+    changed = differing_fields(config_to_dict(plain), config_to_dict(best_cfg))
+    header = [
+        f"# Best of {len(rows)} trials by {spec.metric} ({spec.mode}): {best[spec.metric]:.4f}, trial {best['trial']}"
+        f" (search seed {seed}).",
+        "# This is the config that trial trained with. Train stage 2 with it:",
+        f"#   python jobs/stage2.py --config {out / 'best.yaml'} --out RUN",
+    ]
+    if changed:
+        header.append("# The sweep set these for its trials (the preset with your overrides has the value in brackets):")
+        header += [f"#   {key}: {mine} ({theirs})" for key, (mine, theirs) in changed.items()]
+        header.append("# data.batch_size is per worker: with another scaling.num_workers, the learning rate meets another batch.")
+    (out / "best.yaml").write_text("\n".join(header) + "\n" + render_config(best_cfg))
     return {"best": best_params, "metric": best[spec.metric], "trials": rows}
+
+
+def write_trials(path: Path, rows: list[dict]) -> None:
+    """One row per trial; the columns are every row's (a failed trial has no accuracies)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def differing_fields(preset: dict, trial: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (trial's value, preset's value)} where they differ."""
+    out = {}
+    for key, value in trial.items():
+        other = preset.get(key)
+        if isinstance(value, dict) and isinstance(other, dict):
+            out.update(differing_fields(other, value, f"{prefix}{key}."))
+        elif value != other:
+            out[f"{prefix}{key}"] = (value, other)
+    return out
 
 
 def raised_message(err: BaseException) -> str:
@@ -240,13 +364,14 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="a sweep file (sweeps/*.yaml)")
     p.add_argument("--out", required=True, help="output folder: trials.csv, best.yaml, tune/, trials/")
     p.add_argument("--trials", type=int, default=None, help="trials to sample (default: the sweep file's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier sweep's outputs in --out")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every trial (e.g. model.init_from=...)")
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     if args.trials is not None and args.trials < 1:
         raise UserError("--trials must be >= 1")
-    result = sweep(args.config, args.space, args.out, args.trials, args.overrides)
+    result = sweep(args.config, args.space, args.out, args.trials, args.overrides, args.overwrite)
     progress.log(
         f"best {result['metric']:.4f} with {result['best']}; wrote {Path(args.out) / 'trials.csv'} and "
         f"{Path(args.out) / 'best.yaml'}"
