@@ -110,17 +110,18 @@ def test_an_actor_pool_uses_the_actors_that_start_and_asks_for_none_the_cluster_
             return 2 * value
 
     connect_ray()
-    half = ray.cluster_resources()["CPU"] / 2  # two such actors fit the cluster, whatever its size
-    items, doubled = list(range(8)), [2 * i for i in range(8)]
-    assert sorted(map_on_actors(Doubler, (), "double", items, actors=5, cpus=half, gpus=0)) == doubled
-    assert "2 actor(s) instead of 5" in capsys.readouterr().out
-    holder = ray.remote(num_cpus=half)(Doubler).remote()  # another job's actor holds half of the CPUs
-    ray.get(holder.__ray_ready__.remote())
     try:
+        half = ray.cluster_resources()["CPU"] / 2  # two such actors fit the cluster, whatever its size
+        items, doubled = list(range(8)), [2 * i for i in range(8)]
+        assert sorted(map_on_actors(Doubler, (), "double", items, actors=5, cpus=half, gpus=0)) == doubled
+        assert "2 actor(s) instead of 5" in capsys.readouterr().out
+        assert list(map_on_actors(Doubler, (), "double", [], actors=2, cpus=half, gpus=0)) == []
+        holder = ray.remote(num_cpus=half)(Doubler).remote()  # another job's actor holds half of the CPUs
+        ray.get(holder.__ray_ready__.remote())
         assert sorted(map_on_actors(Doubler, (), "double", items, actors=2, cpus=half, gpus=0)) == doubled
         assert "1 of 2 actor(s) never started" in capsys.readouterr().out
     finally:
-        ray.kill(holder)
+        ray.shutdown()  # this test session's own Ray connection (its actors with it): a test that stops the head must not kill it
 
 
 @pytest.mark.slow

@@ -181,8 +181,9 @@ def test_a_failed_trials_error_is_the_line_it_raised():
         ("space:\n  train.lr: {normal: [0, 1]}", "space.train.lr"),
         ("space:\n  train.lr: {uniform: 0.001}", r"space.train.lr': uniform takes \[low, high\]"),
         ("space:\n  train.lr: {uniform: [x]}", r"uniform takes \[low, high\]"),
-        ("space:\n  train.lr: {uniform: [0.1, x]}", "uniform takes two floats"),
+        ("space:\n  train.lr: {uniform: [0.1, x]}", "uniform takes two numbers"),
         ("space:\n  train.lr: {loguniform: [0.0, 1.0e-3]}", "loguniform needs low > 0"),
+        ("space:\n  train.lr: {loguniform: [1e-3, 1e-4]}", "needs low < high"),  # YAML's strings, read as numbers
         ("space:\n  train.lr: {uniform: [1.0e-3, 1.0e-4]}", "needs low < high"),
         ("space:\n  model.lora.rank: {randint: [8, 2]}", "needs low < high"),
         ("space:\n  model.lora.rank: {randint: [0.5, 4]}", "randint takes two ints"),
@@ -226,6 +227,22 @@ def test_asha_counts_the_reports_a_trial_makes_in_the_resolved_config():
     assert reports("train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2") == 2
     assert reports("train.max_steps=4", "train.val_every=1", "train.checkpoint_every=2") == 4
     assert reports("train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5") == 5  # 3 5 6 9 10
+    assert reports("train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5", "train.stop_after=7") == 4  # 3 5 6 7
+
+
+def test_a_sweep_file_with_yamls_string_numbers_loads():
+    """PyYAML reads 1e-4 (no decimal point) as a string; such sweep files worked, and must still."""
+    spec = load_sweep_text("space:\n  train.lr: {loguniform: [1e-4, 1e-3]}\n  model.lora.rank: {randint: [0, 5]}\n")
+    assert spec.space["train.lr"] == {"loguniform": ["1e-4", "1e-3"]}
+
+
+def load_sweep_text(text: str):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_sweep(f.name, ROOT / "configs/tiny.yaml")
 
 
 def test_the_trials_table_has_every_rows_columns(tmp_path):

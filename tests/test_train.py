@@ -45,6 +45,7 @@ def test_stages_chain_and_write_every_promised_output(small_world, stage0_export
     for name in ("metrics.jsonl", "config.yaml", "curves.png", "export/vaemo_config.json"):
         assert (run0 / name).exists(), name
     assert list((run0 / "tb").glob("events.out.tfevents.*"))
+    assert [p.name for p in run0.glob("export*")] == ["export"]  # written beside, then renamed into place
     assert {p.name for p in (run0 / "checkpoints").glob("step-*")} == {"step-00000002", "step-00000004"}
     records = metrics(run0)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -193,7 +194,13 @@ def test_resume_is_exact_and_a_checkpoint_missing_one_optimizer_shard_is_torn(sm
     whole = state.read_bytes()
     state.write_bytes(whole[: len(whole) // 2])
     assert missing_parts(last) == ["trainer_state_rank1.pt (cut short)"] and find_checkpoint(out) == previous
+    state.write_bytes(b"")  # stopped before its first bytes
+    assert missing_parts(last) == ["trainer_state_rank1.pt (cut short)"]
     state.write_bytes(whole)
+    meta = (last / "meta.json").read_text()
+    (last / "meta.json").write_text(meta[:10])
+    assert missing_parts(last) == ["meta.json (cut short)"] and find_checkpoint(out) == previous
+    (last / "meta.json").write_text(meta)
     shards = sorted((last / "ds").glob("*zero_pp_rank_1_*optim_states.pt"))
     assert len(shards) == 1
     shards[0].unlink()
@@ -232,6 +239,33 @@ def test_a_resumed_launch_keeps_earlier_checkpoints_and_writes_over_no_later_one
     assert "removed incomplete checkpoint folder(s) the new steps reuse: step-00000009" in resumed.stdout
     assert {p.name for p in checkpoints.glob("step-*")} == {"step-00000006", "step-00000009"}
     assert not missing_parts(torn) and read_meta(torn)["launch_id"] != read_meta(checkpoints / "step-00000006")["launch_id"]
+
+
+def test_an_export_stopped_midway_leaves_the_folder_as_it_was(tmp_path):
+    """The export (gigabytes at 7B) was written in place: a run stopped while writing it left a folder with
+    vaemo_config.json that loads, half of its weights missing."""
+    from vaemo.train.trainer import write_into_place
+
+    def write(files: dict[str, str], fail: bool = False):
+        def into(folder: Path) -> None:
+            folder.mkdir()
+            for name, text in files.items():
+                (folder / name).write_text(text)
+                if fail:
+                    raise KeyboardInterrupt  # stopped after its first file
+
+        return into
+
+    out = tmp_path / "export"
+    with pytest.raises(KeyboardInterrupt):
+        write_into_place(out, write({"vaemo_config.json": "{}", "weights": "w"}, fail=True))
+    assert not out.exists()
+    write_into_place(out, write({"vaemo_config.json": "{}", "weights": "old"}))
+    with pytest.raises(KeyboardInterrupt):
+        write_into_place(out, write({"vaemo_config.json": "{}", "weights": "new"}, fail=True))
+    assert (out / "weights").read_text() == "old"  # the earlier whole export
+    write_into_place(out, write({"vaemo_config.json": "{}", "weights": "new"}))
+    assert (out / "weights").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
 def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):

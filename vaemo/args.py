@@ -47,7 +47,7 @@ def output_folder(path: str | Path, flag: str = "--out") -> Path:
     if unpacked is not None and folder.resolve().is_relative_to(unpacked):
         raise UserError(
             f"{flag} '{path}' lies in the copy of the project that `ray job submit --working-dir` unpacked for "
-            f"this job ({unpacked}): Ray deletes that copy, and other nodes do not see it; give a path on "
+            f"this job ({unpacked}): Ray deletes that copy, and other nodes have their own; give a path on "
             "storage every node mounts (e.g. /shared/runs/...)"
         )
     try:
@@ -72,8 +72,8 @@ def output_file(path: str | Path, flag: str = "--out") -> Path:
 
 def job_working_copy() -> Path | None:
     """The folder `ray job submit --working-dir` unpacked for the job this process is the driver of (its
-    working directory lies there), or None. Ray keeps it on the head node alone and deletes it when it no
-    longer needs it."""
+    working directory lies there), or None. It is Ray's temporary copy on this node (each node unpacks its
+    own), deleted when Ray no longer needs it."""
     parts = Path.cwd().parts
     if "working_dir_files" in parts[:-1]:
         return Path(*parts[: parts.index("working_dir_files") + 2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -108,11 +109,9 @@ def check_nodes_see(inputs: list[tuple[str, str]], output: tuple[str, Path], per
         # Defined here so that Ray sends the function itself: a node without the project must still run it.
         import importlib.util
 
-        problems = (
-            []
-            if importlib.util.find_spec("vaemo")
-            else [f"cannot import vaemo (PYTHONPATH={os.environ.get('PYTHONPATH', '')!r})"]
-        )
+        # (found, not imported: a check of seconds, not of torch's import time)
+        absent = [name for name in ("vaemo", *PACKAGES_WORKERS_IMPORT) if importlib.util.find_spec(name) is None]
+        problems = [f"cannot import {', '.join(absent)} (python {sys.executable})"] if absent else []
         problems += [f"cannot see {field} '{path}'" for field, path in paths if not os.path.exists(path)]
         if not os.path.exists(marker):
             problems.append(f"cannot see {flag} '{folder}' (the file the driver wrote there is missing)")
@@ -139,9 +138,9 @@ def check_nodes_see(inputs: list[tuple[str, str]], output: tuple[str, Path], per
             try:
                 problems = ray.get(answer, timeout=NODE_CHECK_TIMEOUT_S)
             except ray.exceptions.GetTimeoutError:
-                problems = [f"did not run a 0-CPU check task within {NODE_CHECK_TIMEOUT_S:g} s"]
+                raise UserError(f"node {name} did not run a 0-CPU check task within {NODE_CHECK_TIMEOUT_S:g} s") from None
             except ray.exceptions.RayError as err:
-                problems = [f"could not run a check task: {str(err).strip().splitlines()[0][:200]}"]
+                raise UserError(f"node {name} could not run a check task: {str(err).strip().splitlines()[0][:200]}") from None
             if problems:
                 raise UserError(
                     f"node {name} {problems[0]}"
@@ -153,6 +152,8 @@ def check_nodes_see(inputs: list[tuple[str, str]], output: tuple[str, Path], per
         marker.unlink(missing_ok=True)
 
 
+# What a training worker imports first: a node whose Python lacks one runs another interpreter than the venv's.
+PACKAGES_WORKERS_IMPORT = ("torch", "deepspeed", "transformers", "ray", "rich")
 # Starting a Python worker on a node takes seconds; a minute more means the node cannot start one.
 NODE_CHECK_TIMEOUT_S = 120.0
 
@@ -224,11 +225,13 @@ def map_on_actors(
     import ray
     from ray.util import ActorPool
 
+    if not items:
+        return
     connect_ray()
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     wanted = min(actors, len(items))
-    count = min(wanted, actors_that_fit(ray.cluster_resources(), cpus, gpus))
+    count = min(wanted, sum(actors_that_fit(node["Resources"], cpus, gpus) for node in ray.nodes() if node["Alive"]))
     if count < 1:
         raise UserError(
             f"no node of this Ray cluster can hold one actor of {cpus:g} CPU and {gpus:g} GPU "
@@ -287,7 +290,6 @@ ACTOR_WAIT_LOG_S = 60.0
 
 
 def actors_that_fit(resources: dict[str, float], cpus: float, gpus: float) -> int:
-    """How many actors of `cpus` CPUs and `gpus` GPUs the cluster's total resources hold (an upper bound:
-    nodes split them)."""
+    """How many actors of `cpus` CPUs and `gpus` GPUs a node's total resources hold."""
     counts = [resources.get(name, 0) / amount for name, amount in (("CPU", cpus), ("GPU", gpus)) if amount > 0]
     return int(min(counts, default=float("inf"))) if counts else 1 << 30

@@ -620,7 +620,7 @@ class EvalConfig:
     max_items: int = 0
     """Score only the first N items (0: all); for smoke runs."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Precision of each replica: auto is bf16 on a GPU and fp32 on a CPU."""
+    """Precision of each replica: auto is bf16 on a GPU that has bf16 arithmetic, else fp32."""
     cpus_per_actor: float = 1.0
     """CPUs Ray reserves per actor (each actor also takes one GPU when the cluster has them)."""
 

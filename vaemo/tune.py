@@ -107,15 +107,17 @@ def check_sampler(field_name: str, name: str, values: Any) -> None:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: choice takes a non-empty list of values, got {values!r}")
         return
-    cast = int if name == "randint" else float
+    kind = "ints" if name == "randint" else "numbers"
     if not isinstance(values, list) or len(values) != 2:
         raise ConfigError(f"{where}: {name} takes [low, high], got {values!r}")
-    try:
-        low, high = (cast(v) for v in values)
+    try:  # YAML reads 1e-4 (no decimal point) as a string: a number all the same
+        if any(isinstance(v, bool) for v in values):
+            raise ValueError
+        low, high = float(values[0]), float(values[1])
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {name} takes two {cast.__name__}s, got {values!r}") from None
-    if isinstance(values[0], bool) or isinstance(values[1], bool) or cast(values[0]) != values[0] or cast(values[1]) != values[1]:
-        raise ConfigError(f"{where}: {name} takes two {cast.__name__}s, got {values!r}")
+        raise ConfigError(f"{where}: {name} takes two {kind}, got {values!r}") from None
+    if name == "randint" and not (low.is_integer() and high.is_integer()):
+        raise ConfigError(f"{where}: {name} takes two {kind}, got {values!r}")
     if not low < high:
         raise ConfigError(f"{where}: {name} needs low < high, got {values!r}")
     if name == "loguniform" and low <= 0:
@@ -142,7 +144,7 @@ def load_sweep(path: str | Path, config_path: str | Path, overrides: list[str] |
         if name == "choice":
             drawn = values
         elif name == "randint":
-            drawn = [int(values[0]), int(values[1]) - 1]
+            drawn = [int(float(values[0])), int(float(values[1])) - 1]
         else:
             low, high = float(values[0]), float(values[1])
             drawn = [low, high, low + (high - low) * 0.37]
@@ -167,9 +169,10 @@ def reports_per_trial(cfg) -> int:
     """How many reports a trial's Train run makes (ASHA's time axis): one per checkpoint, per validation and
     at the last step, from the resolved config (a command-line train.val_every counts)."""
     t = cfg.train
+    last = t.stop_after or t.max_steps
     return sum(
-        step % t.checkpoint_every == 0 or step == t.max_steps or (t.val_batches > 0 and t.val_every and step % t.val_every == 0)
-        for step in range(1, t.max_steps + 1)
+        step % t.checkpoint_every == 0 or step == last or (t.val_batches > 0 and t.val_every and step % t.val_every == 0)
+        for step in range(1, last + 1)
     )
 
 
@@ -182,7 +185,7 @@ def tune_space(space: dict) -> dict[str, Any]:
         out[key] = {
             "loguniform": lambda v: tune.loguniform(float(v[0]), float(v[1])),
             "uniform": lambda v: tune.uniform(float(v[0]), float(v[1])),
-            "randint": lambda v: tune.randint(int(v[0]), int(v[1])),
+            "randint": lambda v: tune.randint(int(float(v[0])), int(float(v[1]))),
             "choice": tune.choice,
         }[name](values)
     return out
@@ -269,9 +272,9 @@ def sweep(
             metric=spec.metric,
             mode=spec.mode,
             num_samples=trials or spec.trials,
-            max_concurrent_trials=spec.max_concurrent,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=seed),
+            # Tune's max_concurrent_trials limits a Searcher only: this generator takes its own limit.
+            search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=seed),
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
     )
@@ -316,7 +319,8 @@ def sweep(
     header = [
         f"# Best of {len(rows)} trials by {spec.metric} ({spec.mode}): {best[spec.metric]:.4f}, trial {best['trial']}"
         f" (search seed {seed}).",
-        "# This is the config that trial trained with. Train stage 2 with it:",
+        "# This is the config that trial trained with, the sweep's trial settings included (listed below when it",
+        "# set any: override them for your own run's scaling). Train stage 2 with it:",
         f"#   python jobs/stage2.py --config {out / 'best.yaml'} --out RUN",
     ]
     if changed:

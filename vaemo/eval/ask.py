@@ -160,7 +160,7 @@ def add_ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="with --clips: write one JSON object per clip to this .jsonl file")
     p.add_argument("--modality", choices=MODALITIES, default="audio_visual", help="what the model is given")
     p.add_argument("--question", default=DEFAULT_QUESTION, help=f"default: {DEFAULT_QUESTION!r}")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on a GPU that has it, else fp32")
     p.add_argument("--max-new-tokens", type=int, default=0, help="answer length cap (default: the export's)")
     p.add_argument("--actors", type=int, default=2, help="with --clips: Ray actors (0: in this process)")
     p.add_argument(

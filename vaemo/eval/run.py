@@ -74,7 +74,7 @@ def evaluate_runs(
     replicas (0: in this process). Starting an actor costs seconds (a process, its imports, then the model);
     one pool for every run pays that once, and each actor loads each export once (about 10 s on a CPU here
     for both). The chunks, and so the results, are exactly those of scoring each run alone. `dtype`: auto
-    (bf16 on GPU, fp32 on CPU), fp32 or bf16. Returns {name: (report, item results)}."""
+    (bf16 on a GPU that has it, else fp32), fp32 or bf16. Returns {name: (report, item results)}."""
     models = {name: str(check_model_dir(model_dir)) for name, (model_dir, _) in runs.items()}
     exports = list(dict.fromkeys(models.values()))
     tagged = []
@@ -128,7 +128,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="Ray actors, one model replica each (0: in-process); default 2")
     p.add_argument("--batch-items", type=int, help="items per scoring batch; default 16")
     p.add_argument("--max-items", type=int, help="score only the first N items (smoke runs)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="replica precision (auto: bf16 on GPU)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="replica precision (auto: bf16 on a GPU that has it)")
     p.add_argument("--no-deaf-check", action="store_true", help="skip the shuffled-soundtrack deaf check")
     p.add_argument(
         "--baseline",

@@ -65,11 +65,18 @@ def missing_parts(folder: Path) -> list[str]:
 
 
 def cut_short(file: Path) -> bool:
-    """A torch file (a zip archive: its first bytes say so) whose end lacks the archive's directory. Files
-    in another format (a checkpoint engine of DeepSpeed's that writes its own) are not judged."""
+    """A torch file shorter than any archive (a copy stopped before its first bytes), or a zip archive (a
+    torch file: its first bytes say so) whose end lacks the archive's directory. Files in another format
+    (a checkpoint engine of DeepSpeed's that writes its own) are not judged further."""
     with open(file, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    return is_zip and not zipfile.is_zipfile(file)
+        head = f.read(ZIP_END_RECORD_BYTES)
+    if len(head) < ZIP_END_RECORD_BYTES:
+        return True
+    return head[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(file)
+
+
+# The smallest zip archive (an empty one) is its end-of-directory record alone.
+ZIP_END_RECORD_BYTES = 22
 
 
 def find_checkpoint(path: str | Path, flag: str = "--resume-from") -> Path:
@@ -87,7 +94,7 @@ def find_checkpoint(path: str | Path, flag: str = "--resume-from") -> Path:
             )
         return path
     candidates = sorted(p for p in path.rglob(f"{STEP_PREFIX}*") if p.is_dir() and (p / "meta.json").is_file())
-    for candidate in sorted(candidates, key=lambda p: json.loads((p / "meta.json").read_text())["step"], reverse=True):
+    for candidate in sorted(candidates, key=recorded_step, reverse=True):
         if not missing_parts(candidate):
             return candidate
     raise UserError(f"{flag} '{path}' holds no complete checkpoint")
@@ -95,6 +102,14 @@ def find_checkpoint(path: str | Path, flag: str = "--resume-from") -> Path:
 
 def read_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text())
+
+
+def recorded_step(folder: Path) -> int:
+    """The step meta.json records; -1 when it was cut short (the folder is then incomplete anyway)."""
+    try:
+        return int(read_meta(folder)["step"])
+    except (ValueError, KeyError, OSError):
+        return -1
 
 
 def step_folders(run_dir: Path) -> dict[int, Path]:

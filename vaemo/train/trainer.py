@@ -113,6 +113,7 @@ def build_engine(cfg: Config, rank: int, use_gpu: bool) -> StageEngine:
 
     objective = objective_for(cfg)
     dtype = choose_dtype(cfg.model.dtype)
+    check_ranks_chose_alike(dtype)
     ds_config = deepspeed_config(cfg, dtype)
     # From a teacher cache no rank runs the vision tower: it is dropped before ZeRO-3 partitions the model;
     # rank 0 keeps its weights on the host for the export.
@@ -140,9 +141,9 @@ def train_loop(loop_config: dict) -> None:
     """Ray Train's per-worker function. `loop_config`: config, run_dir, launch_id, resume_from, the shards
     (the driver's expanded lists, by field), queue.
 
-        A UserError (the user's to fix: the data, a checkpoint) is recorded for the launch: Ray retries a failed
-        worker group (scaling.max_failures), and each retry then fails with it at once instead of loading the
-        model again (minutes at 7B) to meet the same error."""
+    A UserError (the user's to fix: the data, a checkpoint) is recorded for the launch: Ray retries a failed
+    worker group (scaling.max_failures), and each retry then fails with it at once instead of loading the
+    model again (minutes at 7B) to meet the same error."""
     recorded = Path(loop_config["run_dir"]) / "workers" / "user_error.json"
     if recorded.is_file():
         earlier = json.loads(recorded.read_text())
@@ -314,6 +315,22 @@ def weight_placement(engine, replicated: dict[str, torch.Tensor]) -> dict[str, i
     }
 
 
+def check_ranks_chose_alike(dtype: torch.dtype) -> None:
+    """Every rank chose the same dtype: `model.dtype=auto` is decided per GPU, and a cluster that mixes GPUs
+    with and without bf16 arithmetic would run ranks in different precisions under one DeepSpeed config."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    bf16 = torch.tensor([float(dtype == torch.bfloat16)], device=collective_device())
+    lowest, highest = bf16.clone(), bf16.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    if lowest.item() != highest.item():
+        raise UserError(
+            "model.dtype=auto chose bf16 on some ranks' GPUs and float32 on others (GPUs without bf16 arithmetic "
+            "among them): set model.dtype=float32, or run on GPUs alike"
+        )
+
+
 def record_worker(run_dir: Path, rank: int, shards_read: set[str], placement: dict) -> None:
     """RUN_DIR/workers/rankR.json: where the rank ran, which shards it read (data-plan debugging), and where
     its weights lived."""
@@ -426,11 +443,29 @@ def validate(
     return out
 
 
+def write_into_place(out_dir: Path, write) -> None:
+    """`write(folder)` into a folder beside `out_dir`, then that folder renamed to `out_dir`: a process
+    stopped while writing leaves `out_dir` as it was (absent, or the earlier whole folder)."""
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    if out_dir.exists():  # a restarted group's earlier export: replaced only once the new one is whole
+        replaced = out_dir.with_name(out_dir.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        out_dir.rename(replaced)
+        partial.rename(out_dir)
+        shutil.rmtree(replaced)
+    else:
+        partial.rename(out_dir)
+
+
 def export(
     engine, model: VAEmotionLLM, out_dir: Path, rank: int, ds_config: dict, held: dict[str, torch.Tensor] | None = None
 ) -> None:
     """Gather the full weights on rank 0 and write a folder `VAEmotionLLM.from_pretrained` loads
-    (`held`: frozen weights kept outside the engine, e.g. a vision tower detached for a teacher cache)."""
+    (`held`: frozen weights kept outside the engine, e.g. a vision tower detached for a teacher cache).
+    It is written beside `out_dir` and renamed into place: a run stopped while writing it (gigabytes at 7B)
+    leaves no half-written folder that would load."""
     if zero_stage(ds_config) == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
     else:
@@ -438,6 +473,6 @@ def export(
     if rank == 0:
         model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         model_state.update(held or {})
-        model.save_pretrained(out_dir, state_dict=model_state)
+        write_into_place(out_dir, lambda folder: model.save_pretrained(folder, state_dict=model_state))
     if dist.is_initialized():
         dist.barrier()
