@@ -10,7 +10,7 @@ from conftest import ROOT
 
 # Lowest first. A module belongs to the first layer with a matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("vaemo", "vaemo.errors", "vaemo.args", "vaemo.progress", "vaemo.config")),
+    ("foundations", ("vaemo", "vaemo.errors", "vaemo.args", "vaemo.progress", "vaemo.plotting", "vaemo.config")),
     ("data", ("vaemo.data",)),
     ("model and losses", ("vaemo.model", "vaemo.losses")),
     (
