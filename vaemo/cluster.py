@@ -3,6 +3,7 @@ actors must see, and pools of actors that each hold one model replica (evaluatio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -34,8 +35,6 @@ def connect_ray() -> None:
 
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """Fail with one line when nothing listens at RAY_ADDRESS: ray.init would retry a dead head forever."""
-    import socket
-
     if address in ("auto", "local"):  # Ray resolves these itself and fails fast when there is none
         return
     if address.startswith(("http://", "https://")):
@@ -43,11 +42,21 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
             f"RAY_ADDRESS={address} is a dashboard (job submission) address; drivers join the head's own "
             "address, host:port (6379 unless `ray start --port` said otherwise)"
         )
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    err = connection_error(address.removeprefix("ray://"), timeout_s)
+    if err is not None:
+        raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({err}); start one or unset RAY_ADDRESS")
+
+
+def connection_error(address: str, timeout_s: float) -> Exception | None:
+    """Why nothing answers at host:port, or None when something does."""
+    import socket
+
+    host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as err:
-        raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({err}); start one or unset RAY_ADDRESS") from None
+        return err
+    return None
 
 
 def start_local_ray() -> None:
@@ -165,7 +174,6 @@ def remove_stopped_local_rays(temp: Path, keep: int = 3) -> list[Path]:
     """Remove the private folders (logs, a few MB each) of earlier commands' local Rays that have stopped,
     but the `keep` newest: their logs are what a user reads after a failure. A Ray still answering at the
     address its folder records (a command still running) keeps its folder. Returns what was removed."""
-    import socket
     import time
 
     stopped = []
@@ -173,14 +181,13 @@ def remove_stopped_local_rays(temp: Path, keep: int = 3) -> list[Path]:
         address = folder / "ray" / "ray_current_cluster"
         try:
             modified = folder.stat().st_mtime
-            host, _, port = address.read_text().strip().rpartition(":")
-            socket.create_connection((host, int(port)), timeout=1.0).close()
-            continue  # running
-        except FileNotFoundError:
-            if not folder.exists() or time.time() - modified < 600:  # gone, or a Ray still starting there
-                continue
-        except (OSError, ValueError):
-            pass
+            recorded = address.read_text().strip() if address.exists() else None
+        except OSError:  # removed meanwhile by another command
+            continue
+        if recorded is None and time.time() - modified < 600:  # a Ray still starting there
+            continue
+        if recorded is not None and connection_error(recorded, timeout_s=1.0) is None:  # running
+            continue
         stopped.append((modified, folder))
     removed = [folder for _, folder in sorted(stopped, reverse=True)[keep:]]
     for folder in removed:
@@ -233,9 +240,10 @@ def map_on_actors(
     wanted = min(actors, len(items))
     count = min(wanted, sum(actors_that_fit(node["Resources"], cpus, gpus) for node in ray.nodes() if node["Alive"]))
     if count < 1:
+        totals = ray.cluster_resources()
         raise UserError(
             f"no node of this Ray cluster can hold one actor of {cpus:g} CPU and {gpus:g} GPU "
-            f"(the cluster has {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU)"
+            f"(the cluster has {totals.get('CPU', 0):g} CPU, {totals.get('GPU', 0):g} GPU)"
         )
     if count < wanted:
         progress.log(f"{count} actor(s) instead of {wanted}: the cluster holds no more of {cpus:g} CPU and {gpus:g} GPU each")
@@ -272,10 +280,9 @@ def map_on_actors(
                     f"(free now: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU; loading a model also takes time)"
                 )
         while pool.has_next():
-            try:
+            # nothing finished within the wait: look for actors that started since
+            with contextlib.suppress(TimeoutError):
                 yield pool.get_next_unordered(timeout=ACTOR_WAIT_LOG_S)
-            except TimeoutError:  # nothing finished in that time: room for actors that started since
-                pass
             if starting:
                 admit(0)
         if starting:

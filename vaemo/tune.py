@@ -71,8 +71,14 @@ class SweepSpec:
             raise ConfigError(f"sweep field 'metric' must be a validation metric (val_...), got {self.metric!r}")
         if self.scheduler.type not in ("asha", "fifo"):
             raise ConfigError(f"sweep field 'scheduler.type' must be asha or fifo, got {self.scheduler.type!r}")
-        for name in ("trials", "max_concurrent", "validate_every", "scheduler.grace_period"):
-            if _field(self, name) < 1:
+        counts = {
+            "trials": self.trials,
+            "max_concurrent": self.max_concurrent,
+            "validate_every": self.validate_every,
+            "scheduler.grace_period": self.scheduler.grace_period,
+        }
+        for name, count in counts.items():
+            if count < 1:
                 raise ConfigError(f"sweep field '{name}' must be >= 1")
         if self.scheduler.reduction_factor < 2:
             raise ConfigError("sweep field 'scheduler.reduction_factor' must be >= 2")
@@ -92,13 +98,6 @@ class SweepSpec:
             check_sampler(f"space.{key}", *next(iter(sampler.items())))
 
 
-def _field(spec: SweepSpec, dotted: str) -> Any:
-    value: Any = spec
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def check_sampler(field_name: str, name: str, values: Any) -> None:
     """The values as Tune will read them: a non-empty list for choice, two numbers low < high for the ranges
     (low > 0 for loguniform; randint's high is never drawn, as in Python's range)."""
@@ -110,10 +109,10 @@ def check_sampler(field_name: str, name: str, values: Any) -> None:
     kind = "ints" if name == "randint" else "numbers"
     if not isinstance(values, list) or len(values) != 2:
         raise ConfigError(f"{where}: {name} takes [low, high], got {values!r}")
-    try:  # YAML reads 1e-4 (no decimal point) as a string: a number all the same
+    try:
         if any(isinstance(v, bool) for v in values):
             raise ValueError
-        low, high = float(values[0]), float(values[1])
+        low, high = bounds(values)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} takes two {kind}, got {values!r}") from None
     if name == "randint" and not (low.is_integer() and high.is_integer()):
@@ -124,9 +123,15 @@ def check_sampler(field_name: str, name: str, values: Any) -> None:
         raise ConfigError(f"{where}: loguniform needs low > 0, got {values!r}")
 
 
+def bounds(values: list) -> tuple[float, float]:
+    """A range's [low, high] as numbers: YAML reads 1e-4 (no decimal point) as a string, a number all the same."""
+    return float(values[0]), float(values[1])
+
+
 def load_sweep(path: str | Path, config_path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    """The sweep file, checked: its fields, each sampler's values, and every searched field with its
-    values (choice: each; ranges: both ends) in the config with the command's overrides."""
+    """The sweep file, checked: its fields, each sampler's values, and every searched field with values as
+    Tune draws them (choice: each; ranges: both ends and a fraction between) in the config with the
+    command's overrides."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"--space '{path}' is a folder; give a sweep file (sweeps/*.yaml)")
@@ -143,11 +148,9 @@ def load_sweep(path: str | Path, config_path: str | Path, overrides: list[str] |
         # as Tune will draw them: a uniform range draws fractions (an integer field refuses 300.5, not 128.0)
         if name == "choice":
             drawn = values
-        elif name == "randint":
-            drawn = [int(float(values[0])), int(float(values[1])) - 1]
         else:
-            low, high = float(values[0]), float(values[1])
-            drawn = [low, high, low + (high - low) * 0.37]
+            low, high = bounds(values)
+            drawn = [int(low), int(high) - 1] if name == "randint" else [low, high, low + (high - low) * 0.37]
         for value in drawn:
             load_config(config_path, [*spec.trial_overrides, *(overrides or []), override(key, value)], stage=2)
     return spec
@@ -183,9 +186,9 @@ def tune_space(space: dict) -> dict[str, Any]:
     for key, sampler in space.items():
         name, values = next(iter(sampler.items()))
         out[key] = {
-            "loguniform": lambda v: tune.loguniform(float(v[0]), float(v[1])),
-            "uniform": lambda v: tune.uniform(float(v[0]), float(v[1])),
-            "randint": lambda v: tune.randint(int(float(v[0])), int(float(v[1]))),
+            "loguniform": lambda v: tune.loguniform(*bounds(v)),
+            "uniform": lambda v: tune.uniform(*bounds(v)),
+            "randint": lambda v: tune.randint(*(int(b) for b in bounds(v))),
             "choice": tune.choice,
         }[name](values)
     return out

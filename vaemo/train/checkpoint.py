@@ -126,7 +126,7 @@ def check_nothing_written_over(run_dir: Path, resume: Path) -> None:
     """A launch writes its checkpoints as RUN/checkpoints/step-N: a complete checkpoint of a later step
     already there (resuming from an earlier step after a divergence) would be written over, its files mixed
     with the new launch's. Refused, with the way out."""
-    start = int(read_meta(resume)["step"])
+    start = recorded_step(resume)
     later = [folder.name for step, folder in sorted(step_folders(run_dir).items()) if step > start and not missing_parts(folder)]
     if later:
         raise UserError(
@@ -147,7 +147,7 @@ def prepare_launch(run_dir: Path, resume: Path | None) -> list[str]:
     launch starts Ray's list afresh: Ray prunes only the launch's own checkpoints, and the earlier launch's
     stay where they are."""
     (run_dir / "checkpoints" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
-    start = int(read_meta(resume)["step"]) if resume is not None else 0
+    start = recorded_step(resume) if resume is not None else 0
     removed = []
     for step, folder in sorted(step_folders(run_dir).items()):
         if step > start and missing_parts(folder):
