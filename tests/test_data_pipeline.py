@@ -443,6 +443,38 @@ def test_training_stream_is_deterministic_per_seed_disjoint_per_rank_and_resumes
     assert {shard_of[k] for k in from_rank1} <= rank1
 
 
+def test_validation_reads_its_shards_in_order_every_clip_once_before_any_again(small_world, tmp_path, capsys):
+    """Drawn at random, validation's shards could repeat one and leave out another; in order, a split of 16 clips
+    read as 32 gives each clip twice. A report that reads more than a worker's shards hold is said before training."""
+    from vaemo.config import load_config
+    from vaemo.data.tars import count_samples
+    from vaemo.train.launch import warn_if_validation_repeats
+
+    urls = expand_shards(str(small_world / "val" / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+    stream = TrainStream(urls, spec, 4, seed=3, shuffle_buffer=1, in_order=True)
+    keys = [k for batch in itertools.islice(iter(make_loader(stream, 0)), 8) for k in batch.keys]
+    in_shards = [sample["__key__"] for url in urls for sample in wds.WebDataset(url, shardshuffle=False)]
+    assert len(in_shards) == 16 and keys == in_shards * 2
+
+    assert [count_samples(url) for url in urls] == [12, 4]
+    (tmp_path / "cut.tar").write_bytes(Path(urls[0]).read_bytes()[:700])
+    (tmp_path / "zipped.tar").write_bytes(__import__("gzip").compress(Path(urls[0]).read_bytes()))
+    assert [count_samples(str(tmp_path / n)) for n in ("cut.tar", "zipped.tar", "absent.tar")] == [None] * 3
+
+    def warned(*overrides: str) -> str:
+        cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.val_shards={small_world}/val/*.tar", *overrides], stage=2)
+        capsys.readouterr()
+        warn_if_validation_repeats(cfg, urls)
+        return capsys.readouterr().out
+
+    # 2 workers: one shard each, the smaller of 4 clips
+    assert warned("scaling.num_workers=2", "data.batch_size=4", "train.val_batches=1") == ""
+    line = warned("scaling.num_workers=2", "data.batch_size=4", "train.val_batches=2")
+    assert "hold 4 clips" in line and "= 8 there" in line and "set train.val_batches=1" in line
+    assert warned("scaling.num_workers=1", "data.batch_size=4", "train.val_batches=4") == ""
+
+
 def test_recycled_batch_buffers_give_the_same_batches_and_never_overwrite_an_unreleased_one(small_world):
     """Loader workers reuse a batch's shared memory only after the consumer releases it."""
     urls = expand_shards(str(small_world / "train" / "*.tar"))

@@ -25,13 +25,22 @@ print(json.dumps([pg for pg, info in ray.util.placement_group_table().items() if
 """
 
 
-def live_placement_groups(before: str = "") -> list[str]:
-    """The placement groups not removed on the Ray that RAY_ADDRESS names, after running `before` there."""
+def live_placement_groups(before: str = "", settle_s: float = 0.0) -> list[str]:
+    """The placement groups not removed on the Ray that RAY_ADDRESS names, after running `before` there.
+    `settle_s`: look again for that long while some are left (Ray removes a finished job's groups a moment
+    after its driver exits; a group kept for good stays)."""
     import json
+    import time
 
-    done = subprocess.run([sys.executable, "-c", LIVE_GROUPS.format(before=before)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    deadline = time.time() + settle_s
+    while True:
+        script = LIVE_GROUPS.format(before=before)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        live = json.loads(done.stdout.strip().splitlines()[-1])
+        if not live or time.time() > deadline:
+            return live
+        time.sleep(2)
 
 
 def test_a_job_removes_the_placement_groups_it_left():
@@ -98,7 +107,7 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
         assert int(r["model.enhancer.width"]) in space["model.enhancer.width"]["choice"]
     assert rows[0]["train.lr"] != rows[1]["train.lr"]
     assert list((out / "tune").rglob("events.out.tfevents.*"))  # TensorBoard reads the trials
-    assert live_placement_groups() == []  # the sweep left the head's CPUs to the runs after it
+    assert live_placement_groups(settle_s=60) == []  # the sweep left the head's CPUs to the runs after it
     best = load_config(out / "best.yaml", stage=2)
     assert best.stage == 2 and best.model.init_from == str(view / "runs/demo/stage1/export")
     # the config the trial trained with, the sweep file's trial settings named against the preset's
@@ -130,6 +139,66 @@ def test_the_readmes_sweep_command_writes_trials_and_a_best_config_stage2_accept
         timeout=600,
     )
     assert again.returncode == 2 and "already holds a sweep" in again.stderr.splitlines()[-1] and "--overwrite" in again.stderr
+
+
+RESUMABLE = """
+metric: val_objective
+trials: 2
+max_concurrent: 1
+validate_every: 2
+val_batches: 1
+scheduler: {type: fifo}
+space:
+  train.lr: {loguniform: [1.0e-4, 1.0e-3]}
+trial_overrides: [scaling.num_workers=1, scaling.cpus_per_worker=1]
+"""
+
+
+def test_an_interrupted_sweep_resumes_its_unfinished_trial_from_its_checkpoint(small_world, stage0_export, tmp_path):
+    """Ctrl-C while the second trial trains: one line says how to continue and no best.yaml is written from
+    part of the trials. `--resume` keeps the finished trial as it was, continues the other from its newest
+    checkpoint, then chooses among both. A changed command is refused."""
+    import json
+    import signal
+    import time
+
+    (tmp_path / "sweep.yaml").write_text(RESUMABLE)
+    out = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "jobs/sweep.py"), "--config", str(ROOT / "configs/tiny.yaml")]
+    command += ["--space", str(tmp_path / "sweep.yaml"), "--out", str(out), f"model.init_from={stage0_export}"]
+    command += [f"data.train_shards={small_world}/train/*.tar", f"data.val_shards={small_world}/val/*.tar"]
+    command += ["data.batch_size=4", "train.max_steps=30"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def second_trial_checkpointed() -> bool:
+        trials = sorted((out / "trials").glob("*"), key=lambda t: t.stat().st_mtime) if (out / "trials").is_dir() else []
+        return len(trials) == 2 and any((trials[1] / "checkpoints").glob("step-*/meta.json"))
+
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not second_trial_checkpointed():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, stderr[-3000:]
+    assert "1 of 2 trials unfinished" in errors[0] and "--resume" in errors[0]
+    assert not (out / "best.yaml").exists()
+
+    changed = run(command + ["train.lr=0.5", "--resume"])
+    assert changed.returncode == 2 and "--resume: the sweep in --out" in changed.stderr.splitlines()[-1], changed.stderr[-2000:]
+    ok(run(command + ["--resume"], timeout=900))
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert len(rows) == 2 and all(not r["error"] and r["steps"] == "30" for r in rows), rows
+    starts = {
+        r["trial"]: [json.loads(line)["step"] for line in (out / "trials" / r["trial"] / "workers" / "starts.jsonl").open()]
+        for r in rows
+    }
+    assert sorted(len(s) for s in starts.values()) == [1, 2]  # the finished trial was not trained again
+    assert max(starts.values(), key=len)[1] > 0  # the other continued from a checkpoint, not from step 0
+    assert load_config(out / "best.yaml", stage=2).train.max_steps == 30
 
 
 def test_a_sweep_with_data_it_cannot_read_stops_before_any_trial(small_world, stage0_export, tmp_path):
@@ -197,6 +266,12 @@ def test_a_failed_trials_error_is_the_line_it_raised():
         ("scheduler: {grace_period: 0}\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "scheduler.grace_period' must be >= 1"),
         ("scheduler: {reduction_factor: 1}\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "reduction_factor' must be >= 2"),
         ("trial_cpus: -1\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "trial_cpus' must be > 0"),
+        # the sweep file's own fields are named as such, not as config fields
+        ("schedular: {type: fifo}\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "unknown sweep field 'schedular'"),
+        ("- a\n- b", "sweep field 'the whole file' must be a mapping"),
+        ("space: [train.lr]", "sweep field 'space' must be a mapping"),
+        ("val_batches: -3\nspace:\n  train.lr: {uniform: [0.1, 0.2]}", "sweep field 'val_batches' must be >= 0"),
+        ("space:\n  model.lora.rank: {choice: [4, -4]}", r"sweep field 'space.model.lora.rank' draws -4, which the config"),
     ],
 )
 def test_a_bad_sweep_file_names_the_problem_before_ray_starts(tmp_path, text, message):
@@ -212,22 +287,24 @@ def test_searched_values_reach_the_config_as_they_were_drawn():
     from vaemo.config import _parse_override
     from vaemo.tune import override
 
-    for value in (1e-05, 2.5e-4, 0.003, "no", "a: b", None, 4, True):
+    for value in (1e-05, 2.5e-4, 0.003, "no", "a: b", None, 4, True, [1e-05, "no", None], {"a": [2e-05, "off"]}, []):
         assert _parse_override(override("k", value)) == ("k", value)
 
 
-def test_asha_counts_the_reports_a_trial_makes_in_the_resolved_config():
-    """A command-line train.val_every that reports more often than the sweep file's validate_every made
-    ASHA stop every trial halfway (its time axis counted the sweep file's reports)."""
-    from vaemo.tune import reports_per_trial
+def test_asha_measures_trials_in_steps_of_the_resolved_config():
+    """ASHA's time axis is the training step: counted in Tune's reports, a command-line train.val_every that
+    reports more often than the sweep file's validate_every made ASHA stop every trial halfway, and a resumed
+    trial (reporting only from its checkpoint on) would be judged at the wrong rung."""
+    from vaemo.tune import asha_steps
 
-    def reports(*overrides):
-        return reports_per_trial(load_config(ROOT / "configs/tiny.yaml", ["train.val_batches=1", *overrides], stage=2))
+    def steps(grace, *overrides):
+        return asha_steps(load_config(ROOT / "configs/tiny.yaml", ["train.val_batches=1", *overrides], stage=2), grace)
 
-    assert reports("train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2") == 2
-    assert reports("train.max_steps=4", "train.val_every=1", "train.checkpoint_every=2") == 4
-    assert reports("train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5") == 5  # 3 5 6 9 10
-    assert reports("train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5", "train.stop_after=7") == 4  # 3 5 6 7
+    assert steps(1, "train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2") == (4, 2)
+    assert steps(1, "train.max_steps=4", "train.val_every=1", "train.checkpoint_every=2") == (4, 1)
+    assert steps(2, "train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5") == (10, 6)
+    assert steps(2, "train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5", "train.stop_after=7") == (7, 6)
+    assert steps(9, "train.max_steps=10", "train.val_every=3", "train.checkpoint_every=5") == (10, 10)
 
 
 def test_a_sweep_file_with_yamls_string_numbers_loads():

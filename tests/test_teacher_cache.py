@@ -60,6 +60,18 @@ def test_cache_layout_and_manifest(small_world, cache_dir):
     assert set(names) == source_keys
 
 
+def test_a_cache_shard_written_where_the_driver_cannot_see_it_stops_the_cache(cache_dir, tmp_path):
+    """An actor on a node whose --out is not the shared folder reports a shard the driver cannot read: the
+    manifest would have listed it as cached."""
+    from vaemo.errors import UserError
+    from vaemo.teacher_cache import check_driver_sees
+
+    written = next(cache_dir.glob("*.tar"))
+    check_driver_sees({"path": str(written), "node": "gpu-3"})
+    with pytest.raises(UserError, match=r"written on node gpu-3 \(.*elsewhere.tar\) is not there on this node: --out"):
+        check_driver_sees({"path": str(tmp_path / "elsewhere.tar"), "node": "gpu-3"})
+
+
 def test_cached_and_online_topk_losses_agree(small_world, cache_dir):
     cfg = tiny_stage1(small_world, "stage1.teacher.mode=cache", f"stage1.teacher.cache_dir={cache_dir}")
     objective = AlignObjective(cfg)

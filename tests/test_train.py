@@ -420,7 +420,10 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(small_world, stage0_e
     records = metrics(out)
     steps = [r["step"] for r in records]
     assert steps[-1] == 16 and find_checkpoint(out).name == "step-00000016"
-    assert len(steps) > len(set(steps))  # the steps after the last checkpoint ran twice: a restart happened
+    # a restart from checkpoint 5 happened, and the steps it trained again (6, 7) are recorded once
+    starts = [json.loads(line) for line in (out / "workers" / "starts.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 5] and starts[1]["checkpoint"].endswith("step-00000005")
+    assert steps == sorted(set(steps)) and steps[:8] == list(range(1, 9))
     cfg = load_config(out / "config.yaml")
     assert records[-1]["lr"] == pytest.approx(learning_rate(cfg, 16)) and cfg.train.max_steps == 30
     assert learning_rate(cfg, 16) > learning_rate(cfg, 30)  # still mid-schedule: stopped, not shortened
@@ -637,7 +640,7 @@ def test_check_refuses_a_run_folder_another_node_cannot_see_and_one_inside_the_j
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["scaling.cpus_per_worker=8"], "the Ray cluster has"),
+        (["scaling.cpus_per_worker=8"], "the Ray cluster's nodes hold 0 of scaling.num_workers=2 workers of 8 CPU each"),
         (["data.train_shards=/nowhere/*.tar"], "match no file"),
         (["model.init_from=/nowhere/export"], "model.init_from '/nowhere/export' is not a vaemo export"),
         (["model.vlm=/nowhere/qwen"], "model.vlm '/nowhere/qwen' is not a checkpoint folder"),
@@ -730,6 +733,11 @@ def test_check_stops_before_training_and_touches_no_earlier_run(small_world, sta
     assert len(errors) == 1 and "--resume-from" in errors[0] and "Traceback" not in refused.stderr
     ok(run(stage_cmd(1, done, small_world, f"model.init_from={stage0_export}") + ["--check", "--overwrite"]))
     assert (done / "metrics.jsonl").read_text() == "{}\n"  # --overwrite replaces a run only when one trains
+    # a group no node holds yet is left to an autoscaler where the config says the cluster has one
+    waiting = stage_cmd(1, tmp_path / "fresh", small_world, "scaling.cpus_per_worker=64", "scaling.autoscaling=true")
+    waits = ok(run(waiting + ["--check"]))
+    assert "nodes hold 0 of scaling.num_workers=2 workers of 64 CPU each" in waits.stdout
+    assert "the run waits for the autoscaler" in waits.stdout and "ready to train" in waits.stdout
     # a head that is gone: ray.init would retry it for good; one line instead
     dead = run(stage_cmd(1, tmp_path / "fresh", small_world) + ["--check"], env={"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
     assert dead.returncode == 2 and "no Ray cluster answers there" in dead.stderr.splitlines()[-1], dead.stderr[-2000:]

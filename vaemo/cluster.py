@@ -296,6 +296,19 @@ def map_on_actors(
 ACTOR_WAIT_LOG_S = 60.0
 
 
+def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float], strategy: str) -> int:
+    """How many workers of `per_worker` resources nodes with these total resources hold together, as a Ray
+    placement strategy places them: STRICT_PACK all on one node, STRICT_SPREAD each on its own, PACK and
+    SPREAD anywhere. Node by node: a cluster's totals can hold a group no node can (GPUs on one node, the
+    CPUs each worker needs beside its GPU on another)."""
+    fits = [actors_that_fit(node, per_worker.get("CPU", 0), per_worker.get("GPU", 0)) for node in nodes]
+    if strategy == "STRICT_PACK":
+        return max(fits, default=0)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for fit in fits if fit >= 1)
+    return sum(fits)
+
+
 def actors_that_fit(resources: dict[str, float], cpus: float, gpus: float) -> int:
     """How many actors of `cpus` CPUs and `gpus` GPUs a node's total resources hold."""
     counts = [resources.get(name, 0) / amount for name, amount in (("CPU", cpus), ("GPU", gpus)) if amount > 0]

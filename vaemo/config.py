@@ -385,7 +385,9 @@ class TrainConfig:
     val_every: int = 0
     """Run the validation loss every N steps; 0 only at the end."""
     val_batches: int = 4
-    """Validation micro-batches per worker each time validation runs."""
+    """Validation micro-batches per worker each time validation runs: the worker's validation shards read in
+    order from their first clip (the same clips every time). More than the shards hold repeats clips, which
+    the run says before it starts."""
     export: bool = True
     """Write RUN_DIR/export (a folder `from_pretrained` loads) at the end."""
 
@@ -417,6 +419,9 @@ class ScalingConfig:
     """Worker-group restarts Ray Train attempts (from the last checkpoint) before giving up."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement strategy for the worker group."""
+    autoscaling: bool = False
+    """The cluster adds nodes on demand (KubeRay, Ray's cluster launcher with a minimum of 0 GPU nodes): a
+    worker group its nodes cannot hold yet is left to the autoscaler, with one line, instead of refused."""
 
     def check(self, path: str) -> None:
         _require(self.num_workers >= 1, f"{path}.num_workers", "must be >= 1")

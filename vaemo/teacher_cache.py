@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -116,7 +117,23 @@ class TeacherCacheWriter:
                     continue
                 for key, record in zip(batch.keys, teacher_records(self.model, self.cfg, batch, self.fingerprint)):
                     shard.write(key, encode_record(record))
-        return {"shard": os.path.basename(url), "cached": shard.samples, "skipped": dict(skips)}
+        return {
+            "shard": os.path.basename(url),
+            "path": cache_shard_for(url, self.out_dir),
+            "node": socket.gethostname(),
+            "cached": shard.samples,
+            "skipped": dict(skips),
+        }
+
+
+def check_driver_sees(report: dict) -> None:
+    """The cache shard an actor reports is where the driver can read it: an actor on a node whose --out is not
+    the shared folder writes a shard nobody else sees, and a manifest listing it would pass for a whole cache."""
+    if not os.path.isfile(report["path"]):
+        raise UserError(
+            f"the teacher-cache shard written on node {report['node']} ({report['path']}) is not there on this node: "
+            "--out must be on storage every node sees at the same path"
+        )
 
 
 def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2, cpus_per_actor: float = 1.0) -> dict:
@@ -148,13 +165,18 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
                 reports.append(writer.write_shard(url))
                 update(done)
         else:
-            from vaemo.cluster import map_on_actors
+            from vaemo.cluster import check_nodes_see, connect_ray, map_on_actors
 
             gpus = None if cfg.scaling.use_gpu else 0.0
+            connect_ray()
+            # every node that could host an actor sees the shards, the models and --out, before any model loads
+            model_paths = [(f"model.{name}", getattr(cfg.model, name) or "") for name in ("vlm", "audio_encoder", "init_from")]
+            check_nodes_see([("--shards", url) for url in urls] + model_paths, ("--out", out), {"CPU": cpus_per_actor})
             work = map_on_actors(
                 TeacherCacheWriter, (config, str(out), int(cpus_per_actor)), "write_shard", urls, actors, cpus_per_actor, gpus
             )
             for done, report in enumerate(work, 1):
+                check_driver_sees(report)
                 reports.append(report)
                 update(done)
     skipped: Counter = Counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -24,7 +25,8 @@ from vaemo.config import ConfigError, build_dataclass, check_tree, config_to_dic
 from vaemo.errors import UserError, read_user_text
 
 SAMPLERS = ("loguniform", "uniform", "choice", "randint")
-SWEEP_OUTPUTS = ("tune", "trials", "trials.csv", "best.yaml", "trial_base.yaml")
+SWEEP_OUTPUTS = ("tune", "trials", "trials.csv", "best.yaml", "trial_base.yaml", "sweep.json")
+STARTED_WITH = "sweep.json"  # what a sweep started with (resolved config, sweep file, trials): --resume checks it
 
 
 @dataclass
@@ -32,7 +34,8 @@ class SchedulerSpec:
     type: str = "asha"
     """`asha` (early stopping on validation reports) or `fifo` (every trial runs to the end)."""
     grace_period: int = 1
-    """Validation reports a trial gets before ASHA may stop it."""
+    """Validation reports a trial gets before ASHA may stop it (ASHA counts in steps: this many times
+    `validate_every`; its later rungs at reduction_factor times that, and so on)."""
     reduction_factor: int = 2
     """ASHA keeps 1/reduction_factor of the trials at each rung."""
 
@@ -71,6 +74,8 @@ class SweepSpec:
             raise ConfigError(f"sweep field 'metric' must be a validation metric (val_...), got {self.metric!r}")
         if self.scheduler.type not in ("asha", "fifo"):
             raise ConfigError(f"sweep field 'scheduler.type' must be asha or fifo, got {self.scheduler.type!r}")
+        if self.val_batches < 0:
+            raise ConfigError("sweep field 'val_batches' must be >= 0 (0: the preset's train.val_batches)")
         counts = {
             "trials": self.trials,
             "max_concurrent": self.max_concurrent,
@@ -141,8 +146,12 @@ def load_sweep(path: str | Path, config_path: str | Path, overrides: list[str] |
         data = yaml.safe_load(read_user_text(p, "--space")) or {}
     except yaml.YAMLError as err:
         raise UserError(f"--space '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
-    spec = build_dataclass(SweepSpec, data)
-    check_tree(spec)
+    try:
+        spec = build_dataclass(SweepSpec, data)
+        check_tree(spec)
+    except ConfigError as err:  # the config's own checks read the sweep file: name it as what it is
+        text = str(err).replace("config field '", "sweep field '").replace("unknown config key '", "unknown sweep field '")
+        raise ConfigError(f"--space '{path}': {text.replace('<root>', 'the whole file')}") from None
     for key, sampler in spec.space.items():  # every searched field must exist and accept the values
         name, values = next(iter(sampler.items()))
         # as Tune will draw them: a uniform range draws fractions (an integer field refuses 300.5, not 128.0)
@@ -152,31 +161,44 @@ def load_sweep(path: str | Path, config_path: str | Path, overrides: list[str] |
             low, high = bounds(values)
             drawn = [int(low), int(high) - 1] if name == "randint" else [low, high, low + (high - low) * 0.37]
         for value in drawn:
-            load_config(config_path, [*spec.trial_overrides, *(overrides or []), override(key, value)], stage=2)
+            try:
+                load_config(config_path, [*spec.trial_overrides, *(overrides or []), override(key, value)], stage=2)
+            except ConfigError as err:
+                refused = f"sweep field 'space.{key}' draws {value!r}, which the config refuses"
+                raise ConfigError(f"--space '{path}': {refused}: {err}") from None
     return spec
 
 
 def override(key: str, value: Any) -> str:
-    """key=value as the config reads it back (YAML 1.1): a string stays a string ("no" is not False, "a: b"
-    not a mapping), None stays None, and a float stays a float (1e-05 alone would read as a string)."""
+    """key=value as the config reads it back (YAML 1.1)."""
+    return f"{key}={yaml_text(value)}"
+
+
+def yaml_text(value: Any) -> str:
+    """`value` as YAML 1.1 reads it back, inside lists and mappings too: a string stays a string ("no" is not
+    False, "a: b" not a mapping), None stays None, and a float stays a float (1e-05 alone reads as a string)."""
     if value is None or isinstance(value, str):
-        text = json.dumps(value)
-    elif isinstance(value, float) and "e" in repr(value) and "." not in repr(value):
-        text = repr(value).replace("e", ".0e")
-    else:
-        text = str(value)
-    return f"{key}={text}"
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and "e" in repr(value) and "." not in repr(value):
+        return repr(value).replace("e", ".0e")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(yaml_text(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {yaml_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
-def reports_per_trial(cfg) -> int:
-    """How many reports a trial's Train run makes (ASHA's time axis): one per checkpoint, per validation and
-    at the last step, from the resolved config (a command-line train.val_every counts)."""
+def asha_steps(cfg, grace_reports: int) -> tuple[int, int]:
+    """ASHA's (max_t, grace_period) in training steps, from the resolved config: a command-line train.val_every
+    or checkpoint_every changes how often a trial reports, not how far it trains. (Counted in Tune's reports,
+    a trial that reported more often was stopped halfway, and a resumed trial, which reports only from its
+    checkpoint on, would be judged at the wrong rung.)"""
     t = cfg.train
+    every = min([t.checkpoint_every] + ([t.val_every] if t.val_batches > 0 and t.val_every else []))
     last = t.stop_after or t.max_steps
-    return sum(
-        step % t.checkpoint_every == 0 or step == last or (t.val_batches > 0 and t.val_every and step % t.val_every == 0)
-        for step in range(1, last + 1)
-    )
+    return last, min(last, grace_reports * every)
 
 
 def tune_space(space: dict) -> dict[str, Any]:
@@ -195,19 +217,27 @@ def tune_space(space: dict) -> dict[str, Any]:
 
 
 def run_trial(params: dict, config_path: str, overrides: list[str], out_root: str) -> None:
-    """One Tune trial: the stage-2 trainer with the trial's parameters, its reports forwarded to Tune."""
+    """One Tune trial: the stage-2 trainer with the trial's parameters, its reports forwarded to Tune. A trial
+    started again (a resumed sweep, a restart after a lost node) continues from its newest complete checkpoint."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from vaemo.errors import UserError
+    from vaemo.train.checkpoint import find_checkpoint
     from vaemo.train.launch import run_stage
 
-    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(out_root) / "trials" / tune.get_context().get_trial_id()
+    try:
+        resume = find_checkpoint(trial_dir) if (trial_dir / "checkpoints").is_dir() else None
+    except UserError:  # no complete checkpoint yet: the trial starts over
+        resume = None
     run_stage(
         2,
         config_path,
-        Path(out_root) / "trials" / trial_id,
+        trial_dir,
         [*overrides, *(override(k, v) for k, v in params.items())],
-        overwrite=True,
+        resume_from=resume,
+        overwrite=resume is None,
         tune_callbacks=[TuneReportCallback()],
     )
 
@@ -219,21 +249,27 @@ def sweep(
     trials: int | None = None,
     overrides: list[str] | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> dict:
-    """Run the sweep; returns {"best": params, "metric": value, "trials": rows}."""
+    """Run the sweep (`resume`: continue the one in `out`); returns {"best": params, "metric": value, "trials": rows}."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from vaemo.cluster import connect_ray, remove_placement_groups_of_this_job
-    from vaemo.train.launch import preflight
+    from vaemo.cluster import check_nodes_see, connect_ray, remove_placement_groups_of_this_job
+    from vaemo.train.launch import preflight, stage_inputs, worker_resources
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path, overrides)
     earlier = [name for name in SWEEP_OUTPUTS if (out / name).exists()]
-    if earlier and not overwrite:
+    if resume and overwrite:
+        raise UserError("--resume continues the sweep in --out and --overwrite replaces it: pass one of them")
+    if resume and not (tune.Tuner.can_restore(str(out / "tune")) and (out / STARTED_WITH).is_file()):
+        raise UserError(f"--out '{out}' holds no sweep to resume (no Tune state in {out / 'tune'}); start it without --resume")
+    if earlier and not (overwrite or resume):
         raise UserError(
-            f"--out '{out}' already holds a sweep ({', '.join(earlier)}); pass --overwrite to replace it, or choose another --out"
+            f"--out '{out}' already holds a sweep ({', '.join(earlier)}); continue it with --resume, replace it with "
+            "--overwrite, or choose another --out"
         )
     per_trial = [
         *spec.trial_overrides,
@@ -247,40 +283,54 @@ def sweep(
         raise UserError("a sweep needs validation: set train.val_batches >= 1")
     # The stage's own checks (data, starting model, DeepSpeed config) before any trial starts: otherwise each
     # trial fails alike, and the sweep says so only after the last one.
-    preflight(base, out, resume=None, overwrite=True)  # which also makes --out and checks it is writable
-    for name in earlier:
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shards = preflight(base, out, resume=None, overwrite=True)  # which also makes --out and checks it is writable
+    seed = base.seed if spec.seed is None else spec.seed
+    started_with = {
+        "config": config_to_dict(base),
+        "sweep": dataclasses.asdict(spec),
+        "trials": trials or spec.trials,
+        "seed": seed,
+    }
+    if resume:
+        check_same_sweep(json.loads((out / STARTED_WITH).read_text()), json.loads(json.dumps(started_with)), out)
+    else:
+        for name in earlier:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        (out / STARTED_WITH).write_text(json.dumps(started_with, indent=1))
     # Trials run in Tune's own working directories: they start from this resolved config (paths absolute)
     # and add only their sampled parameters.
     trial_config = out / "trial_base.yaml"
     dump_config(base, trial_config)
     connect_ray()
-    seed = base.seed if spec.seed is None else spec.seed
+    # once for all trials: a node that cannot see --out or the data would fail each trial in turn
+    check_nodes_see(stage_inputs(base, shards, None), ("--out", out), worker_resources(base))
+    max_t, grace = asha_steps(base, spec.scheduler.grace_period)
     scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=reports_per_trial(base),
-            grace_period=spec.scheduler.grace_period,
-            reduction_factor=spec.scheduler.reduction_factor,
-        )
+        ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=spec.scheduler.reduction_factor)
         if spec.scheduler.type == "asha"
         else FIFOScheduler()
     )
-    trainable = tune.with_parameters(run_trial, config_path=str(trial_config), overrides=[], out_root=str(out))
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": spec.trial_cpus}),
-        param_space=tune_space(spec.space),
-        tune_config=tune.TuneConfig(
-            metric=spec.metric,
-            mode=spec.mode,
-            num_samples=trials or spec.trials,
-            scheduler=scheduler,
-            # Tune's max_concurrent_trials limits a Searcher only: this generator takes its own limit.
-            search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=seed),
-        ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, config_path=str(trial_config), overrides=[], out_root=str(out)), {"cpu": spec.trial_cpus}
     )
+    if resume:  # the searcher, the scheduler and every trial's state as the interrupted sweep left them
+        tuner = tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True)
+        progress.log(f"resuming the sweep in {out}: finished trials keep their results, the others continue")
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(spec.space),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                num_samples=trials or spec.trials,
+                scheduler=scheduler,
+                # Tune's max_concurrent_trials limits a Searcher only: this generator takes its own limit.
+                search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=seed),
+            ),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+        )
     try:
         grid = tuner.fit()
     finally:  # a failed or interrupted sweep must not keep the head's CPUs either
@@ -304,6 +354,12 @@ def sweep(
     for row in rows:
         if row["error"]:
             progress.log(f"trial {row['trial']} failed: {row['error']}")
+    unfinished = unfinished_trials(out / "tune", started_with["trials"])
+    if unfinished:  # stopped (Ctrl-C, a lost driver): no best.yaml from part of the trials
+        raise UserError(
+            f"the sweep stopped with {unfinished} of {started_with['trials']} trials unfinished ({out / 'trials.csv'} has "
+            "the others); continue it with the same command and --resume"
+        )
     # Only a trial that trained its whole budget can be the best: an early ASHA stop is judged on a model
     # that never finished training.
     ranked = [r for r in rows if r[spec.metric] is not None and r["steps"] == base.train.max_steps]
@@ -332,6 +388,30 @@ def sweep(
         header.append("# data.batch_size is per worker: with another scaling.num_workers, the learning rate meets another batch.")
     (out / "best.yaml").write_text("\n".join(header) + "\n" + render_config(best_cfg))
     return {"best": best_params, "metric": best[spec.metric], "trials": rows}
+
+
+def unfinished_trials(tune_dir: Path, expected: int) -> int:
+    """Trials of the sweep that neither finished nor failed, as Tune's saved state has them. After a Ctrl-C Tune
+    ends the running trials, which then look finished in the results it returns, but it saves them first, as
+    pending; trials the search had not drawn yet are in neither."""
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(str(tune_dir)).trials
+    return expected - sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+
+
+def check_same_sweep(started: dict, now: dict, out: Path) -> None:
+    """A resumed sweep continues with the settings it started with: the trials already run were judged
+    under them (Tune keeps its own copy of the search, which a new sweep file would not reach)."""
+    for part in ("config", "sweep", "trials", "seed"):
+        changed = differing_fields(started[part], now[part]) if isinstance(now[part], dict) else {}
+        if started[part] != now[part]:
+            field_name, (mine, theirs) = next(iter(changed.items()), (part, (now[part], started[part])))
+            where = {"config": "the config (with the command's overrides)", "sweep": "the sweep file"}.get(part, "--trials")
+            raise UserError(
+                f"--resume: the sweep in --out '{out}' started with {field_name}={theirs!r} in {where}, now {mine!r}: "
+                "resume with the same command, or start another sweep"
+            )
 
 
 def write_trials(path: Path, rows: list[dict]) -> None:
@@ -372,13 +452,14 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: trials.csv, best.yaml, tune/, trials/")
     p.add_argument("--trials", type=int, default=None, help="trials to sample (default: the sweep file's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier sweep's outputs in --out")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out (the same command)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every trial (e.g. model.init_from=...)")
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     if args.trials is not None and args.trials < 1:
         raise UserError("--trials must be >= 1")
-    result = sweep(args.config, args.space, args.out, args.trials, args.overrides, args.overwrite)
+    result = sweep(args.config, args.space, args.out, args.trials, args.overrides, args.overwrite, args.resume)
     progress.log(
         f"best {result['metric']:.4f} with {result['best']}; wrote {Path(args.out) / 'trials.csv'} and "
         f"{Path(args.out) / 'best.yaml'}"

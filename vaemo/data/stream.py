@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 from collections import Counter
@@ -297,8 +298,12 @@ class TrainStream(IterableDataset):
         give_up_after: int = 0,
         recycle_buffers: int = 0,
         decoded_cache_bytes: int = 0,
+        in_order: bool = False,
     ):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
+        # The shards one after the other, round and round, instead of drawn at random (validation: every clip
+        # once before any comes again; drawn shards could repeat one shard and leave out another).
+        self.in_order = in_order
         self.decoded_cache_bytes = decoded_cache_bytes  # per loader worker (DecodedClips); 0: decode every draw
         # Shared-memory buffers per loader worker that are reused once the consumer calls `release(batch)`
         # (at least prefetch_batches + 2 to recycle in the steady state); 0: a fresh segment per batch.
@@ -318,8 +323,8 @@ class TrainStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.rank, worker])
         buffer: list[dict] = []
         failures_in_a_row = 0
-        while True:
-            url = shards[int(rng.integers(len(shards)))]
+        for draw in itertools.count():
+            url = shards[draw % len(shards)] if self.in_order else shards[int(rng.integers(len(shards)))]
             got_any = False
             items = read_shard(url)
             if self.teacher_cache:

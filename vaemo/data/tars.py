@@ -229,6 +229,22 @@ def read_shard(url: str) -> Iterator[dict | ShardError]:
         yield ShardError(url, f"{type(exn).__name__}: {str(exn).splitlines()[0][:120] if str(exn) else ''}")
 
 
+def count_samples(path: str) -> int | None:
+    """How many samples (distinct keys) a local, uncompressed tar holds, from its headers alone; None for
+    anything else (a URL, a pipe, a gzip'ed or damaged tar), which a caller then cannot count cheaply."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(2) == b"\x1f\x8b":
+                return None
+            stream.seek(0)
+            members = list(tar_members(stream, skip_data=True))
+            if members and members[-1].start + members[-1].size > os.fstat(stream.fileno()).st_size:
+                return None  # cut short: its headers promise more than the file holds
+            return len({sample_key(member.name) for member in members})
+    except (OSError, ValueError):
+        return None
+
+
 class ShardWriter:
     """`with ShardWriter(path) as shard: shard.write(key, {"mp4": ..., "json": ...})`; the file appears at
     `path` only when the block ends without an error."""

@@ -8,6 +8,7 @@ driver finds the cluster through RAY_ADDRESS).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from vaemo import progress
 from vaemo.args import output_folder
-from vaemo.cluster import check_nodes_see, connect_ray, forwarded_env
+from vaemo.cluster import check_nodes_see, connect_ray, forwarded_env, workers_that_fit
 from vaemo.config import Config, config_to_dict, dump_config, load_config, project_root
 from vaemo.errors import UserError
 
@@ -116,6 +117,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
                 f"data.val_shards has {len(val_urls)} shard(s) for {workers} workers; write at least "
                 f"{workers} or set train.val_batches=0"
             )
+        warn_if_validation_repeats(cfg, val_urls)
     if cfg.stage == 1 and cfg.stage1.teacher.mode == "cache":
         from vaemo.cache_fingerprint import check_cache
 
@@ -144,6 +146,30 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
         if int(meta["stage"]) != cfg.stage:
             raise UserError(f"checkpoint '{resume}' is from stage {meta['stage']}, not stage {cfg.stage}")
     return {"data.train_shards": train_urls, "data.val_shards": val_urls}
+
+
+def warn_if_validation_repeats(cfg: Config, val_urls: list[str]) -> None:
+    """One line when a validation reads more clips on a worker than that worker's validation shards hold:
+    the clips then count more than once, and the metric looks steadier than its clips warrant. Only local
+    shards are counted (from their tar headers); a URL leaves it unchecked."""
+    from vaemo.data.stream import train_shard_subset
+    from vaemo.data.tars import count_samples
+
+    workers, batch = cfg.scaling.num_workers, cfg.data.batch_size
+    per_report = cfg.train.val_batches * batch
+    held = []
+    for rank in range(workers):
+        counts = [count_samples(url) for url in train_shard_subset(val_urls, rank, workers, 0, 1)]
+        if None in counts:
+            return
+        held.append(sum(counts))
+    fewest = min(held)
+    if fewest < per_report:
+        progress.log(
+            f"warning: data.val_shards: a worker's validation shards hold {fewest} clips, and each validation reads "
+            f"train.val_batches={cfg.train.val_batches} x data.batch_size={batch} = {per_report} there, so clips count "
+            f"more than once; set train.val_batches={max(1, fewest // batch)} or write more validation clips"
+        )
 
 
 def stage_inputs(cfg: Config, shards: dict[str, list[str]], resume: Path | None) -> list[tuple[str, str]]:
@@ -176,21 +202,32 @@ def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
 
 
 def check_cluster(cfg: Config) -> None:
+    """The worker group fits the cluster's nodes as scaling.placement_strategy places it; else one line (with
+    scaling.autoscaling, a line that the run waits for nodes), where Ray would wait for good."""
     import ray
 
     s = cfg.scaling
-    resources = ray.cluster_resources()
-    cpus_needed = s.num_workers * s.cpus_per_worker
-    if resources.get("CPU", 0) < cpus_needed:
-        raise UserError(
-            f"the Ray cluster has {resources.get('CPU', 0):g} CPUs; scaling.num_workers={s.num_workers} "
-            f"x scaling.cpus_per_worker={s.cpus_per_worker:g} needs {cpus_needed:g}"
-        )
-    if s.use_gpu and resources.get("GPU", 0) < s.num_workers:
-        raise UserError(
-            f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; scaling.use_gpu with "
-            f"scaling.num_workers={s.num_workers} needs one per worker"
-        )
+    per_worker = worker_resources(cfg)
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    fits = workers_that_fit([node["Resources"] for node in nodes], per_worker, s.placement_strategy)
+    if fits >= s.num_workers:
+        return
+    held = ", ".join(
+        f"{node['NodeManagerHostname']} {node['Resources'].get('CPU', 0):g} CPU {node['Resources'].get('GPU', 0):g} GPU"
+        for node in nodes[:4]
+    ) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+    need = " + ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
+    problem = (
+        f"the Ray cluster's nodes hold {fits} of scaling.num_workers={s.num_workers} workers of {need} each "
+        f"(placement {s.placement_strategy}; nodes: {held or 'none'})"
+    )
+    if s.autoscaling:
+        progress.log(f"{problem}: the run waits for the autoscaler to add nodes (scaling.autoscaling)")
+        return
+    raise UserError(
+        f"{problem}; lower scaling.num_workers or scaling.cpus_per_worker, or set scaling.autoscaling=true where the "
+        "cluster adds nodes on demand"
+    )
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -213,7 +250,7 @@ def fit(
     from ray.util.queue import Queue
 
     from vaemo.train.display import TrainingDisplay
-    from vaemo.train.trainer import train_loop
+    from vaemo.train.trainer import LAUNCH_FILE, train_loop
 
     s = cfg.scaling
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})  # also fits inside a Tune trial's bundle
@@ -225,6 +262,8 @@ def fit(
         "shards": shards,
         "queue": queue,
     }
+    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (run_dir / "workers" / LAUNCH_FILE).write_text(json.dumps({"launch_id": loop_config["launch_id"]}))
     resources = worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop,

@@ -71,14 +71,23 @@ def interval_record(
 
 
 class MetricsWriter:
-    """Rank 0's outputs: RUN_DIR/metrics.jsonl, TensorBoard events under RUN_DIR/tb, the progress queue."""
+    """Rank 0's outputs: RUN_DIR/metrics.jsonl, TensorBoard events under RUN_DIR/tb, the progress queue.
 
-    def __init__(self, run_dir: Path, queue=None):
+    A run that starts again at `start_step` (a resume, or Ray's restart of the worker group from its last
+    checkpoint) first drops what an earlier start recorded after that step, in both: the steps it trains
+    again are then recorded once, and a plot of the run has one line, not two. Each start is one line of
+    RUN_DIR/workers/starts.jsonl (the step, the checkpoint, the time)."""
+
+    def __init__(self, run_dir: Path, queue=None, start_step: int = 0, start: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.queue = queue
+        keep_records_up_to(self.path, start_step)
+        with open(run_dir / "workers" / "starts.jsonl", "a") as f:
+            f.write(json.dumps({"step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(start or {})}) + "\n")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10)
+        # (TensorBoard hides the events of an earlier start from purge_step on)
+        self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10, purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -94,6 +103,20 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl with its records of steps <= `step` alone (into place: a stop midway keeps the
+    old file whole)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    partial.replace(path)
 
 
 LINE_KEYS = (

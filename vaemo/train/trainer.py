@@ -164,6 +164,7 @@ def train_worker(loop_config: dict) -> None:
 
     cfg = config_from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
+    check_this_node_sees(run_dir, loop_config)
     quiet_libraries()
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     if not use_gpu:
@@ -213,10 +214,10 @@ def train_worker(loop_config: dict) -> None:
         recycle_buffers=cfg.data.prefetch_batches + 2,
         decoded_cache_bytes=cfg.data.decoded_cache_mb * 2**20,
     )
-    batches = named_stream(
-        iter(make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)), f"stage {cfg.stage}: data.train_shards"
-    )
-    writer = MetricsWriter(run_dir, loop_config.get("queue")) if rank == 0 else None
+    loader = make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)
+    batches = named_stream(iter(loader), f"stage {cfg.stage}: data.train_shards", rank)
+    start = {"launch_id": loop_config["launch_id"], "checkpoint": str(source) if source else None}
+    writer = MetricsWriter(run_dir, loop_config.get("queue"), start_step, start) if rank == 0 else None
 
     # -- loop ----------------------------------------------------------------------------------
     accumulator, interval, started = Accumulator(), Stopwatch(), time.perf_counter()
@@ -295,13 +296,47 @@ def train_worker(loop_config: dict) -> None:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"stage {cfg.stage}")
 
 
-def named_stream(batches: Iterator, name: str) -> Iterator:
-    """The batches, with a stream that can get no usable sample reported under its stage and config field
-    (the DataLoader re-raises a worker's error with its traceback as the message: keep the one line)."""
+def named_stream(batches: Iterator, name: str, rank: int) -> Iterator:
+    """The batches, with a stream that can get no usable sample reported under its stage and config field, and
+    the rank and node that read it (ranks read disjoint shards; a node may see other files than the driver).
+    The DataLoader re-raises a worker's error with its traceback as the message: keep the one line (which
+    ends with no bracket: `line_in` strips those of the wrappers)."""
+    import socket
+
     try:
         yield from batches
     except NoUsableData as err:
-        raise NoUsableData(f"{NoUsableData.MARKER}{name}: {NoUsableData.line_in(str(err)) or err}") from None
+        line = NoUsableData.line_in(str(err)) or err
+        raise NoUsableData(f"{NoUsableData.MARKER}{name}: {line}; read by rank {rank} on node {socket.gethostname()}") from None
+
+
+def check_this_node_sees(run_dir: Path, loop_config: dict) -> None:
+    """This worker's node sees the run folder the driver wrote into and the local shards, before the model
+    loads; else one line naming the node. The driver checks every node it can reach (check_nodes_see); this
+    covers the nodes it could not: those an autoscaler starts for the group."""
+    import socket
+
+    try:
+        seen = json.loads((run_dir / "workers" / LAUNCH_FILE).read_text()).get("launch_id")
+    except (OSError, ValueError):
+        seen = None
+    if seen != loop_config["launch_id"]:
+        raise UserError(
+            f"node {socket.gethostname()} cannot see --out '{run_dir}' (the file the driver wrote there is missing): "
+            "every node must see the run folder at the same path (shared storage)"
+        )
+    for field, urls in loop_config["shards"].items():
+        unseen = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url)]
+        if unseen:
+            raise UserError(
+                f"node {socket.gethostname()} cannot see {field} '{unseen[0]}'"
+                + (f" (and {len(unseen) - 1} more)" if len(unseen) > 1 else "")
+                + ": every node must see the data at the same paths (shared storage)"
+            )
+
+
+# What the driver writes into RUN/workers before a launch: {"launch_id": ...}; workers check they see it.
+LAUNCH_FILE = "launch.json"
 
 
 def weight_placement(engine, replicated: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -409,8 +444,8 @@ def save_checkpoint(
 def validate(
     engine, module: StageModule, objective: StageObjective, cfg: Config, val_urls: list[str], rank: int, world_size: int
 ) -> dict:
-    """Validation loss (and, where the objective scores, accuracies) on the same batches every time: a
-    fixed-seed stream over the validation shards, the same number of batches on every rank (ZeRO-3)."""
+    """Validation loss (and, where the objective scores, accuracies) on the same batches every time: the rank's
+    validation shards read in order from their first clip, the same number of batches on every rank (ZeRO-3)."""
     stream = TrainStream(
         val_urls,
         objective.decode_spec(),
@@ -419,10 +454,11 @@ def validate(
         rank=rank,
         world_size=world_size,
         shuffle_buffer=1,
+        in_order=True,
         teacher_cache=teacher_cache(cfg, objective),
         give_up_after=cfg.data.max_unusable_samples,
     )
-    batches = named_stream(iter(make_loader(stream, 0)), f"stage {cfg.stage}: data.val_shards")
+    batches = named_stream(iter(make_loader(stream, 0)), f"stage {cfg.stage}: data.val_shards", rank)
     engine.eval()
     accumulator = Accumulator()
     scores = hasattr(objective, "score")

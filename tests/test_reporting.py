@@ -1,0 +1,37 @@
+"""A run's records on disk: metrics.jsonl and the start log, across a restart or resume."""
+
+from __future__ import annotations
+
+import json
+
+from vaemo.train.reporting import MetricsWriter, keep_records_up_to
+
+
+def steps_of(path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_a_start_from_a_checkpoint_drops_what_an_earlier_start_recorded_after_it(tmp_path):
+    """Ray restarts a worker group from its last checkpoint (step 3), so steps 4-6 train again: they must be
+    recorded once, or every plot of the run doubles back."""
+    (tmp_path / "workers").mkdir()
+    first = MetricsWriter(tmp_path, start={"launch_id": "a", "checkpoint": None})
+    for step in range(1, 7):
+        first.write({"step": step, "loss": 1.0 / step})
+    first.close()
+    again = MetricsWriter(tmp_path, start_step=3, start={"launch_id": "a", "checkpoint": "step-00000003"})
+    for step in range(4, 9):
+        again.write({"step": step, "loss": 2.0 / step})
+    again.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[2]["loss"] == 1.0 / 3 and records[3]["loss"] == 2.0 / 4  # the first start's up to 3, then the second's
+    starts = [json.loads(line) for line in (tmp_path / "workers" / "starts.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["checkpoint"]) for s in starts] == [(0, None), (3, "step-00000003")]
+    assert not list(tmp_path.glob("*.partial"))
+
+    # a restart before any checkpoint trains from step 1 again: nothing of the earlier start stays
+    keep_records_up_to(tmp_path / "metrics.jsonl", 0)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    keep_records_up_to(tmp_path / "absent.jsonl", 5)  # a first start has no file yet
+    assert not (tmp_path / "absent.jsonl").exists()
