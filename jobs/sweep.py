@@ -9,7 +9,7 @@ On a cluster:
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/qwen2.5-vl-7b.yaml \\
         --space sweeps/emoadapter.yaml --out /shared/runs/sweep model.init_from=/shared/runs/stage1/export
 Watch it: the Ray dashboard's Jobs/Actors pages, or `tensorboard --logdir runs/sweep`.
-Stopped midway (Ctrl-C, a lost driver)? The same command with --resume continues it.
+Stopped midway (Ctrl-C, `ray job stop`, a lost driver)? The same command with --resume continues it.
 """
 
 import sys

@@ -26,6 +26,7 @@ def test_an_autoscaling_cluster_before_its_gpu_nodes_start_holds_no_gpu_worker()
     assert workers_that_fit([{"CPU": 4}], GPU_WORKER, "PACK") == 0
     assert workers_that_fit([], GPU_WORKER, "STRICT_PACK") == 0
     assert workers_that_fit([{"CPU": 4}, {"CPU": 2.5}], {"CPU": 1.0}, "PACK") == 6
+    assert workers_that_fit([{"CPU": 33}], {"CPU": 1.1}, "PACK") == 30  # 33 / 1.1 is 29.999... in floats; Ray fits 30
 
 
 def test_a_worker_on_a_node_that_cannot_see_the_run_folder_or_the_shards_stops_before_loading(tmp_path):
@@ -41,13 +42,20 @@ def test_a_worker_on_a_node_that_cannot_see_the_run_folder_or_the_shards_stops_b
     loop_config = {"launch_id": "abc", "shards": {"data.train_shards": [str(shard), "s3://bucket/x.tar"], "data.val_shards": []}}
     run_dir = tmp_path / "run"
     with pytest.raises(UserError, match=rf"^node \S+ cannot see --out '{run_dir}' \(the file the driver wrote"):
-        check_this_node_sees(run_dir, loop_config)  # a node-local folder: nothing the driver wrote
+        check_this_node_sees(run_dir, loop_config, 0, 1, 2)  # a node-local folder: nothing the driver wrote
     (run_dir / "workers").mkdir(parents=True)
     (run_dir / "workers" / LAUNCH_FILE).write_text(json.dumps({"launch_id": "older"}))
     with pytest.raises(UserError, match="cannot see --out"):
-        check_this_node_sees(run_dir, loop_config)  # an earlier launch's file: not the folder this driver writes to
+        check_this_node_sees(run_dir, loop_config, 0, 1, 2)  # an earlier launch's file: not the folder this driver writes to
     (run_dir / "workers" / LAUNCH_FILE).write_text(json.dumps({"launch_id": "abc"}))
-    check_this_node_sees(run_dir, loop_config)
+    check_this_node_sees(run_dir, loop_config, 0, 1, 2)
     shard.unlink()
     with pytest.raises(UserError, match=rf"cannot see data.train_shards '{shard}': every node must see the data"):
-        check_this_node_sees(run_dir, loop_config)
+        check_this_node_sees(run_dir, loop_config, 0, 1, 2)
+    # a rank looks for its own shards only: rank 1 of 2 reads the other one
+    other = tmp_path / "train-001.tar"
+    other.write_bytes(b"")
+    loop_config["shards"]["data.train_shards"] = [str(shard), str(other)]
+    check_this_node_sees(run_dir, loop_config, 1, 2, 1)
+    with pytest.raises(UserError, match="train-000.tar"):
+        check_this_node_sees(run_dir, loop_config, 0, 2, 1)

@@ -17,7 +17,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "stage logic, scoring, Ray plumbing",
         ("vaemo.train.objectives", "vaemo.cache_fingerprint", "vaemo.eval.scoring", "vaemo.eval.report", "vaemo.cluster"),
     ),
-    ("runs: training, evaluation, caches, sweeps", ("vaemo.train", "vaemo.eval", "vaemo.teacher_cache", "vaemo.tune")),
+    (
+        "runs: training, evaluation, caches, sweeps",
+        ("vaemo.train", "vaemo.eval", "vaemo.teacher_cache", "vaemo.tune", "vaemo.asha"),
+    ),
     ("pipelines", ("vaemo.demo", "vaemo.science")),
     ("command line", ("vaemo.cli",)),
 ]

@@ -11,6 +11,22 @@ def steps_of(path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
+def tensorboard_events(folder) -> list:
+    """The events of every event file in `folder`, file by file in the order written (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            events.append(Event.FromString(data[offset + 12 : offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
+
+
 def test_a_start_from_a_checkpoint_drops_what_an_earlier_start_recorded_after_it(tmp_path):
     """Ray restarts a worker group from its last checkpoint (step 3), so steps 4-6 train again: they must be
     recorded once, or every plot of the run doubles back."""
@@ -29,6 +45,16 @@ def test_a_start_from_a_checkpoint_drops_what_an_earlier_start_recorded_after_it
     starts = [json.loads(line) for line in (tmp_path / "workers" / "starts.jsonl").read_text().splitlines()]
     assert [(s["step"], s["checkpoint"]) for s in starts] == [(0, None), (3, "step-00000003")]
     assert not list(tmp_path.glob("*.partial"))
+
+    # TensorBoard hides the first start's events from step 4 on: the second start's events begin with that mark
+    marks = [(e.step, e.session_log.status) for e in tensorboard_events(tmp_path / "tb") if e.HasField("session_log")]
+    assert marks == [(1, 1), (4, 1)]  # SessionLog.START at purge_step: start step + 1
+
+    # a line cut short by a process stopped while appending it goes with what came after the checkpoint
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    keep_records_up_to(tmp_path / "metrics.jsonl", 8)
+    assert steps_of(tmp_path / "metrics.jsonl") == list(range(1, 9))
 
     # a restart before any checkpoint trains from step 1 again: nothing of the earlier start stays
     keep_records_up_to(tmp_path / "metrics.jsonl", 0)

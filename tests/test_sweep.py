@@ -147,7 +147,7 @@ trials: 2
 max_concurrent: 1
 validate_every: 2
 val_batches: 1
-scheduler: {type: fifo}
+scheduler: {type: asha, grace_period: 15}  # one rung, at the last step: no trial stops early
 space:
   train.lr: {loguniform: [1.0e-4, 1.0e-3]}
 trial_overrides: [scaling.num_workers=1, scaling.cpus_per_worker=1]
@@ -155,12 +155,15 @@ trial_overrides: [scaling.num_workers=1, scaling.cpus_per_worker=1]
 
 
 def test_an_interrupted_sweep_resumes_its_unfinished_trial_from_its_checkpoint(small_world, stage0_export, tmp_path):
-    """Ctrl-C while the second trial trains: one line says how to continue and no best.yaml is written from
-    part of the trials. `--resume` keeps the finished trial as it was, continues the other from its newest
-    checkpoint, then chooses among both. A changed command is refused."""
+    """`ray job stop` (SIGTERM) while the second trial trains: Tune saves its state, one line says how to continue
+    and no best.yaml is written from part of the trials. `--resume` keeps the finished trial as it was,
+    continues the other from its newest checkpoint, then chooses among both. A changed command is refused."""
     import json
     import signal
     import time
+
+    from vaemo.asha import saved_reports
+    from vaemo.train.checkpoint import missing_parts
 
     (tmp_path / "sweep.yaml").write_text(RESUMABLE)
     out = tmp_path / "sweep"
@@ -172,13 +175,13 @@ def test_an_interrupted_sweep_resumes_its_unfinished_trial_from_its_checkpoint(s
 
     def second_trial_checkpointed() -> bool:
         trials = sorted((out / "trials").glob("*"), key=lambda t: t.stat().st_mtime) if (out / "trials").is_dir() else []
-        return len(trials) == 2 and any((trials[1] / "checkpoints").glob("step-*/meta.json"))
+        return len(trials) == 2 and any(not missing_parts(m.parent) for m in (trials[1] / "checkpoints").glob("step-*/meta.json"))
 
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None and not second_trial_checkpointed():
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=300)
     finally:
         proc.kill()
@@ -186,6 +189,9 @@ def test_an_interrupted_sweep_resumes_its_unfinished_trial_from_its_checkpoint(s
     assert proc.returncode == 2 and len(errors) == 1, stderr[-3000:]
     assert "1 of 2 trials unfinished" in errors[0] and "--resume" in errors[0]
     assert not (out / "best.yaml").exists()
+    # what a resumed ASHA rebuilds its rungs from: every report Tune saved, the finished trial's to its end
+    reports = sorted(saved_reports(out / "tune", "step", "val_objective").values(), key=len)
+    assert len(reports) == 2 and [step for step, _ in reports[1]] == list(range(2, 31, 2)) and reports[0][0][0] == 2
 
     changed = run(command + ["train.lr=0.5", "--resume"])
     assert changed.returncode == 2 and "--resume: the sweep in --out" in changed.stderr.splitlines()[-1], changed.stderr[-2000:]
@@ -279,6 +285,31 @@ def test_a_bad_sweep_file_names_the_problem_before_ray_starts(tmp_path, text, me
     bad.write_text(text + "\n")
     with pytest.raises(UserError, match=message):
         load_sweep(bad, ROOT / "configs/tiny.yaml")
+
+
+def test_a_resumed_asha_judges_new_reports_against_the_rungs_of_the_trials_before_it():
+    """Tune restores the search on resume, not the scheduler: with empty rungs the first trial to reach each
+    one went through whatever it scored."""
+    from types import SimpleNamespace
+
+    from vaemo.asha import ResumableASHA, replay_reports
+
+    def asha():
+        return ResumableASHA("/nowhere", time_attr="step", max_t=8, grace_period=2, reduction_factor=2, metric="m", mode="max")
+
+    earlier = {"a": [(2.0, 0.9), (4.0, 0.9)], "b": [(2.0, 0.5)]}
+    late = SimpleNamespace(trial_id="c")
+    fresh, resumed = asha(), asha()
+    replay_reports(resumed._brackets, earlier, resumed._metric_op)
+    assert fresh._brackets[0].on_result(late, 2.0, 0.4) == "CONTINUE"  # nothing to compare with
+    assert resumed._brackets[0].on_result(late, 2.0, 0.4) == "STOP"  # below the median of 0.9 and 0.5
+    assert resumed._brackets[0].on_result(SimpleNamespace(trial_id="b"), 4.0, 0.95) == "CONTINUE"  # b continues at rung 4
+
+
+def test_a_mistake_in_the_commands_overrides_is_not_blamed_on_the_sweep_file():
+    spec = ROOT / "sweeps/emoadapter.yaml"
+    with pytest.raises(UserError, match="^unknown config key 'train.max_stepz'"):
+        load_sweep(spec, ROOT / "configs/tiny.yaml", ["train.max_stepz=30"])
 
 
 def test_searched_values_reach_the_config_as_they_were_drawn():

@@ -312,4 +312,5 @@ def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]
 def actors_that_fit(resources: dict[str, float], cpus: float, gpus: float) -> int:
     """How many actors of `cpus` CPUs and `gpus` GPUs a node's total resources hold."""
     counts = [resources.get(name, 0) / amount for name, amount in (("CPU", cpus), ("GPU", gpus)) if amount > 0]
-    return int(min(counts, default=float("inf"))) if counts else 1 << 30
+    # (Ray counts resources in units of 1e-4: 33 CPUs hold 30 actors of 1.1, though 33 / 1.1 is 29.999...)
+    return int(min(counts) + 1e-6) if counts else 1 << 30

@@ -165,13 +165,16 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
                 reports.append(writer.write_shard(url))
                 update(done)
         else:
+            import ray
+
             from vaemo.cluster import check_nodes_see, connect_ray, map_on_actors
 
-            gpus = None if cfg.scaling.use_gpu else 0.0
             connect_ray()
+            gpus = float(cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1)  # one GPU an actor, if any
             # every node that could host an actor sees the shards, the models and --out, before any model loads
             model_paths = [(f"model.{name}", getattr(cfg.model, name) or "") for name in ("vlm", "audio_encoder", "init_from")]
-            check_nodes_see([("--shards", url) for url in urls] + model_paths, ("--out", out), {"CPU": cpus_per_actor})
+            per_actor = {"CPU": cpus_per_actor, "GPU": gpus}
+            check_nodes_see([("--shards", url) for url in urls] + model_paths, ("--out", out), per_actor)
             work = map_on_actors(
                 TeacherCacheWriter, (config, str(out), int(cpus_per_actor)), "write_shard", urls, actors, cpus_per_actor, gpus
             )

@@ -12,8 +12,10 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -152,6 +154,8 @@ def load_sweep(path: str | Path, config_path: str | Path, overrides: list[str] |
     except ConfigError as err:  # the config's own checks read the sweep file: name it as what it is
         text = str(err).replace("config field '", "sweep field '").replace("unknown config key '", "unknown sweep field '")
         raise ConfigError(f"--space '{path}': {text.replace('<root>', 'the whole file')}") from None
+    # the preset with the sweep's and the command's overrides first: their own mistakes are named as such
+    load_config(config_path, [*spec.trial_overrides, *(overrides or [])], stage=2)
     for key, sampler in spec.space.items():  # every searched field must exist and accept the values
         name, values = next(iter(sampler.items()))
         # as Tune will draw them: a uniform range draws fractions (an integer field refuses 300.5, not 128.0)
@@ -253,19 +257,23 @@ def sweep(
 ) -> dict:
     """Run the sweep (`resume`: continue the one in `out`); returns {"best": params, "metric": value, "trials": rows}."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from vaemo.asha import ResumableASHA
     from vaemo.cluster import check_nodes_see, connect_ray, remove_placement_groups_of_this_job
-    from vaemo.train.launch import preflight, stage_inputs, worker_resources
+    from vaemo.train.launch import check_cluster, preflight, stage_inputs, worker_resources
 
     out = Path(out).expanduser().resolve()
     spec = load_sweep(space_path, config_path, overrides)
     earlier = [name for name in SWEEP_OUTPUTS if (out / name).exists()]
     if resume and overwrite:
         raise UserError("--resume continues the sweep in --out and --overwrite replaces it: pass one of them")
-    if resume and not (tune.Tuner.can_restore(str(out / "tune")) and (out / STARTED_WITH).is_file()):
-        raise UserError(f"--out '{out}' holds no sweep to resume (no Tune state in {out / 'tune'}); start it without --resume")
+    if resume and not (saved_trials(out / "tune") and (out / STARTED_WITH).is_file()):
+        raise UserError(
+            f"--out '{out}' holds no sweep to resume (no trial in Tune's state in {out / 'tune'}); start it afresh "
+            "with --overwrite"
+        )
     if earlier and not (overwrite or resume):
         raise UserError(
             f"--out '{out}' already holds a sweep ({', '.join(earlier)}); continue it with --resume, replace it with "
@@ -297,27 +305,31 @@ def sweep(
         for name in earlier:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-        (out / STARTED_WITH).write_text(json.dumps(started_with, indent=1))
     # Trials run in Tune's own working directories: they start from this resolved config (paths absolute)
     # and add only their sampled parameters.
     trial_config = out / "trial_base.yaml"
     dump_config(base, trial_config)
     connect_ray()
-    # once for all trials: a node that cannot see --out or the data would fail each trial in turn
+    # once for all trials: a group the cluster cannot hold, or a node that cannot see --out or the data,
+    # would fail each trial in turn
+    check_cluster(base)
     check_nodes_see(stage_inputs(base, shards, None), ("--out", out), worker_resources(base))
     max_t, grace = asha_steps(base, spec.scheduler.grace_period)
     scheduler = (
-        ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=spec.scheduler.reduction_factor)
+        ResumableASHA(
+            str(out / "tune"), time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=spec.scheduler.reduction_factor
+        )
         if spec.scheduler.type == "asha"
         else FIFOScheduler()
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, config_path=str(trial_config), overrides=[], out_root=str(out)), {"cpu": spec.trial_cpus}
     )
-    if resume:  # the searcher, the scheduler and every trial's state as the interrupted sweep left them
+    if resume:  # the searcher and every trial's state as the interrupted sweep left them (ASHA: ResumableASHA)
         tuner = tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True)
         progress.log(f"resuming the sweep in {out}: finished trials keep their results, the others continue")
     else:
+        (out / STARTED_WITH).write_text(json.dumps(started_with, indent=1))
         tuner = tune.Tuner(
             trainable,
             param_space=tune_space(spec.space),
@@ -331,9 +343,13 @@ def sweep(
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
         )
+    # `ray job stop` sends SIGTERM (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S): Tune saves its state and
+    # stops on SIGINT or SIGUSR1 alone, and a job's driver may have SIGINT blocked
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
     try:
         grid = tuner.fit()
     finally:  # a failed or interrupted sweep must not keep the head's CPUs either
+        signal.signal(signal.SIGTERM, previous)
         remove_placement_groups_of_this_job()
     rows = []
     for result in grid:
@@ -362,12 +378,11 @@ def sweep(
         )
     # Only a trial that trained its whole budget can be the best: an early ASHA stop is judged on a model
     # that never finished training.
-    ranked = [r for r in rows if r[spec.metric] is not None and r["steps"] == base.train.max_steps]
+    last_step = base.train.stop_after or base.train.max_steps
+    ranked = [r for r in rows if r[spec.metric] is not None and r["steps"] == last_step]
     if not ranked:
         reason = next((r["error"] for r in rows if r["error"]), "none trained all its steps")
-        raise UserError(
-            f"no trial reported {spec.metric} after {base.train.max_steps} steps: {reason} (all trials: {out / 'trials.csv'})"
-        )
+        raise UserError(f"no trial reported {spec.metric} after {last_step} steps: {reason} (all trials: {out / 'trials.csv'})")
     best = (max if spec.mode == "max" else min)(ranked, key=lambda r: r[spec.metric])
     best_params = {k: best[k] for k in spec.space}
     # The trial's own config: the one that scored best[metric]. What the sweep set for its trials (a smaller
@@ -394,10 +409,17 @@ def unfinished_trials(tune_dir: Path, expected: int) -> int:
     """Trials of the sweep that neither finished nor failed, as Tune's saved state has them. After a Ctrl-C Tune
     ends the running trials, which then look finished in the results it returns, but it saves them first, as
     pending; trials the search had not drawn yet are in neither."""
+    return expected - sum(trial.status in ("TERMINATED", "ERROR") for trial in saved_trials(tune_dir))
+
+
+def saved_trials(tune_dir: Path) -> list:
+    """The trials in Tune's saved state of a sweep; none when it saved none (a sweep stopped before its first)."""
     from ray.tune import ExperimentAnalysis
 
-    saved = ExperimentAnalysis(str(tune_dir)).trials
-    return expected - sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+    try:
+        return list(ExperimentAnalysis(str(tune_dir)).trials)
+    except (ValueError, FileNotFoundError):  # Tune's "no experiment state found"
+        return []
 
 
 def check_same_sweep(started: dict, now: dict, out: Path) -> None:

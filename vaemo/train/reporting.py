@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -86,8 +87,11 @@ class MetricsWriter:
             f.write(json.dumps({"step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(start or {})}) + "\n")
         from tensorboardX import SummaryWriter
 
-        # (TensorBoard hides the events of an earlier start from purge_step on)
-        self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10, purge_step=start_step + 1)
+        # TensorBoard hides the events of an earlier start from purge_step on. (tensorboardX names a file by
+        # the second it opened it: a start within the same second as the last would write over its file.)
+        self.tb = SummaryWriter(
+            str(run_dir / "tb"), flush_secs=10, purge_step=start_step + 1, filename_suffix=f".{os.getpid()}.{start_step}"
+        )
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -111,12 +115,21 @@ def keep_records_up_to(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if recorded_step(line) <= step]
     if len(kept) == len(lines):
         return
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(line + "\n" for line in kept))
     partial.replace(path)
+
+
+def recorded_step(line: str) -> float:
+    """A metrics line's step; infinity for a line cut short (a process stopped while appending it), so that it
+    is dropped with what came after the checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 LINE_KEYS = (

@@ -164,7 +164,9 @@ def train_worker(loop_config: dict) -> None:
 
     cfg = config_from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    check_this_node_sees(run_dir, loop_config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    check_this_node_sees(run_dir, loop_config, rank, world_size, cfg.data.loader_workers)
     quiet_libraries()
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     if not use_gpu:
@@ -174,8 +176,6 @@ def train_worker(loop_config: dict) -> None:
 
     if not use_gpu:
         skip_cpu_shm_op()
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     if use_gpu:
         torch.cuda.set_device(context.get_local_rank())
@@ -225,6 +225,10 @@ def train_worker(loop_config: dict) -> None:
     latest_validation: dict = {}  # carried into later Ray reports: Tune ranks trials by it
     shards_read: set[str] = set()
     final_step = cfg.train.stop_after or cfg.train.max_steps
+    if source is not None and start_step >= final_step:
+        # Resumed at its last step (a sweep's trial started again after it had saved its end): a Tune trial
+        # needs the final report, which went with that checkpoint; a stage run only exports again.
+        ray.train.report(ckpt.read_meta(source).get("metrics", {}))
     for step in range(start_step + 1, final_step + 1):
         waited = time.perf_counter()
         batch = next(batches)
@@ -310,11 +314,13 @@ def named_stream(batches: Iterator, name: str, rank: int) -> Iterator:
         raise NoUsableData(f"{NoUsableData.MARKER}{name}: {line}; read by rank {rank} on node {socket.gethostname()}") from None
 
 
-def check_this_node_sees(run_dir: Path, loop_config: dict) -> None:
-    """This worker's node sees the run folder the driver wrote into and the local shards, before the model
-    loads; else one line naming the node. The driver checks every node it can reach (check_nodes_see); this
-    covers the nodes it could not: those an autoscaler starts for the group."""
+def check_this_node_sees(run_dir: Path, loop_config: dict, rank: int, world_size: int, loader_workers: int) -> None:
+    """This worker's node sees the run folder the driver wrote into and the local shards this rank reads,
+    before the model loads; else one line naming the node. The driver checks every node it can reach
+    (check_nodes_see); this covers the nodes it could not: those an autoscaler starts for the group."""
     import socket
+
+    from vaemo.data.stream import train_shard_subset
 
     try:
         seen = json.loads((run_dir / "workers" / LAUNCH_FILE).read_text()).get("launch_id")
@@ -326,7 +332,12 @@ def check_this_node_sees(run_dir: Path, loop_config: dict) -> None:
             "every node must see the run folder at the same path (shared storage)"
         )
     for field, urls in loop_config["shards"].items():
-        unseen = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url)]
+        if not urls:  # (no validation)
+            continue
+        # (this rank's shards alone: thousands of shards times every rank would be millions of lookups)
+        workers = max(1, loader_workers) if field == "data.train_shards" else 1
+        mine = {url for worker in range(workers) for url in train_shard_subset(urls, rank, world_size, worker, workers)}
+        unseen = sorted(url for url in mine if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url))
         if unseen:
             raise UserError(
                 f"node {socket.gethostname()} cannot see {field} '{unseen[0]}'"
@@ -429,6 +440,7 @@ def save_checkpoint(
                 "loader_workers": cfg.data.loader_workers,
                 "zero_stage": engine.zero_optimization_stage(),
                 "launch_id": loop_config["launch_id"],
+                "metrics": {**metrics, "step": step},  # reported again by a resume that has no step left
             }
             (local / "meta.json").write_text(json.dumps(meta))
         ray.train.report(
