@@ -306,6 +306,46 @@ def test_a_resumed_asha_judges_new_reports_against_the_rungs_of_the_trials_befor
     assert resumed._brackets[0].on_result(SimpleNamespace(trial_id="b"), 4.0, 0.95) == "CONTINUE"  # b continues at rung 4
 
 
+def test_a_failed_replay_leaves_the_resumed_sweep_to_go_on(monkeypatch, capsys):
+    """Tune restarts a whole sweep from scratch on any error its scheduler raises while the trials are re-added."""
+    from types import SimpleNamespace
+
+    import vaemo.asha
+    from vaemo.asha import ResumableASHA
+
+    def unreadable(*_):
+        raise PermissionError("no access")
+
+    monkeypatch.setattr(vaemo.asha, "saved_reports", unreadable)
+    asha = ResumableASHA("/nowhere", time_attr="step", max_t=8, grace_period=2, metric="m", mode="max")
+    asha.on_trial_add(None, SimpleNamespace(trial_id="a"))
+    asha.on_trial_add(None, SimpleNamespace(trial_id="b"))
+    assert set(asha._trial_info) == {"a", "b"} and "could not rebuild its rungs" in capsys.readouterr().out
+
+
+def test_sigterm_stops_a_sweep_as_tune_does_or_with_one_line_before_tune_listens(tmp_path):
+    """`ray job stop` sends SIGTERM: Tune saves and stops on SIGUSR1 only; before Tune listens for that, SIGUSR1's
+    default would end the driver silently, skipping the sweep's cleanup. A cut-short saved state is one line too."""
+    import signal
+
+    from vaemo.tune import saved_trials, stop_tune
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        with pytest.raises(UserError, match="stopped \\(SIGTERM\\) before its trials started"):
+            stop_tune()
+        heard = []
+        signal.signal(signal.SIGUSR1, lambda *_: heard.append(True))
+        stop_tune()
+        assert heard == [True]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert saved_trials(tmp_path) == []  # no state saved: no sweep to resume
+    (tmp_path / "experiment_state-2026-12-06_07-00-00.json").write_text('{"trial_data": [["{\\"trial_id')
+    with pytest.raises(UserError, match="cannot be read .*remove the newest experiment_state"):
+        saved_trials(tmp_path)
+
+
 def test_a_mistake_in_the_commands_overrides_is_not_blamed_on_the_sweep_file():
     spec = ROOT / "sweeps/emoadapter.yaml"
     with pytest.raises(UserError, match="^unknown config key 'train.max_stepz'"):

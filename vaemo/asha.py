@@ -13,6 +13,8 @@ from types import SimpleNamespace
 from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler
 
+from vaemo import progress
+
 
 class ResumableASHA(ASHAScheduler):
     """ASHA that, before its first trial, replays the reports Tune saved in `tune_dir` for the sweep's trials
@@ -27,7 +29,16 @@ class ResumableASHA(ASHAScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self.replayed:
             self.replayed = True
-            replay_reports(self._brackets, saved_reports(Path(self.tune_dir), self._time_attr, self._metric), self._metric_op)
+            # the folder Tune restored from (an --out moved since the start is not the path pickled then)
+            tune_dir = getattr(getattr(trial, "storage", None), "experiment_fs_path", None) or self.tune_dir
+            try:
+                reports = saved_reports(Path(tune_dir), self._time_attr, self._metric)
+                replay_reports(self._brackets, reports, self._metric_op)
+            except Exception as err:  # noqa: BLE001 (Tune would restart the whole sweep on any error raised here)
+                progress.log(f"ASHA could not rebuild its rungs from {tune_dir} ({err}): later trials meet empty rungs")
+            else:
+                if reports:
+                    progress.log(f"ASHA rebuilt its rungs from the saved reports of {len(reports)} trial(s)")
         super().on_trial_add(tune_controller, trial)
 
 
@@ -52,7 +63,8 @@ def saved_reports(tune_dir: Path, time_attr: str, metric: str) -> dict[str, list
     reports = {}
     for frame in frames.values():
         if {"trial_id", time_attr, metric} <= set(frame.columns):
-            rows = frame[[time_attr, metric, "trial_id"]].dropna().sort_values(time_attr)
+            # (stable: a resumed trial's steps between its checkpoint and the stop come twice; the first counted)
+            rows = frame[[time_attr, metric, "trial_id"]].dropna().sort_values(time_attr, kind="stable")
             if len(rows):
                 reports[str(rows["trial_id"].iloc[0])] = [(float(t), float(v)) for t, v in zip(rows[time_attr], rows[metric])]
     return reports

@@ -345,7 +345,7 @@ def sweep(
         )
     # `ray job stop` sends SIGTERM (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S): Tune saves its state and
     # stops on SIGINT or SIGUSR1 alone, and a job's driver may have SIGINT blocked
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
+    previous = signal.signal(signal.SIGTERM, stop_tune)
     try:
         grid = tuner.fit()
     finally:  # a failed or interrupted sweep must not keep the head's CPUs either
@@ -405,6 +405,14 @@ def sweep(
     return {"best": best_params, "metric": best[spec.metric], "trials": rows}
 
 
+def stop_tune(*_) -> None:
+    """SIGTERM's handler during a sweep: Tune's own stop (SIGUSR1), which saves its state; before Tune has set
+    that up, one line (and the cleanup in `sweep`'s finally) instead of SIGUSR1's default, a silent exit."""
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        raise UserError("the sweep was stopped (SIGTERM) before its trials started")
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def unfinished_trials(tune_dir: Path, expected: int) -> int:
     """Trials of the sweep that neither finished nor failed, as Tune's saved state has them. After a Ctrl-C Tune
     ends the running trials, which then look finished in the results it returns, but it saves them first, as
@@ -418,7 +426,12 @@ def saved_trials(tune_dir: Path) -> list:
 
     try:
         return list(ExperimentAnalysis(str(tune_dir)).trials)
-    except (ValueError, FileNotFoundError):  # Tune's "no experiment state found"
+    except json.JSONDecodeError as err:  # a save cut short (a driver killed while Tune wrote it)
+        raise UserError(
+            f"Tune's saved state in {tune_dir} cannot be read ({err}): remove the newest experiment_state-*.json "
+            "there (Tune then takes the one before) and resume again"
+        ) from None
+    except (ValueError, FileNotFoundError):  # Tune's "no experiment snapshot file"
         return []
 
 
