@@ -190,8 +190,9 @@ def test_an_interrupted_sweep_resumes_its_unfinished_trial_from_its_checkpoint(s
     assert "1 of 2 trials unfinished" in errors[0] and "--resume" in errors[0]
     assert not (out / "best.yaml").exists()
     # what a resumed ASHA rebuilds its rungs from: every report Tune saved, the finished trial's to its end
+    # (the stopped trial's first report may not have reached Tune yet when its checkpoint was on disk)
     reports = sorted(saved_reports(out / "tune", "step", "val_objective").values(), key=len)
-    assert len(reports) == 2 and [step for step, _ in reports[1]] == list(range(2, 31, 2)) and reports[0][0][0] == 2
+    assert 1 <= len(reports) <= 2 and [step for step, _ in reports[-1]] == list(range(2, 31, 2))
 
     changed = run(command + ["train.lr=0.5", "--resume"])
     assert changed.returncode == 2 and "--resume: the sweep in --out" in changed.stderr.splitlines()[-1], changed.stderr[-2000:]
