@@ -40,6 +40,7 @@ from vaemo.train.objectives import SeeObjective  # noqa: E402
 from vaemo.train.trainer import learning_rate  # noqa: E402
 
 LABELS = {"object": vocab.OBJECTS, "emotion": vocab.EMOTIONS}
+HEADS = [(task, pool) for task in LABELS for pool in SeeObjective.POOLS]  # stage 0's, for the tiny preset
 
 
 def decode_split(pattern: str, spec: DecodeSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -62,9 +63,9 @@ def decode_split(pattern: str, spec: DecodeSpec) -> tuple[torch.Tensor, dict[str
 def probe(cfg, train, val, steps: int, batch: int, seed: int, report_every: int) -> list[dict]:
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.data, seed=seed)
-    heads = nn.ModuleDict(
-        {f"{task}_{pool}": nn.Linear(model.hidden_size, len(LABELS[task])) for task, pool in SeeObjective.AUX_HEADS}
-    ).to(model.dtype)
+    heads = nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, len(LABELS[task])) for task, pool in HEADS}).to(
+        model.dtype
+    )
     params = list(model.vlm.model.visual.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(seed)
@@ -126,7 +127,7 @@ def main() -> None:
         print(f"{fit}: {len(train[0])} train and {len(val[0])} val clips decoded", flush=True)
         finals[fit] = [probe(cfg, train, val, args.steps, args.batch, seed, args.report_every)[-1] for seed in args.seeds]
 
-    heads = [f"val_{task}_{pool}_acc" for task, pool in SeeObjective.AUX_HEADS]
+    heads = [f"val_{task}_{pool}_acc" for task, pool in HEADS]
     print(f"\nval accuracy after {args.steps} steps, mean over seeds {args.seeds} (each seed in brackets)")
     print(f"{'fit':<10}" + "".join(f"{h[4:-4]:>28}" for h in heads))
     for fit, rows in finals.items():

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from vaemo.cluster import workers_that_fit
+from vaemo.cluster import actors_to_ask, workers_that_fit
+from vaemo.errors import UserError
 
 GPU_WORKER = {"CPU": 8, "GPU": 1}
 # a CPU-only head, an 8-GPU node with 32 CPUs (4 workers of 8 CPUs), a 2-GPU node with 64 CPUs
@@ -27,6 +28,19 @@ def test_an_autoscaling_cluster_before_its_gpu_nodes_start_holds_no_gpu_worker()
     assert workers_that_fit([], GPU_WORKER, "STRICT_PACK") == 0
     assert workers_that_fit([{"CPU": 4}, {"CPU": 2.5}], {"CPU": 1.0}, "PACK") == 6
     assert workers_that_fit([{"CPU": 33}], {"CPU": 1.1}, "PACK") == 30  # 33 / 1.1 is 29.999... in floats; Ray fits 30
+
+
+def test_an_actor_pool_asks_for_what_the_nodes_hold_or_with_autoscaling_for_every_actor(capsys):
+    # eval and teacher-cache pools of one GPU an actor, before and after the GPU nodes start
+    assert actors_to_ask(8, NODES, 1.0, 1.0, autoscaling=False) == 8
+    assert actors_to_ask(16, NODES, 1.0, 1.0, autoscaling=False) == 10
+    assert "10 actor(s) instead of 16" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no node of this Ray cluster can hold one actor of 1 CPU and 1 GPU.*autoscaling"):
+        actors_to_ask(8, [{"CPU": 4}], 1.0, 1.0, autoscaling=False)
+    assert actors_to_ask(8, [{"CPU": 4}], 1.0, 1.0, autoscaling=True) == 8
+    assert "hold 0 of 8 actor(s) of 1 CPU and 1 GPU each: the rest wait for the autoscaler" in capsys.readouterr().out
+    assert actors_to_ask(3, [{"CPU": 4}], 1.0, 0.0, autoscaling=True) == 3  # enough now: no line
+    assert "autoscaler" not in capsys.readouterr().out
 
 
 def test_a_worker_on_a_node_that_cannot_see_the_run_folder_or_the_shards_stops_before_loading(tmp_path):

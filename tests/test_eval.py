@@ -312,15 +312,21 @@ def test_the_eval_section_of_a_preset_gives_the_defaults(tmp_path):
     parser = __import__("argparse").ArgumentParser()
     add_eval_args(parser)
     base = ["--model", "m", "--bench", "b", "--out", "o"]
-    preset = eval_settings(parser.parse_args([*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml")]))
-    assert (preset.actors, preset.batch_items, preset.deaf_check) == (8, 32, True)
-    flags = eval_settings(
+    preset, autoscaling = eval_settings(parser.parse_args([*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml")]))
+    assert (preset.actors, preset.batch_items, preset.deaf_check, preset.gpus_per_actor) == (8, 32, True, None)
+    assert not autoscaling
+    flags, _ = eval_settings(
         parser.parse_args(
             [*base, "--config", str(ROOT / "configs/qwen2.5-vl-7b.yaml"), "--actors", "3", "--dtype", "bf16", "--no-deaf-check"]
         )
     )
     assert (flags.actors, flags.batch_items, flags.dtype, flags.deaf_check) == (3, 32, "bf16", False)
-    assert eval_settings(parser.parse_args(base)).actors == 2
+    assert eval_settings(parser.parse_args(base))[0].actors == 2
+    # A cluster whose GPU nodes start on demand: the preset says so, the flag asks for a GPU per actor.
+    on_demand = tmp_path / "on-demand.yaml"
+    on_demand.write_text(f"base: {ROOT / 'configs/qwen2.5-vl-7b.yaml'}\nscaling:\n  autoscaling: true\n")
+    settings, autoscaling = eval_settings(parser.parse_args([*base, "--config", str(on_demand), "--gpus-per-actor", "1"]))
+    assert (settings.gpus_per_actor, autoscaling) == (1.0, True)
     from_preset = parser.parse_args(["--model", "m", "--out", "o", "--config", str(ROOT / "configs/tiny.yaml")])
     eval_settings(from_preset)
     assert from_preset.bench == str(ROOT / "runs/data/bench")  # the preset's data.bench_dir, made absolute
@@ -328,6 +334,8 @@ def test_the_eval_section_of_a_preset_gives_the_defaults(tmp_path):
 
     with pytest.raises(UserError, match="--bench is required"):
         eval_settings(parser.parse_args(["--model", "m", "--out", "o"]))
+    with pytest.raises(UserError, match=r"--gpus-per-actor \(eval.gpus_per_actor\) must be >= 0"):
+        eval_settings(parser.parse_args([*base, "--gpus-per-actor", "-1"]))
 
 
 def test_chart_labels_draw_in_a_font_that_has_them_and_characters_none_has_are_one_line(tmp_path, capsys):

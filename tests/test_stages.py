@@ -97,6 +97,35 @@ def test_each_stage_prepares_computes_its_loss_and_trains_only_its_parts(stage):
     assert loss == pytest.approx(GOLDEN[stage], rel=1e-5, abs=1e-5)
 
 
+def test_stage_0_asks_what_the_config_asks_and_needs_only_a_caption():
+    """Off the synthetic corner: another emotion set, no labelled content set, a clip whose emotion is not
+    an option and a clip without `object`. Stage 0 used to require `object` and `emotion` on every clip and
+    to ask the synthetic world's questions whatever the config said."""
+    overrides = [
+        "prompts.describe=[Describe this artwork.]",
+        "prompts.questions={}",
+        'prompts.emotion_questions=["Which emotion does this artwork convey?"]',
+        "stage2.emotions=[joy, sadness]",
+    ]
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides, stage=0)
+    objective = objective_for(cfg)
+    assert objective.decode_spec().need_fields == ("caption",)
+    parts = build_stage_model(cfg, objective)
+    assert {name: head.out_features for name, head in parts.extra.items()} == {"emotion_max": 2, "emotion_mean": 2}
+    batch = labelled_batch(cfg)
+    del batch.meta[0]["object"]  # and its emotion, calm, is not among the options: no question, no head label
+    batch.meta[1]["emotion"] = "sadness"
+    step = objective.prepare(parts.model, batch, np.random.default_rng(0))
+    assert step.counts["lm_sequences"] == 3  # two captions and one emotion question
+    assert step.labels["emotion"].tolist() == [-100, 1] and step.labels["first_rows"].tolist() == [0, 1]
+    step.step = cfg.stage0.vision_warmup_steps + 1
+    synchronize(step, 1, objective.chunk)
+    result = objective.loss(parts.model, parts.extra, step)
+    result.loss.backward()
+    assert np.isfinite(float(result.loss.detach())) and result.sums["lm_sequences"] == 3
+    assert parts.extra["emotion_mean"].weight.grad.abs().sum() > 0
+
+
 def test_the_same_inputs_give_the_same_loss_twice():
     assert first_loss(1)[0] == first_loss(1)[0]
 

@@ -7,6 +7,7 @@ subclasses Ray's scheduler, so it imports Ray, which the sweep-file checks befor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler
 
 from vaemo import progress
+from vaemo.errors import UserError
 
 
 class ResumableASHA(ASHAScheduler):
@@ -54,14 +56,24 @@ def replay_reports(brackets: list, reports: dict[str, list[tuple[float, float]]]
             brackets[0].on_result(trial, time_value, metric_op * value)
 
 
+def saved_analysis(tune_dir: Path) -> ExperimentAnalysis | None:
+    """Tune's saved state of a sweep; None when it saved none (a sweep stopped before its first trial)."""
+    try:
+        return ExperimentAnalysis(str(tune_dir))
+    except json.JSONDecodeError as err:  # a save cut short (a driver killed while Tune wrote it)
+        raise UserError(
+            f"Tune's saved state in {tune_dir} cannot be read ({err}): remove the newest experiment_state-*.json "
+            "there (Tune then takes the one before) and resume again"
+        ) from None
+    except (ValueError, FileNotFoundError):  # Tune's "no experiment snapshot file"
+        return None
+
+
 def saved_reports(tune_dir: Path, time_attr: str, metric: str) -> dict[str, list[tuple[float, float]]]:
     """Every trial's reports of `metric` in Tune's saved results, by trial id: [(time, value)] in time order."""
-    try:
-        frames = ExperimentAnalysis(str(tune_dir)).trial_dataframes
-    except (ValueError, FileNotFoundError):
-        return {}
+    analysis = saved_analysis(tune_dir)
     reports = {}
-    for frame in frames.values():
+    for frame in analysis.trial_dataframes.values() if analysis else ():
         if {"trial_id", time_attr, metric} <= set(frame.columns):
             # (stable: a resumed trial's steps between its checkpoint and the stop come twice; the first counted)
             rows = frame[[time_attr, metric, "trial_id"]].dropna().sort_values(time_attr, kind="stable")

@@ -219,16 +219,24 @@ def forwarded_env() -> dict[str, str]:
 
 
 def map_on_actors(
-    cls: type, init_args: tuple, method: str, items: list, actors: int, cpus: float = 1.0, gpus: float | None = None
+    cls: type,
+    init_args: tuple,
+    method: str,
+    items: list,
+    actors: int,
+    cpus: float = 1.0,
+    gpus: float | None = None,
+    autoscaling: bool = False,
 ) -> Iterator[Any]:
     """Yield `cls(*init_args).<method>(item)` for every item, in completion order, from up to
     min(actors, len(items)) Ray actors of `cpus` CPUs and `gpus` GPUs each (None: one GPU when the
     cluster has any). Joins RAY_ADDRESS's cluster or starts a local Ray; kills the actors afterwards.
 
     Items go only to actors that have started: actors the cluster cannot place now (GPUs another job
-    holds, a node not yet up) join when they start, and the work never waits on them. Actors the whole
-    cluster could never place are not asked for. Until the first starts, a line every minute says what
-    the pool waits for."""
+    holds, a node not yet up) join when they start, and the work never waits on them. Actors the nodes
+    up now could never place are not asked for, unless `autoscaling` (the cluster adds nodes on demand:
+    asking is what makes it add them). Until the first starts, a line every minute says what the pool
+    waits for."""
     import ray
     from ray.util import ActorPool
 
@@ -237,16 +245,8 @@ def map_on_actors(
     connect_ray()
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    wanted = min(actors, len(items))
-    count = min(wanted, sum(actors_that_fit(node["Resources"], cpus, gpus) for node in ray.nodes() if node["Alive"]))
-    if count < 1:
-        totals = ray.cluster_resources()
-        raise UserError(
-            f"no node of this Ray cluster can hold one actor of {cpus:g} CPU and {gpus:g} GPU "
-            f"(the cluster has {totals.get('CPU', 0):g} CPU, {totals.get('GPU', 0):g} GPU)"
-        )
-    if count < wanted:
-        progress.log(f"{count} actor(s) instead of {wanted}: the cluster holds no more of {cpus:g} CPU and {gpus:g} GPU each")
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    count = actors_to_ask(min(actors, len(items)), nodes, cpus, gpus, autoscaling)
     env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -307,6 +307,29 @@ def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]
     if strategy == "STRICT_SPREAD":
         return sum(1 for fit in fits if fit >= 1)
     return sum(fits)
+
+
+def actors_to_ask(wanted: int, nodes: list[dict[str, float]], cpus: float, gpus: float, autoscaling: bool) -> int:
+    """How many of `wanted` actors to ask for, given the total resources of the nodes up now: those they hold
+    (a line when fewer than wanted), or, with `autoscaling`, all of them (the autoscaler adds nodes for the
+    actors Ray cannot place). One line and no actor where nothing could place one."""
+    count = min(wanted, sum(actors_that_fit(node, cpus, gpus) for node in nodes))
+    if count < wanted and autoscaling:
+        progress.log(
+            f"the nodes up now hold {count} of {wanted} actor(s) of {cpus:g} CPU and {gpus:g} GPU each: "
+            "the rest wait for the autoscaler to add nodes"
+        )
+        return wanted
+    if count < 1:
+        have = {name: sum(node.get(name, 0) for node in nodes) for name in ("CPU", "GPU")}
+        raise UserError(
+            f"no node of this Ray cluster can hold one actor of {cpus:g} CPU and {gpus:g} GPU "
+            f"(the cluster has {have['CPU']:g} CPU, {have['GPU']:g} GPU; where nodes start on demand, set "
+            "scaling.autoscaling=true)"
+        )
+    if count < wanted:
+        progress.log(f"{count} actor(s) instead of {wanted}: the cluster holds no more of {cpus:g} CPU and {gpus:g} GPU each")
+    return count
 
 
 def actors_that_fit(resources: dict[str, float], cpus: float, gpus: float) -> int:

@@ -292,7 +292,7 @@ class SupervisorConfig:
     hidden_size: int = 128
     """Hidden width of the heads."""
     categorical: bool = True
-    """Also predict the emotion category (4 classes in the synthetic world)."""
+    """Also predict the emotion category (one class per stage2.emotions entry)."""
 
 
 @dataclass
@@ -455,12 +455,13 @@ class DeepSpeedConfig:
 
 @dataclass
 class Stage0Config:
-    """Stage 0 ("see"): teach the tiny VLM to see, standing in for a pretrained VLM."""
+    """Stage 0 ("see"): teach a VLM from scratch to see, standing in for a pretrained VLM."""
 
     aux_weight: float = 1.0
-    """Weight of the auxiliary object/emotion heads on pooled visual tokens (a stand-in for pretraining)."""
+    """Weight of the auxiliary heads (one per labelled question set: emotion, and each prompts.questions set
+    with an answer_field) on pooled visual tokens (a stand-in for pretraining)."""
     questions_per_clip: int = 1
-    """Multiple-choice questions of each task (content, emotion) asked per clip and step, beside one caption."""
+    """Multiple-choice questions of each labelled set asked per clip and step, beside one caption."""
     vision_warmup_steps: int = 0
     """First steps run only the vision tower and the auxiliary heads (no LLM pass, so they are cheap): a
     tiny LLM trained jointly from scratch learns to ignore still-noisy visual tokens and hardly recovers.
@@ -495,17 +496,18 @@ class PromptsConfig:
             "Describe the scene and the mood of this clip.",
         ]
     )
-    """Description prompts (stage 1, and stage 2's KD term); the response is the clip's caption or the
-    frozen teacher's own answer (stage1.responses)."""
+    """Description prompts (stage 0, stage 1, and stage 2's KD term); the response is the clip's caption (stage
+    0) or, in stages 1 and 2, the caption or the frozen teacher's own answer (stage1.responses)."""
     questions: dict[str, Any] = field(default_factory=dict)
     """Multiple-choice question sets, `task: {ask: [paraphrases...], options: [...], answer_field: F}`, that
     stage 1 (stage1.questions) and stage 2's KD term (stage2.kd_questions) distil, answered with a random
     option: no label is used. With the optional `answer_field` (the clip's JSON field holding the right
-    option, e.g. `object`), stage 2's validation also scores the set (`val_<task>_acc`)."""
+    option, e.g. `object`), stage 0 asks the set with that answer (and trains a head on it), and stage 2's
+    validation also scores it (`val_<task>_acc`)."""
     emotion_questions: list[str] = field(
         default_factory=lambda: ["Which emotion does this clip convey?", "What feeling does this clip express?"]
     )
-    """How stage 2 asks for a clip's emotion (options: stage2.emotions); validation asks the first."""
+    """How stages 0 and 2 ask for a clip's emotion (options: stage2.emotions); validation asks the first."""
 
     def check(self, path: str) -> None:
         _require(
@@ -627,7 +629,10 @@ class EvalConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Precision of each replica: auto is bf16 on a GPU that has bf16 arithmetic, else fp32."""
     cpus_per_actor: float = 1.0
-    """CPUs Ray reserves per actor (each actor also takes one GPU when the cluster has them)."""
+    """CPUs Ray reserves per actor."""
+    gpus_per_actor: Optional[float] = None
+    """GPUs Ray reserves per actor; unset: one when the cluster has a GPU when scoring starts, else none. Set
+    1 where GPU nodes start on demand (with scaling.autoscaling, the pool then waits for them)."""
 
 
 @dataclass

@@ -170,13 +170,21 @@ def build_cache(cfg: Config, shards: list[str], out: str | Path, actors: int = 2
             from vaemo.cluster import check_nodes_see, connect_ray, map_on_actors
 
             connect_ray()
-            gpus = float(cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1)  # one GPU an actor, if any
+            # one GPU an actor where the cluster has GPUs, or will have them (scaling.autoscaling)
+            gpus = float(cfg.scaling.use_gpu and (cfg.scaling.autoscaling or ray.cluster_resources().get("GPU", 0) >= 1))
             # every node that could host an actor sees the shards, the models and --out, before any model loads
             model_paths = [(f"model.{name}", getattr(cfg.model, name) or "") for name in ("vlm", "audio_encoder", "init_from")]
             per_actor = {"CPU": cpus_per_actor, "GPU": gpus}
             check_nodes_see([("--shards", url) for url in urls] + model_paths, ("--out", out), per_actor)
             work = map_on_actors(
-                TeacherCacheWriter, (config, str(out), int(cpus_per_actor)), "write_shard", urls, actors, cpus_per_actor, gpus
+                TeacherCacheWriter,
+                (config, str(out), int(cpus_per_actor)),
+                "write_shard",
+                urls,
+                actors,
+                cpus_per_actor,
+                gpus,
+                cfg.scaling.autoscaling,
             )
             for done, report in enumerate(work, 1):
                 check_driver_sees(report)

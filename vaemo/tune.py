@@ -422,17 +422,10 @@ def unfinished_trials(tune_dir: Path, expected: int) -> int:
 
 def saved_trials(tune_dir: Path) -> list:
     """The trials in Tune's saved state of a sweep; none when it saved none (a sweep stopped before its first)."""
-    from ray.tune import ExperimentAnalysis
+    from vaemo.asha import saved_analysis
 
-    try:
-        return list(ExperimentAnalysis(str(tune_dir)).trials)
-    except json.JSONDecodeError as err:  # a save cut short (a driver killed while Tune wrote it)
-        raise UserError(
-            f"Tune's saved state in {tune_dir} cannot be read ({err}): remove the newest experiment_state-*.json "
-            "there (Tune then takes the one before) and resume again"
-        ) from None
-    except (ValueError, FileNotFoundError):  # Tune's "no experiment snapshot file"
-        return []
+    analysis = saved_analysis(tune_dir)
+    return list(analysis.trials) if analysis else []
 
 
 def check_same_sweep(started: dict, now: dict, out: Path) -> None:

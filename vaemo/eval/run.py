@@ -69,6 +69,7 @@ def evaluate_runs(
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float | None = None,
     dtype: str = "auto",
+    autoscaling: bool = False,
 ) -> dict[str, tuple[dict, list[ItemResult]]]:
     """Score several (export, bench) runs {name: (export folder, bench folder)} with one pool of `actors`
     replicas (0: in this process). Starting an actor costs seconds (a process, its imports, then the model);
@@ -92,7 +93,7 @@ def evaluate_runs(
         from vaemo.cluster import map_on_actors
 
         init = (max(1, int(cpus_per_actor)), dtype)
-        parts = map_on_actors(ScorerActor, init, "score_tagged", tagged, actors, cpus_per_actor, gpus_per_actor)
+        parts = map_on_actors(ScorerActor, init, "score_tagged", tagged, actors, cpus_per_actor, gpus_per_actor, autoscaling)
     with progress.task(description, len(tagged)) as update:
         for done, (name, part) in enumerate(parts, 1):
             results[name].extend(part)
@@ -138,18 +139,24 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         help="also score this export and show it beside the model (e.g. before-stage1=RUN0/export)",
     )
     p.add_argument("--cpus-per-actor", type=float, help="CPUs Ray reserves per actor; default 1")
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        help="GPUs Ray reserves per actor; default: 1 when the cluster has a GPU when scoring starts, else 0",
+    )
 
 
-def eval_settings(args: argparse.Namespace) -> EvalConfig:
-    """The preset's `eval` section (or the defaults), with the flags given on the command line on top;
-    fills in `args.bench` from the preset's data.bench_dir when it was not given."""
+def eval_settings(args: argparse.Namespace) -> tuple[EvalConfig, bool]:
+    """The preset's `eval` section (or the defaults), with the flags given on the command line on top, and
+    whether the preset's cluster adds nodes on demand (scaling.autoscaling); fills in `args.bench` from the
+    preset's data.bench_dir when it was not given."""
     cfg = load_config(args.config) if args.config else None
     settings = cfg.eval if cfg else EvalConfig()
     if not args.bench:
         if cfg is None or not cfg.data.bench_dir:
             raise UserError("--bench is required (or --config with a data.bench_dir)")
         args.bench = cfg.data.bench_dir
-    for flag in ("actors", "batch_items", "max_items", "dtype", "cpus_per_actor"):
+    for flag in ("actors", "batch_items", "max_items", "dtype", "cpus_per_actor", "gpus_per_actor"):
         if getattr(args, flag) is not None:
             setattr(settings, flag, getattr(args, flag))
     if args.no_deaf_check:
@@ -162,11 +169,13 @@ def eval_settings(args: argparse.Namespace) -> EvalConfig:
         raise UserError("--max-items (eval.max_items) must be >= 0 (0: every item)")
     if settings.cpus_per_actor <= 0:
         raise UserError("--cpus-per-actor (eval.cpus_per_actor) must be > 0")
-    return settings
+    if settings.gpus_per_actor is not None and settings.gpus_per_actor < 0:
+        raise UserError("--gpus-per-actor (eval.gpus_per_actor) must be >= 0")
+    return settings, bool(cfg and cfg.scaling.autoscaling)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    settings = eval_settings(args)
+    settings, autoscaling = eval_settings(args)
     named: dict[str, Path] = {}
     for spec in args.baseline:
         if "=" not in spec:
@@ -186,7 +195,9 @@ def run_eval(args: argparse.Namespace) -> int:
         deaf_check=settings.deaf_check,
         max_items=settings.max_items,
         cpus_per_actor=settings.cpus_per_actor,
+        gpus_per_actor=settings.gpus_per_actor,
         dtype=settings.dtype,
+        autoscaling=autoscaling,
     )
     # The model and its baselines in one pool: its actors start once.
     runs = {"model": (args.model, args.bench), **{name: (path, args.bench) for name, path in named.items()}}

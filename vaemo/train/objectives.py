@@ -67,6 +67,18 @@ def mcq(variants: Sequence[str], options: Sequence[str], rng: np.random.Generato
     return vocab.mcq_prompt(question, shuffled)
 
 
+def labelled_question_sets(cfg: Config) -> list[tuple[str, list[str], list[str], str]]:
+    """(name, paraphrases, options, the clip field holding the answer) of each question whose right answer a
+    clip's JSON names: emotion (prompts.emotion_questions over stage2.emotions), then each set of
+    prompts.questions with an `answer_field`."""
+    tasks = [("emotion", cfg.prompts.emotion_questions, list(cfg.stage2.emotions), "emotion")]
+    return tasks + [
+        (name, spec["ask"], list(spec["options"]), spec["answer_field"])
+        for name, spec in cfg.prompts.questions.items()
+        if spec.get("answer_field") and spec["answer_field"] != "emotion"
+    ]
+
+
 def align_sequences(
     meta: dict, rng: np.random.Generator, prompts: PromptsConfig, questions: bool, responses: str
 ) -> list[tuple[str, str | None]]:
@@ -198,60 +210,76 @@ class StageObjective(ABC):
 
 
 class SeeObjective(StageObjective):
-    """Stage 0: teach the tiny VLM to see (captions and questions about frames), plus auxiliary
-    object/emotion heads on pooled visual tokens: a stand-in for a real VLM's pretraining."""
+    """Stage 0: teach a VLM that cannot see yet to see (captions, and questions about frames), plus auxiliary
+    heads on pooled visual tokens for each labelled question set: a stand-in for a real VLM's pretraining.
+    It asks what the config asks (prompts.describe, the labelled sets of `labelled_question_sets`); a clip
+    without a set's answer among its options is not asked that set, and its head ignores the clip."""
 
     stage = 0
 
-    @property
-    def sequences_per_clip(self) -> int:
-        return 1 + 2 * self.cfg.stage0.questions_per_clip
-
     def decode_spec(self) -> DecodeSpec:
         d = self.cfg.data
-        return DecodeSpec.for_data(d, need_video=True, need_audio=False, need_fields=("caption", "object", "emotion"))
+        return DecodeSpec.for_data(d, need_video=True, need_audio=False, need_fields=("caption",))
+
+    @property
+    def question_sets(self) -> list[tuple[str, list[str], list[str], str]]:
+        """The labelled sets, content-like ones first (the order the preset's heads and draws were made in),
+        one per answer field."""
+        emotion, *others = labelled_question_sets(self.cfg)
+        by_field: dict[str, tuple[str, list[str], list[str], str]] = {}
+        for question_set in others:
+            by_field.setdefault(question_set[3], question_set)
+        return [*by_field.values(), emotion]
 
     # Heads on the max- and the mean-pooled visual tokens: the max finds a small object's evidence quickly,
     # the mean makes the tower spread it over every token, which is what a small LLM learns to read fast.
-    AUX_HEADS = (("object", "max"), ("object", "mean"), ("emotion", "max"), ("emotion", "mean"))
+    POOLS = ("max", "mean")
+
+    def head_name(self, answer_field: str, pool: str) -> str:
+        return f"{answer_field.replace('.', '_')}_{pool}"  # (a ModuleDict key has no dots)
 
     def extra_modules(self, model: VAEmotionLLM) -> nn.Module:
-        sizes = {"object": len(vocab.OBJECTS), "emotion": len(vocab.EMOTIONS)}
-        return nn.ModuleDict({f"{task}_{pool}": nn.Linear(model.hidden_size, sizes[task]) for task, pool in self.AUX_HEADS}).to(
-            model.dtype
-        )
+        heads = {
+            self.head_name(answer_field, pool): nn.Linear(model.hidden_size, len(options))
+            for _, _, options, answer_field in self.question_sets
+            for pool in self.POOLS
+        }
+        return nn.ModuleDict(heads).to(model.dtype)
 
     def prepare(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         items = []
+        first_rows = []  # each clip's first sequence: its pooled visual tokens feed the heads
         for i, meta in enumerate(batch.meta):
-            items.append(PromptItem("visual", pick(vocab.DESCRIBE_PROMPTS, rng), meta["caption"], i))
+            first_rows.append(len(items))
+            items.append(PromptItem("visual", pick(self.cfg.prompts.describe, rng), meta["caption"], i))
             for _ in range(self.cfg.stage0.questions_per_clip):
-                for task, answer in (("content", meta["object"]), ("emotion", meta["emotion"])):
-                    question = mcq(vocab.QUESTION_VARIANTS[task], vocab.OPTIONS[task], rng)
-                    items.append(PromptItem("visual", question, answer, i))
+                for _, asks, options, answer_field in self.question_sets:
+                    if meta.get(answer_field) in options:
+                        items.append(PromptItem("visual", mcq(asks, options, rng), meta[answer_field], i))
         step = StepInputs(passes={}, clips=len(batch))
         self.note_pass(step, "lm", clip_inputs(model, items, batch))
         step.labels = {
-            name: torch.tensor([labels.index(m[name]) if m[name] in labels else IGNORE for m in batch.meta])
-            for name, labels in (("object", vocab.OBJECTS), ("emotion", vocab.EMOTIONS))
+            answer_field: torch.tensor(
+                [options.index(m[answer_field]) if m.get(answer_field) in options else IGNORE for m in batch.meta]
+            )
+            for _, _, options, answer_field in self.question_sets
         }
+        step.labels["first_rows"] = torch.tensor(first_rows)
         # Each sequence weighs the same: 2-token answers count as much as 45-token captions.
         step.counts = {"lm_sequences": len(items), "samples": len(batch)}
         return step
 
     def aux_loss(self, extra: nn.Module, step: StepInputs, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (
-            sum(
-                F.cross_entropy(
-                    extra[f"{task}_{pool}"](pooled[pool]).float(),
-                    step.labels[task].to(pooled[pool].device),
-                    ignore_index=IGNORE,
-                    reduction="sum",
-                )
-                for task, pool in self.AUX_HEADS
+        return sum(
+            F.cross_entropy(
+                extra[self.head_name(answer_field, pool)](pooled[pool]).float(),
+                step.labels[answer_field].to(pooled[pool].device),
+                ignore_index=IGNORE,
+                reduction="sum",
             )
-            / 2
-        )
+            for _, _, _, answer_field in self.question_sets
+            for pool in self.POOLS
+        ) / len(self.POOLS)
 
     def loss(self, model: VAEmotionLLM, extra: nn.Module, step: StepInputs) -> StepResult:
         aux_weight = self.cfg.stage0.aux_weight
@@ -265,14 +293,14 @@ class SeeObjective(StageObjective):
         out, hidden = self.response_hidden(model, inputs)
         weights = per_sequence_weights(inputs.response_lengths())
         lm_sum = language_loss(hidden, model.logits, inputs.response_targets, self.chunk, step.chunks.get("lm", 0), weights)
-        every = self.sequences_per_clip  # a clip's sequences share its visual tokens
-        aux_sum = self.aux_loss(extra, step, {"max": out.pooled_max[::every], "mean": out.pooled[::every]})
+        firsts = step.labels["first_rows"].to(out.pooled.device)  # a clip's sequences share its visual tokens
+        aux_sum = self.aux_loss(extra, step, {"max": out.pooled_max[firsts], "mean": out.pooled[firsts]})
         loss = normalised(lm_sum, step, "lm_sequences") + aux_weight * normalised(aux_sum, step, "samples")
         return StepResult(
             loss,
             {
                 "lm_sum": float(lm_sum.detach()),
-                "lm_sequences": every * step.clips,
+                "lm_sequences": step.counts["lm_sequences"],
                 "aux_sum": float(aux_sum.detach()),
                 "samples": step.clips,
             },
@@ -457,13 +485,7 @@ class EmoAdapterObjective(AlignObjective):
         return StepResult(loss, sums)
 
     def scored_tasks(self) -> list[tuple[str, list[str], list[str], str]]:
-        """(name, paraphrases, options, the clip field holding the answer) of each validation task."""
-        tasks = [("emotion", self.cfg.prompts.emotion_questions, list(self.cfg.stage2.emotions), "emotion")]
-        return tasks + [
-            (name, spec["ask"], list(spec["options"]), spec["answer_field"])
-            for name, spec in self.cfg.prompts.questions.items()
-            if spec.get("answer_field") and spec["answer_field"] != "emotion"
-        ]
+        return labelled_question_sets(self.cfg)
 
     def scoring_inputs(self, model: VAEmotionLLM, batch: Batch, rng: np.random.Generator) -> StepInputs:
         """Validation questions with every option as a response: the emotion question, and each question set
