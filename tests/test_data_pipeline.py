@@ -233,6 +233,29 @@ def test_a_soundtrack_shorter_than_its_video_is_filled_not_called_truncated(tmp_
     assert cut.value.reason == "truncated_clip"
 
 
+def test_a_soundtrack_with_nan_samples_is_skipped_not_fed_to_the_model(tmp_path):
+    """Float PCM (mkv, mov, wav) can carry NaN and inf, and FFmpeg passes them through: one such clip's NaN
+    loss would write NaN into the weights, and into every checkpoint after it."""
+    pcm = (0.1 * np.sin(np.arange(32000) * 0.05)).astype("<f4")
+    pcm[1000:1010] = np.nan
+    pcm[2000] = np.inf
+    (tmp_path / "nan.f32").write_bytes(pcm.tobytes())
+    video = "-f lavfi -i testsrc2=s=160x120:d=2"
+    raw = ffmpeg_clip(
+        tmp_path / "nan.mkv", f"{video} -f f32le -ar 16000 -ac 1 -i {tmp_path / 'nan.f32'} -c:v libx264 -c:a pcm_f32le"
+    )
+    spec = DecodeSpec(num_frames=8, height=56, width=56, audio_seconds=2.0, window="middle")
+    with pytest.raises(SkipSample) as bad:
+        decode_sample({"__key__": "k", "mkv": raw}, spec)
+    assert bad.value.reason == "non_finite_audio" and "11 samples" in str(bad.value)
+    pcm[~np.isfinite(pcm)] = 0.0  # the same clip, finite: decoded
+    (tmp_path / "nan.f32").write_bytes(pcm.tobytes())
+    fine = ffmpeg_clip(
+        tmp_path / "fine.mkv", f"{video} -f f32le -ar 16000 -ac 1 -i {tmp_path / 'nan.f32'} -c:v libx264 -c:a pcm_f32le"
+    )
+    assert torch.isfinite(decode_sample({"__key__": "k", "mkv": fine}, spec).audio).all()
+
+
 def test_a_stereo_soundtrack_in_antiphase_is_heard_not_mixed_to_silence(tmp_path):
     """One channel wired with its polarity flipped cancels the other in a mono mix: the loudest channel is
     read instead. A soundtrack that is silent stays silent, and ordinary stereo keeps its mix."""
@@ -398,6 +421,63 @@ def test_a_sample_lacking_a_needed_field_is_skipped(tmp_path):
     with pytest.raises(SkipSample) as unknown:
         decode_sample({"__key__": "a", "mp4": raw, "json": b'{"emotion": "awe"}'}, emotional)
     assert unknown.value.reason == "unknown_emotion"
+
+
+def test_a_shard_that_fails_with_an_io_error_is_tried_again_and_a_missing_one_is_not(small_world, monkeypatch):
+    """Shared storage that drops out for a moment (EIO) costs a shard nothing; a missing file is not waited on."""
+    import errno
+
+    import webdataset
+
+    from vaemo.data.tars import ShardError, read_shard
+
+    url = expand_shards(str(small_world / "val" / "*.tar"))[0]
+    real_gopen, calls = webdataset.gopen, []
+
+    def flaky(path, mode="rb", **kwargs):
+        calls.append(path)
+        if len(calls) <= 2:
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_gopen(path, mode, **kwargs)
+
+    monkeypatch.setattr(webdataset, "gopen", flaky)
+    samples = list(read_shard(url, retry_delays=(0.0, 0.0)))
+    assert len(calls) == 3 and len(samples) == 12 and not any(isinstance(s, ShardError) for s in samples)
+    calls.clear()
+    assert isinstance(list(read_shard(url, retry_delays=(0.0,)))[-1], ShardError) and len(calls) == 2  # out of tries
+    monkeypatch.setattr(webdataset, "gopen", real_gopen)
+    gone = list(read_shard(url + ".missing", retry_delays=(60.0,)))  # no wait: a retry would take a minute
+    assert len(gone) == 1 and isinstance(gone[0], ShardError) and "FileNotFoundError" in gone[0].detail
+
+
+def test_shards_unreadable_after_a_good_read_stop_the_stream_for_rays_restart_not_as_bad_data(small_world, monkeypatch):
+    """Never read: the data (NoUsableData, the user's to fix: exit 2, no retry). Read, then unreadable: the
+    storage, which a restart of the workers from the newest checkpoint may find back."""
+    from vaemo.data import stream as stream_module
+    from vaemo.data.stream import NoUsableData, ShardsUnreadable
+    from vaemo.data.tars import ShardError, read_shard
+
+    urls = expand_shards(str(small_world / "val" / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+    reads = []
+
+    def storage_gone_after_first_read(url, retry_delays=()):
+        reads.append(url)
+        if len(reads) == 1:
+            yield from read_shard(url)
+        else:
+            yield ShardError(url, "OSError: [Errno 5] Input/output error")
+
+    monkeypatch.setattr(stream_module, "read_shard", storage_gone_after_first_read)
+    raw = TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True).raw_samples(0, 1)
+    with pytest.raises(ShardsUnreadable, match="could not be read, though it had read samples before"):
+        for _ in raw:
+            pass
+    assert not issubclass(ShardsUnreadable, UserError)
+    monkeypatch.setattr(stream_module, "read_shard", lambda url, retry_delays=(): iter([ShardError(url, "OSError: gone")]))
+    with pytest.raises(NoUsableData):
+        for _ in TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True).raw_samples(0, 1):
+            pass
 
 
 @pytest.mark.parametrize("split", ["train", "val"])  # 4 shards: split by shard; 2 shards: split by sample

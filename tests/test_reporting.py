@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vaemo.train.reporting import MetricsWriter, keep_records_up_to
+from vaemo.train.reporting import MetricsWriter, format_line, keep_records_up_to
 
 
 def steps_of(path) -> list[int]:
@@ -61,3 +61,16 @@ def test_a_start_from_a_checkpoint_drops_what_an_earlier_start_recorded_after_it
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     keep_records_up_to(tmp_path / "absent.jsonl", 5)  # a first start has no file yet
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_the_progress_line_shows_every_scored_task_not_only_the_synthetic_worlds_two():
+    record = {
+        "step": 10,
+        "loss": 1.5,
+        "val_emotion_acc": 0.5,
+        "val_style_acc": 0.75,  # a user's own labelled question set (prompts.questions with an answer_field)
+        "val_style_audio_acc": 0.25,
+        "val_emotion_audio_visual_acc": 0.125,
+    }
+    line = format_line(record, 100, stage=2)
+    assert "val-emo 0.50 val-style 0.75 |" in line and "0.25" not in line and "0.12" not in line

@@ -117,6 +117,22 @@ def test_stale_or_missing_cache_is_refused(small_world, cache_dir, tmp_path):
     assert missing.returncode == 2 and "teacher-cache.json" in missing.stderr
 
 
+def test_a_cache_written_for_another_audio_window_is_stale(tmp_path):
+    """The teacher's frames come from the clip's audio window: a cache written with 2 s windows showed the
+    teacher other stretches of a long clip than a 3 s student hears (it used to be taken as current)."""
+    from vaemo.cache_fingerprint import check_cache
+    from vaemo.errors import UserError
+
+    two = load_config(ROOT / "configs/tiny.yaml", ["data.audio_seconds=2", f"stage1.teacher.cache_dir={tmp_path}"], stage=1)
+    three = load_config(ROOT / "configs/tiny.yaml", ["data.audio_seconds=3", f"stage1.teacher.cache_dir={tmp_path}"], stage=1)
+    key, parts = fingerprint(two)
+    assert key != fingerprint(three)[0]
+    (tmp_path / MANIFEST).write_text(json.dumps({"fingerprint": key, "parts": parts}))
+    check_cache(two, [])
+    with pytest.raises(UserError, match="stale teacher cache .* another frames.audio_seconds"):
+        check_cache(three, [])
+
+
 def test_the_demo_writes_its_teacher_cache_once_and_again_only_for_another_teacher(small_world, tmp_path):
     from vaemo.demo import stage1_teacher_cache
 

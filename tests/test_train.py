@@ -287,6 +287,29 @@ def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_resume_that_would_read_other_data_says_so_and_other_loader_workers_are_refused(tmp_path, capsys):
+    """Resumed with another seed, batch size, shuffle buffer or shard list, the weights and step continue but
+    the data does not (a line says so); other loader workers are refused before the model loads (each
+    worker's place in the data is saved), where before each worker refused them after loading it."""
+    from vaemo.config import load_config, render_config
+    from vaemo.errors import UserError
+    from vaemo.train.checkpoint import check_same_stream, shard_list_digest
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", stage=1)
+    urls = [f"/data/train-{i:03d}.tar" for i in range(4)]
+    (tmp_path / "config.yaml").write_text(render_config(cfg))
+    meta = {"loader_workers": cfg.data.loader_workers, "train_shards": shard_list_digest(urls), "train_shard_count": 4}
+    check_same_stream(cfg, tmp_path, meta, urls)
+    assert capsys.readouterr().out == ""
+    other = load_config(ROOT / "configs/tiny.yaml", ["seed=7", "data.shuffle_buffer=3"], stage=1)
+    check_same_stream(other, tmp_path, meta, [*urls, "/data/train-004.tar"])
+    line = capsys.readouterr().out
+    assert "seed=7 (the checkpoint's: 0)" in line and "data.shuffle_buffer=3" in line
+    assert "another data.train_shards list (5 shard(s); the checkpoint's had 4)" in line and "not those an uninterrupted" in line
+    with pytest.raises(UserError, match="written with data.loader_workers=5; resume with the same value"):
+        check_same_stream(cfg, tmp_path, {**meta, "loader_workers": 5}, urls)
+
+
 def test_nccl_and_cuda_settings_reach_the_workers_but_not_cuda_visible_devices(monkeypatch):
     from vaemo.train.launch import worker_env
 
@@ -698,6 +721,30 @@ def test_a_user_error_in_a_worker_is_its_one_line_and_exit_2(small_world, hf_che
     assert "not loading the model again" in result.stdout + result.stderr  # Ray's retry met the recorded error
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray's own log lines aside
     assert len(errors) == 1 and errors[0].startswith("error: stage 1: ") and f"'{resized}' does not match its config" in errors[0]
+
+
+def test_a_non_finite_loss_stops_every_rank_in_one_line_before_it_reaches_a_checkpoint(small_world, stage0_export, tmp_path):
+    """A model gone bad (one NaN in the LLM's final norm of the export stage 1 starts from) gives a NaN loss on
+    every rank: the run stops at that step, before the backward pass writes NaN into the weights, saves no
+    checkpoint, and Ray's retry meets the recorded error instead of loading the model again."""
+    from safetensors.torch import save_file
+
+    bad = Path(shutil.copytree(stage0_export, tmp_path / "nan-export"))
+    changed = 0
+    for file in bad.rglob("*.safetensors"):
+        tensors = load_file(str(file))
+        for name in tensors:
+            if name == "model.norm.weight":  # the LLM's last norm, in the hub's names
+                tensors[name][0] = float("nan")
+                changed += 1
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    assert changed == 1
+    result = run(stage_cmd(1, tmp_path / "run", small_world, f"model.init_from={bad}", "scaling.max_failures=1"), timeout=400)
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the loss of step 1 is not finite on 2 rank(s) (rank " in errors[0], errors
+    assert "not loading the model again" in result.stdout + result.stderr
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
 def test_an_output_inside_a_jobs_copy_of_the_project_is_refused(tmp_path, monkeypatch):

@@ -68,6 +68,8 @@ def fingerprint_parts(cfg: Config) -> dict:
         "frame_sampling": d.frame_sampling,
         "pair_seconds": d.pair_seconds,
         "frame_fit": d.frame_fit,
+        # the frames come from the clip's audio window: another length shows the teacher another stretch of time
+        "audio_seconds": d.audio_seconds,
     }
     return {
         "version": FINGERPRINT_VERSION,

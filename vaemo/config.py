@@ -593,7 +593,10 @@ class Stage2Config:
     kd_topk: int = 0
     """0: full-vocabulary KL in stage 2's KD term; k > 0: the teacher's top-k tokens plus a tail bucket."""
     va_loss: Literal["mse", "ccc"] = "mse"
-    """Valence/arousal loss: mean squared error or 1 - concordance correlation."""
+    """Valence/arousal loss. `mse`: the squared error summed over valence and arousal, averaged over every
+    rank's labelled rows (so twice a mean over both numbers); `ccc`: 1 - concordance correlation, averaged
+    over valence and arousal, a statistic of each rank's batch (averaged over ranks; a rank with fewer than
+    two rows uses the mean squared error)."""
     emotions: list[str] = field(
         default_factory=lambda: ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
     )
@@ -741,6 +744,18 @@ def _make_paths_absolute(cfg: "Config") -> None:
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def differing_fields(before: dict, now: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (now's value, before's value)} where two config mappings differ (fields `now` has)."""
+    out = {}
+    for key, value in now.items():
+        other = before.get(key)
+        if isinstance(value, dict) and isinstance(other, dict):
+            out.update(differing_fields(other, value, f"{prefix}{key}."))
+        elif value != other:
+            out[f"{prefix}{key}"] = (value, other)
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

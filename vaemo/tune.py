@@ -23,7 +23,16 @@ from typing import Any, Optional
 import yaml
 
 from vaemo import progress
-from vaemo.config import ConfigError, build_dataclass, check_tree, config_to_dict, dump_config, load_config, render_config
+from vaemo.config import (
+    ConfigError,
+    build_dataclass,
+    check_tree,
+    config_to_dict,
+    differing_fields,
+    dump_config,
+    load_config,
+    render_config,
+)
 from vaemo.errors import UserError, read_user_text
 
 SAMPLERS = ("loguniform", "uniform", "choice", "randint")
@@ -448,18 +457,6 @@ def write_trials(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
-
-
-def differing_fields(preset: dict, trial: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted field: (trial's value, preset's value)} where they differ."""
-    out = {}
-    for key, value in trial.items():
-        other = preset.get(key)
-        if isinstance(value, dict) and isinstance(other, dict):
-            out.update(differing_fields(other, value, f"{prefix}{key}."))
-        elif value != other:
-            out[f"{prefix}{key}"] = (value, other)
-    return out
 
 
 def raised_message(err: BaseException) -> str:

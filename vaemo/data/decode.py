@@ -52,6 +52,7 @@ SKIP_REASONS: dict[str, str] = {
     "unreadable_media": "a clip file on disk could not be read (evaluation, vaemo ask)",
     "corrupt_clip": "FFmpeg cannot open the clip",
     "truncated_clip": "the clip opens but its streams end early or fail to decode",
+    "non_finite_audio": "the soundtrack (float PCM) holds NaN or infinite samples",
     "no_video_stream": "the stage needs frames and the clip has no video stream",
     "no_audio_stream": "the stage needs a soundtrack and the clip has no audio stream",
     "missing_field": "the stage needs a JSON field the sample lacks (e.g. caption, valence)",
@@ -435,6 +436,8 @@ def decode_audio(
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
     except RuntimeError as err:
         raise SkipSample("corrupt_clip", str(err).splitlines()[0][:80]) from None
+    if not torch.isfinite(samples).all():  # float PCM may carry NaN or inf: one such clip would poison the weights
+        raise SkipSample("non_finite_audio", f"{int((~torch.isfinite(samples)).sum())} samples")
     seconds = samples.numel() / SAMPLE_RATE
     n = min(samples.numel(), spec.audio_samples)
     samples = samples[:n]

@@ -195,6 +195,17 @@ class NoUsableData(UserError):
         return match.group(1).strip().rstrip("'\")") if match else None
 
 
+class ShardsUnreadable(RuntimeError):
+    """A training stream's shards stopped being readable after it had read from them: the storage, which Ray's
+    restart of the workers (from the newest checkpoint) may find back."""
+
+
+# Seconds between tries of a shard that failed with an I/O error (a training stream only: the preflight
+# reports unreadable shards at once). About 20 s per shard, so a storage blip of minutes is outlasted by
+# the 4 x (shards per worker) failures a stream meets before it gives up.
+SHARD_RETRY_DELAYS = (1.0, 4.0, 16.0)
+
+
 class DecodedClips:
     """Decoded clips kept in memory, up to a byte budget, and handed out again when the stream draws the same
     sample (shard and key) again: a dataset read for many epochs decodes each clip once. Clips are kept in
@@ -322,18 +333,20 @@ class TrainStream(IterableDataset):
         shards = train_shard_subset(self.urls, self.rank, self.world_size, worker, workers)
         rng = np.random.default_rng([self.seed, self.rank, worker])
         buffer: list[dict] = []
-        failures_in_a_row = 0
+        failures_in_a_row = unreadable_in_a_row = 0
+        read_before = False
         for draw in itertools.count():
             url = shards[draw % len(shards)] if self.in_order else shards[int(rng.integers(len(shards)))]
-            got_any = False
-            items = read_shard(url)
+            got_any = unreadable = False
+            items = read_shard(url, SHARD_RETRY_DELAYS)
             if self.teacher_cache:
                 items = with_cache(items, cache_shard_for(url, self.teacher_cache))
             for item in items:
                 if isinstance(item, ShardError):
+                    unreadable = True
                     yield item
                     continue
-                got_any = True
+                got_any = read_before = True
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(item)
                     continue
@@ -341,6 +354,14 @@ class TrainStream(IterableDataset):
                 buffer[pick], item = item, buffer[pick]
                 yield item
             failures_in_a_row = 0 if got_any else failures_in_a_row + 1
+            unreadable_in_a_row = unreadable_in_a_row + 1 if unreadable and not got_any else 0
+            if read_before and unreadable_in_a_row > 4 * len(shards):
+                # Read before, unreadable now: the storage, not the data. Not a UserError, so that Ray restarts
+                # the workers from the newest checkpoint (scaling.max_failures) instead of ending the run.
+                raise ShardsUnreadable(
+                    f"the last {unreadable_in_a_row} shards this worker drew could not be read, though it had read "
+                    f"samples before (shared storage unreachable?), e.g. {url}"
+                )
             if failures_in_a_row > 4 * len(shards):
                 raise NoUsableData(
                     f"{NoUsableData.MARKER}no sample in any of the {len(shards)} shards of this worker (each is empty or "

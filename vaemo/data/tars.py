@@ -14,6 +14,7 @@ import io
 import os
 import re
 import tarfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,19 +215,38 @@ def _tar_stream(stream) -> tuple[object, bool]:
     return stream, _seekable(stream)
 
 
-def read_shard(url: str) -> Iterator[dict | ShardError]:
-    """Raw samples (dicts of bytes keyed by extension) of one shard; a read error ends the shard as a ShardError."""
-    from webdataset import gopen
+def read_shard(url: str, retry_delays: tuple[float, ...] = ()) -> Iterator[dict | ShardError]:
+    """Raw samples (dicts of bytes keyed by extension) of one shard; a read error ends the shard as a ShardError.
+    `retry_delays`: seconds to wait before each new try of a shard that failed with an I/O error before its
+    first sample (shared storage that dropped out for a moment); a missing or forbidden file is not retried."""
+    for delay in (*retry_delays, None):
+        yielded = False
+        try:
+            from webdataset import gopen
 
-    try:
-        with gopen(url, "rb") as opened:
-            stream, random_access = _tar_stream(opened)
-            members, damage = in_key_order(stream) if random_access else (((m.name, m.data) for m in tar_members(stream)), None)
-            yield from group_samples(members, url)
-            if damage is not None:
-                raise damage
-    except Exception as exn:  # unreadable, truncated or not a tar: counted, never fatal
-        yield ShardError(url, f"{type(exn).__name__}: {str(exn).splitlines()[0][:120] if str(exn) else ''}")
+            with gopen(url, "rb") as opened:
+                stream, random_access = _tar_stream(opened)
+                in_order = (((m.name, m.data) for m in tar_members(stream)), None)
+                members, damage = in_key_order(stream) if random_access else in_order
+                for sample in group_samples(members, url):
+                    yielded = True
+                    yield sample
+                if damage is not None:
+                    raise damage
+            return
+        except Exception as exn:  # unreadable, truncated or not a tar: counted, never fatal
+            if delay is not None and not yielded and transient(exn):
+                time.sleep(delay)
+                continue
+            yield ShardError(url, f"{type(exn).__name__}: {str(exn).splitlines()[0][:120] if str(exn) else ''}")
+            return
+
+
+def transient(error: BaseException) -> bool:
+    """An I/O error that another try may not meet (EIO, a timeout, a dropped connection), unlike a missing or
+    forbidden file, or an archive that is damaged."""
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, gzip.BadGzipFile)
+    return isinstance(error, OSError) and not isinstance(error, permanent)
 
 
 def count_samples(path: str) -> int | None:

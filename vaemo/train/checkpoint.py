@@ -5,7 +5,8 @@ A checkpoint folder (Ray merges every rank's files into it):
     latest                       DeepSpeed's pointer to the tag,
     trainer_state_rank{R}.pt     step, data position, skip counts and RNG states of rank R (tensors and
                                  plain values only: loaded with weights_only=True),
-    meta.json                    step, world size, loader workers, stage, ZeRO stage, launch id (rank 0),
+    meta.json                    step, world size, loader workers, the shard list's digest, stage, ZeRO
+                                 stage, launch id (rank 0),
     config.yaml                  the resolved config (rank 0).
 Frozen weights are not saved: they come back from the starting model, which is fixed (an export, base
 checkpoints, or the seeded tiny init). A folder missing any rank's files, or holding one cut short, is
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaemo import progress
+from vaemo.config import Config, config_to_dict, differing_fields
 from vaemo.errors import UserError
 
 TAG = "ds"
@@ -133,6 +136,42 @@ def check_nothing_written_over(run_dir: Path, resume: Path) -> None:
             f"--out '{run_dir}' holds checkpoint(s) {', '.join(later[:3])}, later than --resume-from '{resume}' "
             f"(step {start}): its new checkpoints would be written over them; resume into another --out (or "
             "delete those)"
+        )
+
+
+# What decides which clips a run reads after a given step: a resume with other values continues the weights
+# and the step, but not the data an uninterrupted run would have read.
+STREAM_FIELDS = ("seed", "data.batch_size", "data.shuffle_buffer")
+
+
+def shard_list_digest(urls: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+
+
+def check_same_stream(cfg: Config, resume: Path, meta: dict, train_urls: list[str]) -> None:
+    """A resume continues the checkpoint's data stream exactly only with the same loader workers (else one
+    line, here rather than in every worker after the model loads), seed, batch size, shuffle buffer and
+    shard list (else a line that says the data from here on differs, and the run goes on)."""
+    saved_workers = int(meta.get("loader_workers", cfg.data.loader_workers))
+    if saved_workers != cfg.data.loader_workers:
+        raise UserError(
+            f"checkpoint '{resume}' was written with data.loader_workers={saved_workers}; resume with the same "
+            f"value (got {cfg.data.loader_workers}): each loader worker's place in the data is saved"
+        )
+    import yaml
+
+    saved = yaml.safe_load((resume / "config.yaml").read_text()) if (resume / "config.yaml").is_file() else None
+    changed = differing_fields(saved, config_to_dict(cfg)) if isinstance(saved, dict) else {}
+    notes = [f"{name}={changed[name][0]!r} (the checkpoint's: {changed[name][1]!r})" for name in STREAM_FIELDS if name in changed]
+    if meta.get("train_shards") not in (None, shard_list_digest(train_urls)):
+        then = meta.get("train_shard_count", "?")
+        notes.append(f"another data.train_shards list ({len(train_urls)} shard(s); the checkpoint's had {then})")
+    if notes:
+        progress.log(
+            f"resuming with {'; '.join(notes)}: the weights and the step continue, but the clips read from here on "
+            "are not those an uninterrupted run would have read"
         )
 
 

@@ -133,7 +133,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
         check_matches_export(ModelSpec.read(export), cfg.model, cfg.data, export)
     deepspeed_config(cfg, choose_dtype(cfg.model.dtype))
     if resume is not None:
-        from vaemo.train.checkpoint import check_nothing_written_over, read_meta
+        from vaemo.train.checkpoint import check_nothing_written_over, check_same_stream, read_meta
 
         check_nothing_written_over(run_dir, resume)
 
@@ -145,6 +145,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
             )
         if int(meta["stage"]) != cfg.stage:
             raise UserError(f"checkpoint '{resume}' is from stage {meta['stage']}, not stage {cfg.stage}")
+        check_same_stream(cfg, resume, meta, train_urls)
     return {"data.train_shards": train_urls, "data.val_shards": val_urls}
 
 

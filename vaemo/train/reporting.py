@@ -141,9 +141,16 @@ LINE_KEYS = (
     ("va", "va {:.3f}"),
     ("cat", "cat {:.3f}"),
     ("val_loss", "val {:.4f}"),
-    ("val_emotion_acc", "val-emo {:.2f}"),
-    ("val_content_acc", "val-content {:.2f}"),
 )
+# The per-modality accuracies (val_<task>_<modality>_acc) stay in metrics.jsonl: the line shows each task's.
+MODALITY_SUFFIXES = tuple(f"_{m}_acc" for m in ("visual", "audio", "audio_visual"))
+
+
+def task_accuracies(record: dict) -> list[tuple[str, float]]:
+    """(task, validation accuracy) of each task the record scores (emotion first, then by name)."""
+    accuracies = [key for key in record if key.startswith("val_") and key.endswith("_acc")]
+    tasks = [key[4:-4] for key in accuracies if not key.endswith(MODALITY_SUFFIXES)]
+    return [(task, record[f"val_{task}_acc"]) for task in sorted(tasks, key=lambda task: (task != "emotion", task))]
 
 
 def format_line(record: dict, max_steps: int, stage: int | None = None) -> str:
@@ -151,6 +158,7 @@ def format_line(record: dict, max_steps: int, stage: int | None = None) -> str:
     head = f"stage{stage} " if stage is not None else ""
     parts = [f"{head}step {record['step']}/{max_steps}"]
     parts += [fmt.format(record[key]) for key, fmt in LINE_KEYS if key in record]
+    parts += [f"val-{'emo' if task == 'emotion' else task} {accuracy:.2f}" for task, accuracy in task_accuracies(record)]
     rate = record.get("samples_per_s", 0.0)
     parts.append(f"| {rate:.1f} clips/s {record.get('tokens_per_s', 0.0) / 1000:.1f}k tok/s")
     parts.append(f"data-wait {100 * record.get('data_wait_frac', 0.0):.0f}%")

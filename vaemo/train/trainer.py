@@ -85,6 +85,27 @@ def synchronize(step: StepInputs, world_size: int, chunk_size: int) -> None:
     step.world_size = world_size
 
 
+def stop_before_a_non_finite_step(loss: torch.Tensor, step: int, keys: list[str], cfg: Config, rank: int) -> None:
+    """Stop every rank, one line, when any rank's loss is NaN or infinite: its backward pass would write NaN
+    into the weights, and into every checkpoint after it. Stopped here, the newest checkpoint is as it was.
+    The ranks learn of it together (one all-reduce), so none waits in a collective for one that stopped;
+    a UserError, so Ray's retries (which would repeat this exact step) do not start."""
+    finite_here = bool(torch.isfinite(loss.detach()).all())
+    ranks = torch.tensor([0 if finite_here else 1], dtype=torch.int64)
+    if dist.is_available() and dist.is_initialized():
+        ranks = ranks.to(collective_device())
+        dist.all_reduce(ranks)
+    if int(ranks.item()):
+        shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        raise UserError(
+            f"stage {cfg.stage}: the loss of step {step} is not finite on {int(ranks.item())} rank(s)"
+            + ("" if finite_here else f" (rank {rank}'s clips: {shown})")
+            + ": stopped before it reached the weights, the newest checkpoint is intact. Usual causes: a learning "
+            "rate too high for this model (train.lr), or bf16 overflow (model.dtype=float32 to check); resume "
+            "from the checkpoint with --resume-from once fixed"
+        )
+
+
 def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\.checkpoint")
@@ -243,6 +264,7 @@ def train_worker(loop_config: dict) -> None:
         inputs.step = step
         synchronize(inputs, world_size, objective.chunk)
         loss = engine(inputs)
+        stop_before_a_non_finite_step(loss, step, batch.keys, cfg, rank)
         engine.backward(loss)
         engine.step()
         stream.release(batch)  # its tensors were consumed by the step: the loader worker may reuse them
@@ -438,6 +460,8 @@ def save_checkpoint(
                 "world_size": world_size,
                 "stage": cfg.stage,
                 "loader_workers": cfg.data.loader_workers,
+                "train_shards": ckpt.shard_list_digest(loop_config["shards"]["data.train_shards"]),
+                "train_shard_count": len(loop_config["shards"]["data.train_shards"]),
                 "zero_stage": engine.zero_optimization_stage(),
                 "launch_id": loop_config["launch_id"],
                 "metrics": {**metrics, "step": step},  # reported again by a resume that has no step left
