@@ -201,6 +201,7 @@ def build(attn: str, frames: int, size: int, audio_seconds: float, dims: dict, d
 
 def clip_prompts(clips: int):
     from vaemo.data import vocab
+    from vaemo.data.bench import mcq_prompt
     from vaemo.model import PromptItem
 
     items = []
@@ -212,7 +213,7 @@ def clip_prompts(clips: int):
         items.append(("Describe this artwork.", caption, i))
         for task in vocab.TASKS:
             options = list(vocab.OPTIONS[task])
-            items.append((vocab.mcq_prompt(vocab.QUESTION_VARIANTS[task][0], options), options[i % 4], i))
+            items.append((mcq_prompt(vocab.QUESTION_VARIANTS[task][0], options), options[i % 4], i))
     return [PromptItem("visual", p, r, i) for p, r, i in items], [PromptItem("audio", p, r, i) for p, r, i in items]
 
 

@@ -102,3 +102,11 @@ def test_the_checks_catch_what_they_are_for():
     assert find_cycle(graph)[0] == find_cycle(graph)[-1]
     assert layer_of("vaemo.data.stream") > layer_of("vaemo.config")
     assert layer_of("vaemo.cli") > layer_of("vaemo.train.launch") > layer_of("vaemo.train.objectives")
+
+
+def test_the_synthetic_worlds_words_reach_only_the_synthetic_world_and_the_tiny_tokenizer():
+    """vaemo.data.vocab (the synthetic world's shapes, emotions, questions) is read by its generator and by the
+    tiny preset's tokenizer alone: a stage or the scorer that used it would ask a user's clips its questions
+    (stage 0 did, until it took its questions from the config)."""
+    readers = sorted(name for name, targets in import_graph().items() if "vaemo.data.vocab" in targets)
+    assert readers == ["vaemo.data.synth", "vaemo.model.build"], readers

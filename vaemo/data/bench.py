@@ -14,6 +14,11 @@ from vaemo.config import MODALITIES
 from vaemo.errors import UserError, read_user_text
 
 
+def mcq_prompt(question: str, options: list[str]) -> str:
+    """The text of a multiple-choice question as the model sees it, in training and in scoring alike."""
+    return f"{question} Options: {', '.join(options)}."
+
+
 @dataclass
 class BenchItem:
     id: str

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vaemo.data.bench import mcq_prompt
+
 EMOTIONS: tuple[str, ...] = ("joy", "calm", "anger", "sadness")
 OBJECTS: tuple[str, ...] = ("circle", "square", "triangle", "star")
 # (sign of valence, sign of arousal) per emotion, from the spec's table.
@@ -97,11 +99,6 @@ def shuffled_options(task: str, rng: np.random.Generator) -> list[str]:
     options = list(OPTIONS[task])
     rng.shuffle(options)
     return options
-
-
-def mcq_prompt(question: str, options: list[str]) -> str:
-    """The text of a multiple-choice question as the model sees it."""
-    return f"{question} Options: {', '.join(options)}."
 
 
 def corpus(seed: int = 0, captions: int = 3000) -> list[str]:

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaemo.data import vocab
-from vaemo.data.bench import BenchItem
+from vaemo.data.bench import BenchItem, mcq_prompt
 from vaemo.data.decode import CLIP_EXTENSIONS, DecodeSpec, SkipSample, decode_sample
 from vaemo.model import VAEmotionLLM
 from vaemo.model.vaemo_llm import best_option
@@ -97,7 +96,7 @@ def plan(items: list[BenchItem], deaf_check: bool, chunk_items: int, seed: int =
 
 def question_prompt(item: BenchItem) -> str:
     """The question as the model was trained to read it: the text, then its options in the item's order."""
-    return vocab.mcq_prompt(item.question, list(item.options))
+    return mcq_prompt(item.question, list(item.options))
 
 
 def load_replica(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> VAEmotionLLM:

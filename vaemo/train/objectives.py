@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vaemo.config import Config, PromptsConfig
-from vaemo.data import vocab
+from vaemo.data.bench import mcq_prompt
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
 from vaemo.losses import TopKTargets, distill, language_loss, per_sequence_weights, teacher_topk, va_loss
@@ -64,7 +64,7 @@ def mcq(variants: Sequence[str], options: Sequence[str], rng: np.random.Generato
     question = variants[0] if canonical else pick(variants, rng)
     shuffled = list(options)
     rng.shuffle(shuffled)
-    return vocab.mcq_prompt(question, shuffled)
+    return mcq_prompt(question, shuffled)
 
 
 def labelled_question_sets(cfg: Config) -> list[tuple[str, list[str], list[str], str]]:
