@@ -3,8 +3,9 @@
 A checkpoint folder (Ray merges every rank's files into it):
     ds/                          DeepSpeed shards of the trained parameters and optimizer (tag "ds"),
     latest                       DeepSpeed's pointer to the tag,
-    trainer_state_rank{R}.pt     step, data position, skip counts and RNG states of rank R (tensors and
-                                 plain values only: loaded with weights_only=True),
+    trainer_state_rank{R}.pt     step, data position, skip counts, RNG states and the step statistics
+                                 not yet reported of rank R (tensors and plain values only: loaded with
+                                 weights_only=True),
     meta.json                    step, world size, loader workers, the shard list's digest, stage, ZeRO
                                  stage, launch id (rank 0),
     config.yaml                  the resolved config (rank 0).
@@ -214,8 +215,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_trainer_state(path: Path, step: int, stream: dict) -> None:
-    torch.save({"step": step, "stream": stream, "rng": rng_state()}, path)
+def save_trainer_state(path: Path, step: int, stream: dict, unreported: dict[str, float] | None = None) -> None:
+    """`unreported`: the rank's step statistics since its last report, which a resume's first report adds."""
+    torch.save({"step": step, "stream": stream, "rng": rng_state(), "unreported": dict(unreported or {})}, path)
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -209,9 +209,11 @@ def train_worker(loop_config: dict) -> None:
 
     # -- resume --------------------------------------------------------------------------------
     start_step, stream_state = 0, StreamState(num_workers=cfg.data.loader_workers)
+    accumulator = Accumulator()  # a resume's first report also counts the steps before its checkpoint
     source = resume_source(ray.train.get_checkpoint(), loop_config)
     if source is not None:
-        start_step, stream_state = load_checkpoint(engine, source, rank, world_size, cfg)
+        start_step, stream_state, unreported = load_checkpoint(engine, source, rank, world_size, cfg)
+        accumulator.add(unreported)
 
     # -- data ----------------------------------------------------------------------------------
     # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
@@ -241,7 +243,7 @@ def train_worker(loop_config: dict) -> None:
     writer = MetricsWriter(run_dir, loop_config.get("queue"), start_step, start) if rank == 0 else None
 
     # -- loop ----------------------------------------------------------------------------------
-    accumulator, interval, started = Accumulator(), Stopwatch(), time.perf_counter()
+    interval, started = Stopwatch(), time.perf_counter()
     last_metrics: dict = {}
     latest_validation: dict = {}  # carried into later Ray reports: Tune ranks trials by it
     shards_read: set[str] = set()
@@ -299,7 +301,7 @@ def train_worker(loop_config: dict) -> None:
             accumulator.reset()
             last_metrics = {**latest_validation, **record}
         if step % cfg.train.checkpoint_every == 0 or last:
-            save_checkpoint(engine, step, stream_state, cfg, rank, world_size, loop_config, last_metrics)
+            save_checkpoint(engine, step, stream_state, accumulator.sums, cfg, rank, world_size, loop_config, last_metrics)
         elif validate_now:
             ray.train.report(last_metrics)
 
@@ -427,7 +429,9 @@ def resume_source(ray_checkpoint, loop_config: dict) -> Path | None:
     return Path(loop_config["resume_from"]) if loop_config.get("resume_from") else None
 
 
-def load_checkpoint(engine, folder: Path, rank: int, world_size: int, cfg: Config) -> tuple[int, StreamState]:
+def load_checkpoint(engine, folder: Path, rank: int, world_size: int, cfg: Config) -> tuple[int, StreamState, dict]:
+    """Load a checkpoint into the engine and this process's RNGs; returns the step, the data stream's state and
+    the step statistics not yet reported when it was saved."""
     meta = ckpt.read_meta(folder)
     if int(meta["world_size"]) != world_size:
         raise ValueError(
@@ -440,19 +444,29 @@ def load_checkpoint(engine, folder: Path, rank: int, world_size: int, cfg: Confi
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
     state = ckpt.load_trainer_state(folder / f"trainer_state_rank{rank}.pt")
     ckpt.set_rng_state(state["rng"])
-    return int(state["step"]), StreamState.from_state_dict(state["stream"], cfg.data.loader_workers)
+    stream = StreamState.from_state_dict(state["stream"], cfg.data.loader_workers)
+    return int(state["step"]), stream, dict(state.get("unreported", {}))
 
 
 def save_checkpoint(
-    engine, step: int, stream_state: StreamState, cfg: Config, rank: int, world_size: int, loop_config: dict, metrics: dict
+    engine,
+    step: int,
+    stream_state: StreamState,
+    unreported: dict[str, float],
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    loop_config: dict,
+    metrics: dict,
 ) -> None:
-    """Every rank writes its shard into a local folder; Ray merges and persists them as step-N."""
+    """Every rank writes its shard into a local folder; Ray merges and persists them as step-N. `unreported`:
+    this rank's step statistics since its last report (a checkpoint between two reports)."""
     import ray.train
 
     local = Path(tempfile.mkdtemp(prefix="vaemo-ckpt-"))
     try:
         engine.save_checkpoint(str(local), tag=ckpt.TAG, exclude_frozen_parameters=True)
-        ckpt.save_trainer_state(local / f"trainer_state_rank{rank}.pt", step, stream_state.state_dict())
+        ckpt.save_trainer_state(local / f"trainer_state_rank{rank}.pt", step, stream_state.state_dict(), unreported)
         if rank == 0:
             (local / "config.yaml").write_text(render_config(cfg))
             meta = {
