@@ -424,7 +424,8 @@ def test_a_sample_lacking_a_needed_field_is_skipped(tmp_path):
 
 
 def test_a_shard_that_fails_with_an_io_error_is_tried_again_and_a_missing_one_is_not(small_world, monkeypatch):
-    """Shared storage that drops out for a moment (EIO) costs a shard nothing; a missing file is not waited on."""
+    """Shared storage that drops out for a moment (EIO) costs a shard nothing; a missing file, and a `pipe:`
+    command that failed (an object that does not exist fails again), are not waited on."""
     import errno
 
     import webdataset
@@ -432,11 +433,12 @@ def test_a_shard_that_fails_with_an_io_error_is_tried_again_and_a_missing_one_is
     from vaemo.data.tars import ShardError, read_shard
 
     url = expand_shards(str(small_world / "val" / "*.tar"))[0]
-    real_gopen, calls = webdataset.gopen, []
+    real_gopen, calls, failures = webdataset.gopen, [], [2]
 
     def flaky(path, mode="rb", **kwargs):
         calls.append(path)
-        if len(calls) <= 2:
+        if failures[0] > 0:
+            failures[0] -= 1
             raise OSError(errno.EIO, "Input/output error", path)
         return real_gopen(path, mode, **kwargs)
 
@@ -444,40 +446,57 @@ def test_a_shard_that_fails_with_an_io_error_is_tried_again_and_a_missing_one_is
     samples = list(read_shard(url, retry_delays=(0.0, 0.0)))
     assert len(calls) == 3 and len(samples) == 12 and not any(isinstance(s, ShardError) for s in samples)
     calls.clear()
+    failures[0] = 2
     assert isinstance(list(read_shard(url, retry_delays=(0.0,)))[-1], ShardError) and len(calls) == 2  # out of tries
-    monkeypatch.setattr(webdataset, "gopen", real_gopen)
-    gone = list(read_shard(url + ".missing", retry_delays=(60.0,)))  # no wait: a retry would take a minute
-    assert len(gone) == 1 and isinstance(gone[0], ShardError) and "FileNotFoundError" in gone[0].detail
+    for permanent in (url + ".missing", f"pipe:cat {url}.missing"):
+        calls.clear()
+        gone = list(read_shard(permanent, retry_delays=(0.0, 0.0)))
+        assert len(calls) == 1 and len(gone) == 1 and isinstance(gone[0], ShardError), (permanent, calls, gone)
 
 
 def test_shards_unreadable_after_a_good_read_stop_the_stream_for_rays_restart_not_as_bad_data(small_world, monkeypatch):
-    """Never read: the data (NoUsableData, the user's to fix: exit 2, no retry). Read, then unreadable: the
-    storage, which a restart of the workers from the newest checkpoint may find back."""
+    """Never read: the data (NoUsableData, the user's to fix: exit 2, no retry). Read, then unreadable (in this
+    start, or before a resume): the storage, which a restart of the workers from the newest checkpoint may
+    find back. A stream retries its shards; stopped, the run's error names this one."""
     from vaemo.data import stream as stream_module
-    from vaemo.data.stream import NoUsableData, ShardsUnreadable
+    from vaemo.data.stream import SHARD_RETRY_DELAYS, NoUsableData, ShardsUnreadableError
     from vaemo.data.tars import ShardError, read_shard
+    from vaemo.train.launch import first_line
 
     urls = expand_shards(str(small_world / "val" / "*.tar"))
     spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
     reads = []
 
     def storage_gone_after_first_read(url, retry_delays=()):
-        reads.append(url)
+        reads.append(retry_delays)
         if len(reads) == 1:
             yield from read_shard(url)
         else:
             yield ShardError(url, "OSError: [Errno 5] Input/output error")
 
+    def drain(stream: TrainStream) -> None:
+        for _ in stream.raw_samples(0, 1):
+            pass
+
     monkeypatch.setattr(stream_module, "read_shard", storage_gone_after_first_read)
-    raw = TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True).raw_samples(0, 1)
-    with pytest.raises(ShardsUnreadable, match="could not be read, though it had read samples before"):
-        for _ in raw:
-            pass
-    assert not issubclass(ShardsUnreadable, UserError)
-    monkeypatch.setattr(stream_module, "read_shard", lambda url, retry_delays=(): iter([ShardError(url, "OSError: gone")]))
+    with pytest.raises(ShardsUnreadableError, match="could not be read, though it had read samples before") as gone:
+        drain(TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True))
+    assert reads[0] == SHARD_RETRY_DELAYS and not issubclass(ShardsUnreadableError, UserError)
+    raised = f"vaemo.data.stream.{gone.type.__name__}: {gone.value}"
+    ray_report = f"Training failed due to worker errors:\nTraceback (most recent call last):\n  ...\n{raised}"
+    assert first_line(Exception(ray_report)).endswith(f"ShardsUnreadableError: {gone.value}")  # not Ray's header line
+    never = lambda url, retry_delays=(): iter([ShardError(url, "OSError: gone")])  # noqa: E731
+    monkeypatch.setattr(stream_module, "read_shard", never)
     with pytest.raises(NoUsableData):
-        for _ in TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True).raw_samples(0, 1):
-            pass
+        drain(TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True))
+    resumed = StreamState(num_workers=1, positions={0: 5})
+    with pytest.raises(ShardsUnreadableError):
+        drain(TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True, resume=resumed))
+    monkeypatch.setattr(stream_module, "STORAGE_WAIT_S", 0.0)  # minutes of an outage: stopped before 4 x shards
+    reads.clear()
+    monkeypatch.setattr(stream_module, "read_shard", storage_gone_after_first_read)
+    with pytest.raises(ShardsUnreadableError, match="the last 1 shards"):
+        drain(TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True))
 
 
 @pytest.mark.parametrize("split", ["train", "val"])  # 4 shards: split by shard; 2 shards: split by sample

@@ -325,8 +325,10 @@ def test_the_eval_section_of_a_preset_gives_the_defaults(tmp_path):
     # A cluster whose GPU nodes start on demand: the preset says so, the flag asks for a GPU per actor.
     on_demand = tmp_path / "on-demand.yaml"
     on_demand.write_text(f"base: {ROOT / 'configs/qwen2.5-vl-7b.yaml'}\nscaling:\n  autoscaling: true\n")
-    settings, autoscaling = eval_settings(parser.parse_args([*base, "--config", str(on_demand), "--gpus-per-actor", "1"]))
-    assert (settings.gpus_per_actor, autoscaling) == (1.0, True)
+    settings, autoscaling = eval_settings(parser.parse_args([*base, "--config", str(on_demand)]))
+    assert (settings.gpus_per_actor, autoscaling) == (1.0, True)  # its GPU nodes are not up to be counted
+    settings, _ = eval_settings(parser.parse_args([*base, "--config", str(on_demand), "--gpus-per-actor", "0"]))
+    assert settings.gpus_per_actor == 0.0
     from_preset = parser.parse_args(["--model", "m", "--out", "o", "--config", str(ROOT / "configs/tiny.yaml")])
     eval_settings(from_preset)
     assert from_preset.bench == str(ROOT / "runs/data/bench")  # the preset's data.bench_dir, made absolute

@@ -751,6 +751,35 @@ def test_a_non_finite_loss_stops_every_rank_in_one_line_before_it_reaches_a_chec
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
+ONE_RANK = """
+import sys, torch, torch.distributed as dist
+from vaemo.config import load_config
+from vaemo.errors import UserError
+from vaemo.train.trainer import stop_before_a_non_finite_step
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+loss = torch.tensor(float("nan") if rank == 1 else 0.5)
+try:
+    stop_before_a_non_finite_step(loss, 5, [f"clip-{rank}"], load_config(None, stage=1), rank)
+    print("went on")
+except UserError as err:
+    print(err)
+"""
+
+
+def test_one_ranks_non_finite_loss_stops_the_ranks_whose_loss_was_finite_too(tmp_path):
+    """Only rank 1's loss is NaN: rank 0 must stop as well (it would otherwise wait in the backward pass's
+    collectives for a rank that stopped), and only rank 1 names its clips."""
+    store = tmp_path / "store"
+    ranks = [
+        subprocess.Popen([PYTHON, "-c", ONE_RANK, str(rank), str(store)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    said = [proc.communicate(timeout=120)[0].strip() for proc in ranks]
+    assert all("the loss of step 5 is not finite on 1 rank(s)" in line for line in said), said
+    assert "clips" not in said[0] and "(rank 1's clips: clip-1)" in said[1]
+
+
 def test_an_output_inside_a_jobs_copy_of_the_project_is_refused(tmp_path, monkeypatch):
     """`ray job submit --working-dir .` runs the driver in a copy of the project on the head alone, which Ray
     deletes: a relative --out there would be lost (and other nodes do not see it)."""

@@ -634,8 +634,9 @@ class EvalConfig:
     cpus_per_actor: float = 1.0
     """CPUs Ray reserves per actor."""
     gpus_per_actor: Optional[float] = None
-    """GPUs Ray reserves per actor; unset: one when the cluster has a GPU when scoring starts, else none. Set
-    1 where GPU nodes start on demand (with scaling.autoscaling, the pool then waits for them)."""
+    """GPUs Ray reserves per actor; unset: one when the cluster has a GPU when scoring starts, or when it
+    starts GPU nodes on demand (scaling.use_gpu and scaling.autoscaling: the pool then waits for them),
+    else none."""
 
 
 @dataclass

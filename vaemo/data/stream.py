@@ -14,6 +14,7 @@ import glob
 import itertools
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -195,15 +196,17 @@ class NoUsableData(UserError):
         return match.group(1).strip().rstrip("'\")") if match else None
 
 
-class ShardsUnreadable(RuntimeError):
+class ShardsUnreadableError(RuntimeError):
     """A training stream's shards stopped being readable after it had read from them: the storage, which Ray's
     restart of the workers (from the newest checkpoint) may find back."""
 
 
-# Seconds between tries of a shard that failed with an I/O error (a training stream only: the preflight
-# reports unreadable shards at once). About 20 s per shard, so a storage blip of minutes is outlasted by
-# the 4 x (shards per worker) failures a stream meets before it gives up.
+# Seconds between tries of a shard that failed with an I/O error (training and validation streams; the
+# preflight, evaluation and the teacher cache report an unreadable shard at once).
 SHARD_RETRY_DELAYS = (1.0, 4.0, 16.0)
+# How long a stream that had read its shards goes on drawing unreadable ones before it stops for Ray's restart:
+# well inside the 30 minutes the other ranks wait in a collective before theirs times out.
+STORAGE_WAIT_S = 600.0
 
 
 class DecodedClips:
@@ -334,7 +337,8 @@ class TrainStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.rank, worker])
         buffer: list[dict] = []
         failures_in_a_row = unreadable_in_a_row = 0
-        read_before = False
+        read_before = self.start_positions.get(worker, 0) > 0  # a resumed stream had read its shards
+        unreadable_since = time.monotonic()
         for draw in itertools.count():
             url = shards[draw % len(shards)] if self.in_order else shards[int(rng.integers(len(shards)))]
             got_any = unreadable = False
@@ -354,13 +358,17 @@ class TrainStream(IterableDataset):
                 buffer[pick], item = item, buffer[pick]
                 yield item
             failures_in_a_row = 0 if got_any else failures_in_a_row + 1
-            unreadable_in_a_row = unreadable_in_a_row + 1 if unreadable and not got_any else 0
-            if read_before and unreadable_in_a_row > 4 * len(shards):
+            if not (unreadable and not got_any):
+                unreadable_in_a_row, unreadable_since = 0, time.monotonic()
+            else:
+                unreadable_in_a_row += 1
+            waited = time.monotonic() - unreadable_since
+            if read_before and unreadable_in_a_row and (unreadable_in_a_row > 4 * len(shards) or waited > STORAGE_WAIT_S):
                 # Read before, unreadable now: the storage, not the data. Not a UserError, so that Ray restarts
                 # the workers from the newest checkpoint (scaling.max_failures) instead of ending the run.
-                raise ShardsUnreadable(
-                    f"the last {unreadable_in_a_row} shards this worker drew could not be read, though it had read "
-                    f"samples before (shared storage unreachable?), e.g. {url}"
+                raise ShardsUnreadableError(
+                    f"the last {unreadable_in_a_row} shards this worker drew ({waited:.0f} s) could not be read, "
+                    f"though it had read samples before (shared storage unreachable?), e.g. {url}"
                 )
             if failures_in_a_row > 4 * len(shards):
                 raise NoUsableData(

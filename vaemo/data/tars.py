@@ -9,6 +9,7 @@ temporary name so that a half-written shard never has the final one.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -243,10 +244,27 @@ def read_shard(url: str, retry_delays: tuple[float, ...] = ()) -> Iterator[dict 
 
 
 def transient(error: BaseException) -> bool:
-    """An I/O error that another try may not meet (EIO, a timeout, a dropped connection), unlike a missing or
-    forbidden file, or an archive that is damaged."""
-    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, gzip.BadGzipFile)
-    return isinstance(error, OSError) and not isinstance(error, permanent)
+    """An I/O error of shared storage that another try may not meet (EIO, a stale NFS handle, a timeout, a
+    dropped connection), unlike a missing or forbidden file or a damaged archive. A `pipe:` command that
+    failed carries no errno (its exit status alone): an object that does not exist fails the same way
+    again, and curl already retries a URL itself."""
+    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
+
+
+TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ENOTCONN,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+}
 
 
 def count_samples(path: str) -> int | None:

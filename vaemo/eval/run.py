@@ -142,7 +142,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpus-per-actor",
         type=float,
-        help="GPUs Ray reserves per actor; default: 1 when the cluster has a GPU when scoring starts, else 0",
+        help="GPUs Ray reserves per actor; default: 1 when the cluster has a GPU when scoring starts, or when "
+        "--config's cluster starts GPU nodes on demand (scaling.use_gpu and scaling.autoscaling), else 0",
     )
 
 
@@ -171,7 +172,10 @@ def eval_settings(args: argparse.Namespace) -> tuple[EvalConfig, bool]:
         raise UserError("--cpus-per-actor (eval.cpus_per_actor) must be > 0")
     if settings.gpus_per_actor is not None and settings.gpus_per_actor < 0:
         raise UserError("--gpus-per-actor (eval.gpus_per_actor) must be >= 0")
-    return settings, bool(cfg and cfg.scaling.autoscaling)
+    autoscaling = bool(cfg and cfg.scaling.autoscaling)
+    if settings.gpus_per_actor is None and autoscaling and cfg.scaling.use_gpu:
+        settings.gpus_per_actor = 1.0  # GPU nodes that start on demand are not there yet to be counted
+    return settings, autoscaling
 
 
 def run_eval(args: argparse.Namespace) -> int:
