@@ -6,6 +6,7 @@ import dataclasses
 import io
 import itertools
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -497,6 +498,22 @@ def test_shards_unreadable_after_a_good_read_stop_the_stream_for_rays_restart_no
     monkeypatch.setattr(stream_module, "read_shard", storage_gone_after_first_read)
     with pytest.raises(ShardsUnreadableError, match="the last 1 shards"):
         drain(TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True))
+
+
+def test_a_clip_that_hangs_the_decoder_fails_the_loader_instead_of_hanging_the_run(small_world, monkeypatch):
+    from vaemo.data import stream as stream_module
+
+    def hangs(sample, spec):
+        time.sleep(600)
+
+    monkeypatch.setattr(stream_module, "decode_sample", hangs)  # the loader's workers are forked: they see it
+    monkeypatch.setattr(stream_module, "LOADER_TIMEOUT_S", 3.0)
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+    stream = TrainStream(expand_shards(str(small_world / "val" / "*.tar")), spec, 2, seed=0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 3.0 seconds"):
+        next(iter(make_loader(stream, 1)))
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize("split", ["train", "val"])  # 4 shards: split by shard; 2 shards: split by sample
