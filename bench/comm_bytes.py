@@ -89,7 +89,7 @@ def stage_parts(stage: int) -> tuple[list[Part], dict]:
         passes = {"vision": (2, 0), "llm": (writes + 2, 1 + ckpt), "audio_encoder": (1, 0), "adapters": (1, 1)}
     else:
         passes = {"vision": (3, 0), "llm": (writes + 3, 2 * (1 + ckpt)), "audio_encoder": (2, 0), "adapters": (1, 1)}
-    if cfg.stage1.train_audio_encoder and stage == 1:
+    if (cfg.stage1.train_audio_encoder or cfg.stage1.audio_encoder_top_layers) and stage == 1:
         passes["audio_encoder"] = (1, 1)
     parts = []
     for name, (forwards, backwards) in passes.items():

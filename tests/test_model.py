@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from vaemo.config import load_config
+from vaemo.config import ConfigError, load_config
 from vaemo.errors import UserError
 from vaemo.losses import language_loss
 from vaemo.model import PromptItem, VAEmotionLLM, build_model, choose_attention, set_trainable
@@ -249,10 +249,28 @@ def test_stage2_without_the_emoadapter_trains_lora_alone_or_else_the_projector()
         objective = EmoAdapterObjective(cfg)
         model = build_model(cfg.model, cfg.data, seed=0)
         objective.prepare_model(model)
-        trainable = set_trainable(model, 2, None, objective.also_trainable())
+        trainable = set_trainable(model, 2, None, objective.also_trainable(model))
         assert trainable and all(expected in n for n in trainable), (lora_rank, sorted(trainable)[:3])
     with_adapter = EmoAdapterObjective(load_config(ROOT / "configs/tiny.yaml", stage=2))
-    assert with_adapter.also_trainable() == ()
+    assert with_adapter.also_trainable(model) == ()
+
+
+def test_stage1_can_train_the_audio_encoders_top_layers_beside_the_projector(hf_checkpoints):
+    """A pretrained Whisper's last layers and final norm train, the layers below stay frozen (and ZeRO-3 may
+    fetch them whole); asking for more layers than the encoder has is one line."""
+    from vaemo.train.objectives import build_stage_model, objective_for
+
+    cfg = real_format_config(hf_checkpoints, "stage1.audio_encoder_top_layers=1")
+    parts = build_stage_model(cfg, objective_for(cfg))
+    layers = len(parts.model.audio_encoder.layers)
+    encoder = {n.split(".")[2] if ".layers." in n else n.split(".")[1] for n in parts.trainable if n.startswith("audio_encoder.")}
+    assert layers >= 2 and encoder == {str(layers - 1), "layer_norm"}, sorted(encoder)
+    assert any(n.startswith("projector.") for n in parts.trainable)
+    too_many = real_format_config(hf_checkpoints, f"stage1.audio_encoder_top_layers={layers + 1}")
+    with pytest.raises(UserError, match=f"audio_encoder_top_layers={layers + 1}, but the audio encoder has {layers} layers"):
+        build_stage_model(too_many, objective_for(too_many))
+    with pytest.raises(ConfigError, match="audio_encoder_top_layers.*must be 0 with train_audio_encoder=true"):
+        real_format_config(hf_checkpoints, "stage1.audio_encoder_top_layers=1", "stage1.train_audio_encoder=true")
 
 
 def test_zero3_fetches_whole_only_the_blocks_that_hold_no_trainable_weights():

@@ -555,6 +555,10 @@ class Stage1Config:
     must make the same calls)."""
     train_audio_encoder: bool = False
     """Also train the audio encoder (a randomly initialised tiny one must learn; a pretrained Whisper need not)."""
+    audio_encoder_top_layers: int = 0
+    """Also train the audio encoder's last N transformer layers and its final layer norm: a pretrained
+    encoder's top adapts to what the LLM reads, for a fraction of the whole encoder's gradients and optimizer
+    state (0: none; train_audio_encoder trains all of it)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Online teacher or offline cache."""
 
@@ -563,6 +567,12 @@ class Stage1Config:
         _require(self.topk >= 0, f"{path}.topk", "must be >= 0")
         _require(self.kd_chunk_size >= 1, f"{path}.kd_chunk_size", "must be >= 1")
         _require(self.teacher_response_tokens >= 1, f"{path}.teacher_response_tokens", "must be >= 1")
+        _require(self.audio_encoder_top_layers >= 0, f"{path}.audio_encoder_top_layers", "must be >= 0")
+        _require(
+            not (self.train_audio_encoder and self.audio_encoder_top_layers),
+            f"{path}.audio_encoder_top_layers",
+            "must be 0 with train_audio_encoder=true (which trains the whole encoder)",
+        )
         if self.teacher.mode == "cache":
             _require(self.topk > 0, f"{path}.topk", "must be > 0 with teacher.mode=cache (the cache holds top-k)")
             _require(bool(self.teacher.cache_dir), f"{path}.teacher.cache_dir", "must name the cache folder")

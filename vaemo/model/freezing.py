@@ -2,7 +2,8 @@
 
 Stage 0 ("see", tiny world only): the whole VLM (vision tower, merger, LLM) on captioned clips.
 Stage 1 (VG-Align): only the audio projector (and its marker embeddings); the VLM and encoder are frozen
-(the encoder trains too with stage1.train_audio_encoder, for a randomly initialised tiny one).
+(the encoder trains too with stage1.train_audio_encoder, for a randomly initialised tiny one, or its last
+layers with stage1.audio_encoder_top_layers).
 Stage 2 (EmoAdapter): the Emotion Enhancer and Supervisor, and LoRA adapters when model.lora.rank > 0.
 """
 

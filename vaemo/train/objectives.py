@@ -27,6 +27,7 @@ from vaemo.config import Config, PromptsConfig
 from vaemo.data.bench import mcq_prompt
 from vaemo.data.decode import DecodeSpec
 from vaemo.data.stream import Batch
+from vaemo.errors import UserError
 from vaemo.losses import TopKTargets, distill, language_loss, per_sequence_weights, teacher_topk, va_loss
 from vaemo.model import IGNORE, ModelInputs, PromptItem, VAEmotionLLM, build_model, set_trainable
 from vaemo.model.vaemo_llm import best_option, per_item
@@ -65,6 +66,17 @@ def mcq(variants: Sequence[str], options: Sequence[str], rng: np.random.Generato
     shuffled = list(options)
     rng.shuffle(shuffled)
     return mcq_prompt(question, shuffled)
+
+
+def top_layer_prefixes(encoder: nn.Module, count: int) -> tuple[str, ...]:
+    """The parameter prefixes of an audio encoder's last `count` transformer layers and its final norm."""
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"stage1.audio_encoder_top_layers: the {type(encoder).__name__} has no `layers` to choose from")
+    if count > len(layers):
+        raise UserError(f"stage1.audio_encoder_top_layers={count}, but the audio encoder has {len(layers)} layers")
+    final_norm = ("audio_encoder.layer_norm.",) if isinstance(getattr(encoder, "layer_norm", None), nn.Module) else ()
+    return tuple(f"audio_encoder.layers.{i}." for i in range(len(layers) - count, len(layers))) + final_norm
 
 
 def labelled_question_sets(cfg: Config) -> list[tuple[str, list[str], list[str], str]]:
@@ -166,10 +178,12 @@ class StageObjective(ABC):
     def extra_modules(self, model: VAEmotionLLM) -> nn.Module | None:
         return None
 
-    def also_trainable(self) -> tuple[str, ...]:
+    def also_trainable(self, model: VAEmotionLLM) -> tuple[str, ...]:
         """Parameter prefixes this run trains beyond the stage's own (see vaemo/model/freezing.py)."""
         if self.stage == 1 and self.cfg.stage1.train_audio_encoder:
             return ("audio_encoder.",)
+        if self.stage == 1 and self.cfg.stage1.audio_encoder_top_layers:
+            return top_layer_prefixes(model.audio_encoder, self.cfg.stage1.audio_encoder_top_layers)
         s2 = self.cfg.stage2
         if self.stage == 2 and not (s2.use_enhancer or s2.use_supervisor) and self.cfg.model.lora.rank == 0:
             # The "without the EmoAdapter" ablation: the same stage-2 data and losses, fine-tuning what
@@ -564,7 +578,7 @@ def build_stage_model(
     torch.manual_seed(cfg.seed + 1)
     objective.prepare_model(model)
     extra = objective.extra_modules(model)
-    trainable = set_trainable(model, cfg.stage, extra, objective.also_trainable())
+    trainable = set_trainable(model, cfg.stage, extra, objective.also_trainable(model))
     if cfg.model.activation_checkpointing:
         model.checkpoint_activations()
     return StageModel(model, extra, trainable, held_vision)
