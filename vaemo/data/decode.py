@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from vaemo.data.tars import materialized
 from vaemo.data.teacher_records import TEACHER_JSON, TeacherRecord, decode_record
 
 if TYPE_CHECKING:
@@ -478,6 +479,10 @@ def fill_window(samples: torch.Tensor, length: int, fill: str) -> torch.Tensor:
 def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     """Decode what `spec` asks for; raises SkipSample when the sample cannot serve it. Frames and audio come
     from the same window of the clip (`clip_window`)."""
+    try:
+        sample = materialized(sample)
+    except (OSError, ValueError) as err:  # a shard changed or went away since its headers were read
+        raise SkipSample("truncated_clip", str(err).splitlines()[0][:80]) from None
     _, raw, meta = split_sample(sample)
     check_fields(meta, spec.need_fields, spec.emotions)
     key = sample.get("__key__", "")

@@ -331,8 +331,9 @@ class TrainStream(IterableDataset):
         # was due next, so logical streams are rotated by the number of batches already consumed.
         self.first_stream = resume.next_stream() if resume else 0
 
-    def raw_samples(self, worker: int, workers: int) -> Iterator[dict | ShardError]:
-        """Resampled shards through a shuffle buffer; the RNG draws depend only on (seed, rank, worker)."""
+    def raw_samples(self, worker: int, workers: int, lazy: Callable[[], bool] = lambda: False) -> Iterator[dict | ShardError]:
+        """Resampled shards through a shuffle buffer; the RNG draws depend only on (seed, rank, worker). A shard
+        drawn while `lazy()` holds gives its files' bytes as LazyBytes (read when decoded)."""
         shards = train_shard_subset(self.urls, self.rank, self.world_size, worker, workers)
         rng = np.random.default_rng([self.seed, self.rank, worker])
         buffer: list[dict] = []
@@ -342,7 +343,7 @@ class TrainStream(IterableDataset):
         for draw in itertools.count():
             url = shards[draw % len(shards)] if self.in_order else shards[int(rng.integers(len(shards)))]
             got_any = unreadable = False
-            items = read_shard(url, SHARD_RETRY_DELAYS)
+            items = read_shard(url, SHARD_RETRY_DELAYS, lazy=lazy())
             if self.teacher_cache:
                 items = with_cache(items, cache_shard_for(url, self.teacher_cache))
             for item in items:
@@ -379,12 +380,16 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         loader_worker, workers = _worker_slot()
         worker = (loader_worker + self.first_stream) % workers  # the logical stream this process plays
-        raw = self.raw_samples(worker, workers)
         start = self.start_positions.get(worker, 0)
+        # A resume passes over the samples drawn before it in the same order, reading the shards' headers but
+        # not their files: only what is still in the shuffle buffer afterwards is read (when decoded).
+        forwarding = [start > 0]
+        raw = self.raw_samples(worker, workers, lazy=lambda: forwarding[0])
         drawn = 0
-        while drawn < start:  # fast-forward: read, don't decode
+        while drawn < start:
             if not isinstance(next(raw), ShardError):
                 drawn += 1
+        forwarding[0] = False
         yield from _decode_into_batches(
             raw,
             self.spec,

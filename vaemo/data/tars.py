@@ -117,12 +117,37 @@ def sample_key(name: str) -> str:
     return (key_and_extension(name) or (name,))[0]
 
 
-def in_key_order(stream) -> tuple[Iterator[tuple[str, bytes]], ValueError | None]:
+class LazyBytes(NamedTuple):
+    """A member's bytes, read from its local shard only when a consumer asks (`materialized`): a resumed
+    stream passes over the samples it had drawn before without reading them."""
+
+    path: str
+    start: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as stream:
+            stream.seek(self.start)
+            data = _read_exact(stream, self.size)
+        if len(data) < self.size:
+            raise ValueError("the archive ends inside a member")
+        return data
+
+
+def materialized(sample: dict) -> dict:
+    """The sample with every LazyBytes value read; as it is when it holds none."""
+    if not any(isinstance(value, LazyBytes) for value in sample.values()):
+        return sample
+    return {name: value.read() if isinstance(value, LazyBytes) else value for name, value in sample.items()}
+
+
+def in_key_order(stream, lazy_path: str | None = None) -> tuple[Iterator[tuple[str, bytes]], ValueError | None]:
     """The (name, bytes) of a seekable tar's files with each sample's files together, samples in the order
     they first appear: the contract makes a sample of the files that share a key, wherever the tar holds
     them (`tar cf` of a folder interleaves them); a shard whose samples are already together reads in
     order. And the damage found in the archive (None: whole), for the caller to raise once every sample
-    before it has been read: those are whole, unlike a sequential read's last one."""
+    before it has been read: those are whole, unlike a sequential read's last one. With `lazy_path` (the
+    archive's file) the bytes are LazyBytes, read when asked for."""
     end = stream.seek(0, os.SEEK_END)
     stream.seek(0)
     members: list[Member] = []
@@ -144,7 +169,10 @@ def in_key_order(stream) -> tuple[Iterator[tuple[str, bytes]], ValueError | None
     for position, key in enumerate(keys):
         first_seen.setdefault(key, position)
     order = sorted(range(len(members)), key=lambda i: first_seen[keys[i]])  # stable: a sample's files keep their order
-    return _read_members(stream, [members[i] for i in order]), damage
+    ordered = [members[i] for i in order]
+    if lazy_path is not None:
+        return ((m.name, LazyBytes(lazy_path, m.start, m.size)) for m in ordered), damage
+    return _read_members(stream, ordered), damage
 
 
 def _read_members(stream, members: list[Member]) -> Iterator[tuple[str, bytes]]:
@@ -216,10 +244,11 @@ def _tar_stream(stream) -> tuple[object, bool]:
     return stream, _seekable(stream)
 
 
-def read_shard(url: str, retry_delays: tuple[float, ...] = ()) -> Iterator[dict | ShardError]:
+def read_shard(url: str, retry_delays: tuple[float, ...] = (), lazy: bool = False) -> Iterator[dict | ShardError]:
     """Raw samples (dicts of bytes keyed by extension) of one shard; a read error ends the shard as a ShardError.
     `retry_delays`: seconds to wait before each new try of a shard that failed with an I/O error before its
-    first sample (shared storage that dropped out for a moment); a missing or forbidden file is not retried."""
+    first sample (shared storage that dropped out for a moment); a missing or forbidden file is not retried.
+    `lazy`: a local uncompressed shard's bytes come as LazyBytes (its headers are read, its files not)."""
     for delay in (*retry_delays, None):
         yielded = False
         try:
@@ -228,7 +257,8 @@ def read_shard(url: str, retry_delays: tuple[float, ...] = ()) -> Iterator[dict 
             with gopen(url, "rb") as opened:
                 stream, random_access = _tar_stream(opened)
                 in_order = (((m.name, m.data) for m in tar_members(stream)), None)
-                members, damage = in_key_order(stream) if random_access else in_order
+                lazy_path = url if lazy and random_access and os.path.isfile(url) else None
+                members, damage = in_key_order(stream, lazy_path) if random_access else in_order
                 for sample in group_samples(members, url):
                     yielded = True
                     yield sample
