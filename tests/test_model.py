@@ -258,6 +258,7 @@ def test_stage2_without_the_emoadapter_trains_lora_alone_or_else_the_projector()
 def test_stage1_can_train_the_audio_encoders_top_layers_beside_the_projector(hf_checkpoints):
     """A pretrained Whisper's last layers and final norm train, the layers below stay frozen (and ZeRO-3 may
     fetch them whole); asking for more layers than the encoder has is one line."""
+    from vaemo.model.build import check_encoder_layers
     from vaemo.train.objectives import build_stage_model, objective_for
 
     cfg = real_format_config(hf_checkpoints, "stage1.audio_encoder_top_layers=1")
@@ -267,8 +268,12 @@ def test_stage1_can_train_the_audio_encoders_top_layers_beside_the_projector(hf_
     assert layers >= 2 and encoder == {str(layers - 1), "layer_norm"}, sorted(encoder)
     assert any(n.startswith("projector.") for n in parts.trainable)
     too_many = real_format_config(hf_checkpoints, f"stage1.audio_encoder_top_layers={layers + 1}")
-    with pytest.raises(UserError, match=f"audio_encoder_top_layers={layers + 1}, but the audio encoder has {layers} layers"):
-        build_stage_model(too_many, objective_for(too_many))
+    for check in (
+        lambda: check_encoder_layers(too_many.model, layers + 1),
+        lambda: build_stage_model(too_many, objective_for(too_many)),
+    ):
+        with pytest.raises(UserError, match=f"audio_encoder_top_layers={layers + 1}, but the audio encoder has {layers} layers"):
+            check()  # the preflight's check from config.json, and the build's from the model
     with pytest.raises(ConfigError, match="audio_encoder_top_layers.*must be 0 with train_audio_encoder=true"):
         real_format_config(hf_checkpoints, "stage1.audio_encoder_top_layers=1", "stage1.train_audio_encoder=true")
 

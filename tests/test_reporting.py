@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vaemo.train.reporting import MetricsWriter, format_line, keep_records_up_to
+from vaemo.train.reporting import Accumulator, MetricsWriter, format_line, keep_records_up_to
 
 
 def steps_of(path) -> list[int]:
@@ -74,3 +74,11 @@ def test_the_progress_line_shows_every_scored_task_not_only_the_synthetic_worlds
     }
     line = format_line(record, 100, stage=2)
     assert "val-emo 0.50 val-style 0.75 |" in line and "0.25" not in line and "0.12" not in line
+
+
+def test_a_checkpoint_keeps_the_unreported_sums_but_the_counts_rates_divide_by_wall_time():
+    """A resume's first record averages the loss over every step since the last report, as an uninterrupted
+    run's does; its clips/s counts only what the resumed run did in the time it ran."""
+    sums = Accumulator()
+    sums.add({"loss": 2.0, "steps": 1, "clips": 8, "tokens": 900, "compute_s": 0.5})
+    assert sums.unreported() == {"loss": 2.0, "steps": 1.0, "compute_s": 0.5}

@@ -291,27 +291,38 @@ def test_a_trainer_state_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
-def test_a_resume_that_would_read_other_data_says_so_and_other_loader_workers_are_refused(tmp_path, capsys):
+def test_a_resume_that_would_read_other_data_says_so_and_other_workers_or_trained_parts_are_refused(tmp_path, capsys):
     """Resumed with another seed, batch size, shuffle buffer or shard list, the weights and step continue but
     the data does not (a line says so); other loader workers are refused before the model loads (each
     worker's place in the data is saved), where before each worker refused them after loading it."""
     from vaemo.config import load_config, render_config
     from vaemo.errors import UserError
-    from vaemo.train.checkpoint import check_same_stream, shard_list_digest
+    from vaemo.train.checkpoint import check_resume_matches, shard_list_digest
 
     cfg = load_config(ROOT / "configs/tiny.yaml", stage=1)
     urls = [f"/data/train-{i:03d}.tar" for i in range(4)]
     (tmp_path / "config.yaml").write_text(render_config(cfg))
     meta = {"loader_workers": cfg.data.loader_workers, "train_shards": shard_list_digest(urls), "train_shard_count": 4}
-    check_same_stream(cfg, tmp_path, meta, urls)
+    check_resume_matches(cfg, tmp_path, meta, urls)
     assert capsys.readouterr().out == ""
     other = load_config(ROOT / "configs/tiny.yaml", ["seed=7", "data.shuffle_buffer=3"], stage=1)
-    check_same_stream(other, tmp_path, meta, [*urls, "/data/train-004.tar"])
+    check_resume_matches(other, tmp_path, meta, [*urls, "/data/train-004.tar"])
     line = capsys.readouterr().out
     assert "seed=7 (the checkpoint's: 0)" in line and "data.shuffle_buffer=3" in line
     assert "another data.train_shards list (5 shard(s); the checkpoint's had 4)" in line and "not those an uninterrupted" in line
     with pytest.raises(UserError, match="written with data.loader_workers=5; resume with the same value"):
-        check_same_stream(cfg, tmp_path, {**meta, "loader_workers": 5}, urls)
+        check_resume_matches(cfg, tmp_path, {**meta, "loader_workers": 5}, urls)
+    # other trained parameters: DeepSpeed would fail in every worker after the model loads, or train from
+    # weights the checkpoint never held
+    for changed, said in (
+        ("stage1.train_audio_encoder=false", "trained with stage1.train_audio_encoder=True (now False)"),
+        ("model.projector.hidden_size=64", "trained with model.projector.hidden_size="),
+    ):
+        with pytest.raises(UserError, match=re.escape(said)):
+            check_resume_matches(load_config(ROOT / "configs/tiny.yaml", [changed], stage=1), tmp_path, meta, urls)
+    elsewhere = load_config(ROOT / "configs/tiny.yaml", ["model.init_from=/elsewhere/export"], stage=1)
+    check_resume_matches(elsewhere, tmp_path, meta, urls)
+    assert "model.init_from='/elsewhere/export'" in capsys.readouterr().out
 
 
 def test_nccl_and_cuda_settings_reach_the_workers_but_not_cuda_visible_devices(monkeypatch):

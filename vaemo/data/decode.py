@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from vaemo.data.tars import materialized
+from vaemo.data.tars import materialized, transient
 from vaemo.data.teacher_records import TEACHER_JSON, TeacherRecord, decode_record
 
 if TYPE_CHECKING:
@@ -480,9 +480,13 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     """Decode what `spec` asks for; raises SkipSample when the sample cannot serve it. Frames and audio come
     from the same window of the clip (`clip_window`)."""
     try:
-        sample = materialized(sample)
-    except (OSError, ValueError) as err:  # a shard changed or went away since its headers were read
-        raise SkipSample("truncated_clip", str(err).splitlines()[0][:80]) from None
+        sample = materialized(sample)  # (a resumed stream's samples come with their bytes unread)
+    except OSError as err:
+        if transient(err):  # the storage, not the clip: the worker stops for Ray's restart
+            raise
+        raise SkipSample("unreadable_shard", f"{err.strerror}: {err.filename}") from None
+    except ValueError as err:  # the shard was cut or written again since its headers were read
+        raise SkipSample("truncated_clip", str(err)) from None
     _, raw, meta = split_sample(sample)
     check_fields(meta, spec.need_fields, spec.emotions)
     key = sample.get("__key__", "")

@@ -490,22 +490,16 @@ def _quiet_worker(_: int) -> None:
 
 
 def make_loader(dataset: IterableDataset, workers: int, prefetch_batches: int = 2) -> DataLoader:
-    """A DataLoader over a stream that already yields whole batches (decoding runs in the workers). A loader
-    worker that sends no batch for LOADER_TIMEOUT_S (a clip that hangs the decoder) fails the run with
-    DataLoader's "timed out" instead of hanging it: with one rank nothing else would ever stop it."""
+    """A DataLoader over a stream that already yields whole batches (decoding runs in the workers). It sets
+    no timeout: a resume's fast-forward (inside the worker, before its first batch) may read for as long as
+    the run had drawn."""
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         prefetch_factor=prefetch_batches if workers > 0 else None,
         worker_init_fn=_quiet_worker if workers > 0 else None,
-        timeout=LOADER_TIMEOUT_S if workers > 0 else 0,
     )
-
-
-# Longer than a stream waits on unreadable storage (STORAGE_WAIT_S), shorter than the 30 minutes the other
-# ranks wait in a collective.
-LOADER_TIMEOUT_S = 1200.0
 
 
 def probe_usable(urls: list[str], spec: DecodeSpec, limit: int, teacher_cache: str = "") -> None:

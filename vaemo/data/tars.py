@@ -124,14 +124,22 @@ class LazyBytes(NamedTuple):
     path: str
     start: int
     size: int
+    shard: tuple[int, ...]  # the file the offsets are of (`file_identity`): a shard packed again has others
 
     def read(self) -> bytes:
         with open(self.path, "rb") as stream:
+            if file_identity(stream) != self.shard:
+                raise ValueError("the shard was written again since its headers were read")
             stream.seek(self.start)
             data = _read_exact(stream, self.size)
         if len(data) < self.size:
             raise ValueError("the archive ends inside a member")
         return data
+
+
+def file_identity(stream) -> tuple[int, ...]:
+    info = os.fstat(stream.fileno())
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def materialized(sample: dict) -> dict:
@@ -141,7 +149,7 @@ def materialized(sample: dict) -> dict:
     return {name: value.read() if isinstance(value, LazyBytes) else value for name, value in sample.items()}
 
 
-def in_key_order(stream, lazy_path: str | None = None) -> tuple[Iterator[tuple[str, bytes]], ValueError | None]:
+def in_key_order(stream, lazy_path: str | None = None) -> tuple[Iterator[tuple[str, bytes | LazyBytes]], ValueError | None]:
     """The (name, bytes) of a seekable tar's files with each sample's files together, samples in the order
     they first appear: the contract makes a sample of the files that share a key, wherever the tar holds
     them (`tar cf` of a folder interleaves them); a shard whose samples are already together reads in
@@ -171,7 +179,8 @@ def in_key_order(stream, lazy_path: str | None = None) -> tuple[Iterator[tuple[s
     order = sorted(range(len(members)), key=lambda i: first_seen[keys[i]])  # stable: a sample's files keep their order
     ordered = [members[i] for i in order]
     if lazy_path is not None:
-        return ((m.name, LazyBytes(lazy_path, m.start, m.size)) for m in ordered), damage
+        shard = file_identity(stream)
+        return ((m.name, LazyBytes(lazy_path, m.start, m.size, shard)) for m in ordered), damage
     return _read_members(stream, ordered), damage
 
 

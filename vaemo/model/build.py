@@ -457,6 +457,21 @@ def check_shapes(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     check_inputs_fit(visual, data_cfg.audio_seconds, model_cfg.projector.pool_stride)
 
 
+def check_encoder_layers(model_cfg: ModelConfig, top_layers: int) -> None:
+    """stage1.audio_encoder_top_layers asks for no more layers than the audio encoder has, from its config
+    (the tiny sizes, the checkpoint's or the export's config.json), before any model is built."""
+    if not top_layers:
+        return
+    if model_cfg.init_from:
+        layers = read_checkpoint_config(Path(model_cfg.init_from) / "audio_encoder", "model.init_from").get("encoder_layers")
+    elif model_cfg.audio_encoder == "tiny":
+        layers = model_cfg.tiny_audio.num_layers
+    else:
+        layers = read_checkpoint_config(Path(model_cfg.audio_encoder), "model.audio_encoder").get("encoder_layers")
+    if isinstance(layers, int) and top_layers > layers:
+        raise UserError(f"stage1.audio_encoder_top_layers={top_layers}, but the audio encoder has {layers} layers")
+
+
 def check_matches_export(spec: ModelSpec, model_cfg: ModelConfig, data_cfg: DataConfig, path: Path) -> None:
     """A stage started from an export feeds it clips decoded the way it was trained on, and keeps its audio
     projector's shape."""

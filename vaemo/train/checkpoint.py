@@ -143,6 +143,23 @@ def check_nothing_written_over(run_dir: Path, resume: Path) -> None:
 # What decides which clips a run reads after a given step: a resume with other values continues the weights
 # and the step, but not the data an uninterrupted run would have read.
 STREAM_FIELDS = ("seed", "data.batch_size", "data.shuffle_buffer")
+# What decides which parameters a run trains and their shapes: a checkpoint's weights and optimizer state
+# fit only the same (prefixes of dotted fields).
+TRAINED_FIELDS = (
+    "model.tiny_vlm.",
+    "model.tiny_audio.",
+    "model.projector.",
+    "model.enhancer.",
+    "model.supervisor.",
+    "model.lora.",
+    "stage1.train_audio_encoder",
+    "stage1.audio_encoder_top_layers",
+    "stage2.use_enhancer",
+    "stage2.use_supervisor",
+    "stage2.emotions",
+)
+# Where the frozen weights come from (a checkpoint holds only the trained ones).
+MODEL_FIELDS = ("model.vlm", "model.audio_encoder", "model.init_from")
 
 
 def shard_list_digest(urls: list[str]) -> str:
@@ -151,10 +168,11 @@ def shard_list_digest(urls: list[str]) -> str:
     return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
 
 
-def check_same_stream(cfg: Config, resume: Path, meta: dict, train_urls: list[str]) -> None:
-    """A resume continues the checkpoint's data stream exactly only with the same loader workers (else one
-    line, here rather than in every worker after the model loads), seed, batch size, shuffle buffer and
-    shard list (else a line that says the data from here on differs, and the run goes on)."""
+def check_resume_matches(cfg: Config, resume: Path, meta: dict, train_urls: list[str]) -> None:
+    """A resume continues the checkpoint's run: the same trained parameters (else one line, here rather than
+    an error of DeepSpeed's in every worker after the model loads), the same loader workers (each one's place
+    in the data is saved), and for an exact continuation the same seed, batch size, shuffle buffer, shard
+    list and starting model (else a line says what differs, and the run goes on)."""
     saved_workers = int(meta.get("loader_workers", cfg.data.loader_workers))
     if saved_workers != cfg.data.loader_workers:
         raise UserError(
@@ -165,6 +183,13 @@ def check_same_stream(cfg: Config, resume: Path, meta: dict, train_urls: list[st
 
     saved = yaml.safe_load((resume / "config.yaml").read_text()) if (resume / "config.yaml").is_file() else None
     changed = differing_fields(saved, config_to_dict(cfg)) if isinstance(saved, dict) else {}
+    trained = [name for name in changed if name.startswith(TRAINED_FIELDS)]
+    if trained:
+        now, then = changed[trained[0]]
+        raise UserError(
+            f"checkpoint '{resume}' was trained with {trained[0]}={then!r} (now {now!r}): it holds the weights and "
+            "optimizer state of other parameters; resume with the checkpoint's value, or start a new run"
+        )
     notes = [f"{name}={changed[name][0]!r} (the checkpoint's: {changed[name][1]!r})" for name in STREAM_FIELDS if name in changed]
     if meta.get("train_shards") not in (None, shard_list_digest(train_urls)):
         then = meta.get("train_shard_count", "?")
@@ -173,6 +198,12 @@ def check_same_stream(cfg: Config, resume: Path, meta: dict, train_urls: list[st
         progress.log(
             f"resuming with {'; '.join(notes)}: the weights and the step continue, but the clips read from here on "
             "are not those an uninterrupted run would have read"
+        )
+    moved = [f"{name}={changed[name][0]!r} (the checkpoint's: {changed[name][1]!r})" for name in MODEL_FIELDS if name in changed]
+    if moved:
+        progress.log(
+            f"resuming with {'; '.join(moved)}: the frozen weights come from there (a checkpoint holds only the "
+            "trained ones), so it must be the same model"
         )
 
 

@@ -96,7 +96,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
     these lists, not globs of their own that another node or a later moment could expand otherwise (ranks
     split the list by position)."""
     from vaemo.data.stream import expand_shards, train_shard_subset
-    from vaemo.model.build import check_checkpoint_folders, check_shapes, choose_dtype
+    from vaemo.model.build import check_checkpoint_folders, check_encoder_layers, check_shapes, choose_dtype
     from vaemo.train.ds_config import deepspeed_config
 
     output_folder(run_dir)
@@ -124,6 +124,8 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
         check_cache(cfg, train_urls + val_urls)
     check_checkpoint_folders(cfg.model, cfg.data.audio_seconds)
     check_shapes(cfg.model, cfg.data)
+    if cfg.stage == 1:
+        check_encoder_layers(cfg.model, cfg.stage1.audio_encoder_top_layers)
     probe_data(cfg, train_urls, val_urls)
     if cfg.model.init_from:
         from vaemo.model.build import check_matches_export
@@ -133,7 +135,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
         check_matches_export(ModelSpec.read(export), cfg.model, cfg.data, export)
     deepspeed_config(cfg, choose_dtype(cfg.model.dtype))
     if resume is not None:
-        from vaemo.train.checkpoint import check_nothing_written_over, check_same_stream, read_meta
+        from vaemo.train.checkpoint import check_nothing_written_over, check_resume_matches, read_meta
 
         check_nothing_written_over(run_dir, resume)
 
@@ -145,7 +147,7 @@ def preflight(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) 
             )
         if int(meta["stage"]) != cfg.stage:
             raise UserError(f"checkpoint '{resume}' is from stage {meta['stage']}, not stage {cfg.stage}")
-        check_same_stream(cfg, resume, meta, train_urls)
+        check_resume_matches(cfg, resume, meta, train_urls)
     return {"data.train_shards": train_urls, "data.val_shards": val_urls}
 
 

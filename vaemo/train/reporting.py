@@ -46,6 +46,14 @@ class Accumulator:
     def reset(self) -> None:
         self.sums.clear()
 
+    def unreported(self) -> dict[str, float]:
+        """What a checkpoint keeps for a resume's first record: the sums since the last report, but the counts
+        that rates divide by the interval's wall time (which starts again at the resume)."""
+        return {key: value for key, value in self.sums.items() if key not in PER_WALL_TIME}
+
+
+PER_WALL_TIME = ("clips", "tokens")
+
 
 def interval_record(
     step: int, totals: dict[str, float], terms: dict[str, float], world_size: int, lr: float, wall: float, elapsed: float

@@ -212,8 +212,8 @@ def train_worker(loop_config: dict) -> None:
     accumulator = Accumulator()  # a resume's first report also counts the steps before its checkpoint
     source = resume_source(ray.train.get_checkpoint(), loop_config)
     if source is not None:
-        start_step, stream_state, unreported = load_checkpoint(engine, source, rank, world_size, cfg)
-        accumulator.add(unreported)
+        start_step, stream_state, carried = load_checkpoint(engine, source, rank, world_size, cfg)
+        accumulator.add(carried)
 
     # -- data ----------------------------------------------------------------------------------
     # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
@@ -301,7 +301,8 @@ def train_worker(loop_config: dict) -> None:
             accumulator.reset()
             last_metrics = {**latest_validation, **record}
         if step % cfg.train.checkpoint_every == 0 or last:
-            save_checkpoint(engine, step, stream_state, accumulator.sums, cfg, rank, world_size, loop_config, last_metrics)
+            kept = accumulator.unreported()
+            save_checkpoint(engine, step, stream_state, kept, cfg, rank, world_size, loop_config, last_metrics)
         elif validate_now:
             ray.train.report(last_metrics)
 
