@@ -467,7 +467,7 @@ def test_shards_unreadable_after_a_good_read_stop_the_stream_for_rays_restart_no
     spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
     reads = []
 
-    def storage_gone_after_first_read(url, retry_delays=()):
+    def storage_gone_after_first_read(url, retry_delays=(), lazy=False):
         reads.append(retry_delays)
         if len(reads) == 1:
             yield from read_shard(url)
@@ -485,7 +485,7 @@ def test_shards_unreadable_after_a_good_read_stop_the_stream_for_rays_restart_no
     raised = f"vaemo.data.stream.{gone.type.__name__}: {gone.value}"
     ray_report = f"Training failed due to worker errors:\nTraceback (most recent call last):\n  ...\n{raised}"
     assert first_line(Exception(ray_report)).endswith(f"ShardsUnreadableError: {gone.value}")  # not Ray's header line
-    never = lambda url, retry_delays=(): iter([ShardError(url, "OSError: gone")])  # noqa: E731
+    never = lambda url, retry_delays=(), lazy=False: iter([ShardError(url, "OSError: gone")])  # noqa: E731
     monkeypatch.setattr(stream_module, "read_shard", never)
     with pytest.raises(NoUsableData):
         drain(TrainStream(urls, spec, 4, seed=0, shuffle_buffer=1, in_order=True))
