@@ -325,7 +325,7 @@ def actors_to_ask(wanted: int, nodes: list[dict[str, float]], cpus: float, gpus:
         raise UserError(
             f"no node of this Ray cluster can hold one actor of {cpus:g} CPU and {gpus:g} GPU "
             f"(the cluster has {have['CPU']:g} CPU, {have['GPU']:g} GPU; where nodes start on demand, set "
-            "scaling.autoscaling=true)"
+            "scaling.autoscaling=true in the preset given with --config)"
         )
     if count < wanted:
         progress.log(f"{count} actor(s) instead of {wanted}: the cluster holds no more of {cpus:g} CPU and {gpus:g} GPU each")

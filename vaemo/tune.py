@@ -360,11 +360,13 @@ def sweep(
     finally:  # a failed or interrupted sweep must not keep the head's CPUs either
         signal.signal(signal.SIGTERM, previous)
         remove_placement_groups_of_this_job()
+    from vaemo.train.reporting import task_accuracies
+
     rows = []
     for result in grid:
         params = {k: (result.config or {}).get(k) for k in spec.space}  # a trial whose process died has none
         metrics = result.metrics or {}
-        per_task = {k: v for k, v in sorted(metrics.items()) if re.fullmatch(r"val_[a-z]+_acc", k)}  # what the objective averages
+        per_task = {f"val_{task}_acc": value for task, value in sorted(task_accuracies(metrics))}  # what the objective averages
         rows.append(
             {
                 "trial": metrics.get("trial_id", Path(result.path).name),

@@ -60,7 +60,8 @@ SKIP_REASONS: dict[str, str] = {
     "bad_field": "a JSON field has the wrong type",
     "va_out_of_range": "valence/arousal outside [-1, 1] (declare another scale with a `va_scale: [low, high]` field)",
     "unknown_emotion": "the sample's emotion is not one of the config's stage2.emotions",
-    "unreadable_shard": "a shard could not be opened or read (counted per shard)",
+    "unreadable_shard": "a shard could not be opened or read (counted per shard; per clip for the clips a resume "
+    "reads after its fast-forward, when their shard went away or was written again meanwhile)",
     "no_teacher_cache": "stage 1 reads a teacher cache and it holds no (readable) record for the sample",
     "stale_teacher_cache": "the sample's cached teacher record was made for another model/prompts/k",
 }
@@ -176,7 +177,7 @@ def check_fields(meta: dict, needed: tuple[str, ...], emotions: tuple[str, ...] 
             value = meta[name] = rescale_va(float(value), meta.get("va_scale"))
             if not -1.0 <= value <= 1.0:
                 raise SkipSample("va_out_of_range", f"{name}={value!r}")
-        elif name in ("caption", "emotion", "object") and not isinstance(value, str):
+        elif name in ("caption", "emotion") and not isinstance(value, str):
             raise SkipSample("bad_field", f"{name}={value!r}")
         elif name == "emotion" and emotions and value not in emotions:
             raise SkipSample("unknown_emotion", value)
@@ -484,9 +485,9 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> Clip:
     except OSError as err:
         if transient(err):  # the storage, not the clip: the worker stops for Ray's restart
             raise
-        raise SkipSample("unreadable_shard", f"{err.strerror}: {err.filename}") from None
+        raise SkipSample("unreadable_shard", str(err)) from None
     except ValueError as err:  # the shard was cut or written again since its headers were read
-        raise SkipSample("truncated_clip", str(err)) from None
+        raise SkipSample("unreadable_shard", str(err)) from None
     _, raw, meta = split_sample(sample)
     check_fields(meta, spec.need_fields, spec.emotions)
     key = sample.get("__key__", "")

@@ -445,8 +445,8 @@ class StreamState:
     def from_state_dict(cls, state: dict, num_workers: int) -> StreamState:
         if int(state["num_workers"]) != num_workers:
             raise UserError(
-                f"the checkpoint was written with data.loader_workers={state['num_workers']}; "
-                f"resume with the same value for an exact continuation (got {num_workers})"
+                f"the checkpoint was written with data.loader_workers={state['num_workers']}; resume with the same "
+                f"value (got {num_workers}): each loader worker's place in the data is saved"
             )
         positions = {int(k): int(v) for k, v in state["positions"].items()}
         return cls(

@@ -1,6 +1,6 @@
 """What trains in each stage, expressed once.
 
-Stage 0 ("see", tiny world only): the whole VLM (vision tower, merger, LLM) on captioned clips.
+Stage 0 ("see", a VLM from scratch): the whole VLM (vision tower, merger, LLM) on captioned clips.
 Stage 1 (VG-Align): only the audio projector (and its marker embeddings); the VLM and encoder are frozen
 (the encoder trains too with stage1.train_audio_encoder, for a randomly initialised tiny one, or its last
 layers with stage1.audio_encoder_top_layers).

@@ -143,21 +143,21 @@ def check_nothing_written_over(run_dir: Path, resume: Path) -> None:
 # What decides which clips a run reads after a given step: a resume with other values continues the weights
 # and the step, but not the data an uninterrupted run would have read.
 STREAM_FIELDS = ("seed", "data.batch_size", "data.shuffle_buffer")
-# What decides which parameters a run trains and their shapes: a checkpoint's weights and optimizer state
-# fit only the same (prefixes of dotted fields).
-TRAINED_FIELDS = (
-    "model.tiny_vlm.",
-    "model.tiny_audio.",
-    "model.projector.",
-    "model.enhancer.",
-    "model.supervisor.",
-    "model.lora.",
-    "stage1.train_audio_encoder",
-    "stage1.audio_encoder_top_layers",
-    "stage2.use_enhancer",
-    "stage2.use_supervisor",
-    "stage2.emotions",
-)
+# What decides which parameters a stage trains and their shapes, by stage: a checkpoint's weights and
+# optimizer state fit only the same (prefixes of dotted fields).
+TRAINED_FIELDS = {
+    0: ("model.tiny_vlm.", "prompts.questions", "stage2.emotions"),  # stage 0's heads: one per labelled set
+    1: ("model.tiny_audio.", "model.projector.", "stage1.train_audio_encoder", "stage1.audio_encoder_top_layers"),
+    2: (
+        "model.projector.",
+        "model.enhancer.",
+        "model.supervisor.",
+        "model.lora.",
+        "stage2.use_enhancer",
+        "stage2.use_supervisor",
+        "stage2.emotions",
+    ),
+}
 # Where the frozen weights come from (a checkpoint holds only the trained ones).
 MODEL_FIELDS = ("model.vlm", "model.audio_encoder", "model.init_from")
 
@@ -166,6 +166,16 @@ def shard_list_digest(urls: list[str]) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+
+
+def has_field(config: dict, dotted: str) -> bool:
+    """Whether a saved config names the field (one written before the field existed does not)."""
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def check_resume_matches(cfg: Config, resume: Path, meta: dict, train_urls: list[str]) -> None:
@@ -183,7 +193,7 @@ def check_resume_matches(cfg: Config, resume: Path, meta: dict, train_urls: list
 
     saved = yaml.safe_load((resume / "config.yaml").read_text()) if (resume / "config.yaml").is_file() else None
     changed = differing_fields(saved, config_to_dict(cfg)) if isinstance(saved, dict) else {}
-    trained = [name for name in changed if name.startswith(TRAINED_FIELDS)]
+    trained = [name for name in changed if name.startswith(TRAINED_FIELDS[cfg.stage]) and has_field(saved, name)]
     if trained:
         now, then = changed[trained[0]]
         raise UserError(

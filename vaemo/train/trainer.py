@@ -85,25 +85,33 @@ def synchronize(step: StepInputs, world_size: int, chunk_size: int) -> None:
     step.world_size = world_size
 
 
-def stop_before_a_non_finite_step(loss: torch.Tensor, step: int, keys: list[str], cfg: Config, rank: int) -> None:
+def stop_before_a_non_finite_step(loss: torch.Tensor, step: int, keys: list[str], rank: int) -> None:
     """Stop every rank, one line, when any rank's loss is NaN or infinite: its backward pass would write NaN
     into the weights, and into every checkpoint after it. Stopped here, the newest checkpoint is as it was.
     The ranks learn of it together (one all-reduce), so none waits in a collective for one that stopped;
     a UserError, so Ray's retries (which would repeat this exact step) do not start."""
     finite_here = bool(torch.isfinite(loss.detach()).all())
     ranks = torch.tensor([0 if finite_here else 1], dtype=torch.int64)
-    if dist.is_available() and dist.is_initialized():
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
         ranks = ranks.to(collective_device())
         dist.all_reduce(ranks)
-    if int(ranks.item()):
-        shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-        raise UserError(
-            f"stage {cfg.stage}: the loss of step {step} is not finite on {int(ranks.item())} rank(s)"
-            + ("" if finite_here else f" (rank {rank}'s clips: {shown})")
-            + ": stopped before it reached the weights, the newest checkpoint is intact. Usual causes: a learning "
-            "rate too high for this model (train.lr), or bf16 overflow (model.dtype=float32 to check); resume "
-            "from the checkpoint with --resume-from once fixed"
-        )
+    if not int(ranks.item()):
+        return
+    # Every rank raises the same line (Ray reports rank 0's first): the clips of each rank whose loss was not finite.
+    mine = (
+        None if finite_here else f"rank {rank}: " + ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    )
+    named = [mine]
+    if distributed:
+        named = [None] * dist.get_world_size()
+        dist.all_gather_object(named, mine)
+    clips = "; ".join(n for n in named if n)
+    raise UserError(
+        f"the loss of step {step} is not finite on {int(ranks.item())} rank(s) (their clips: {clips}): stopped before it "
+        "reached the weights, the newest checkpoint is intact. Usual causes: a learning rate too high for this model "
+        "(train.lr), or bf16 overflow (model.dtype=float32 to check); resume from the checkpoint with --resume-from once fixed"
+    )
 
 
 def quiet_libraries() -> None:
@@ -266,7 +274,7 @@ def train_worker(loop_config: dict) -> None:
         inputs.step = step
         synchronize(inputs, world_size, objective.chunk)
         loss = engine(inputs)
-        stop_before_a_non_finite_step(loss, step, batch.keys, cfg, rank)
+        stop_before_a_non_finite_step(loss, step, batch.keys, rank)
         engine.backward(loss)
         engine.step()
         stream.release(batch)  # its tensors were consumed by the step: the loader worker may reuse them
