@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import itertools
@@ -475,8 +476,7 @@ def test_shards_unreadable_after_a_good_read_stop_the_stream_for_rays_restart_no
             yield ShardError(url, "OSError: [Errno 5] Input/output error")
 
     def drain(stream: TrainStream) -> None:
-        for _ in stream.raw_samples(0, 1):
-            pass
+        collections.deque(stream.raw_samples(0, 1), maxlen=0)  # every sample, until the stream raises
 
     monkeypatch.setattr(stream_module, "read_shard", storage_gone_after_first_read)
     with pytest.raises(ShardsUnreadableError, match="could not be read, though it had read samples before") as gone:

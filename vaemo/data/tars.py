@@ -265,9 +265,11 @@ def read_shard(url: str, retry_delays: tuple[float, ...] = (), lazy: bool = Fals
 
             with gopen(url, "rb") as opened:
                 stream, random_access = _tar_stream(opened)
-                in_order = (((m.name, m.data) for m in tar_members(stream)), None)
-                lazy_path = url if lazy and random_access and os.path.isfile(url) else None
-                members, damage = in_key_order(stream, lazy_path) if random_access else in_order
+                if random_access:
+                    lazy_path = url if lazy and os.path.isfile(url) else None
+                    members, damage = in_key_order(stream, lazy_path)
+                else:
+                    members, damage = ((m.name, m.data) for m in tar_members(stream)), None
                 for sample in group_samples(members, url):
                     yielded = True
                     yield sample

@@ -13,6 +13,7 @@ of the global batch, sample terms by the global number of samples.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ class SeeObjective(StageObjective):
         d = self.cfg.data
         return DecodeSpec.for_data(d, need_video=True, need_audio=False, need_fields=("caption",))
 
-    @property
+    @functools.cached_property
     def question_sets(self) -> list[tuple[str, list[str], list[str], str]]:
         """The labelled sets, content-like ones first (the order the preset's heads and draws were made in),
         one per answer field."""
