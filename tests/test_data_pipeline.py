@@ -695,6 +695,180 @@ def test_kept_decoded_clips_give_the_same_batches_and_spare_the_second_epoch_its
         assert all(torch.equal(x.video, y.video) and torch.equal(x.audio, y.audio) for x, y in zip(twice[:half], twice[half:]))
 
 
+def test_a_clip_that_hangs_its_loader_worker_is_passed_over_as_a_bad_clip_would_be(small_world, monkeypatch, capsys, tmp_path):
+    """A loader worker stuck on one clip (FFmpeg in an endless loop, here a sleep) is stopped by the rank's
+    watchdog, and the batches go on exactly as if that clip were bad: skipped at every draw, the first one
+    included. The stream state a checkpoint saves keeps it, so a resume passes over it without stopping a
+    worker again."""
+    import time
+
+    from vaemo.data import stream as stream_module
+    from vaemo.data.stream import TrainBatches
+
+    urls = expand_shards(str(small_world / "train" / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+    real_decode = stream_module.decode_sample
+
+    def run(hang="", bad="", state=None, n=10, limit_s=5.0, on_stop=lambda sample: None):
+        def decode(sample, spec):
+            if sample["__key__"] == hang:
+                time.sleep(3600)
+            if sample["__key__"] == bad:
+                raise SkipSample("corrupt_clip")
+            return real_decode(sample, spec)
+
+        monkeypatch.setattr(stream_module, "decode_sample", decode)  # the loader's workers are forked: they see it
+        resume = state is not None
+        if resume:  # as a checkpoint saves and loads it
+            torch.save(state.state_dict(), tmp_path / "state.pt")
+            state = StreamState.from_state_dict(torch.load(tmp_path / "state.pt", weights_only=True), 2)
+        else:
+            state = StreamState(num_workers=2)
+        batches = TrainBatches(
+            lambda start: TrainStream(urls, spec, 3, seed=1, shuffle_buffer=8, resume=start, recycle_buffers=4),
+            state,
+            resume=resume,
+            workers=2,
+            prefetch_batches=2,
+            limit_s=limit_s,
+            name="stage 1, rank 0",
+            on_stop=on_stop,
+        )
+        keys = []
+        for batch in itertools.islice(batches, n):
+            state.update(batch)
+            keys.append(batch.keys)
+            batches.release(batch)
+        batches.close()
+        return keys, state
+
+    from vaemo.data.tars import read_shard
+
+    real_decode(next(read_shard(urls[0])), spec)  # the workers fork with FFmpeg's libraries loaded: no slow first clip
+    plain, _ = run(n=20)
+    later = [k for keys in plain[10:] for k in keys]
+    hang = next(k for keys in plain[2:10] for k in keys if k in later)  # drawn in both halves
+    as_bad, bad_state = run(bad=hang)
+    started = time.monotonic()
+    noted = []
+    stopped, state = run(hang=hang, on_stop=noted.append)
+    assert stopped == as_bad and hang not in {k for keys in stopped for k in keys}
+    assert state.skips()["decoder_hang"] == bad_state.skips()["corrupt_clip"] >= 1
+    assert time.monotonic() - started < 120  # the sleep would take an hour
+    assert [entry[2] for entry in state.passed_over] == [hang]
+    assert [sample.key for sample in noted] == [hang]  # told at once: the trainer notes it in the run folder
+    import re
+
+    assert re.search(rf"spent \d+ s on the clip {hang} of .*decoder_hang", capsys.readouterr().err)
+
+    # A resume from the state a checkpoint would save passes over the clip at its later draws, stopping nothing.
+    resumed, resumed_state = run(hang=hang, state=state, limit_s=600.0)
+    as_bad_resumed, bad_resumed_state = run(bad=hang, state=bad_state)
+    assert resumed == as_bad_resumed and hang not in {k for keys in resumed for k in keys}
+    drawn_again = bad_resumed_state.skips()["corrupt_clip"] - bad_state.skips()["corrupt_clip"]
+    assert drawn_again >= 1 and resumed_state.skips()["decoder_hang"] - state.skips()["decoder_hang"] == drawn_again
+    assert len(resumed_state.passed_over) == 1
+
+
+def test_a_restart_from_a_checkpoint_saved_before_a_stop_passes_over_the_clip_the_run_folder_noted(tmp_path):
+    """Should the other ranks' collectives time out while a rank replays its stream, Ray restarts every rank
+    from a checkpoint that predates the stop: each then reads the run folder's notes (a rank's own positions
+    only, as positions are its streams')."""
+    from vaemo.data.watchdog import UNNAMED, StuckSample
+    from vaemo.train.trainer import note_decoder_hang, noted_decoder_hangs
+
+    note_decoder_hang(tmp_path, 0, StuckSample(1, 40, "clip-9", "/data/a.tar", 301.0))
+    note_decoder_hang(tmp_path, 1, StuckSample(0, 7, UNNAMED, "/data/very-long", 300.5))
+    note_decoder_hang(tmp_path, 1, StuckSample(0, 12, "clip-3", "/data/b.tar", 300.5))
+    with open(tmp_path / "decoder_hangs" / "rank1.jsonl", "a") as f:
+        f.write('[0, 15, "clip')  # a line cut short by a crash
+    assert noted_decoder_hangs(tmp_path, 0) == [(1, 40, "clip-9", "/data/a.tar"), (0, 12, "clip-3", "/data/b.tar")]
+    assert noted_decoder_hangs(tmp_path, 1) == [
+        (1, 40, "clip-9", "/data/a.tar"),
+        (0, 7, UNNAMED, "/data/very-long"),
+        (0, 12, "clip-3", "/data/b.tar"),
+    ]
+    assert noted_decoder_hangs(tmp_path / "elsewhere", 0) == []
+    stream = TrainStream(
+        ["/data/a.tar"], DecodeSpec(), 2, seed=0, resume=StreamState(2, passed_over=noted_decoder_hangs(tmp_path, 1))
+    )
+    passes_over = stream.passes_over(0)
+    assert passes_over(40, {"__url__": "/data/a.tar", "__key__": "clip-9"})  # by name, whichever stream drew it
+    assert passes_over(7, {"__url__": "/data/c.tar", "__key__": "clip-0"})  # by position, in its own stream
+    assert not stream.passes_over(1)(7, {"__url__": "/data/c.tar", "__key__": "clip-0"})
+    assert not passes_over(40, {"__url__": "/data/b.tar", "__key__": "clip-9"})
+
+
+def test_a_stream_decoding_in_its_own_process_skips_a_clip_that_hangs_and_gives_up_on_it(small_world, monkeypatch, capsys):
+    """Validation, the teacher cache and evaluation decode in the process that uses the clips: a clip still
+    decoding after the limit is skipped as a bad clip would be, its thread left behind, and the process
+    does not wait on that clip again."""
+    import threading
+
+    from vaemo.data import stream as stream_module
+    from vaemo.data import watchdog
+
+    urls = expand_shards(str(small_world / "val" / "*.tar"))
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+    real_decode = stream_module.decode_sample
+    hang, release = "", threading.Event()
+
+    def run(bad="", limit_s=2.0):
+        def decode(sample, spec):
+            if sample["__key__"] == hang:
+                release.wait()
+            if sample["__key__"] == bad:
+                raise SkipSample("corrupt_clip")
+            return real_decode(sample, spec)
+
+        monkeypatch.setattr(stream_module, "decode_sample", decode)
+        stream = TrainStream(urls, spec, 3, seed=1, shuffle_buffer=1, in_order=True, decode_limit_s=limit_s)
+        batches = list(itertools.islice(iter(make_loader(stream, 0)), 5))
+        return [b.keys for b in batches], batches[-1].skips
+
+    try:
+        plain, _ = run()
+        as_bad, bad_skips = run(bad=plain[1][0])
+        hang = plain[1][0]
+        skipped, skips = run()
+        assert skipped == as_bad and skips["decoder_hang"] == bad_skips["corrupt_clip"] == 1
+        assert (urls[0], hang) in watchdog.GAVE_UP and capsys.readouterr().err.count("still being read") == 1
+        again, skips = run(limit_s=600.0)  # would wait 10 min if it tried the clip again
+        assert again == as_bad and skips["decoder_hang"] == 1 and "still being read" not in capsys.readouterr().err
+    finally:
+        release.set()
+        watchdog.GAVE_UP.clear()
+
+
+def test_the_watchdog_stops_a_stuck_worker_only_while_the_consumer_waits_for_a_batch():
+    """Killing a worker halfway through writing a batch into the loader's pipe would leave the consumer reading
+    forever: a worker is stopped only once the consumer has waited long enough to have read every batch."""
+    import subprocess
+    import time
+
+    from vaemo.data.watchdog import DecodeWatch, DecodeWatchdog
+
+    worker = subprocess.Popen(["sleep", "600"])
+    watch = DecodeWatch()
+    name = json.dumps(["clip-7", "/data/train-000003.tar"]).encode()
+    watch.names[3, : len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    watch.ids[3] = torch.tensor([worker.pid, 1, 42])
+    watch.since[3] = time.monotonic() - 100.0
+    waited = [0.0]
+    watchdog = DecodeWatchdog(watch, limit_s=2.0, consumer_waited=lambda: waited[0])
+    try:
+        time.sleep(2.0)  # four checks while the consumer is busy
+        assert worker.poll() is None and watchdog.stopped == []
+        waited[0] = 5.0
+        assert worker.wait(timeout=30) == -9
+        (stuck,) = watchdog.stopped
+        assert (stuck.stream, stuck.position, stuck.key, stuck.url) == (1, 42, "clip-7", "/data/train-000003.tar")
+        assert stuck.seconds >= 100 and float(watch.since[3]) == 0.0
+    finally:
+        watchdog.close()
+        worker.kill()
+
+
 def test_resuming_with_other_loader_workers_is_refused():
     with pytest.raises(UserError, match="loader_workers"):
         StreamState.from_state_dict({"num_workers": 2, "positions": {}, "skips": {}}, num_workers=1)

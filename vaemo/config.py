@@ -176,6 +176,12 @@ class DataConfig:
     max_unusable_samples: int = 400
     """Samples a stream may read in a row without one the stage can use before the run stops (exit 2) with
     the counts by reason; the preflight probes the shards the same way before any weight loads."""
+    decode_timeout_s: float = 300.0
+    """Seconds a training loader worker may spend decoding one clip (a few ms to seconds normally) before it is
+    stopped and the stream goes on without that clip (skip: decoder_hang): a file that sends FFmpeg into an
+    endless loop would otherwise hang the run (the other ranks wait 30 min in a collective). 0: never.
+    Validation, the teacher cache and decoding without loader workers skip such a clip instead and leave the
+    thread stuck on it behind (evaluation does so with this default)."""
 
     def check(self, path: str) -> None:
         _require(self.num_frames >= 2, f"{path}.num_frames", "must be >= 2")
@@ -188,6 +194,7 @@ class DataConfig:
         _require(self.prefetch_batches >= 1, f"{path}.prefetch_batches", "must be >= 1")
         _require(self.decoded_cache_mb >= 0, f"{path}.decoded_cache_mb", "must be >= 0")
         _require(self.max_unusable_samples >= 1, f"{path}.max_unusable_samples", "must be >= 1")
+        _require(self.decode_timeout_s >= 0, f"{path}.decode_timeout_s", "must be >= 0 (0: never)")
 
 
 @dataclass

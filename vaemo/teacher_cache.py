@@ -112,7 +112,16 @@ class TeacherCacheWriter:
 
         skips: Counter = Counter()
         with ShardWriter(cache_shard_for(url, self.out_dir)) as shard:
-            for batch in _decode_into_batches(read_shard(url), self.spec, self.cfg.data.batch_size, 0, skips, final_partial=True):
+            batches = _decode_into_batches(
+                read_shard(url),
+                self.spec,
+                self.cfg.data.batch_size,
+                0,
+                skips,
+                final_partial=True,
+                limit_s=self.cfg.data.decode_timeout_s,
+            )
+            for batch in batches:
                 if not len(batch):
                     continue
                 for key, record in zip(batch.keys, teacher_records(self.model, self.cfg, batch, self.fingerprint)):

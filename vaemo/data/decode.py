@@ -54,6 +54,9 @@ SKIP_REASONS: dict[str, str] = {
     "corrupt_clip": "FFmpeg cannot open the clip",
     "truncated_clip": "the clip opens but its streams end early or fail to decode",
     "non_finite_audio": "the soundtrack (float PCM) holds NaN or infinite samples",
+    "decoder_hang": "decoding the clip took longer than data.decode_timeout_s: a training loader "
+    "worker stuck on it was stopped and the stream goes on without it (a resume passes over it too); elsewhere "
+    "(validation, evaluation, the teacher cache) the clip is skipped and the thread decoding it left behind",
     "no_video_stream": "the stage needs frames and the clip has no video stream",
     "no_audio_stream": "the stage needs a soundtrack and the clip has no audio stream",
     "missing_field": "the stage needs a JSON field the sample lacks (e.g. caption, valence)",

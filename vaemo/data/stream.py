@@ -14,10 +14,12 @@ import glob
 import itertools
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from vaemo.config import local_path
 from vaemo.data.decode import Clip, DecodeSpec, SkipSample, decode_sample
 from vaemo.data.tars import ShardError, read_shard
 from vaemo.data.teacher_records import cache_shard_for, with_cache
+from vaemo.data.watchdog import UNNAMED, DecodeWatch, DecodeWatchdog, StuckSample, decode_within
 from vaemo.errors import UserError
 
 # ----------------------------------------------------------------------------------------------
@@ -246,13 +249,20 @@ def _decode_into_batches(
     give_up_after: int = 0,
     buffers: BatchBuffers | None = None,
     decoded: DecodedClips | None = None,
+    watch: DecodeWatch | None = None,
+    pass_over: Callable[[int, dict], bool] | None = None,
+    limit_s: float = 0.0,
 ) -> Iterator[Batch]:
     """Decode samples into batches, counting skips; with `give_up_after`, that many unusable samples in a
     row raise NoUsableData (a stream that can never fill a batch must not loop forever); with `decoded`,
-    clips decoded before come from memory."""
+    clips decoded before come from memory; with `watch`, each decoding is noted there (a loader worker);
+    without, each clip is waited for at most `limit_s` (decode_within; 0: as long as it takes); samples for
+    which `pass_over(position, sample)` holds (a loader worker was stopped on them) are skipped as
+    `decoder_hang`."""
     position = start_position
     clips: list[Clip] = []
     unusable_run: Counter = Counter()
+    decode = (lambda item: decoded.decode(item, spec)) if decoded is not None else (lambda item: decode_sample(item, spec))
     for item in raw:
         if isinstance(item, ShardError):
             skips["unreadable_shard"] += 1
@@ -261,7 +271,14 @@ def _decode_into_batches(
         if keep is not None and not keep(position - 1):
             continue
         try:
-            clips.append(decoded.decode(item, spec) if decoded is not None else decode_sample(item, spec))
+            if pass_over is not None and pass_over(position, item):
+                raise SkipSample("decoder_hang", "a loader worker was stopped on it before")
+            if watch is not None:
+                with watch.decoding(worker, position, item):
+                    clip = decode(item)
+            else:
+                clip = decode_within(limit_s, partial(decode, item), item.get("__url__", ""), item.get("__key__", ""))
+            clips.append(clip)
             unusable_run.clear()
         except SkipSample as skip:
             skips[skip.reason] += 1
@@ -313,8 +330,15 @@ class TrainStream(IterableDataset):
         recycle_buffers: int = 0,
         decoded_cache_bytes: int = 0,
         in_order: bool = False,
+        decode_limit_s: float = 0.0,
     ):
         self.urls, self.spec, self.batch_size = urls, spec, batch_size
+        # Seconds to wait for one clip where no DecodeWatch is set (decode_within: a stream read in the consumer's
+        # own process, as validation is); 0: as long as it takes.
+        self.decode_limit_s = decode_limit_s
+        # Where each loader worker notes the sample it decodes, for a DecodeWatchdog in the consumer; set by
+        # TrainBatches before the workers fork.
+        self.watch: DecodeWatch | None = None
         # The shards one after the other, round and round, instead of drawn at random (validation: every clip
         # once before any comes again; drawn shards could repeat one shard and leave out another).
         self.in_order = in_order
@@ -327,6 +351,7 @@ class TrainStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.start_positions = dict(resume.positions) if resume else {}
+        self.passed_over = list(resume.passed_over) if resume else []  # samples a loader worker was stopped on
         # DataLoader restarts its round robin at its worker 0; that worker must play the stream that
         # was due next, so logical streams are rotated by the number of batches already consumed.
         self.first_stream = resume.next_stream() if resume else 0
@@ -400,7 +425,20 @@ class TrainStream(IterableDataset):
             give_up_after=self.give_up_after,
             buffers=self.buffers,
             decoded=DecodedClips(self.decoded_cache_bytes) if self.decoded_cache_bytes > 0 else None,
+            watch=self.watch,
+            pass_over=self.passes_over(worker),
+            limit_s=self.decode_limit_s,
         )
+
+    def passes_over(self, worker: int) -> Callable[[int, dict], bool] | None:
+        """Whether logical stream `worker` passes over a sample: one a loader worker was stopped on, at every
+        draw (by shard and key); one whose name was too long for the DecodeWatch to keep whole (UNNAMED), at
+        the position this stream drew it (a replay meets it there while the storage reads as it did)."""
+        if not self.passed_over:
+            return None
+        positions = {position for stream, position, key, _ in self.passed_over if stream == worker and key == UNNAMED}
+        samples = {(url, key) for _, _, key, url in self.passed_over if key != UNNAMED}
+        return lambda position, item: position in positions or (item.get("__url__"), item.get("__key__")) in samples
 
     def release(self, batch: Batch) -> None:
         """Nothing reads `batch`'s tensors any more: its loader worker may reuse their memory."""
@@ -415,8 +453,10 @@ class StreamState:
     num_workers: int
     positions: dict[int, int] = field(default_factory=dict)
     batches: int = 0
-    base_skips: Counter = field(default_factory=Counter)  # from before a resume
+    base_skips: Counter = field(default_factory=Counter)  # from before a resume (or a restart of the loader)
     worker_skips: dict[int, dict[str, int]] = field(default_factory=dict)
+    # (logical stream, position, key, shard) of each sample a loader worker was stopped on: streams pass over them
+    passed_over: list[tuple[int, int, str, str]] = field(default_factory=list)
 
     def update(self, batch: Batch) -> None:
         self.positions[batch.worker] = batch.position
@@ -426,6 +466,12 @@ class StreamState:
     def next_stream(self) -> int:
         """The logical loader stream whose batch comes next (batches alternate over streams in order)."""
         return self.batches % max(1, self.num_workers)
+
+    def go_on_without(self, sample: StuckSample) -> None:
+        """The loader starts again from these positions, without `sample`: its workers count skips afresh."""
+        self.base_skips = Counter(self.skips())
+        self.worker_skips = {}
+        self.passed_over.append((sample.stream, sample.position, sample.key, sample.url))
 
     def skips(self) -> dict[str, int]:
         total = Counter(self.base_skips)
@@ -439,6 +485,7 @@ class StreamState:
             "positions": dict(self.positions),
             "batches": self.batches,
             "skips": self.skips(),
+            "passed_over": [list(entry) for entry in self.passed_over],
         }
 
     @classmethod
@@ -454,7 +501,125 @@ class StreamState:
             positions=positions,
             batches=int(state.get("batches", 0)),
             base_skips=Counter(state.get("skips", {})),
+            passed_over=[(int(s), int(p), str(k), str(u)) for s, p, k, u in state.get("passed_over", [])],
         )
+
+
+class TrainBatches:
+    """A rank's training batches: `make_stream(resume)` through a DataLoader, each loader worker watched.
+
+    A worker that spends longer than `limit_s` on one sample (a file that sends FFmpeg into an endless loop, a
+    read that never returns) is stopped by a DecodeWatchdog, and the loader starts again where the consumer
+    is (`state`, which the consumer updates with every batch), the stream passing over that sample
+    (`decoder_hang`). `state` keeps the sample, so a resume from a later checkpoint passes over it too. With
+    `limit_s` 0 nothing is watched; without loader workers the stream decodes in this process, where its
+    own `decode_limit_s` applies (decode_within).
+    """
+
+    def __init__(
+        self,
+        make_stream: Callable[[StreamState | None], TrainStream],
+        state: StreamState,
+        resume: bool,
+        workers: int,
+        prefetch_batches: int,
+        limit_s: float,
+        name: str,
+        on_stop: Callable[[StuckSample], None] = lambda sample: None,
+    ):
+        self.make_stream, self.state, self.name = make_stream, state, name
+        self.on_stop = on_stop  # told of each stopped sample at once (the trainer notes it in the run folder)
+        self.workers, self.prefetch_batches = workers, prefetch_batches
+        self.limit_s = limit_s if workers > 0 else 0.0
+        self.owners: dict[int, TrainStream] = {}  # id(batch) -> the stream whose shared buffers it holds
+        self.watchdog: DecodeWatchdog | None = None
+        self.waiting_since = 0.0  # time.monotonic() when the consumer began to wait for a batch; 0: not waiting
+        self._start(state if resume else None)
+
+    def _start(self, resume: StreamState | None) -> None:
+        self.stream = self.make_stream(resume)
+        if self.limit_s > 0:
+            self.stream.watch = DecodeWatch()
+        self.batches = iterate_off_the_main_thread(make_loader(self.stream, self.workers, self.prefetch_batches))
+        if self.stream.watch is not None:
+            self.watchdog = DecodeWatchdog(self.stream.watch, self.limit_s, self.waited)
+
+    def waited(self) -> float:
+        """Seconds the consumer has been waiting for the batch it asked for (0 when it is not waiting)."""
+        since = self.waiting_since
+        return time.monotonic() - since if since else 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            self.waiting_since = time.monotonic()
+            try:
+                batch = next(self.batches)
+                self.owners[id(batch)] = self.stream
+                return batch
+            except RuntimeError:  # DataLoader's "worker ... exited unexpectedly", after the watchdog stopped it
+                if self.watchdog is None or not self.watchdog.stopped:
+                    raise
+            finally:
+                self.waiting_since = 0.0
+            # Outside the except block, whose traceback holds the old loader: closing it ends its workers
+            # before the new ones fork.
+            self._go_on_without()
+
+    def _go_on_without(self) -> None:
+        import sys
+
+        stuck = self.watchdog.stopped
+        self.close()  # first: a worker it stops meanwhile is in `stuck` too
+        for sample in stuck:
+            print(
+                f"vaemo: {self.name}: a loader worker spent {sample.seconds:.0f} s on the clip {sample.key} of "
+                f"{sample.url} (data.decode_timeout_s={self.limit_s:g}); it was stopped, and the stream goes on "
+                "without that clip (skip: decoder_hang)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.state.go_on_without(sample)
+            self.on_stop(sample)
+        self._start(self.state)
+
+    def release(self, batch: Batch) -> None:
+        """Nothing reads `batch`'s tensors any more: the loader worker that made it may reuse their memory."""
+        owner = self.owners.pop(id(batch), None)
+        if owner is not None:
+            owner.release(batch)
+
+    def close(self) -> None:
+        """Stop the watchdog and the loader's workers."""
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
+        self.batches = iter(())  # the DataLoader's iterator, dropped, ends its workers
+
+
+def iterate_off_the_main_thread(loader: DataLoader) -> Iterator:
+    """iter(loader), called from another thread: torch then installs no SIGCHLD handler (it does so from the
+    main thread only, once per process). That handler raises on a loader worker's death in whatever line the
+    main thread runs; without it, a worker the DecodeWatchdog stopped fails the consumer's wait for a batch
+    (DataLoader's own check of its workers), where TrainBatches expects it. (The watchdog stops workers only
+    while the consumer waits, so even where a handler was installed before, it raises there.) Ray Train runs
+    the training function off the main thread; a consumer in a test or a script may not."""
+    made: list = []
+
+    def make() -> None:
+        try:
+            made.append(iter(loader))
+        except BaseException as err:  # re-raised below, in the caller's thread
+            made.append(err)
+
+    thread = threading.Thread(target=make, name="vaemo loader start")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ answer and matches its normal audio accuracy against the donor clip's answer.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vaemo.config import DataConfig
 from vaemo.data.bench import BenchItem, mcq_prompt
 from vaemo.data.decode import CLIP_EXTENSIONS, DecodeSpec, SkipSample, decode_sample
+from vaemo.data.watchdog import decode_within
 from vaemo.model import VAEmotionLLM
 from vaemo.model.vaemo_llm import best_option
 
@@ -162,6 +165,7 @@ class Scorer:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         self.model = load_replica(model_dir, device, dtype)
         self.spec = decode_spec(self.model)
+        self.decode_limit_s = DataConfig().decode_timeout_s  # a clip that hangs FFmpeg is skipped, not waited on
 
     def _decode(self, path: Path, video: bool, audio: bool, cache: dict, wants: dict[Path, tuple[bool, bool]]) -> tuple:
         """The key in `cache` of the clip decoded with every stream the chunk asks of it (decoded once), or, if
@@ -170,7 +174,9 @@ class Scorer:
         for key in ((path, *wants[path]), (path, video, audio)):
             if key not in cache:
                 try:
-                    cache[key] = decode_clip(path, self.spec, key[1], key[2])
+                    cache[key] = decode_within(
+                        self.decode_limit_s, partial(decode_clip, path, self.spec, key[1], key[2]), str(path)
+                    )
                 except SkipSample as err:
                     cache[key] = err.reason
             if not isinstance(cache[key], str):

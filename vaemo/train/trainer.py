@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from vaemo.config import Config, config_from_dict, render_config
-from vaemo.data.stream import NoUsableData, StreamState, TrainStream, make_loader
+from vaemo.data.stream import NoUsableData, StreamState, TrainBatches, TrainStream, make_loader
+from vaemo.data.watchdog import UNNAMED, StuckSample
 from vaemo.errors import UserError
 from vaemo.losses import chunk_count
 from vaemo.model import VAEmotionLLM, choose_dtype
@@ -222,6 +223,7 @@ def train_worker(loop_config: dict) -> None:
     if source is not None:
         start_step, stream_state, carried = load_checkpoint(engine, source, rank, world_size, cfg)
         accumulator.add(carried)
+        stream_state.passed_over = list(dict.fromkeys(stream_state.passed_over + noted_decoder_hangs(run_dir, rank)))
 
     # -- data ----------------------------------------------------------------------------------
     # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
@@ -231,22 +233,31 @@ def train_worker(loop_config: dict) -> None:
         objective.decode_spec(), window="middle" if objective.cached else "random", audio_phase=cfg.data.audio_phase
     )
     urls = loop_config["shards"]["data.train_shards"]
-    stream = TrainStream(
-        urls,
-        spec,
-        cfg.data.batch_size,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        resume=stream_state if source else None,
-        teacher_cache=teacher_cache(cfg, objective),
-        give_up_after=cfg.data.max_unusable_samples,
-        recycle_buffers=cfg.data.prefetch_batches + 2,
-        decoded_cache_bytes=cfg.data.decoded_cache_mb * 2**20,
+    stream = TrainBatches(
+        lambda resume: TrainStream(
+            urls,
+            spec,
+            cfg.data.batch_size,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            resume=resume,
+            teacher_cache=teacher_cache(cfg, objective),
+            give_up_after=cfg.data.max_unusable_samples,
+            recycle_buffers=cfg.data.prefetch_batches + 2,
+            decoded_cache_bytes=cfg.data.decoded_cache_mb * 2**20,
+            decode_limit_s=cfg.data.decode_timeout_s,  # with data.loader_workers 0 (decoding in this process)
+        ),
+        stream_state,
+        resume=source is not None,
+        workers=cfg.data.loader_workers,
+        prefetch_batches=cfg.data.prefetch_batches,
+        limit_s=cfg.data.decode_timeout_s,
+        name=f"stage {cfg.stage}, rank {rank}",
+        on_stop=lambda sample: note_decoder_hang(run_dir, rank, sample),
     )
-    loader = make_loader(stream, cfg.data.loader_workers, cfg.data.prefetch_batches)
-    batches = named_stream(iter(loader), f"stage {cfg.stage}: data.train_shards", rank)
+    batches = named_stream(stream, f"stage {cfg.stage}: data.train_shards", rank)
     start = {"launch_id": loop_config["launch_id"], "checkpoint": str(source) if source else None}
     writer = MetricsWriter(run_dir, loop_config.get("queue"), start_step, start) if rank == 0 else None
 
@@ -314,6 +325,7 @@ def train_worker(loop_config: dict) -> None:
         elif validate_now:
             ray.train.report(last_metrics)
 
+    stream.close()
     llm = built.model.vlm.model.language_model.config
     placement = {
         "zero3_leaf_modules": built.leaves.marked,
@@ -408,6 +420,36 @@ def check_ranks_chose_alike(dtype: torch.dtype) -> None:
             "model.dtype=auto chose bf16 on some ranks' GPUs and float32 on others (GPUs without bf16 arithmetic "
             "among them): set model.dtype=float32, or run on GPUs alike"
         )
+
+
+# In the run folder: one JSON line per sample a loader worker of rank R was stopped on (rank{R}.jsonl).
+DECODER_HANGS = "decoder_hangs"
+
+
+def note_decoder_hang(run_dir: Path, rank: int, sample: StuckSample) -> None:
+    """Noted at once, not only in the next checkpoint: while this rank replays its stream without the sample,
+    the other ranks wait in a collective, and should that time out, Ray restarts every worker from the newest
+    checkpoint, saved before the stop. The restart must pass over the sample too (noted_decoder_hangs)."""
+    folder = run_dir / DECODER_HANGS
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps([sample.stream, sample.position, sample.key, sample.url]) + "\n")
+
+
+def noted_decoder_hangs(run_dir: Path, rank: int) -> list[tuple[int, int, str, str]]:
+    """The samples note_decoder_hang noted in this run folder, as StreamState.passed_over entries: every
+    rank's named ones (a shard and key name a sample anywhere), and this rank's UNNAMED ones (a position is
+    only its own streams')."""
+    entries = []
+    for path in sorted((run_dir / DECODER_HANGS).glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                stream, position, key, url = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+            if key != UNNAMED or path.stem == f"rank{rank}":
+                entries.append((int(stream), int(position), str(key), str(url)))
+    return entries
 
 
 def record_worker(run_dir: Path, rank: int, shards_read: set[str], placement: dict) -> None:
@@ -516,6 +558,7 @@ def validate(
         in_order=True,
         teacher_cache=teacher_cache(cfg, objective),
         give_up_after=cfg.data.max_unusable_samples,
+        decode_limit_s=cfg.data.decode_timeout_s,
     )
     batches = named_stream(iter(make_loader(stream, 0)), f"stage {cfg.stage}: data.val_shards", rank)
     engine.eval()
