@@ -718,8 +718,7 @@ def test_a_clip_that_hangs_its_loader_worker_is_passed_over_as_a_bad_clip_would_
             return real_decode(sample, spec)
 
         monkeypatch.setattr(stream_module, "decode_sample", decode)  # the loader's workers are forked: they see it
-        resume = state is not None
-        if resume:  # as a checkpoint saves and loads it
+        if state is not None:  # as a checkpoint saves and loads it
             torch.save(state.state_dict(), tmp_path / "state.pt")
             state = StreamState.from_state_dict(torch.load(tmp_path / "state.pt", weights_only=True), 2)
         else:
@@ -727,7 +726,6 @@ def test_a_clip_that_hangs_its_loader_worker_is_passed_over_as_a_bad_clip_would_
         batches = TrainBatches(
             lambda start: TrainStream(urls, spec, 3, seed=1, shuffle_buffer=8, resume=start, recycle_buffers=4),
             state,
-            resume=resume,
             workers=2,
             prefetch_batches=2,
             limit_s=limit_s,
@@ -832,9 +830,9 @@ def test_a_stream_decoding_in_its_own_process_skips_a_clip_that_hangs_and_gives_
         hang = plain[1][0]
         skipped, skips = run()
         assert skipped == as_bad and skips["decoder_hang"] == bad_skips["corrupt_clip"] == 1
-        assert (urls[0], hang) in watchdog.GAVE_UP and capsys.readouterr().err.count("still being read") == 1
+        assert (urls[0], hang) in watchdog.GAVE_UP and capsys.readouterr().err.count("still being decoded") == 1
         again, skips = run(limit_s=600.0)  # would wait 10 min if it tried the clip again
-        assert again == as_bad and skips["decoder_hang"] == 1 and "still being read" not in capsys.readouterr().err
+        assert again == as_bad and skips["decoder_hang"] == 1 and "still being decoded" not in capsys.readouterr().err
     finally:
         release.set()
         watchdog.GAVE_UP.clear()
@@ -864,6 +862,41 @@ def test_the_watchdog_stops_a_stuck_worker_only_while_the_consumer_waits_for_a_b
         (stuck,) = watchdog.stopped
         assert (stuck.stream, stuck.position, stuck.key, stuck.url) == (1, 42, "clip-7", "/data/train-000003.tar")
         assert stuck.seconds >= 100 and float(watch.since[3]) == 0.0
+    finally:
+        watchdog.close()
+        worker.kill()
+
+
+def test_a_worker_that_finishes_its_clip_as_the_watchdog_pauses_it_goes_on(monkeypatch):
+    """The watchdog pauses a worker before it kills it: one that left the stuck clip meanwhile (and may be
+    writing its batch into the loader's pipe) is let go on, not killed and not left paused."""
+    import subprocess
+    import time
+
+    from vaemo.data import watchdog as watchdog_module
+    from vaemo.data.watchdog import DecodeWatch, DecodeWatchdog
+
+    worker = subprocess.Popen(["sleep", "600"])
+    watch = DecodeWatch()
+    watch.ids[0] = torch.tensor([worker.pid, 0, 5])
+    watch.since[0] = time.monotonic() - 100.0
+    real_paused, checks = watchdog_module.paused, []
+
+    def paused_after_the_clip(pid):  # the worker's decoding ended just before it paused
+        watch.since[0] = time.monotonic()
+        checks.append(pid)
+        return real_paused(pid)
+
+    monkeypatch.setattr(watchdog_module, "paused", paused_after_the_clip)
+    watchdog = DecodeWatchdog(watch, limit_s=2.0, consumer_waited=lambda: 60.0)
+    try:
+        deadline = time.monotonic() + 30
+        while not checks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        watchdog.close()
+        assert checks and worker.poll() is None and watchdog.stopped == []
+        state = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state not in ("T", "t")  # continued
     finally:
         watchdog.close()
         worker.kill()

@@ -506,21 +506,22 @@ class StreamState:
 
 
 class TrainBatches:
-    """A rank's training batches: `make_stream(resume)` through a DataLoader, each loader worker watched.
+    """A rank's training batches: `make_stream(state)` through a DataLoader, each loader worker watched. `state`
+    is where the stream starts (a fresh StreamState, or a checkpoint's), and the consumer updates it with
+    every batch it takes.
 
-    A worker that spends longer than `limit_s` on one sample (a file that sends FFmpeg into an endless loop, a
-    read that never returns) is stopped by a DecodeWatchdog, and the loader starts again where the consumer
-    is (`state`, which the consumer updates with every batch), the stream passing over that sample
-    (`decoder_hang`). `state` keeps the sample, so a resume from a later checkpoint passes over it too. With
+    A worker that spends longer than `limit_s` decoding one sample (a file that sends FFmpeg into an endless
+    loop) is stopped by a DecodeWatchdog, and the loader starts again where the consumer is, the stream
+    passing over that sample (`decoder_hang`). `state` keeps the sample, so a resume from a later checkpoint
+    passes over it too. With
     `limit_s` 0 nothing is watched; without loader workers the stream decodes in this process, where its
     own `decode_limit_s` applies (decode_within).
     """
 
     def __init__(
         self,
-        make_stream: Callable[[StreamState | None], TrainStream],
+        make_stream: Callable[[StreamState], TrainStream],
         state: StreamState,
-        resume: bool,
         workers: int,
         prefetch_batches: int,
         limit_s: float,
@@ -534,10 +535,10 @@ class TrainBatches:
         self.owners: dict[int, TrainStream] = {}  # id(batch) -> the stream whose shared buffers it holds
         self.watchdog: DecodeWatchdog | None = None
         self.waiting_since = 0.0  # time.monotonic() when the consumer began to wait for a batch; 0: not waiting
-        self._start(state if resume else None)
+        self._start()
 
-    def _start(self, resume: StreamState | None) -> None:
-        self.stream = self.make_stream(resume)
+    def _start(self) -> None:
+        self.stream = self.make_stream(self.state)
         if self.limit_s > 0:
             self.stream.watch = DecodeWatch()
         self.batches = iterate_off_the_main_thread(make_loader(self.stream, self.workers, self.prefetch_batches))
@@ -583,7 +584,7 @@ class TrainBatches:
             )
             self.state.go_on_without(sample)
             self.on_stop(sample)
-        self._start(self.state)
+        self._start()
 
     def release(self, batch: Batch) -> None:
         """Nothing reads `batch`'s tensors any more: the loader worker that made it may reuse their memory."""
@@ -603,9 +604,9 @@ def iterate_off_the_main_thread(loader: DataLoader) -> Iterator:
     """iter(loader), called from another thread: torch then installs no SIGCHLD handler (it does so from the
     main thread only, once per process). That handler raises on a loader worker's death in whatever line the
     main thread runs; without it, a worker the DecodeWatchdog stopped fails the consumer's wait for a batch
-    (DataLoader's own check of its workers), where TrainBatches expects it. (The watchdog stops workers only
-    while the consumer waits, so even where a handler was installed before, it raises there.) Ray Train runs
-    the training function off the main thread; a consumer in a test or a script may not."""
+    (DataLoader's own check of its workers), where TrainBatches expects it. Ray Train runs the training
+    function off the main thread; a consumer in a test or a script may not, and where a loader was made on
+    the main thread before, torch's handler is installed for the whole process."""
     made: list = []
 
     def make() -> None:

@@ -18,8 +18,10 @@ left the waiting thread running every 10 ms).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -141,16 +143,24 @@ class DecodeWatchdog:
                     pass
 
     def _stop(self, pid: int, slot: int, since: float, sample: StuckSample) -> None:
+        killed = False
         os.kill(pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 10.0  # a process waiting on storage in the kernel pauses only when it returns
-        while not paused(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not paused(pid) or float(self.watch.since[slot]) != since:  # finished the sample just now, or unreachable
-            os.kill(pid, signal.SIGCONT)
-            return
-        self.stopped.append(sample)  # before the kill: the consumer looks here when it finds the worker gone
-        self.watch.since[slot] = 0.0
-        os.kill(pid, signal.SIGKILL)
+        try:
+            # A process waiting in the kernel (a lazy read from storage) pauses only once it returns; a kill
+            # still ends a wait the kernel lets signals end.
+            deadline = time.monotonic() + 10.0
+            while not paused(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if float(self.watch.since[slot]) != since:  # it finished the sample just now: let it go on
+                return
+            self.stopped.append(sample)  # before the kill: the consumer looks here when it finds the worker gone
+            self.watch.since[slot] = 0.0
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        finally:
+            if not killed:  # a worker left paused would hold its memory for good: its loader cannot end it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         self._done.set()
@@ -172,33 +182,50 @@ GAVE_UP: set[tuple[str, str]] = set()
 
 
 def decode_within(limit_s: float, decode: Callable[[], T], source: str, key: str = "") -> T:
-    """decode() in a daemon thread, waited for at most `limit_s` seconds (0: as long as it takes). Past the
-    limit, or for a clip given up on before, SkipSample("decoder_hang"), with one line naming the clip."""
+    """decode() on this thread's decoding thread, waited for at most `limit_s` seconds (0: as long as it
+    takes). Past the limit, or for a clip given up on before, SkipSample("decoder_hang"), with one line
+    naming the clip; the decoding thread stuck on it is left behind and the next clip gets a new one."""
     if not limit_s:
         return decode()
     if (source, key) in GAVE_UP:
         raise SkipSample("decoder_hang", "it hung the decoder before")
     outcome: list = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, decode()))
-        except BaseException as err:  # re-raised below, in the caller's thread
-            outcome.append((False, err))
-
-    thread = threading.Thread(target=run, name="vaemo decode", daemon=True)
-    thread.start()
-    thread.join(limit_s)
-    if not outcome:
+    finished = threading.Event()
+    _decoding_thread().put((decode, outcome, finished))
+    if not finished.wait(limit_s):
+        _runner.jobs = None
         GAVE_UP.add((source, key))
         clip = f"the clip {key} of {source}" if key else f"the clip {source}"
         print(
-            f"vaemo: {clip} was still being read or decoded after {limit_s:g} s (data.decode_timeout_s): skipped as decoder_hang",
+            f"vaemo: {clip} was still being decoded after {limit_s:g} s (data.decode_timeout_s): skipped as decoder_hang",
             file=sys.stderr,
             flush=True,
         )
         raise SkipSample("decoder_hang", f"still decoding after {limit_s:g} s")
-    finished, value = outcome[0]
-    if not finished:
+    succeeded, value = outcome[0]
+    if not succeeded:
         raise value
     return value
+
+
+# Per calling thread: the queue of its decoding thread, and the process that made it (a forked child has none
+# of its parent's threads). One long-lived thread rather than one per clip: a new thread calling into torch
+# starts its own OpenMP team.
+_runner = threading.local()
+
+
+def _decoding_thread() -> queue.Queue:
+    if getattr(_runner, "jobs", None) is None or _runner.pid != os.getpid():
+        _runner.jobs, _runner.pid = queue.Queue(), os.getpid()
+        threading.Thread(target=_decode_jobs, args=(_runner.jobs,), name="vaemo decode", daemon=True).start()
+    return _runner.jobs
+
+
+def _decode_jobs(jobs: queue.Queue) -> None:
+    while True:
+        decode, outcome, finished = jobs.get()
+        try:
+            outcome.append((True, decode()))
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome.append((False, err))
+        finished.set()

@@ -21,7 +21,7 @@ from vaemo.config import Config, config_to_dict, dump_config, load_config, proje
 from vaemo.errors import UserError
 
 STAGE_NAMES = {0: "see", 1: "VG-Align", 2: "EmoAdapter"}
-RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", "export", "curves.png", "workers", "config.yaml")
+RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", "export", "curves.png", "workers", "config.yaml", "decoder_hangs")
 
 
 def add_stage_args(parser: argparse.ArgumentParser) -> None:

@@ -223,7 +223,11 @@ def train_worker(loop_config: dict) -> None:
     if source is not None:
         start_step, stream_state, carried = load_checkpoint(engine, source, rank, world_size, cfg)
         accumulator.add(carried)
-        stream_state.passed_over = list(dict.fromkeys(stream_state.passed_over + noted_decoder_hangs(run_dir, rank)))
+    # Clips a loader worker was stopped on, also after the newest checkpoint (or before the first): noted in this
+    # run's folder and in that of the run resumed from (RUN/checkpoints/step-N).
+    resumed_run = [source.parent.parent] if source is not None and source.parent.name == "checkpoints" else []
+    noted = [entry for folder in dict.fromkeys([run_dir, *resumed_run]) for entry in noted_decoder_hangs(folder, rank)]
+    stream_state.passed_over = list(dict.fromkeys(stream_state.passed_over + noted))
 
     # -- data ----------------------------------------------------------------------------------
     # A random window per clip in training (validation keeps the middle one); from a teacher cache, the
@@ -250,7 +254,6 @@ def train_worker(loop_config: dict) -> None:
             decode_limit_s=cfg.data.decode_timeout_s,  # with data.loader_workers 0 (decoding in this process)
         ),
         stream_state,
-        resume=source is not None,
         workers=cfg.data.loader_workers,
         prefetch_batches=cfg.data.prefetch_batches,
         limit_s=cfg.data.decode_timeout_s,
