@@ -838,6 +838,43 @@ def test_a_stream_decoding_in_its_own_process_skips_a_clip_that_hangs_and_gives_
         watchdog.GAVE_UP.clear()
 
 
+def test_the_preflight_and_inspect_pass_over_a_clip_that_hangs_the_decoder(small_world, monkeypatch):
+    """The preflight (a stage's first look at its shards) and `vaemo data inspect` read clips in the command's
+    own process: one that hangs FFmpeg is counted and passed over, not waited on for good."""
+    import threading
+    import types
+
+    from vaemo.data import shards as shards_module
+    from vaemo.data import stream as stream_module
+    from vaemo.data import watchdog
+    from vaemo.data.stream import probe_usable
+    from vaemo.data.tars import read_shard
+
+    urls = expand_shards(str(small_world / "val" / "*.tar"))
+    samples = read_shard(urls[0])
+    first = next(samples)["__key__"]
+    decode_sample(next(samples), DecodeSpec())  # FFmpeg's libraries loaded: no slow first clip
+    release = threading.Event()
+    real_decode, real_inspect = stream_module.decode_sample, shards_module.inspect_sample
+
+    def hangs_on_the_first(real):
+        return lambda sample, *args: release.wait() if sample["__key__"] == first else real(sample, *args)
+
+    monkeypatch.setattr(stream_module, "decode_sample", hangs_on_the_first(real_decode))
+    monkeypatch.setattr(shards_module, "inspect_sample", hangs_on_the_first(real_inspect))
+    monkeypatch.setattr(shards_module, "DataConfig", lambda: types.SimpleNamespace(decode_timeout_s=1.0))
+    try:
+        probe_usable(urls, DecodeSpec(num_frames=2, height=28, width=28), limit=2, decode_limit_s=1.0)  # the 2nd clip
+        with pytest.raises(UserError, match="decoder_hang 1"):
+            probe_usable(urls[:1], DecodeSpec(), limit=1, decode_limit_s=1.0)  # given up on: passed over at once
+        watchdog.GAVE_UP.clear()
+        counts = shards_module._inspect_shard(urls[0])
+        assert counts["skipped"] == {"decoder_hang": 1} and counts["ok"] == counts["samples"] - 1
+    finally:
+        release.set()
+        watchdog.GAVE_UP.clear()
+
+
 def test_the_watchdog_stops_a_stuck_worker_only_while_the_consumer_waits_for_a_batch():
     """Killing a worker halfway through writing a batch into the loader's pipe would leave the consumer reading
     forever: a worker is stopped only once the consumer has waited long enough to have read every batch."""

@@ -180,8 +180,8 @@ class DataConfig:
     """Seconds a training loader worker may spend decoding one clip (a few ms to seconds normally) before it is
     stopped and the stream goes on without that clip (skip: decoder_hang): a file that sends FFmpeg into an
     endless loop would otherwise hang the run (the other ranks wait 30 min in a collective). 0: never.
-    Validation, the teacher cache and decoding without loader workers skip such a clip instead and leave the
-    thread stuck on it behind (evaluation does so with this default)."""
+    Validation, the teacher cache, the preflight and decoding without loader workers skip such a clip instead
+    and leave the thread stuck on it behind (evaluation and `vaemo data inspect` do so with this default)."""
 
     def check(self, path: str) -> None:
         _require(self.num_frames >= 2, f"{path}.num_frames", "must be >= 2")

@@ -56,7 +56,8 @@ SKIP_REASONS: dict[str, str] = {
     "non_finite_audio": "the soundtrack (float PCM) holds NaN or infinite samples",
     "decoder_hang": "decoding the clip took longer than data.decode_timeout_s: a training loader "
     "worker stuck on it was stopped and the stream goes on without it (a resume passes over it too); elsewhere "
-    "(validation, evaluation, the teacher cache) the clip is skipped and the thread decoding it left behind",
+    "(validation, evaluation, the teacher cache, the preflight, inspect) the clip is skipped and the thread "
+    "decoding it left behind",
     "no_video_stream": "the stage needs frames and the clip has no video stream",
     "no_audio_stream": "the stage needs a soundtrack and the clip has no audio stream",
     "missing_field": "the stage needs a JSON field the sample lacks (e.g. caption, valence)",

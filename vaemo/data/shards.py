@@ -7,10 +7,12 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
 
+from vaemo.config import DataConfig
 from vaemo.data.decode import (
     CLIP_EXTENSIONS,
     DecodeSpec,
@@ -22,6 +24,7 @@ from vaemo.data.decode import (
 )
 from vaemo.data.stream import expand_shards
 from vaemo.data.tars import ShardError, ShardWriter, read_shard
+from vaemo.data.watchdog import decode_within
 from vaemo.errors import UserError, read_user_text
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +253,7 @@ def inspect_sample(sample: dict) -> str:
 
 
 def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
+    within = partial(decode_within, DataConfig().decode_timeout_s, source=url)  # a clip that hangs FFmpeg is skipped
     counts = {
         "samples": 0,
         "ok": 0,
@@ -265,14 +269,15 @@ def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
             continue
         counts["read"] = True
         counts["samples"] += 1
+        key = item.get("__key__", "")
         try:
-            counts["modalities"][inspect_sample(item)] += 1
+            counts["modalities"][within(partial(inspect_sample, item), key=key)] += 1
             counts["ok"] += 1
         except SkipSample as skip:
             counts["skipped"][skip.reason] += 1
         if stage_spec is not None:
             try:
-                decode_sample(item, stage_spec)
+                within(partial(decode_sample, item, stage_spec), key=key)
                 counts["usable"] += 1
             except SkipSample as skip:
                 counts["unusable"][skip.reason] += 1
@@ -282,8 +287,6 @@ def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
 def inspect_shards(shards: list[str], workers: int = 0, stage_spec: DecodeSpec | None = None) -> dict:
     """Counts over all samples of the shards: {samples, ok, skipped{reason}, modalities{...}, shards}; with
     `stage_spec` (a stage's DecodeSpec), also how many samples that stage can use and why not the others."""
-    from functools import partial
-
     urls = [u for spec in shards for u in expand_shards(spec)]
     workers = min(len(urls), workers or os.cpu_count() or 1)
     inspect_one = partial(_inspect_shard, stage_spec=stage_spec)

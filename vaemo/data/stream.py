@@ -668,10 +668,11 @@ def make_loader(dataset: IterableDataset, workers: int, prefetch_batches: int = 
     )
 
 
-def probe_usable(urls: list[str], spec: DecodeSpec, limit: int, teacher_cache: str = "") -> None:
+def probe_usable(urls: list[str], spec: DecodeSpec, limit: int, teacher_cache: str = "", decode_limit_s: float = 0.0) -> None:
     """Read the shards in order until one sample `spec` can use; NoUsableData after `limit` unusable ones
     (or all of them). What the preflight runs, so a stage that cannot get data says so before any weight
-    loads; usable data costs one decoded sample."""
+    loads; usable data costs one decoded sample. Each clip is waited for at most `decode_limit_s`
+    (decode_within; 0: as long as it takes)."""
     reasons: Counter = Counter()
     for url in urls:
         items = read_shard(url)
@@ -682,7 +683,9 @@ def probe_usable(urls: list[str], spec: DecodeSpec, limit: int, teacher_cache: s
                 reasons["unreadable_shard"] += 1
                 break
             try:
-                decode_sample(item, spec)
+                decode_within(
+                    decode_limit_s, partial(decode_sample, item, spec), item.get("__url__", ""), item.get("__key__", "")
+                )
                 return
             except SkipSample as skip:
                 reasons[skip.reason] += 1

@@ -199,7 +199,7 @@ def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
     for field, urls in (("data.train_shards", train_urls), ("data.val_shards", val_urls)):
         if urls:
             try:
-                probe_usable(urls, spec, cfg.data.max_unusable_samples, cache)
+                probe_usable(urls, spec, cfg.data.max_unusable_samples, cache, cfg.data.decode_timeout_s)
             except NoUsableData as err:
                 raise UserError(f"stage {cfg.stage}: {field}: {NoUsableData.line_in(str(err))}") from None
 
