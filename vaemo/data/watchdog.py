@@ -137,10 +137,8 @@ class DecodeWatchdog:
                 if found is None:
                     continue
                 pid, sample = found
-                try:
+                with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                     self._stop(pid, slot, since, sample)
-                except ProcessLookupError:  # it ended on its own meanwhile
-                    pass
 
     def _stop(self, pid: int, slot: int, since: float, sample: StuckSample) -> None:
         killed = False
