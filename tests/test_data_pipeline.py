@@ -542,14 +542,30 @@ def test_training_stream_is_deterministic_per_seed_disjoint_per_rank_and_resumes
     assert {shard_of[k] for k in from_rank1} <= rank1
 
 
-def test_a_resumed_stream_reads_again_only_the_clips_its_shuffle_buffer_still_holds(small_world, monkeypatch):
-    """The fast-forward of a resume passes over the samples drawn before it reading the shards' headers, not
-    their clips (at step 20k of a 7B run that was some 80k clips a rank, read again from shared storage), and
-    gives the same batches, bit for bit, as the stream that ran straight on."""
+def single_stream_batches(urls: list[str], n: int, state: StreamState | None = None, shuffle_buffer: int = 4) -> list:
+    """The first n batches (3 small clips each) of seed 1's one-rank training stream, decoded in this process."""
+    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
+    stream = TrainStream(urls, spec, 3, seed=1, shuffle_buffer=shuffle_buffer, resume=state)
+    return list(itertools.islice(iter(make_loader(stream, workers=0)), n))
+
+
+def state_after(batches: list) -> StreamState:
+    """What a one-worker consumer's StreamState holds after taking `batches`."""
+    state = StreamState(num_workers=1)
+    for batch in batches:
+        state.update(batch)
+    return state
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["draws-recorded", "checkpoint-without-the-record"])
+def test_a_resumed_stream_reads_again_only_the_clips_its_shuffle_buffer_still_holds(small_world, monkeypatch, recorded):
+    """A resume reads the clips its shuffle buffer held, not those drawn before it (at step 20k of a 7B run that
+    was some 80k clips a rank, read again from shared storage), and gives the same batches, bit for bit, as the
+    stream that ran straight on: from the draws' record, or, from a checkpoint without it, by passing over the
+    samples drawn before reading the local shards' headers."""
     from vaemo.data import tars
 
     urls = expand_shards(str(small_world / "train" / "*.tar"))
-    spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
     clip_reads = []
     real_read_exact = tars._read_exact
 
@@ -560,22 +576,95 @@ def test_a_resumed_stream_reads_again_only_the_clips_its_shuffle_buffer_still_ho
 
     monkeypatch.setattr(tars, "_read_exact", counted)
 
-    def batches(state=None, n=18):
-        stream = TrainStream(urls, spec, 3, seed=1, shuffle_buffer=4, resume=state)
-        return list(itertools.islice(iter(make_loader(stream, workers=0)), n))
-
-    straight = batches()
-    state = StreamState(num_workers=1)
-    for batch in straight[:15]:
-        state.update(batch)
+    straight = single_stream_batches(urls, 18)
+    state = state_after(straight[:15])
     largest_shard = max(tars.count_samples(url) for url in urls)
     clip_reads.clear()
-    resumed = batches(StreamState.from_state_dict(state.state_dict(), 1), n=3)
+    saved = state.state_dict()
+    if not recorded:
+        del saved["draw_counts"]
+    resumed = single_stream_batches(urls, 3, StreamState.from_state_dict(saved, 1))
     assert [b.keys for b in resumed] == [b.keys for b in straight[15:]]
     assert all(torch.equal(a.video, b.video) for a, b in zip(resumed, straight[15:]))
-    # 9 clips decoded, the 4 the buffer held, and what a shard drawn after the fast-forward put in it; not the 45
-    # passed over
+    # 9 clips decoded, the 4 the buffer held, and what a shard drawn after the resume put in it; not the 45 passed
+    # over
     assert len(clip_reads) <= 9 + 4 + largest_shard < 45, (len(clip_reads), largest_shard)
+
+
+def test_a_resume_reads_only_the_shards_its_shuffle_buffer_and_its_current_draw_need_streamed_ones_too(
+    small_world, tmp_path, monkeypatch
+):
+    """Streamed shards (`pipe:`, URLs, gzip) cannot be read for their headers alone: a resume that replayed
+    every draw before it would download the run's whole history again (hours, late in a week-long run). The
+    stream records how many samples each draw gave; a resume works out its place from that and opens only the
+    shards its shuffle buffer held samples of, plus the draw in progress. The batches are those of the stream
+    that ran straight on, bit for bit, through a checkpoint's round trip; a checkpoint without the record (from
+    before it was kept) still resumes exactly, by reading, and records it again from there. A resume with another
+    shuffle buffer draws otherwise: the record is not of its draws, so it reads them (no sample taken for gone)."""
+    from vaemo.data import stream as stream_module
+
+    urls = [f"pipe:cat {url}" for url in expand_shards(str(small_world / "train" / "*.tar"))]
+    opened = []
+    real_read_shard = stream_module.read_shard
+
+    def counted(url, retry_delays=(), lazy=False):
+        opened.append(url)
+        return real_read_shard(url, retry_delays, lazy=lazy)
+
+    monkeypatch.setattr(stream_module, "read_shard", counted)
+
+    def checkpointed(state: StreamState) -> StreamState:
+        torch.save(state.state_dict(), tmp_path / "state.pt")
+        return StreamState.from_state_dict(torch.load(tmp_path / "state.pt", weights_only=True), 1)
+
+    straight = single_stream_batches(urls, 44)
+    state = state_after(straight[:40])
+    draws_before = len(state.draw_counts[0])
+    assert draws_before >= 9 and sum(state.draw_counts[0]) <= state.positions[0], state.draw_counts  # 120 samples of 12
+
+    opened.clear()
+    resumed = single_stream_batches(urls, 4, checkpointed(state))
+    assert [b.keys for b in resumed] == [b.keys for b in straight[40:]]
+    assert all(torch.equal(a.video, b.video) for a, b in zip(resumed, straight[40:]))
+    # the buffer's 4 samples come from at most 4 shards; then the draw in progress, and what 12 more samples draw
+    assert len(opened) <= 4 + 1 + 2 < draws_before, (opened, draws_before)
+
+    old = state.state_dict()
+    del old["draw_counts"]
+    opened.clear()
+    replayed = single_stream_batches(urls, 4, StreamState.from_state_dict(old, 1))
+    assert [b.keys for b in replayed] == [b.keys for b in straight[40:]]
+    assert len(opened) > draws_before  # every draw again, read whole
+    recorded = StreamState.from_state_dict(old, 1)
+    for batch in replayed[:2]:
+        recorded.update(batch)
+    assert recorded.draw_counts[0] == state.draw_counts[0] + recorded.draw_counts[0][draws_before:]
+    assert [b.keys for b in single_stream_batches(urls, 2, checkpointed(recorded))] == [b.keys for b in straight[42:44]]
+
+    opened.clear()
+    other = single_stream_batches(urls, 2, checkpointed(state), shuffle_buffer=6)
+    assert len(opened) > draws_before and "unreadable_shard" not in other[-1].skips, (opened, other[-1].skips)
+
+
+def test_a_resume_goes_on_without_a_sample_its_shard_no_longer_holds(small_world, tmp_path):
+    """A shard rewritten shorter between a checkpoint and its resume: the samples of it the shuffle buffer held
+    and that are gone are counted as `unreadable_shard`, and the stream goes on."""
+    import shutil
+
+    from vaemo.data.stream import replay_draws
+
+    for url in expand_shards(str(small_world / "train" / "*.tar")):
+        shutil.copy(url, tmp_path)
+    urls = expand_shards(str(tmp_path / "*.tar"))
+    state = state_after(single_stream_batches(urls, 10))
+    rng = np.random.default_rng([1, 0, 0])  # (seed, rank, stream)
+    point = replay_draws(train_shard_subset(urls, 0, 1, 0, 1), rng, False, 4, state.draw_counts[0], state.positions[0])
+    shard, _ = Counter(point.urls[draw] for draw, _ in point.buffer).most_common(1)[0]
+    first = next(iter(wds.WebDataset(shard, shardshuffle=False)))
+    with wds.TarWriter(shard) as rewritten:  # the same shard, one sample long
+        rewritten.write({k: v for k, v in first.items() if k != "__url__"})
+    resumed = single_stream_batches(urls, 2, StreamState.from_state_dict(state.state_dict(), 1))
+    assert len(resumed) == 2 and resumed[-1].skips.get("unreadable_shard", 0) >= 1, resumed[-1].skips
 
 
 def test_a_sample_read_lazily_decodes_as_read_at_once_and_meets_storage_errors_as_a_stream_would(

@@ -2,8 +2,10 @@
 
 - Training streams are resampled and infinite: each loader worker draws shards at random from its own
   disjoint subset (disjoint across ranks, hence across nodes) through a shuffle buffer, with a
-  generator seeded by (seed, rank, worker). The data order is a pure function of those, so a run
-  resumes exactly by fast-forwarding each worker past the raw samples it had consumed (no decoding).
+  generator seeded by (seed, rank, worker). The data order is a pure function of those and of how many
+  samples each shard holds, so a run resumes exactly: from the samples each shard draw gave (recorded as the
+  stream goes), it works out which samples the shuffle buffer held and reads only those shards again
+  (`replay_draws`); a checkpoint without that record fast-forwards past the raw samples instead (no decoding).
 - Evaluation streams visit each sample exactly once across all ranks and loader workers.
 - Bad samples are skipped and counted by reason; batches carry their worker's counts.
 """
@@ -17,7 +19,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -84,6 +86,9 @@ class Batch:
     teacher: list = field(default_factory=list)  # cached TeacherRecords, when the stream reads a teacher cache
     worker: int = 0
     position: int = 0  # raw samples this worker had drawn when the batch was complete
+    # (draw, samples) of each shard draw this worker finished since its previous batch (StreamState.draw_counts)
+    ended_draws: list[tuple[int, int]] = field(default_factory=list)
+    draws_of: str = ""  # what those draws depend on besides the shards' contents (TrainStream.draws_digest)
     skips: dict[str, int] = field(default_factory=dict)  # this worker's skip counts so far
     data_wait: float = 0.0  # filled by the consumer: seconds spent waiting for this batch
     slot: tuple[int, int] | None = None  # (loader worker, buffer) of recycled shared memory; see BatchBuffers
@@ -351,24 +356,42 @@ class TrainStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.start_positions = dict(resume.positions) if resume else {}
+        self.start_draws = {w: list(counts) for w, counts in resume.draw_counts.items()} if resume else {}
+        self.start_draws_of = dict(resume.draws_of) if resume else {}
         self.passed_over = list(resume.passed_over) if resume else []  # samples a loader worker was stopped on
         # DataLoader restarts its round robin at its worker 0; that worker must play the stream that
         # was due next, so logical streams are rotated by the number of batches already consumed.
         self.first_stream = resume.next_stream() if resume else 0
 
-    def raw_samples(self, worker: int, workers: int, lazy: Callable[[], bool] = lambda: False) -> Iterator[dict | ShardError]:
+    def raw_samples(
+        self,
+        worker: int,
+        workers: int,
+        lazy: Callable[[], bool] = lambda: False,
+        resume_at: DrawPoint | None = None,
+        ended: Callable[[int, int], None] = lambda draw, samples: None,
+    ) -> Iterator[dict | ShardError]:
         """Resampled shards through a shuffle buffer; the RNG draws depend only on (seed, rank, worker). A shard
-        drawn while `lazy()` holds gives its files' bytes as LazyBytes (read when decoded)."""
+        drawn while `lazy()` holds gives its files' bytes as LazyBytes (read when decoded). `resume_at`: go on
+        from there (replay_draws). `ended(draw, samples)` is told of each shard draw as it ends."""
         shards = train_shard_subset(self.urls, self.rank, self.world_size, worker, workers)
         rng = np.random.default_rng([self.seed, self.rank, worker])
         buffer: list[dict] = []
+        first_draw, taken_before, url = 0, 0, None
+        if resume_at is not None:
+            rng.bit_generator.state = resume_at.rng_state
+            buffer = yield from self._read_buffered(resume_at)
+            first_draw, taken_before, url = resume_at.draw, resume_at.taken, resume_at.url
         failures_in_a_row = unreadable_in_a_row = 0
         read_before = self.start_positions.get(worker, 0) > 0  # a resumed stream had read its shards
         unreadable_since = time.monotonic()
-        for draw in itertools.count():
-            url = shards[draw % len(shards)] if self.in_order else shards[int(rng.integers(len(shards)))]
+        for draw in itertools.count(first_draw):
+            if url is None:
+                url = shards[draw % len(shards)] if self.in_order else shards[int(rng.integers(len(shards)))]
             got_any = unreadable = False
-            items = read_shard(url, SHARD_RETRY_DELAYS, lazy=lazy())
+            taken = 0
+            # the samples a resume had taken from this draw are passed over reading their headers only
+            items = read_shard(url, SHARD_RETRY_DELAYS, lazy=lazy() or taken_before > 0)
             if self.teacher_cache:
                 items = with_cache(items, cache_shard_for(url, self.teacher_cache))
             for item in items:
@@ -377,12 +400,17 @@ class TrainStream(IterableDataset):
                     yield item
                     continue
                 got_any = read_before = True
+                taken += 1
+                if taken <= taken_before:
+                    continue
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(item)
                     continue
                 pick = int(rng.integers(len(buffer)))
                 buffer[pick], item = item, buffer[pick]
                 yield item
+            ended(draw, taken)
+            taken_before = 0
             failures_in_a_row = 0 if got_any else failures_in_a_row + 1
             if not (unreadable and not got_any):
                 unreadable_in_a_row, unreadable_since = 0, time.monotonic()
@@ -401,21 +429,54 @@ class TrainStream(IterableDataset):
                     f"{NoUsableData.MARKER}no sample in any of the {len(shards)} shards of this worker (each is empty or "
                     f"unreadable), e.g. {shards[0]}"
                 )
+            url = None
+
+    def _read_buffered(self, point: DrawPoint) -> Generator[ShardError, None, list[dict]]:
+        """The samples a resumed stream's shuffle buffer held (`point.buffer`), read again from their shards (each
+        shard once; a local one's headers only). One a shard no longer gives is left out, counted as a ShardError."""
+        wanted: dict[str, set[int]] = {}
+        for draw, index in point.buffer:
+            wanted.setdefault(point.urls[draw], set()).add(index)
+        found: dict[tuple[str, int], dict] = {}
+        for url, indices in wanted.items():
+            items = read_shard(url, SHARD_RETRY_DELAYS, lazy=True)
+            if self.teacher_cache:
+                items = with_cache(items, cache_shard_for(url, self.teacher_cache))
+            samples = (item for item in items if not isinstance(item, ShardError))
+            for index, item in enumerate(samples):
+                if index in indices:
+                    found[(url, index)] = item
+        missing = Counter(point.urls[draw] for draw, index in point.buffer if (point.urls[draw], index) not in found)
+        for url, count in missing.items():
+            yield ShardError(url, f"{count} sample(s) a resume read from this shard before are no longer in it")
+        # a shard drawn twice gives two equal samples, as it did before the resume: copies, not one dict twice
+        return [dict(found[(point.urls[draw], index)]) for draw, index in point.buffer if (point.urls[draw], index) in found]
 
     def __iter__(self) -> Iterator[Batch]:
         loader_worker, workers = _worker_slot()
         worker = (loader_worker + self.first_stream) % workers  # the logical stream this process plays
         start = self.start_positions.get(worker, 0)
-        # A resume passes over the samples drawn before it in the same order, reading the shards' headers but
-        # not their files: only what is still in the shuffle buffer afterwards is read (when decoded).
-        forwarding = [start > 0]
-        raw = self.raw_samples(worker, workers, lazy=lambda: forwarding[0])
+        shards = train_shard_subset(self.urls, self.rank, self.world_size, worker, workers)
+        digest = self.draws_digest(worker, shards)
+        point = None
+        if start > 0 and worker in self.start_draws and self.start_draws_of.get(worker) == digest:
+            rng = np.random.default_rng([self.seed, self.rank, worker])
+            point = replay_draws(shards, rng, self.in_order, self.shuffle_buffer, self.start_draws[worker], start)
+        # Without a record of these draws (a checkpoint from before it was kept, or a resume with another seed,
+        # shuffle buffer or shard list, whose draws the record is not of), a resume passes over the samples drawn
+        # before it in the same order, reading the shards' headers but not their files (a stream's whole bytes):
+        # only what is still in the shuffle buffer afterwards is read (when decoded).
+        forwarding = [start > 0 and point is None]
+        ended: list[tuple[int, int]] = []
+        raw = self.raw_samples(
+            worker, workers, lazy=lambda: forwarding[0], resume_at=point, ended=lambda *draw: ended.append(draw)
+        )
         drawn = 0
-        while drawn < start:
+        while forwarding[0] and drawn < start:
             if not isinstance(next(raw), ShardError):
                 drawn += 1
         forwarding[0] = False
-        yield from _decode_into_batches(
+        batches = _decode_into_batches(
             raw,
             self.spec,
             self.batch_size,
@@ -429,6 +490,18 @@ class TrainStream(IterableDataset):
             pass_over=self.passes_over(worker),
             limit_s=self.decode_limit_s,
         )
+        for batch in batches:  # the generators are lazy: `ended` holds the draws that ended before this batch's samples
+            batch.ended_draws, ended[:] = list(ended), []
+            batch.draws_of = digest
+            yield batch
+
+    def draws_digest(self, worker: int, shards: list[str]) -> str:
+        """What logical stream `worker`'s draws and shuffle depend on, besides how many samples each shard holds."""
+        import hashlib
+        import json
+
+        what = [self.seed, self.rank, worker, self.shuffle_buffer, self.in_order, shards]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
     def passes_over(self, worker: int) -> Callable[[int, dict], bool] | None:
         """Whether logical stream `worker` passes over a sample: one a loader worker was stopped on, at every
@@ -447,6 +520,53 @@ class TrainStream(IterableDataset):
 
 
 @dataclass
+class DrawPoint:
+    """Where a training stream stood after some number of raw samples: the shard draw in progress and how many
+    of its samples it had taken, the RNG's state, and its shuffle buffer as (draw, sample index in that draw)."""
+
+    draw: int
+    url: str | None  # the shard of that draw; None: the draw had ended, the next one is drawn from the RNG
+    taken: int
+    rng_state: dict
+    buffer: list[tuple[int, int]]
+    urls: dict[int, str]  # the shard of each draw the buffer holds samples of
+
+
+def replay_draws(
+    shards: list[str], rng: np.random.Generator, in_order: bool, shuffle_buffer: int, counts: list[int], position: int
+) -> DrawPoint:
+    """TrainStream.raw_samples' draws and shuffle, played with sample references instead of samples, up to its
+    `position`-th sample out: `counts` gives each draw's samples (the draw after the last one counted is the one
+    in progress), so no shard is read. Pure arithmetic: a million samples take seconds."""
+    buffer: list[tuple[int, int]] = []
+    urls: dict[int, str] = {}
+    out = 0
+    for draw in itertools.count():
+        url = shards[draw % len(shards)] if in_order else shards[int(rng.integers(len(shards)))]
+        urls[draw] = url
+        known = draw < len(counts)
+        taken = 0
+        while not known or taken < counts[draw]:
+            taken += 1
+            if len(buffer) < shuffle_buffer:
+                buffer.append((draw, taken - 1))
+                continue
+            buffer[int(rng.integers(len(buffer)))] = (draw, taken - 1)
+            out += 1
+            if out == position:
+                ends_here = known and taken == counts[draw]
+                return DrawPoint(
+                    draw=draw + 1 if ends_here else draw,
+                    url=None if ends_here else url,
+                    taken=0 if ends_here else taken,
+                    rng_state=rng.bit_generator.state,
+                    buffer=buffer,
+                    urls={d: urls[d] for d, _ in buffer},
+                )
+    raise AssertionError("unreachable: itertools.count() does not end")
+
+
+@dataclass
 class StreamState:
     """What a consumer took from a TrainStream: per-worker positions and skip counts (checkpointed)."""
 
@@ -457,11 +577,27 @@ class StreamState:
     worker_skips: dict[int, dict[str, int]] = field(default_factory=dict)
     # (logical stream, position, key, shard) of each sample a loader worker was stopped on: streams pass over them
     passed_over: list[tuple[int, int, str, str]] = field(default_factory=list)
+    # per logical stream, the samples each of its shard draws gave, in draw order: what a resume needs to work out
+    # its place without reading the shards drawn before it (replay_draws); a stream without it reads them again
+    draw_counts: dict[int, list[int]] = field(default_factory=dict)
+    draws_of: dict[int, str] = field(default_factory=dict)  # per logical stream, TrainStream.draws_digest
 
     def update(self, batch: Batch) -> None:
         self.positions[batch.worker] = batch.position
         self.worker_skips[batch.worker] = batch.skips
         self.batches += 1
+        if self.draws_of.get(batch.worker) != batch.draws_of:  # a resume with other settings: a record begins
+            self.draws_of[batch.worker] = batch.draws_of
+            self.draw_counts[batch.worker] = []
+        counts = self.draw_counts.setdefault(batch.worker, [])
+        for draw, samples in batch.ended_draws:
+            if draw < len(counts):
+                counts[draw] = samples  # the draw a resume went on from, ended: the same count as before
+            elif draw == len(counts):
+                counts.append(samples)
+            else:  # a gap (a stream resumed by reading, before any draw ended): this record cannot place a resume
+                del self.draw_counts[batch.worker]
+                break
 
     def next_stream(self) -> int:
         """The logical loader stream whose batch comes next (batches alternate over streams in order)."""
@@ -486,6 +622,8 @@ class StreamState:
             "batches": self.batches,
             "skips": self.skips(),
             "passed_over": [list(entry) for entry in self.passed_over],
+            "draw_counts": {str(w): list(counts) for w, counts in self.draw_counts.items()},
+            "draws_of": {str(w): digest for w, digest in self.draws_of.items()},
         }
 
     @classmethod
@@ -502,6 +640,8 @@ class StreamState:
             batches=int(state.get("batches", 0)),
             base_skips=Counter(state.get("skips", {})),
             passed_over=[(int(s), int(p), str(k), str(u)) for s, p, k, u in state.get("passed_over", [])],
+            draw_counts={int(w): [int(n) for n in counts] for w, counts in state.get("draw_counts", {}).items()},
+            draws_of={int(w): str(digest) for w, digest in state.get("draws_of", {}).items()},
         )
 
 
@@ -657,8 +797,8 @@ def _quiet_worker(_: int) -> None:
 
 def make_loader(dataset: IterableDataset, workers: int, prefetch_batches: int = 2) -> DataLoader:
     """A DataLoader over a stream that already yields whole batches (decoding runs in the workers). It sets
-    no timeout: a resume's fast-forward (inside the worker, before its first batch) may read for as long as
-    the run had drawn."""
+    no timeout: a resume (inside the worker, before its first batch) reads the shards of its shuffle buffer again,
+    and one from a checkpoint without the draws' record for as long as the run had drawn."""
     return DataLoader(
         dataset,
         batch_size=None,
