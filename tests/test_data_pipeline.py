@@ -788,7 +788,8 @@ def test_a_clip_that_hangs_its_loader_worker_is_passed_over_as_a_bad_clip_would_
     """A loader worker stuck on one clip (FFmpeg in an endless loop, here a sleep) is stopped by the rank's
     watchdog, and the batches go on exactly as if that clip were bad: skipped at every draw, the first one
     included. The stream state a checkpoint saves keeps it, so a resume passes over it without stopping a
-    worker again."""
+    worker again. Starting the loader, and again after the stop, draws nothing from the process's torch RNG
+    (dropout's), so the training's own random draws stay those of a run without the stop."""
     import time
 
     from vaemo.data import stream as stream_module
@@ -838,7 +839,9 @@ def test_a_clip_that_hangs_its_loader_worker_is_passed_over_as_a_bad_clip_would_
     as_bad, bad_state = run(bad=hang)
     started = time.monotonic()
     noted = []
+    training_rng = torch.get_rng_state()
     stopped, state = run(hang=hang, on_stop=noted.append)
+    assert torch.equal(torch.get_rng_state(), training_rng)
     assert stopped == as_bad and hang not in {k for keys in stopped for k in keys}
     assert state.skips()["decoder_hang"] == bad_state.skips()["corrupt_clip"] >= 1
     assert time.monotonic() - started < 120  # the sleep would take an hour

@@ -681,7 +681,8 @@ class TrainBatches:
         self.stream = self.make_stream(self.state)
         if self.limit_s > 0:
             self.stream.watch = DecodeWatch()
-        self.batches = iterate_off_the_main_thread(make_loader(self.stream, self.workers, self.prefetch_batches))
+        seed = int(np.random.SeedSequence([self.stream.seed, self.stream.rank]).generate_state(1)[0])
+        self.batches = iterate_off_the_main_thread(make_loader(self.stream, self.workers, self.prefetch_batches, seed))
         if self.stream.watch is not None:
             self.watchdog = DecodeWatchdog(self.stream.watch, self.limit_s, self.waited)
 
@@ -795,16 +796,20 @@ def _quiet_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: IterableDataset, workers: int, prefetch_batches: int = 2) -> DataLoader:
+def make_loader(dataset: IterableDataset, workers: int, prefetch_batches: int = 2, seed: int = 0) -> DataLoader:
     """A DataLoader over a stream that already yields whole batches (decoding runs in the workers). It sets
     no timeout: a resume (inside the worker, before its first batch) reads the shards of its shuffle buffer again,
-    and one from a checkpoint without the draws' record for as long as the run had drawn."""
+    and one from a checkpoint without the draws' record for as long as the run had drawn. Each start draws its
+    workers' seed from a generator of its own (`seed`), not from the process's torch RNG: a validation pass, a
+    resume or a restart after a stuck worker then leaves the training's own random draws (dropout) as an
+    uninterrupted run has them."""
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         prefetch_factor=prefetch_batches if workers > 0 else None,
         worker_init_fn=_quiet_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
