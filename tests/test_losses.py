@@ -129,6 +129,50 @@ def test_log1mexp_is_stable():
     assert torch.allclose(log1mexp(x), torch.log(1 - torch.exp(x)), rtol=1e-6)
 
 
+def ccc_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
+    """One rank of the CCC test: its share of 8 rows (one unlabelled), the loss and the mean of the gradients
+    over ranks, as DeepSpeed takes it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(3)
+    features, target = torch.randn(8, 5), torch.rand(8, 2) * 2 - 1
+    target[6] = float("nan")
+    head = torch.nn.Linear(5, 2)  # the same weights on every rank (seeded)
+    rows = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    loss = va_loss(torch.tanh(head(features[rows])), target[rows], "ccc", world_size)
+    loss.backward()
+    grads = [head.weight.grad, head.bias.grad]
+    for grad in grads:
+        dist.all_reduce(grad)
+        grad /= world_size
+    values = [torch.zeros(()) for _ in range(world_size)]
+    dist.all_gather(values, loss.detach())
+    if rank == 0:
+        torch.save({"losses": [float(v) for v in values], "grads": grads}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ccc_is_the_whole_batchs_on_every_rank_with_its_gradient(tmp_path):
+    """A concordance over a rank's share of a batch (a handful of clips on a 7B run) is a noisier statistic
+    than the batch's, and averaging it over ranks is not the batch's value. Over 2 ranks, each rank's loss is
+    the one process's over all 8 rows, and the gradients DeepSpeed averages are that loss's."""
+    import torch.multiprocessing as mp
+
+    def run(world_size: int) -> dict:
+        out = tmp_path / f"ccc{world_size}.pt"
+        init = str(tmp_path / f"init{world_size}")
+        mp.start_processes(ccc_rank, args=(world_size, init, str(out)), nprocs=world_size, start_method="spawn")
+        return torch.load(out)
+
+    one, two = run(1), run(2)
+    assert two["losses"] == pytest.approx(one["losses"] * 2, abs=1e-6)
+    for got, expected in zip(two["grads"], one["grads"]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert one["grads"][0].abs().sum() > 0
+
+
 def test_va_losses_match_references_and_skip_missing_labels():
     torch.manual_seed(1)
     pred = (torch.rand(8, 2) * 2 - 1).requires_grad_(True)

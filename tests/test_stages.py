@@ -97,6 +97,13 @@ def test_each_stage_prepares_computes_its_loss_and_trains_only_its_parts(stage):
     assert loss == pytest.approx(GOLDEN[stage], rel=1e-5, abs=1e-5)
 
 
+def test_stage_2_trains_its_supervisor_with_the_concordance_loss_too():
+    mse, _ = first_loss(2)
+    ccc, with_grad = first_loss(2, ("stage2.va_loss=ccc",))
+    assert np.isfinite(ccc) and ccc != pytest.approx(mse, rel=1e-4)
+    assert any(n.startswith("supervisor.") for n in with_grad), with_grad
+
+
 def test_stage_0_asks_what_the_config_asks_and_needs_only_a_caption():
     """Off the synthetic corner: another emotion set, no labelled content set, a clip whose emotion is not
     an option and a clip without `object`. Stage 0 used to require `object` and `emotion` on every clip and

@@ -204,23 +204,49 @@ def per_sequence_weights(lengths: list[int]) -> torch.Tensor:
     return torch.cat([torch.full((n,), 1.0 / n) for n in lengths if n > 0]) if any(lengths) else torch.zeros(0)
 
 
-def concordance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Lin's concordance correlation coefficient of two 1-D tensors."""
-    pm, tm = pred.mean(), target.mean()
-    covariance = ((pred - pm) * (target - tm)).mean()
-    return 2 * covariance / (pred.var(unbiased=False) + target.var(unbiased=False) + (pm - tm) ** 2 + 1e-8)
-
-
-def va_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+def va_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", world_size: int = 1) -> torch.Tensor:
     """Valence/arousal loss over rows whose targets are known (NaN marks a missing label).
 
-    `mse`: mean squared error; `ccc`: 1 - concordance, averaged over valence and arousal (needs at
-    least two labelled rows; with fewer it falls back to MSE).
+    `mse`: mean squared error of this rank's rows; `ccc`: 1 - Lin's concordance, averaged over valence and
+    arousal, of every rank's rows together (concordance_over_ranks); with fewer than two rows in all, MSE.
     """
     known = torch.isfinite(target).all(-1)
+    if kind == "ccc":
+        loss = concordance_over_ranks(pred, target, known, world_size)
+        if loss is not None:
+            return loss
     if not bool(known.any()):
         return pred.sum() * 0.0
-    p, t = pred[known].float(), target[known].float()
-    if kind == "ccc" and p.shape[0] >= 2:
-        return 1.0 - torch.stack([concordance(p[:, d], t[:, d]) for d in range(p.shape[1])]).mean()
-    return F.mse_loss(p, t)
+    return F.mse_loss(pred[known].float(), target[known].float())
+
+
+def concordance_over_ranks(pred: torch.Tensor, target: torch.Tensor, known: torch.Tensor, world_size: int) -> torch.Tensor | None:
+    """1 - concordance of the labelled rows of every rank's batch, or None when they are fewer than two.
+
+    A correlation is a statistic of the whole batch, and a rank's share of it may be a handful of clips. Each
+    rank sums its rows' moments, the sums are added over ranks (a collective: every rank calls this every
+    step), and every rank computes the same value from them, that of the whole batch. Gradients flow through
+    this rank's own rows; the loss is scaled so that its value stays the batch's while its gradient is
+    `world_size` times this rank's part, and DeepSpeed's mean over ranks gives the whole batch's gradient.
+    """
+    import torch.distributed as dist
+
+    rows = known[:, None]
+    p = torch.where(rows, pred.double(), 0.0)
+    t = torch.where(rows, target.double(), 0.0)
+    count = rows.double().sum(0).expand(p.shape[1])
+    local = torch.stack([count, p.sum(0), t.sum(0), (p * p).sum(0), (t * t).sum(0), (p * t).sum(0)])
+    moments = local
+    spread = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if spread:
+        everyone = local.detach().clone()
+        dist.all_reduce(everyone)
+        moments = local + (everyone - local.detach())
+    n, sum_p, sum_t, sum_pp, sum_tt, sum_pt = moments
+    if float(n[0]) < 2:
+        return None
+    mean_p, mean_t = sum_p / n, sum_t / n
+    covariance = sum_pt / n - mean_p * mean_t
+    variances = sum_pp / n - mean_p**2 + sum_tt / n - mean_t**2
+    loss = (1.0 - (2 * covariance / (variances + (mean_p - mean_t) ** 2 + 1e-8)).mean()).float()
+    return loss * world_size - loss.detach() * (world_size - 1) if spread else loss

@@ -483,9 +483,10 @@ class EmoAdapterObjective(AlignObjective):
             if s.va_loss == "mse":
                 va_sum = ((va_pred.float() - target) ** 2).sum(-1).sum()
                 loss = loss + s.lambda_sup * normalised(va_sum, step, "va_rows")
-            else:  # 1 - CCC is a batch statistic: each rank's value, averaged over ranks
-                va_sum = va_loss(va_pred, target, "ccc") * len(target)
-                loss = loss + s.lambda_sup * va_loss(va_pred, target, "ccc")
+            else:  # 1 - CCC, a statistic of the whole batch: the same value on every rank
+                ccc = va_loss(va_pred, target, "ccc", step.world_size)
+                va_sum = ccc.detach() * len(target)
+                loss = loss + s.lambda_sup * ccc
             sums.update(va_sum=float(va_sum.detach()), va_rows=len(target))
             if logits is not None:
                 cat_sum = F.cross_entropy(
