@@ -542,10 +542,10 @@ def test_training_stream_is_deterministic_per_seed_disjoint_per_rank_and_resumes
     assert {shard_of[k] for k in from_rank1} <= rank1
 
 
-def single_stream_batches(urls: list[str], n: int, state: StreamState | None = None, shuffle_buffer: int = 4) -> list:
+def single_stream_batches(urls: list[str], n: int, state: StreamState | None = None, shuffle_buffer: int = 4, **kwargs) -> list:
     """The first n batches (3 small clips each) of seed 1's one-rank training stream, decoded in this process."""
     spec = DecodeSpec(num_frames=2, height=28, width=28, need_audio=False)
-    stream = TrainStream(urls, spec, 3, seed=1, shuffle_buffer=shuffle_buffer, resume=state)
+    stream = TrainStream(urls, spec, 3, seed=1, shuffle_buffer=shuffle_buffer, resume=state, **kwargs)
     return list(itertools.islice(iter(make_loader(stream, workers=0)), n))
 
 
@@ -620,7 +620,7 @@ def test_a_resume_reads_only_the_shards_its_shuffle_buffer_and_its_current_draw_
     straight = single_stream_batches(urls, 44)
     state = state_after(straight[:40])
     draws_before = len(state.draw_counts[0])
-    assert draws_before >= 9 and sum(state.draw_counts[0]) <= state.positions[0], state.draw_counts  # 120 samples of 12
+    assert draws_before >= 9 and sum(state.draw_counts[0]) <= state.positions[0] + 4, state.draw_counts  # the buffer's 4
 
     opened.clear()
     resumed = single_stream_batches(urls, 4, checkpointed(state))
@@ -644,6 +644,47 @@ def test_a_resume_reads_only_the_shards_its_shuffle_buffer_and_its_current_draw_
     opened.clear()
     other = single_stream_batches(urls, 2, checkpointed(state), shuffle_buffer=6)
     assert len(opened) > draws_before and "unreadable_shard" not in other[-1].skips, (opened, other[-1].skips)
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["drawn", "in-order"])
+def test_a_resume_from_the_record_is_exact_over_unreadable_and_damaged_shards(small_world, tmp_path, in_order):
+    """Draws that gave nothing (a file that is not a tar) or stopped partway (a tar cut short) are in the record
+    as what they gave; a resume from it goes on exactly as the stream that ran straight on, counts included."""
+    import shutil
+
+    for url in expand_shards(str(small_world / "train" / "*.tar")):
+        shutil.copy(url, tmp_path)
+    damaged = tmp_path / "train-000001.tar"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    (tmp_path / "train-000002.tar").write_bytes(b"not a tar file" * 100)
+    urls = expand_shards(str(tmp_path / "*.tar"))
+    straight = single_stream_batches(urls, 24, in_order=in_order)
+    state = state_after(straight[:16])
+    assert 0 in state.draw_counts[0] and state.skips()["unreadable_shard"] >= 2, (state.draw_counts, state.skips())
+    resumed = single_stream_batches(urls, 8, StreamState.from_state_dict(state.state_dict(), 1), in_order=in_order)
+    assert [b.keys for b in resumed] == [b.keys for b in straight[16:]]
+    assert (
+        resumed[-1].skips["unreadable_shard"] == straight[-1].skips["unreadable_shard"] - straight[15].skips["unreadable_shard"]
+    )
+
+
+def test_a_broken_record_of_draws_is_dropped_for_good_not_restarted_midway():
+    """A gap in what a stream reported (it cannot happen; should it) must not leave a record that a resume would
+    take for one from the first draw."""
+    from vaemo.data.stream import Batch
+
+    def batch(position: int, ended: list[tuple[int, int]]) -> Batch:
+        return Batch([], None, None, [], [], [], worker=0, position=position, ended_draws=ended, draws_of="abc")
+
+    state = StreamState(num_workers=1)
+    state.update(batch(3, [(0, 12)]))
+    assert state.draw_counts == {0: [12]} and state.draws_of == {0: "abc"}
+    state.update(batch(6, [(2, 12)]))
+    state.update(batch(9, []))
+    state.update(batch(12, [(0, 12)]))
+    assert 0 not in state.draw_counts and state.draws_of[0] == ""
+    again = StreamState.from_state_dict(state.state_dict(), 1)
+    assert again.draws_of == {0: ""} and not TrainStream(["/a.tar"], DecodeSpec(), 2, seed=0, resume=again).start_draws
 
 
 def test_a_resume_goes_on_without_a_sample_its_shard_no_longer_holds(small_world, tmp_path):

@@ -64,8 +64,9 @@ SKIP_REASONS: dict[str, str] = {
     "bad_field": "a JSON field has the wrong type",
     "va_out_of_range": "valence/arousal outside [-1, 1] (declare another scale with a `va_scale: [low, high]` field)",
     "unknown_emotion": "the sample's emotion is not one of the config's stage2.emotions",
-    "unreadable_shard": "a shard could not be opened or read (counted per shard; per clip for a clip a resume read "
-    "the headers of first, when its shard went away or was written again before the clip was read)",
+    "unreadable_shard": "a shard could not be opened or read (counted per shard, also for the samples a resume reads "
+    "again for its shuffle buffer and no longer gets; per clip for a clip a resume read the headers of first, when "
+    "its shard went away or was written again before the clip was read)",
     "no_teacher_cache": "stage 1 reads a teacher cache and it holds no (readable) record for the sample",
     "stale_teacher_cache": "the sample's cached teacher record was made for another model/prompts/k",
 }

@@ -409,7 +409,8 @@ class TrainStream(IterableDataset):
                 pick = int(rng.integers(len(buffer)))
                 buffer[pick], item = item, buffer[pick]
                 yield item
-            ended(draw, taken)
+            # a resumed draw that reads shorter than before ended, for the record, where the samples taken had
+            ended(draw, max(taken, taken_before))
             taken_before = 0
             failures_in_a_row = 0 if got_any else failures_in_a_row + 1
             if not (unreadable and not got_any):
@@ -433,22 +434,29 @@ class TrainStream(IterableDataset):
 
     def _read_buffered(self, point: DrawPoint) -> Generator[ShardError, None, list[dict]]:
         """The samples a resumed stream's shuffle buffer held (`point.buffer`), read again from their shards (each
-        shard once; a local one's headers only). One a shard no longer gives is left out, counted as a ShardError."""
+        shard once; a local one's headers only). Samples a shard no longer gives (unreadable now, or written
+        again since) are left out, counted once per shard: its read error, or a ShardError saying so. A shard
+        damaged past the samples wanted counts nothing here: the draws that read it whole counted it."""
         wanted: dict[str, set[int]] = {}
         for draw, index in point.buffer:
             wanted.setdefault(point.urls[draw], set()).add(index)
         found: dict[tuple[str, int], dict] = {}
+        errors: dict[str, ShardError] = {}
         for url, indices in wanted.items():
             items = read_shard(url, SHARD_RETRY_DELAYS, lazy=True)
             if self.teacher_cache:
                 items = with_cache(items, cache_shard_for(url, self.teacher_cache))
-            samples = (item for item in items if not isinstance(item, ShardError))
-            for index, item in enumerate(samples):
+            index = 0
+            for item in items:
+                if isinstance(item, ShardError):
+                    errors[url] = item
+                    continue
                 if index in indices:
                     found[(url, index)] = item
+                index += 1
         missing = Counter(point.urls[draw] for draw, index in point.buffer if (point.urls[draw], index) not in found)
         for url, count in missing.items():
-            yield ShardError(url, f"{count} sample(s) a resume read from this shard before are no longer in it")
+            yield errors.get(url) or ShardError(url, f"{count} sample(s) a resume read from it before are no longer in it")
         # a shard drawn twice gives two equal samples, as it did before the resume: copies, not one dict twice
         return [dict(found[(point.urls[draw], index)]) for draw, index in point.buffer if (point.urls[draw], index) in found]
 
@@ -525,7 +533,7 @@ class DrawPoint:
     of its samples it had taken, the RNG's state, and its shuffle buffer as (draw, sample index in that draw)."""
 
     draw: int
-    url: str | None  # the shard of that draw; None: the draw had ended, the next one is drawn from the RNG
+    url: str  # the shard of that draw
     taken: int
     rng_state: dict
     buffer: list[tuple[int, int]]
@@ -554,15 +562,8 @@ def replay_draws(
             buffer[int(rng.integers(len(buffer)))] = (draw, taken - 1)
             out += 1
             if out == position:
-                ends_here = known and taken == counts[draw]
-                return DrawPoint(
-                    draw=draw + 1 if ends_here else draw,
-                    url=None if ends_here else url,
-                    taken=0 if ends_here else taken,
-                    rng_state=rng.bit_generator.state,
-                    buffer=buffer,
-                    urls={d: urls[d] for d, _ in buffer},
-                )
+                point = DrawPoint(draw, url, taken, rng.bit_generator.state, buffer, {d: urls[d] for d, _ in buffer})
+                return point
     raise AssertionError("unreachable: itertools.count() does not end")
 
 
@@ -586,17 +587,21 @@ class StreamState:
         self.positions[batch.worker] = batch.position
         self.worker_skips[batch.worker] = batch.skips
         self.batches += 1
-        if self.draws_of.get(batch.worker) != batch.draws_of:  # a resume with other settings: a record begins
+        recorded_of = self.draws_of.get(batch.worker)
+        if recorded_of == "":  # the record broke (below): the stream's resumes read, as without one
+            return
+        if recorded_of != batch.draws_of:  # a start, or a resume with other settings (it read from draw 0)
             self.draws_of[batch.worker] = batch.draws_of
             self.draw_counts[batch.worker] = []
         counts = self.draw_counts.setdefault(batch.worker, [])
         for draw, samples in batch.ended_draws:
             if draw < len(counts):
-                counts[draw] = samples  # the draw a resume went on from, ended: the same count as before
+                counts[draw] = samples  # told again: the later word holds
             elif draw == len(counts):
                 counts.append(samples)
-            else:  # a gap (a stream resumed by reading, before any draw ended): this record cannot place a resume
+            else:  # a gap: this record cannot place a resume, nor can any continuation of it
                 del self.draw_counts[batch.worker]
+                self.draws_of[batch.worker] = ""  # no stream's digest, and kept: no later batch starts a record
                 break
 
     def next_stream(self) -> int:
