@@ -126,3 +126,15 @@ def test_each_stage_trains_under_zero3_over_nccl_in_bf16_as_on_the_cpu(nccl, hf_
     "auto" (bf16 and the GPU's attention)."""
     cfg, _ = runs(hf_checkpoints)[name]
     check_run(cfg, cpu_first_losses[name])
+
+
+def test_a_checkpoint_keeps_the_cuda_generator_so_dropout_on_a_gpu_resumes_alike():
+    from vaemo.train.checkpoint import rng_state, set_rng_state
+
+    torch.cuda.manual_seed(5)
+    torch.rand(3, device="cuda")
+    saved = rng_state()
+    expected = torch.rand(4, device="cuda")
+    torch.rand(100, device="cuda")
+    set_rng_state(saved)
+    assert "cuda" in saved and torch.equal(torch.rand(4, device="cuda"), expected)

@@ -129,17 +129,17 @@ def test_log1mexp_is_stable():
     assert torch.allclose(log1mexp(x), torch.log(1 - torch.exp(x)), rtol=1e-6)
 
 
-def ccc_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
-    """One rank of the CCC test: its share of 8 rows (one unlabelled), the loss and the mean of the gradients
-    over ranks, as DeepSpeed takes it."""
+def ccc_rank(rank: int, world_size: int, init_file: str, out: str, split: int, unlabelled: list[int]) -> None:
+    """One rank of the CCC test: its share of 8 rows (rank 0 the first `split` of two ranks), the loss and the
+    mean of the gradients over ranks, as DeepSpeed takes it."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(3)
     features, target = torch.randn(8, 5), torch.rand(8, 2) * 2 - 1
-    target[6] = float("nan")
+    target[unlabelled] = float("nan")
     head = torch.nn.Linear(5, 2)  # the same weights on every rank (seeded)
-    rows = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    rows = slice(0, 8) if world_size == 1 else slice(0, split) if rank == 0 else slice(split, 8)
     loss = va_loss(torch.tanh(head(features[rows])), target[rows], "ccc", world_size)
     loss.backward()
     grads = [head.weight.grad, head.bias.grad]
@@ -154,16 +154,19 @@ def ccc_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ccc_is_the_whole_batchs_on_every_rank_with_its_gradient(tmp_path):
+@pytest.mark.parametrize("split,unlabelled", [(4, [6]), (7, [6]), (6, [6, 7])], ids=["4+3", "6+1", "6+0"])
+def test_ccc_is_the_whole_batchs_on_every_rank_with_its_gradient(tmp_path, split, unlabelled):
     """A concordance over a rank's share of a batch (a handful of clips on a 7B run) is a noisier statistic
     than the batch's, and averaging it over ranks is not the batch's value. Over 2 ranks, each rank's loss is
-    the one process's over all 8 rows, and the gradients DeepSpeed averages are that loss's."""
+    the one process's over all 8 rows, and the gradients DeepSpeed averages are that loss's: also where a rank
+    holds one labelled row, or none (no concordance of its own; every rank must still join the sum)."""
     import torch.multiprocessing as mp
 
     def run(world_size: int) -> dict:
         out = tmp_path / f"ccc{world_size}.pt"
         init = str(tmp_path / f"init{world_size}")
-        mp.start_processes(ccc_rank, args=(world_size, init, str(out)), nprocs=world_size, start_method="spawn")
+        args = (world_size, init, str(out), split, unlabelled)
+        mp.start_processes(ccc_rank, args=args, nprocs=world_size, start_method="spawn")
         return torch.load(out)
 
     one, two = run(1), run(2)

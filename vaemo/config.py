@@ -613,7 +613,7 @@ class Stage2Config:
     """Valence/arousal loss. `mse`: the squared error summed over valence and arousal, averaged over every
     rank's labelled rows (so twice a mean over both numbers); `ccc`: 1 - concordance correlation, averaged
     over valence and arousal, of every rank's labelled rows together (the whole batch, however it is split
-    over ranks; with fewer than two rows in all, the mean squared error)."""
+    over ranks; with fewer than two rows in all, each rank's mean squared error)."""
     emotions: list[str] = field(
         default_factory=lambda: ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
     )

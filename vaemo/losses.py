@@ -208,7 +208,8 @@ def va_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", world_s
     """Valence/arousal loss over rows whose targets are known (NaN marks a missing label).
 
     `mse`: mean squared error of this rank's rows; `ccc`: 1 - Lin's concordance, averaged over valence and
-    arousal, of every rank's rows together (concordance_over_ranks); with fewer than two rows in all, MSE.
+    arousal, of every rank's rows together (concordance_over_ranks); with fewer than two rows in all, this
+    rank's mean squared error.
     """
     known = torch.isfinite(target).all(-1)
     if kind == "ccc":

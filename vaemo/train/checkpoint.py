@@ -238,14 +238,18 @@ def prepare_launch(run_dir: Path, resume: Path | None) -> list[str]:
 
 
 def rng_state() -> dict:
-    """Every RNG's state as tensors and plain values only, so that loading it needs no unpickling."""
+    """Every RNG's state as tensors and plain values only, so that loading it needs no unpickling: the CUDA
+    generator's too (dropout on a GPU draws from it), that of the device this rank trains on."""
     version, mt_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    state = {
         "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -254,6 +258,8 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # a checkpoint of a CPU run resumed on a GPU has none
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_trainer_state(path: Path, step: int, stream: dict, unreported: dict[str, float] | None = None) -> None:
