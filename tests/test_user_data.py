@@ -28,6 +28,35 @@ def test_a_stream_that_cannot_fill_a_batch_gives_up_with_the_counts(unlabeled):
     assert line == f"stage 2: data.train_shards: 0 usable of 30 samples read: missing_field 30; {where}"
 
 
+def test_the_preflight_finds_a_worker_whose_validation_shards_hold_nothing_usable(small_world, tmp_path):
+    """Usable clips in the split, but none in the shards one rank validates on: that rank would stop the run at
+    its first validation (hours in, on a real schedule), so the preflight probes each worker's share too."""
+    import shutil
+
+    import webdataset as wds
+    from conftest import ROOT
+
+    from vaemo.config import load_config
+    from vaemo.errors import UserError
+    from vaemo.train.launch import probe_data
+
+    val = sorted((small_world / "val").glob("*.tar"))
+    shutil.copy(val[1], tmp_path / "val-000001.tar")
+    with wds.TarWriter(str(tmp_path / "val-000000.tar")) as broken:
+        for i in range(3):
+            broken.write({"__key__": f"broken-{i}", "mp4": b"not a video" * 50, "json": json.dumps({"caption": "x"}).encode()})
+    train = [str(p) for p in sorted((small_world / "train").glob("*.tar"))]
+    val_urls = [str(tmp_path / "val-000000.tar"), str(tmp_path / "val-000001.tar")]
+    one_worker = load_config(ROOT / "configs/tiny.yaml", ["scaling.num_workers=1"], stage=0)
+    probe_data(one_worker, train, val_urls)  # the one worker reads both shards: usable clips
+    two_workers = load_config(ROOT / "configs/tiny.yaml", ["scaling.num_workers=2"], stage=0)
+    with pytest.raises(UserError) as err:
+        probe_data(two_workers, train, val_urls)
+    assert str(err.value) == (
+        f"stage 0: data.val_shards: the 1 shard(s) worker 0 reads, e.g. {val_urls[0]}: 0 usable of 3 samples read: corrupt_clip 3"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stage,world,expected",

@@ -188,20 +188,33 @@ def stage_inputs(cfg: Config, shards: dict[str, list[str]], resume: Path | None)
 
 
 def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
-    """The stage can use at least one sample of its training (and validation) shards; else one line with
-    the counts by reason (`data.max_unusable_samples` read in a row, at most)."""
-    from vaemo.data.stream import NoUsableData, probe_usable
+    """The stage can use at least one sample of its training (and validation) shards, and so can every
+    worker of the shards it reads (each training loader worker, each rank's validation); else one line with
+    the counts by reason (`data.max_unusable_samples` read in a row, at most). A rank whose validation shards
+    hold nothing usable would otherwise stop the run at its first validation, hours in."""
+    from vaemo.data.stream import NoUsableData, probe_usable, train_shard_subset
     from vaemo.train.objectives import objective_for
 
     objective = objective_for(cfg)
     spec = objective.decode_spec()
     cache = cfg.stage1.teacher.cache_dir if objective.cached else ""
-    for field, urls in (("data.train_shards", train_urls), ("data.val_shards", val_urls)):
-        if urls:
+    workers, loader_workers = cfg.scaling.num_workers, max(1, cfg.data.loader_workers)
+    for field, urls, streams in (("data.train_shards", train_urls, loader_workers), ("data.val_shards", val_urls, 1)):
+        if not urls:
+            continue
+        # the whole list, then each worker's share where workers read different shards (ranks; in training, also
+        # their loader workers)
+        shares: dict[tuple[str, ...], str] = {tuple(urls): ""}
+        for rank in range(workers):
+            for stream in range(streams):
+                share = tuple(train_shard_subset(urls, rank, workers, stream, streams))
+                loader = f" (its loader worker {stream})" if streams > 1 else ""
+                shares.setdefault(share, f"the {len(share)} shard(s) worker {rank}{loader} reads, e.g. {share[0]}: ")
+        for share, reader in shares.items():
             try:
-                probe_usable(urls, spec, cfg.data.max_unusable_samples, cache, cfg.data.decode_timeout_s)
+                probe_usable(list(share), spec, cfg.data.max_unusable_samples, cache, cfg.data.decode_timeout_s)
             except NoUsableData as err:
-                raise UserError(f"stage {cfg.stage}: {field}: {NoUsableData.line_in(str(err))}") from None
+                raise UserError(f"stage {cfg.stage}: {field}: {reader}{NoUsableData.line_in(str(err))}") from None
 
 
 def check_cluster(cfg: Config) -> None:
