@@ -82,3 +82,17 @@ def test_a_checkpoint_keeps_the_unreported_sums_but_the_counts_rates_divide_by_w
     sums = Accumulator()
     sums.add({"loss": 2.0, "steps": 1, "clips": 8, "tokens": 900, "compute_s": 0.5})
     assert sums.unreported() == {"loss": 2.0, "steps": 1.0, "compute_s": 0.5}
+
+
+def test_lines_keep_their_brackets_on_a_terminal_and_off_it(capsys, monkeypatch):
+    """File names and hints hold brackets that rich would take for markup tags and drop."""
+    from vaemo import progress
+
+    line = "ignored 1 file, e.g. [draft] take2.mp4 (declare another scale with a `va_scale: [low, high]` field)"
+    progress.log(line)
+    assert capsys.readouterr().out.rstrip().endswith(line)
+    monkeypatch.setattr(progress, "is_terminal", lambda: True)
+    with progress.console.capture() as captured:
+        progress.log(line, style="red")
+        progress.console.print(f"  bad_field: {line}")
+    assert captured.get().count(line) == 2, captured.get()

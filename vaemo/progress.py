@@ -10,20 +10,29 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.text import Text
 
-# Off a terminal (logs, `ray job submit`): no wrapping, no source paths, lines as they are.
-console = Console(highlight=False, log_path=False, soft_wrap=not sys.stdout.isatty(), width=None if sys.stdout.isatty() else 160)
+# Off a terminal (logs, `ray job submit`): no wrapping, no source paths, lines as they are. No markup anywhere:
+# messages and tables carry file names, keys and hints such as `va_scale: [low, high]`, which rich would read as
+# markup tags and drop; styles are given as styles.
+console = Console(
+    highlight=False,
+    markup=False,
+    log_path=False,
+    soft_wrap=not sys.stdout.isatty(),
+    width=None if sys.stdout.isatty() else 160,
+)
 
 
 def is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def log(message: str) -> None:
-    """One timestamped line. Off a terminal (Ray job logs) a plain, unwrapped line."""
+def log(message: str, style: str = "") -> None:
+    """One timestamped line, as written (brackets included), in `style` on a terminal. Off a terminal (Ray job
+    logs) a plain, unwrapped line."""
     if is_terminal():
-        console.log(message)
+        console.log(Text(message, style=style))
     else:
-        print(f"[{time.strftime('%H:%M:%S')}] {Text.from_markup(message).plain}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 @contextlib.contextmanager
@@ -31,10 +40,10 @@ def task(description: str, total: int, every_fraction: float = 0.1) -> Iterator[
     """Yield `update(done)`. A live bar on a terminal; otherwise a line per `every_fraction` of the work."""
     start = time.time()
     if is_terminal():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         with Progress(
-            "[bold]{task.description}",
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),

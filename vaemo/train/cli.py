@@ -24,7 +24,7 @@ def run_parsed(stage: int, args: argparse.Namespace) -> int:
     try:
         run_stage(stage, args.config, args.out, args.overrides, args.resume_from, args.overwrite, check_only=args.check)
     except TrainingFailed as err:
-        progress.log(f"[red]{err}[/red]")
+        progress.log(str(err), style="red")
         return 1
     return 0
 

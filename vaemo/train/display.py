@@ -25,7 +25,7 @@ class TrainingDisplay:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._terminal = progress.is_terminal()
         self._bar = Progress(
-            TextColumn(f"[bold]stage {stage}"),
+            TextColumn(f"stage {stage}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
