@@ -1158,6 +1158,56 @@ def test_pack_takes_any_script_linked_folders_and_keeps_test_clips_out(tmp_path)
     assert "1 clip(s) left out: their split is test" in log and "1 clip(s) left out: links to nothing" in log
 
 
+def test_pack_merges_a_sidecar_with_the_manifest_and_matches_names_as_typed(tmp_path):
+    """A sidecar's labels stay when the manifest names the clip too (the manifest's value wins a field both
+    give); a name macOS wrote decomposed matches the manifest's composed spelling; `split: null` is no split;
+    files of other containers are named by type with how to repack them. A clip named twice in the manifest,
+    or a NaN there, is one line and exit 2."""
+    import unicodedata
+
+    src = tmp_path / "clips"
+    src.mkdir()
+    clip = ramp_clip(24, 12, 64, 64, 16000, Codec())
+    (src / "b.mp4").write_bytes(clip)
+    (src / "b.json").write_text(json.dumps({"caption": "a calm sea", "emotion": "contentment", "valence": 0.4, "arousal": -0.2}))
+    decomposed = unicodedata.normalize("NFD", "café.mp4")
+    (src / decomposed).write_bytes(clip)
+    (src / "n.mp4").write_bytes(clip)
+    (src / "n.json").write_text(json.dumps({"split": None, "caption": "no split"}))
+    (src / "old.avi").write_bytes(b"RIFF")
+    manifest = tmp_path / "labels.jsonl"
+    lines = [{"clip": "b.mp4", "split": "train", "emotion": "awe"}, {"clip": "café.mp4", "emotion": "fear"}]
+    manifest.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    out = tmp_path / "shards"
+    packed = cli("data", "pack", str(src), "--out", str(out), "--manifest", str(manifest), "--val-fraction", "0")
+    assert packed.returncode == 0, packed.stderr
+    metas = {
+        s["__key__"]: json.loads(s["json"])
+        for url in sorted(out.glob("*.tar"))
+        for s in wds.WebDataset(str(url), shardshuffle=False)
+    }
+    assert metas["b"] == {
+        "caption": "a calm sea",
+        "emotion": "awe",
+        "valence": 0.4,
+        "arousal": -0.2,
+        "split": "train",
+        "source": "b.mp4",
+    }
+    assert metas["café"]["emotion"] == "fear" and metas["n"]["caption"] == "no split"
+    log = packed.stdout + packed.stderr
+    assert "packed 3 clips (3 labelled)" in log and "manifest entries name no clip" not in log, log
+    assert "ignored 1 file(s) that are not clips (.avi 1)" in log and "ffmpeg -i clip.avi -c copy clip.mkv" in log, log
+
+    for bad, message in (
+        (lines + [{"clip": "./b.mp4", "emotion": "fear"}], "names the clip 'b.mp4' twice (lines 1 and 3); keep one line"),
+        ([{"clip": "b.mp4", "valence": float("nan")}], "line 1 is not valid JSON (NaN is not a JSON value"),
+    ):
+        manifest.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in bad))
+        refused = cli("data", "pack", str(src), "--out", str(out), "--manifest", str(manifest))
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize(
     "sidecar,message",
     [("[]", "holds list, not a JSON object"), ('{"split": "tset"}', "clip 'a.mp4' has split 'tset'; use train, val")],

@@ -68,6 +68,7 @@ def run_synth(args: argparse.Namespace) -> dict:
 
 def run_pack(args: argparse.Namespace) -> None:
     from vaemo import progress
+    from vaemo.data.decode import CLIP_EXTENSIONS
     from vaemo.data.shards import pack
 
     r = pack(args.src, output_folder(args.out), args.manifest, args.shard_size, args.val_fraction, args.workers)
@@ -75,12 +76,23 @@ def run_pack(args: argparse.Namespace) -> None:
         progress.log(
             f"{split}: {r.split_clips.get(split, 0)} clips in {r.shards.get(split, 0)} shard(s) ({args.out}/{split}-*.tar)"
         )
-    progress.log(f"packed {r.clips} clips ({r.labelled} labelled); ignored {r.ignored_files} non-clip file(s)")
+    progress.log(f"packed {r.clips} clips ({r.labelled} labelled)")
+    if r.ignored_files:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in r.ignored_types.most_common())
+        progress.log(
+            f"ignored {r.ignored_files} file(s) that are not clips ({kinds}): pack takes {', '.join(CLIP_EXTENSIONS)}; "
+            "put another container's streams into one as they are, e.g. `ffmpeg -i clip.avi -c copy clip.mkv`"
+        )
     val_shards = r.shards.get("val", 0)
-    if val_shards < args.workers:
+    if val_shards == 0:
+        progress.log(
+            "no validation shard: a run validates on one per training worker; give clips `split: val` or a "
+            "--val-fraction above 0, or train with train.val_batches=0"
+        )
+    elif val_shards < args.workers:
         progress.log(
             f"only {val_shards} validation shard(s): a run needs one per training worker; use "
-            f"scaling.num_workers<={max(val_shards, 1)}, or train.val_batches=0, or more clips in val"
+            f"scaling.num_workers<={val_shards}, or train.val_batches=0, or more clips in val"
         )
     for what, names in (
         ("without an audio stream (stage 1 skips them; stage 2 asks them about their frames only)", r.without_audio),

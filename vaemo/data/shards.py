@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,22 +40,41 @@ def clip_key(relative: str) -> str:
     return re.sub(r"[^\w-]", "_", stem.replace(os.sep, "__"))
 
 
+def same_spelling(path: str) -> str:
+    """A relative path as pack compares and keys it: normalised, and in Unicode's composed form (macOS writes
+    file names decomposed: 'café' as 'cafe' plus a combining accent, which a manifest typed elsewhere is not)."""
+    return unicodedata.normalize("NFC", os.path.normpath(path))
+
+
 def read_manifest(path: Path) -> dict[str, dict]:
     """labels.jsonl: one JSON object per line with `clip` (path relative to SRC_DIR) and label fields."""
     if not path.is_file():
         raise UserError(f"manifest '{path}' does not exist")
     labels: dict[str, dict] = {}
+    lines: dict[str, int] = {}
     for number, line in enumerate(read_user_text(path, "manifest").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except ValueError:
-            raise UserError(f"manifest '{path}' line {number} is not valid JSON") from None
+            entry = json.loads(line, parse_constant=_not_json)
+        except ValueError as err:
+            raise UserError(f"manifest '{path}' line {number} is not valid JSON{_detail(err)}") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("clip"), str):
             raise UserError(f"manifest '{path}' line {number} needs a string field 'clip' (the clip's path)")
-        labels[os.path.normpath(entry.pop("clip"))] = entry
+        clip = same_spelling(entry.pop("clip"))
+        if clip in lines:
+            raise UserError(f"manifest '{path}' names the clip '{clip}' twice (lines {lines[clip]} and {number}); keep one line")
+        labels[clip], lines[clip] = entry, number
     return labels
+
+
+def _not_json(name: str) -> None:
+    """NaN and Infinity: Python's json reads them, JSON has no such values, and other readers refuse them."""
+    raise ValueError(f"{name} is not a JSON value (leave the field out for a missing label)")
+
+
+def _detail(err: ValueError) -> str:
+    return f" ({err})" if "JSON value" in str(err) else ""
 
 
 @dataclass
@@ -65,6 +85,7 @@ class PackReport:
     split_clips: dict[str, int] = field(default_factory=dict)  # split -> clips
     unmatched_manifest: list[str] = field(default_factory=list)
     ignored_files: int = 0
+    ignored_types: Counter = field(default_factory=Counter)  # extension -> files left out as not clips
     without_audio: list[str] = field(default_factory=list)
     without_video: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
@@ -85,7 +106,7 @@ def choose_splits(keys: list[str], metas: list[dict], val_fraction: float, names
 
     splits = []
     for number, meta in enumerate(metas):
-        given = str(meta.get("split", "")).strip().lower()
+        given = str(meta.get("split") or "").strip().lower()  # null: not given
         if given and given not in TRAIN_SPLITS + VAL_SPLITS + HELD_OUT_SPLITS:
             raise UserError(
                 f"clip '{(names or keys)[number]}' has split '{meta['split']}'; use train, val (or valid, validation, "
@@ -152,10 +173,10 @@ def pack(
 ) -> PackReport:
     """Pack SRC's clips (any depth) with their labels into OUT/train-NNNNNN.tar and OUT/val-NNNNNN.tar.
 
-    Labels come from the manifest, else from a sidecar `clip.json` next to the clip; every field is kept
-    and `source` records the clip's relative path. A clip's `split` field chooses its split, else
-    `val_fraction` of the clips go to val. Each split gets at least `workers` shards when it has that many
-    clips (every training worker reads its own shards), smaller shards if need be.
+    Labels come from a sidecar `clip.json` next to the clip and from the manifest, the manifest's value where
+    both give a field; every field is kept and `source` records the clip's relative path. A clip's `split`
+    field chooses its split, else `val_fraction` of the clips go to val. Each split gets at least `workers`
+    shards when it has that many clips (every training worker reads its own shards), smaller shards if need be.
     """
 
     src, out = Path(src), Path(out)
@@ -170,34 +191,38 @@ def pack(
     labels = read_manifest(Path(manifest)) if manifest else {}
     report = PackReport()
     clips: list[str] = []
+    on_disk: dict[str, str] = {}  # as pack spells a clip's path -> as the file system does
     for path in files_under(src):
-        rel = os.path.normpath(os.path.relpath(path, src))
+        rel = same_spelling(os.path.relpath(path, src))
+        on_disk[rel] = os.path.normpath(os.path.relpath(path, src))
+        ext = path.name.rsplit(".", 1)[-1].lower() if "." in path.name else ""
         if not path.exists():
             report.broken_links.append(rel)
-        elif path.name.rsplit(".", 1)[-1].lower() in CLIP_EXTENSIONS:
+        elif ext in CLIP_EXTENSIONS:
             clips.append(rel)
-        elif not path.name.endswith(".json"):
+        elif ext != "json":
             report.ignored_files += 1
+            report.ignored_types[f".{ext}" if ext else "(no extension)"] += 1
     clips.sort()
     if not clips:
         raise UserError(f"source folder '{src}' holds no clip ({', '.join(CLIP_EXTENSIONS)})")
     keys = [clip_key(c) for c in clips]
     duplicates = [k for k, n in Counter(keys).items() if n > 1]
     if duplicates:
-        raise UserError(f"clips map to the same key '{duplicates[0]}'; rename one of them")
+        named = [clip for clip, key in zip(clips, keys) if key == duplicates[0]]
+        raise UserError(f"clips '{named[0]}' and '{named[1]}' map to the same key '{duplicates[0]}'; rename one of them")
     metas = []
     for rel in clips:
-        meta = dict(labels.get(rel, {}))
-        sidecar = src / (rel.rsplit(".", 1)[0] + ".json")
-        if not meta and sidecar.is_file():
+        meta: dict = {}
+        sidecar = src / (on_disk[rel].rsplit(".", 1)[0] + ".json")
+        if sidecar.is_file():
             try:
-                meta = json.loads(read_user_text(sidecar, "label file"))
-            except ValueError:
-                raise UserError(f"label file '{sidecar}' is not valid JSON") from None
+                meta = json.loads(read_user_text(sidecar, "label file"), parse_constant=_not_json)
+            except ValueError as err:
+                raise UserError(f"label file '{sidecar}' is not valid JSON{_detail(err)}") from None
             if not isinstance(meta, dict):
                 raise UserError(f"label file '{sidecar}' holds {type(meta).__name__}, not a JSON object of label fields")
-        if meta:
-            report.labelled += 1
+        meta.update(labels.get(rel, {}))
         meta.setdefault("source", rel)
         metas.append(meta)
     splits = choose_splits(keys, metas, val_fraction, clips)
@@ -215,7 +240,7 @@ def pack(
             with ShardWriter(out / f"{split}-{number:06d}.tar") as shard:
                 for i in members[first : first + per_shard]:
                     rel, key, meta = clips[i], keys[i], metas[i]
-                    raw = (src / rel).read_bytes()
+                    raw = (src / on_disk[rel]).read_bytes()
                     try:
                         has_video, has_audio = streams_of(raw)
                         if not has_video:
@@ -230,6 +255,7 @@ def pack(
         report.shards[split] = len(list(out.glob(f"{split}-*.tar")))
         report.split_clips[split] = len(members)
     report.unmatched_manifest = sorted(set(labels) - set(clips))
+    report.labelled = sum(1 for i, meta in enumerate(metas) if splits[i] != "held_out" and set(meta) - {"source", "split"})
     return report
 
 
