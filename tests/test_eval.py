@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, bench_clip, cli, ok, run
 
 from vaemo.data.bench import read_bench
+from vaemo.data.synth import Codec, encode_clip
 from vaemo.eval.run import evaluate, evaluate_runs
 from vaemo.eval.scoring import Scorer, deaf_sources, plan, question_prompt
 
@@ -29,6 +31,18 @@ def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world)
     for chunk in chunks:  # a clip's questions stay in one chunk: decoded once
         for media in {t.item.media for t in chunk}:
             assert all(t.item.media != media for other in chunks if other is not chunk for t in other)
+
+
+def test_the_deaf_check_borrows_only_soundtracks_that_play(small_world, tmp_path):
+    """A missing or silent clip lent its soundtrack would leave another clip's question unscored, blamed on that
+    clip (`unreadable_media` on a readable clip, in a user's run); it neither lends nor borrows."""
+    shutil.copytree(small_world / "bench", tmp_path / "bench")
+    items = read_bench(tmp_path / "bench")
+    audio_clips = sorted({i.media for i in items if i.modality == "audio"})
+    audio_clips[0].write_bytes(b"not a clip at all")
+    audio_clips[1].write_bytes(encode_clip(np.zeros((12, 32, 32, 3), np.uint8), None, 12, 16000, Codec()))
+    sources = deaf_sources(items, seed=3)
+    assert set(sources) == set(sources.values()) == set(audio_clips[2:]) and all(a != b for a, b in sources.items())
 
 
 def test_the_deaf_check_knows_the_donor_clips_answer(small_world):

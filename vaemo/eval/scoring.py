@@ -66,9 +66,22 @@ class ItemResult:
         return asdict(self)
 
 
+def has_soundtrack(path: Path) -> bool:
+    """Whether a clip's container holds an audio stream FFmpeg opens (its headers read, nothing decoded)."""
+    from torchcodec.decoders import AudioDecoder
+
+    try:
+        AudioDecoder(str(path))
+    except Exception:  # noqa: BLE001 (missing, unreadable, or no audio stream: no soundtrack to lend)
+        return False
+    return True
+
+
 def deaf_sources(items: list[BenchItem], seed: int = 0) -> dict[Path, Path]:
-    """For each clip asked under `audio`, another clip whose soundtrack replaces it (no fixed points)."""
-    clips = sorted({i.media for i in items if i.modality == "audio"})
+    """For each clip asked under `audio` that has a soundtrack, another such clip whose soundtrack replaces it
+    (no fixed points). A clip without one (a missing file, a painting) neither lends nor borrows: lent, it
+    would leave the borrower's question unscored for a fault of the lender's."""
+    clips = sorted(media for media in {i.media for i in items if i.modality == "audio"} if has_soundtrack(media))
     if len(clips) < 2:
         return {}
     order = np.random.default_rng(seed).permutation(len(clips))
