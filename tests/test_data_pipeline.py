@@ -1120,6 +1120,9 @@ def test_pack_then_inspect_a_users_clips(tmp_path):
     staged = cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "2", "--config", str(ROOT / "configs/tiny.yaml"))
     stage = json.loads(staged.stdout.strip().splitlines()[-1])["stage"]
     assert stage == {"stage": 2, "usable": 1, "skipped": {"missing_field": 4}}  # only a.mp4 has emotion + V/A
+    shown = cli("data", "inspect", str(out / "*.tar"), "--stage", "2", "--config", str(ROOT / "configs/tiny.yaml")).stdout
+    named = [line.strip() for line in shown.splitlines() if line.strip().startswith("e.g. ")]  # which samples, not only how many
+    assert len(named) == 3 and all(".tar: " in line and line.split(": ")[1].split()[0] in metas for line in named), shown
     stage1 = json.loads(cli("data", "inspect", str(out / "*.tar"), "--json", "--stage", "1").stdout.strip().splitlines()[-1])[
         "stage"
     ]

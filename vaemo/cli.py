@@ -144,6 +144,8 @@ def run_inspect(args: argparse.Namespace) -> int:
             console.print(stage)
         for reason in sorted(set(report["skipped"]) | set(report.get("stage", {}).get("skipped", {}))):
             console.print(f"  {reason}: {SKIP_REASONS[reason]}")
+            for example in report["examples"].get(reason, []):
+                console.print(f"    e.g. {example}")
     if args.json:
         summary = {
             "samples": report["samples"],

@@ -185,7 +185,7 @@ def check_fields(meta: dict, needed: tuple[str, ...], emotions: tuple[str, ...] 
         elif name in ("caption", "emotion") and not isinstance(value, str):
             raise SkipSample("bad_field", f"{name}={value!r}")
         elif name == "emotion" and emotions and value not in emotions:
-            raise SkipSample("unknown_emotion", value)
+            raise SkipSample("unknown_emotion", f"{value!r}, not one of {', '.join(emotions)}")
 
 
 def rescale_va(value: float, scale) -> float:
@@ -195,7 +195,7 @@ def rescale_va(value: float, scale) -> float:
     if not (
         isinstance(scale, list) and len(scale) == 2 and all(isinstance(x, (int, float)) for x in scale) and scale[1] > scale[0]
     ):
-        raise SkipSample("bad_field", f"va_scale={scale!r}")
+        raise SkipSample("bad_field", f"va_scale={scale!r}, not [low, high] with low < high")
     low, high = scale
     return 2.0 * (value - low) / (high - low) - 1.0
 

@@ -288,7 +288,15 @@ def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
         "read": False,
         "usable": 0,
         "unusable": Counter(),
+        "examples": {},  # reason -> the first few samples skipped for it, named
     }
+
+    def named(skip: SkipSample, key: str) -> None:
+        examples = counts["examples"].setdefault(skip.reason, [])
+        example = f"{url}: {key}" + (f" ({skip.detail})" if skip.detail else "")
+        if len(examples) < EXAMPLES_PER_REASON and example not in examples:  # a clip both checks skip: once
+            examples.append(example)
+
     for item in read_shard(url):
         if isinstance(item, ShardError):
             counts["skipped"]["unreadable_shard"] += 1
@@ -301,13 +309,18 @@ def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
             counts["ok"] += 1
         except SkipSample as skip:
             counts["skipped"][skip.reason] += 1
+            named(skip, key)
         if stage_spec is not None:
             try:
                 within(partial(decode_sample, item, stage_spec), key=key)
                 counts["usable"] += 1
             except SkipSample as skip:
                 counts["unusable"][skip.reason] += 1
+                named(skip, key)
     return counts
+
+
+EXAMPLES_PER_REASON = 3
 
 
 def inspect_shards(shards: list[str], workers: int = 0, stage_spec: DecodeSpec | None = None) -> dict:
@@ -323,12 +336,16 @@ def inspect_shards(shards: list[str], workers: int = 0, stage_spec: DecodeSpec |
         parts = [inspect_one(u) for u in urls]
     total = {"samples": 0, "ok": 0, "skipped": Counter(), "modalities": Counter(), "usable": 0, "unusable": Counter()}
     readable = 0
+    examples: dict[str, list[str]] = {}
     for part in parts:
         for name in ("samples", "ok", "usable"):
             total[name] += part[name]
         for name in ("skipped", "modalities", "unusable"):
             total[name].update(part[name])
         readable += part["read"]
+        for reason, named in part["examples"].items():
+            kept = examples.setdefault(reason, [])
+            kept.extend(named[: EXAMPLES_PER_REASON - len(kept)])
     report = {
         "samples": total["samples"],
         "ok": total["ok"],
@@ -336,6 +353,7 @@ def inspect_shards(shards: list[str], workers: int = 0, stage_spec: DecodeSpec |
         "modalities": dict(total["modalities"]),
         "shards": len(urls),
         "readable_shards": readable,
+        "examples": examples,  # the first few samples skipped per reason: "shard: key (detail)"
     }
     if stage_spec is not None:
         report["stage"] = {"usable": total["usable"], "skipped": dict(total["unusable"])}
