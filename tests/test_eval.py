@@ -33,7 +33,7 @@ def test_deaf_check_gives_every_audio_clip_another_clips_soundtrack(small_world)
             assert all(t.item.media != media for other in chunks if other is not chunk for t in other)
 
 
-def test_the_deaf_check_borrows_only_soundtracks_that_play(small_world, tmp_path):
+def test_the_deaf_check_borrows_only_soundtracks_that_play(small_world, tmp_path, capsys):
     """A missing or silent clip lent its soundtrack would leave another clip's question unscored, blamed on that
     clip (`unreadable_media` on a readable clip, in a user's run); it neither lends nor borrows."""
     shutil.copytree(small_world / "bench", tmp_path / "bench")
@@ -43,6 +43,9 @@ def test_the_deaf_check_borrows_only_soundtracks_that_play(small_world, tmp_path
     audio_clips[1].write_bytes(encode_clip(np.zeros((12, 32, 32, 3), np.uint8), None, 12, 16000, Codec()))
     sources = deaf_sources(items, seed=3)
     assert set(sources) == set(sources.values()) == set(audio_clips[2:]) and all(a != b for a, b in sources.items())
+    deaf = [t for chunk in plan(items, deaf_check=True, chunk_items=10) for t in chunk if t.deaf]
+    assert deaf and not [t for t in deaf if t.item.media in audio_clips[:2] or t.audio_from in audio_clips[:2]]
+    assert "deaf check: 2 clip(s) asked under audio have no soundtrack that opens here" in capsys.readouterr().out
 
 
 def test_the_deaf_check_knows_the_donor_clips_answer(small_world):

@@ -85,10 +85,11 @@ def test_a_checkpoint_keeps_the_unreported_sums_but_the_counts_rates_divide_by_w
 
 
 def test_lines_keep_their_brackets_on_a_terminal_and_off_it(capsys, monkeypatch):
-    """File names and hints hold brackets that rich would take for markup tags and drop."""
+    """File names and hints hold brackets that rich would take for markup tags and drop (and colons it would take
+    for emoji codes)."""
     from vaemo import progress
 
-    line = "ignored 1 file, e.g. [draft] take2.mp4 (declare another scale with a `va_scale: [low, high]` field)"
+    line = "ignored 1 file, e.g. [draft] clip:fire:take2.mp4 (declare another scale with a `va_scale: [low, high]` field)"
     progress.log(line)
     assert capsys.readouterr().out.rstrip().endswith(line)
     monkeypatch.setattr(progress, "is_terminal", lambda: True)

@@ -16,6 +16,7 @@ from rich.text import Text
 console = Console(
     highlight=False,
     markup=False,
+    emoji=False,  # 'clip:fire:take2' is a file name, not an emoji code
     log_path=False,
     soft_wrap=not sys.stdout.isatty(),
     width=None if sys.stdout.isatty() else 160,

@@ -41,8 +41,9 @@ def clip_key(relative: str) -> str:
 
 
 def same_spelling(path: str) -> str:
-    """A relative path as pack compares and keys it: normalised, and in Unicode's composed form (macOS writes
-    file names decomposed: 'café' as 'cafe' plus a combining accent, which a manifest typed elsewhere is not)."""
+    """A relative path as pack matches it with the manifest: normalised, and in Unicode's composed form (macOS
+    writes file names decomposed: 'café' as 'cafe' plus a combining accent, which a manifest typed elsewhere
+    is not). Keys, `source` and messages keep the file system's spelling."""
     return unicodedata.normalize("NFC", os.path.normpath(path))
 
 
@@ -191,10 +192,8 @@ def pack(
     labels = read_manifest(Path(manifest)) if manifest else {}
     report = PackReport()
     clips: list[str] = []
-    on_disk: dict[str, str] = {}  # as pack spells a clip's path -> as the file system does
     for path in files_under(src):
-        rel = same_spelling(os.path.relpath(path, src))
-        on_disk[rel] = os.path.normpath(os.path.relpath(path, src))
+        rel = os.path.normpath(os.path.relpath(path, src))
         ext = path.name.rsplit(".", 1)[-1].lower() if "." in path.name else ""
         if not path.exists():
             report.broken_links.append(rel)
@@ -214,7 +213,7 @@ def pack(
     metas = []
     for rel in clips:
         meta: dict = {}
-        sidecar = src / (on_disk[rel].rsplit(".", 1)[0] + ".json")
+        sidecar = src / (rel.rsplit(".", 1)[0] + ".json")
         if sidecar.is_file():
             try:
                 meta = json.loads(read_user_text(sidecar, "label file"), parse_constant=_not_json)
@@ -222,7 +221,7 @@ def pack(
                 raise UserError(f"label file '{sidecar}' is not valid JSON{_detail(err)}") from None
             if not isinstance(meta, dict):
                 raise UserError(f"label file '{sidecar}' holds {type(meta).__name__}, not a JSON object of label fields")
-        meta.update(labels.get(rel, {}))
+        meta.update(labels.get(same_spelling(rel), {}))
         meta.setdefault("source", rel)
         metas.append(meta)
     splits = choose_splits(keys, metas, val_fraction, clips)
@@ -240,7 +239,7 @@ def pack(
             with ShardWriter(out / f"{split}-{number:06d}.tar") as shard:
                 for i in members[first : first + per_shard]:
                     rel, key, meta = clips[i], keys[i], metas[i]
-                    raw = (src / on_disk[rel]).read_bytes()
+                    raw = (src / rel).read_bytes()
                     try:
                         has_video, has_audio = streams_of(raw)
                         if not has_video:
@@ -254,7 +253,7 @@ def pack(
                     report.clips += 1
         report.shards[split] = len(list(out.glob(f"{split}-*.tar")))
         report.split_clips[split] = len(members)
-    report.unmatched_manifest = sorted(set(labels) - set(clips))
+    report.unmatched_manifest = sorted(set(labels) - {same_spelling(clip) for clip in clips})
     report.labelled = sum(1 for i, meta in enumerate(metas) if splits[i] != "held_out" and set(meta) - {"source", "split"})
     return report
 
@@ -300,6 +299,7 @@ def _inspect_shard(url: str, stage_spec: DecodeSpec | None = None) -> dict:
     for item in read_shard(url):
         if isinstance(item, ShardError):
             counts["skipped"]["unreadable_shard"] += 1
+            counts["examples"].setdefault("unreadable_shard", []).append(f"{url} ({item.detail})")
             continue
         counts["read"] = True
         counts["samples"] += 1

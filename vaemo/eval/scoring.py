@@ -96,6 +96,14 @@ def plan(items: list[BenchItem], deaf_check: bool, chunk_items: int, seed: int =
         by_clip.setdefault(item.media, []).append(Task(item))
     if deaf_check:
         sources = deaf_sources(items, seed)
+        left_out = sorted({i.media for i in items if i.modality == "audio"} - set(sources))
+        if left_out:
+            from vaemo import progress
+
+            progress.log(
+                f"deaf check: {len(left_out)} clip(s) asked under audio have no soundtrack that opens here (e.g. "
+                f"{left_out[0]}): they neither lend one nor borrow one"
+            )
         truth = {(i.media, i.modality, i.task): i.options[i.answer] for i in items}
         for item in items:
             if item.modality == "audio" and item.media in sources:

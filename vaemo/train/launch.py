@@ -208,7 +208,8 @@ def probe_data(cfg: Config, train_urls: list[str], val_urls: list[str]) -> None:
         for rank in range(workers):
             for stream in range(streams):
                 share = tuple(train_shard_subset(urls, rank, workers, stream, streams))
-                loader = f" (its loader worker {stream})" if streams > 1 else ""
+                alone = streams > 1 and len(urls) >= workers * streams  # else its loader workers share its shards
+                loader = f" (its loader worker {stream})" if alone else ""
                 shares.setdefault(share, f"the {len(share)} shard(s) worker {rank}{loader} reads, e.g. {share[0]}: ")
         for share, reader in shares.items():
             try:
