@@ -58,8 +58,8 @@ SKIP_REASONS: dict[str, str] = {
     "worker stuck on it was stopped and the stream goes on without it (a resume passes over it too); elsewhere "
     "(validation, evaluation, the teacher cache, the preflight, inspect) the clip is skipped and the thread "
     "decoding it left behind",
-    "no_video_stream": "the stage needs frames and the clip has no video stream",
-    "no_audio_stream": "the stage needs a soundtrack and the clip has no audio stream",
+    "no_video_stream": "frames are asked for (a stage, a question) and the clip has no video stream",
+    "no_audio_stream": "a soundtrack is asked for (a stage, a question) and the clip has no audio stream",
     "missing_field": "the stage needs a JSON field the sample lacks (e.g. caption, valence)",
     "bad_field": "a JSON field has the wrong type",
     "va_out_of_range": "valence/arousal outside [-1, 1] (declare another scale with a `va_scale: [low, high]` field)",
