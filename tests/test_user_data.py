@@ -28,9 +28,10 @@ def test_a_stream_that_cannot_fill_a_batch_gives_up_with_the_counts(unlabeled):
     assert line == f"stage 2: data.train_shards: 0 usable of 30 samples read: missing_field 30; {where}"
 
 
-def test_the_preflight_finds_a_worker_whose_validation_shards_hold_nothing_usable(small_world, tmp_path):
+def test_the_preflight_finds_a_worker_whose_shards_hold_nothing_usable(small_world, tmp_path):
     """Usable clips in the split, but none in the shards one rank validates on: that rank would stop the run at
-    its first validation (hours in, on a real schedule), so the preflight probes each worker's share too."""
+    its first validation (hours in, on a real schedule), so the preflight probes each worker's share too; and
+    each training loader worker's, where they read shards of their own."""
     import shutil
 
     import webdataset as wds
@@ -54,6 +55,16 @@ def test_the_preflight_finds_a_worker_whose_validation_shards_hold_nothing_usabl
         probe_data(two_workers, train, val_urls)
     assert str(err.value) == (
         f"stage 0: data.val_shards: the 1 shard(s) worker 0 reads, e.g. {val_urls[0]}: 0 usable of 3 samples read: corrupt_clip 3"
+    )
+
+    train_with_broken = [train[0], train[1], val_urls[0], train[3]]
+    shared = load_config(ROOT / "configs/tiny.yaml", ["scaling.num_workers=1", "data.loader_workers=2"], stage=0)
+    probe_data(shared, train_with_broken, val_urls[1:])  # each loader worker reads a good shard beside the broken one
+    own = load_config(ROOT / "configs/tiny.yaml", ["scaling.num_workers=1", "data.loader_workers=4"], stage=0)
+    with pytest.raises(UserError) as err:
+        probe_data(own, train_with_broken, val_urls[1:])
+    assert str(err.value).startswith(
+        f"stage 0: data.train_shards: the 1 shard(s) worker 0 (its loader worker 2) reads, e.g. {val_urls[0]}:"
     )
 
 
