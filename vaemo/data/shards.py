@@ -69,13 +69,17 @@ def read_manifest(path: Path) -> dict[str, dict]:
     return labels
 
 
-def _not_json(name: str) -> None:
+class NotJSONValue(ValueError):
     """NaN and Infinity: Python's json reads them, JSON has no such values, and other readers refuse them."""
-    raise ValueError(f"{name} is not a JSON value (leave the field out for a missing label)")
+
+
+def _not_json(name: str) -> None:
+    raise NotJSONValue(f"{name} is not a JSON value (leave the field out for a missing label)")
 
 
 def _detail(err: ValueError) -> str:
-    return f" ({err})" if "JSON value" in str(err) else ""
+    """What to add to 'is not valid JSON': the reason where it is not the syntax."""
+    return f" ({err})" if isinstance(err, NotJSONValue) else ""
 
 
 @dataclass

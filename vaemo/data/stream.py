@@ -374,8 +374,7 @@ class TrainStream(IterableDataset):
         """Resampled shards through a shuffle buffer; the RNG draws depend only on (seed, rank, worker). A shard
         drawn while `lazy()` holds gives its files' bytes as LazyBytes (read when decoded). `resume_at`: go on
         from there (replay_draws). `ended(draw, samples)` is told of each shard draw as it ends."""
-        shards = train_shard_subset(self.urls, self.rank, self.world_size, worker, workers)
-        rng = np.random.default_rng([self.seed, self.rank, worker])
+        shards, rng = self.shards_and_rng(worker, workers)
         buffer: list[dict] = []
         first_draw, taken_before, url = 0, 0, None
         if resume_at is not None:
@@ -432,6 +431,11 @@ class TrainStream(IterableDataset):
                 )
             url = None
 
+    def shards_and_rng(self, worker: int, workers: int) -> tuple[list[str], np.random.Generator]:
+        """The shards logical stream `worker` draws from, and its RNG as at the stream's start."""
+        shards = train_shard_subset(self.urls, self.rank, self.world_size, worker, workers)
+        return shards, np.random.default_rng([self.seed, self.rank, worker])
+
     def _read_buffered(self, point: DrawPoint) -> Generator[ShardError, None, list[dict]]:
         """The samples a resumed stream's shuffle buffer held (`point.buffer`), read again from their shards (each
         shard once; a local one's headers only). Samples a shard no longer gives (unreadable now, or written
@@ -464,11 +468,10 @@ class TrainStream(IterableDataset):
         loader_worker, workers = _worker_slot()
         worker = (loader_worker + self.first_stream) % workers  # the logical stream this process plays
         start = self.start_positions.get(worker, 0)
-        shards = train_shard_subset(self.urls, self.rank, self.world_size, worker, workers)
+        shards, rng = self.shards_and_rng(worker, workers)
         digest = self.draws_digest(worker, shards)
         point = None
         if start > 0 and worker in self.start_draws and self.start_draws_of.get(worker) == digest:
-            rng = np.random.default_rng([self.seed, self.rank, worker])
             point = replay_draws(shards, rng, self.in_order, self.shuffle_buffer, self.start_draws[worker], start)
         # Without a record of these draws (a checkpoint from before it was kept, or a resume with another seed,
         # shuffle buffer or shard list, whose draws the record is not of), a resume passes over the samples drawn
@@ -562,8 +565,7 @@ def replay_draws(
             buffer[int(rng.integers(len(buffer)))] = (draw, taken - 1)
             out += 1
             if out == position:
-                point = DrawPoint(draw, url, taken, rng.bit_generator.state, buffer, {d: urls[d] for d, _ in buffer})
-                return point
+                return DrawPoint(draw, url, taken, rng.bit_generator.state, buffer, {d: urls[d] for d, _ in buffer})
     raise AssertionError("unreachable: itertools.count() does not end")
 
 
